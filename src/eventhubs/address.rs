@@ -35,13 +35,18 @@ pub enum EntityAddress {
 
 /// An address that names no Event Hubs entity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the address {0:?} is not a hub, a partition, a consumer group partition, $cbs or $management")]
+#[error(
+    "the address {0:?} is not a hub, a partition, a consumer group partition, $cbs or $management"
+)]
 pub struct UnknownAddress(pub String);
 
 impl EntityAddress {
     /// Parses a link source or target address.
     pub fn parse(address: &str) -> Result<Self, UnknownAddress> {
-        let segments: Vec<&str> = path_of(address).split('/').filter(|s| !s.is_empty()).collect();
+        let segments: Vec<&str> = path_of(address)
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
         let unknown = || UnknownAddress(address.to_owned());
         let owned = |s: &str| s.to_owned();
         match segments.as_slice() {
@@ -50,7 +55,10 @@ impl EntityAddress {
             [_, node] if node.eq_ignore_ascii_case(super::MANAGEMENT_NODE) => Ok(Self::Management),
             [hub] if !hub.starts_with('$') => Ok(Self::Hub { hub: owned(hub) }),
             [hub, partitions, partition] if partitions.eq_ignore_ascii_case("partitions") => {
-                Ok(Self::Partition { hub: owned(hub), partition: owned(partition) })
+                Ok(Self::Partition {
+                    hub: owned(hub),
+                    partition: owned(partition),
+                })
             }
             [hub, groups, group, partitions, partition]
                 if groups.eq_ignore_ascii_case("consumergroups")
@@ -69,9 +77,9 @@ impl EntityAddress {
     /// The hub this address belongs to, if any.
     pub fn hub(&self) -> Option<&str> {
         match self {
-            Self::Hub { hub } | Self::Partition { hub, .. } | Self::ConsumerPartition { hub, .. } => {
-                Some(hub)
-            }
+            Self::Hub { hub }
+            | Self::Partition { hub, .. }
+            | Self::ConsumerPartition { hub, .. } => Some(hub),
             Self::Cbs | Self::Management => None,
         }
     }
@@ -80,9 +88,11 @@ impl EntityAddress {
     pub fn authorization_path(&self) -> Option<String> {
         match self {
             Self::Hub { hub } | Self::Partition { hub, .. } => Some(hub.to_ascii_lowercase()),
-            Self::ConsumerPartition { hub, consumer_group, .. } => {
-                Some(format!("{hub}/consumergroups/{consumer_group}").to_ascii_lowercase())
-            }
+            Self::ConsumerPartition {
+                hub,
+                consumer_group,
+                ..
+            } => Some(format!("{hub}/consumergroups/{consumer_group}").to_ascii_lowercase()),
             Self::Cbs | Self::Management => None,
         }
     }
@@ -98,7 +108,8 @@ pub fn audience_path(audience: &str) -> String {
 pub fn path_covers(granted: &str, requested: &str) -> bool {
     granted.is_empty()
         || requested == granted
-        || (requested.starts_with(granted) && requested.as_bytes().get(granted.len()) == Some(&b'/'))
+        || (requested.starts_with(granted)
+            && requested.as_bytes().get(granted.len()) == Some(&b'/'))
 }
 
 /// Strips `scheme://host[:port]` from a URI; a bare path is returned as is.
@@ -117,11 +128,23 @@ mod tests {
     fn parses_every_address_form_the_sdks_use() {
         let hub = EntityAddress::Hub { hub: "eh1".into() };
         assert_eq!(EntityAddress::parse("eh1"), Ok(hub.clone()));
-        assert_eq!(EntityAddress::parse("amqps://ns.servicebus.windows.net/eh1"), Ok(hub.clone()));
+        assert_eq!(
+            EntityAddress::parse("amqps://ns.servicebus.windows.net/eh1"),
+            Ok(hub.clone())
+        );
         assert_eq!(EntityAddress::parse("amqp://localhost:5672/eh1/"), Ok(hub));
-        let partition = EntityAddress::Partition { hub: "eh1".into(), partition: "3".into() };
-        assert_eq!(EntityAddress::parse("eh1/Partitions/3"), Ok(partition.clone()));
-        assert_eq!(EntityAddress::parse("amqps://ns/eh1/partitions/3"), Ok(partition));
+        let partition = EntityAddress::Partition {
+            hub: "eh1".into(),
+            partition: "3".into(),
+        };
+        assert_eq!(
+            EntityAddress::parse("eh1/Partitions/3"),
+            Ok(partition.clone())
+        );
+        assert_eq!(
+            EntityAddress::parse("amqps://ns/eh1/partitions/3"),
+            Ok(partition)
+        );
         assert_eq!(
             EntityAddress::parse("amqps://ns/eh1/ConsumerGroups/$Default/Partitions/0"),
             Ok(EntityAddress::ConsumerPartition {
@@ -131,13 +154,27 @@ mod tests {
             })
         );
         assert_eq!(EntityAddress::parse("$cbs"), Ok(EntityAddress::Cbs));
-        assert_eq!(EntityAddress::parse("$management"), Ok(EntityAddress::Management));
-        assert_eq!(EntityAddress::parse("amqps://ns/eh1/$management"), Ok(EntityAddress::Management));
+        assert_eq!(
+            EntityAddress::parse("$management"),
+            Ok(EntityAddress::Management)
+        );
+        assert_eq!(
+            EntityAddress::parse("amqps://ns/eh1/$management"),
+            Ok(EntityAddress::Management)
+        );
     }
 
     #[test]
     fn refuses_what_is_not_an_entity() {
-        for bad in ["", "amqps://ns", "amqps://ns/", "eh1/Partitions", "eh1/foo/0", "$other", "a/b/c/d/e/f"] {
+        for bad in [
+            "",
+            "amqps://ns",
+            "amqps://ns/",
+            "eh1/Partitions",
+            "eh1/foo/0",
+            "$other",
+            "a/b/c/d/e/f",
+        ] {
             assert!(EntityAddress::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -145,7 +182,10 @@ mod tests {
     #[test]
     fn authorization_paths_are_lower_case() {
         let consumer = EntityAddress::parse("EH1/ConsumerGroups/$Default/Partitions/0").unwrap();
-        assert_eq!(consumer.authorization_path().as_deref(), Some("eh1/consumergroups/$default"));
+        assert_eq!(
+            consumer.authorization_path().as_deref(),
+            Some("eh1/consumergroups/$default")
+        );
         assert_eq!(audience_path("sb://localhost:5672/EH1/"), "eh1");
         assert_eq!(audience_path("sb://localhost/"), "");
     }

@@ -138,7 +138,10 @@ mod tests {
         assert!(keys.iter().any(|k| !k.is_ascii()), "non-ASCII key");
         assert!(keys.iter().any(|k| k.len() > 200), "long key");
         assert!(keys.iter().any(|k| hash_key(k) < 0), "negative hash");
-        assert!(keys.iter().any(|k| k.len() % 12 == 0 && !k.is_empty()), "whole 12-byte blocks");
+        assert!(
+            keys.iter().any(|k| k.len() % 12 == 0 && !k.is_empty()),
+            "whole 12-byte blocks"
+        );
     }
 
     #[test]

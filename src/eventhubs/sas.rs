@@ -51,7 +51,8 @@ pub fn sign_token(resource: &str, key_name: &str, key: &str, expires_at: u64) ->
 
 fn signature(key: &str, encoded_resource: &str, expires_at: u64) -> String {
     // A key of any length is a valid HMAC key, so this cannot fail.
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC accepts any key length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC accepts any key length");
     mac.update(format!("{encoded_resource}\n{expires_at}").as_bytes());
     BASE64.encode(mac.finalize().into_bytes())
 }
@@ -74,10 +75,13 @@ pub struct SasToken {
 impl SasToken {
     /// Parses `SharedAccessSignature sr=..&sig=..&se=..&skn=..` (fields in any order).
     pub fn parse(token: &str) -> Result<Self, SasError> {
-        let fields = token
-            .trim()
-            .strip_prefix("SharedAccessSignature ")
-            .ok_or(SasError::Malformed("missing the `SharedAccessSignature ` prefix"))?;
+        let fields =
+            token
+                .trim()
+                .strip_prefix("SharedAccessSignature ")
+                .ok_or(SasError::Malformed(
+                    "missing the `SharedAccessSignature ` prefix",
+                ))?;
         let (mut resource, mut signature, mut expiry, mut key_name) = (None, None, None, None);
         for field in fields.split('&') {
             let (name, value) = field
@@ -120,12 +124,20 @@ impl SasToken {
         let canonical = utf8_percent_encode(&self.resource, URL_COMPONENT).to_string();
         let valid = [self.encoded_resource.as_str(), canonical.as_str()]
             .iter()
-            .any(|signed| constant_time_eq(signature(key, signed, self.expires_at).as_bytes(), self.signature.as_bytes()));
+            .any(|signed| {
+                constant_time_eq(
+                    signature(key, signed, self.expires_at).as_bytes(),
+                    self.signature.as_bytes(),
+                )
+            });
         if !valid {
             return Err(SasError::BadSignature(self.key_name.clone()));
         }
         if self.expires_at <= now {
-            return Err(SasError::Expired { expired_at: self.expires_at, now });
+            return Err(SasError::Expired {
+                expired_at: self.expires_at,
+                now,
+            });
         }
         Ok(())
     }
@@ -170,13 +182,19 @@ mod tests {
         let python = "SharedAccessSignature sr=sb%3A%2F%2Flocalhost%2Feh1&sig=\
             eRZ6y7%2FeM60kbBHFSs7S227B67kWcwKtrvUYrUzOHZ4%3D&se=1900000000&skn=RootManageSharedAccessKey";
         let ours = sign_token("sb://localhost/eh1", KEY_NAME, KEY, 1_900_000_000);
-        assert_eq!(SasToken::parse(python).unwrap(), SasToken::parse(&ours).unwrap());
+        assert_eq!(
+            SasToken::parse(python).unwrap(),
+            SasToken::parse(&ours).unwrap()
+        );
     }
 
     #[test]
     fn wrong_key_is_a_bad_signature() {
         let token = sign_token("sb://localhost/eh1", KEY_NAME, "another key", 2_000_000_000);
-        let err = SasToken::parse(&token).unwrap().verify(lookup, 1).unwrap_err();
+        let err = SasToken::parse(&token)
+            .unwrap()
+            .verify(lookup, 1)
+            .unwrap_err();
         assert_eq!(err, SasError::BadSignature(KEY_NAME.into()));
         assert!(!err.to_string().contains(KEY));
     }
@@ -184,21 +202,37 @@ mod tests {
     #[test]
     fn unknown_key_name_is_refused() {
         let token = sign_token("sb://localhost/eh1", "someone", KEY, 2_000_000_000);
-        let err = SasToken::parse(&token).unwrap().verify(lookup, 1).unwrap_err();
+        let err = SasToken::parse(&token)
+            .unwrap()
+            .verify(lookup, 1)
+            .unwrap_err();
         assert_eq!(err, SasError::UnknownKeyName("someone".into()));
     }
 
     #[test]
     fn expired_token_is_refused() {
         let token = sign_token("sb://localhost/eh1", KEY_NAME, KEY, 1_000);
-        let err = SasToken::parse(&token).unwrap().verify(lookup, 1_000).unwrap_err();
-        assert_eq!(err, SasError::Expired { expired_at: 1_000, now: 1_000 });
+        let err = SasToken::parse(&token)
+            .unwrap()
+            .verify(lookup, 1_000)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SasError::Expired {
+                expired_at: 1_000,
+                now: 1_000
+            }
+        );
     }
 
     #[test]
     fn tampered_resource_is_a_bad_signature() {
-        let token = sign_token("sb://localhost/eh1", KEY_NAME, KEY, 2_000_000_000).replace("eh1", "eh2");
-        let err = SasToken::parse(&token).unwrap().verify(lookup, 1).unwrap_err();
+        let token =
+            sign_token("sb://localhost/eh1", KEY_NAME, KEY, 2_000_000_000).replace("eh1", "eh2");
+        let err = SasToken::parse(&token)
+            .unwrap()
+            .verify(lookup, 1)
+            .unwrap_err();
         assert!(matches!(err, SasError::BadSignature(_)));
     }
 
@@ -206,7 +240,9 @@ mod tests {
     fn malformed_tokens_are_precise() {
         assert_eq!(
             SasToken::parse("Bearer abc"),
-            Err(SasError::Malformed("missing the `SharedAccessSignature ` prefix"))
+            Err(SasError::Malformed(
+                "missing the `SharedAccessSignature ` prefix"
+            ))
         );
         assert_eq!(
             SasToken::parse("SharedAccessSignature sr=a&sig=b&skn=c"),

@@ -1,0 +1,346 @@
+//! The emulator's configuration: hubs, keys, limits; loaded from a TOML file and flags, validated once.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::eventhubs::DEFAULT_CONSUMER_GROUP;
+
+/// The default hub's name, the one Microsoft's emulator configures out of the box.
+pub const DEFAULT_HUB: &str = "eh1";
+/// The default hub's partition count.
+pub const DEFAULT_PARTITIONS: u32 = 2;
+/// Microsoft's emulator's key name, so its documented connection string works unchanged.
+pub const DEFAULT_KEY_NAME: &str = "RootManageSharedAccessKey";
+/// Microsoft's emulator's key value.
+pub const DEFAULT_KEY: &str = "SAS_KEY_VALUE";
+/// The service's `max-message-size` on Standard, Premium and Dedicated namespaces.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1_048_576;
+
+/// Everything the emulator needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmulatorConfig {
+    /// Where to listen for plain AMQP (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The host name written into the printed connection string.
+    pub host: String,
+    /// The shared access key name.
+    pub key_name: String,
+    /// The shared access key value.
+    pub key: String,
+    /// The hubs of the namespace.
+    pub event_hubs: Vec<HubConfig>,
+    /// The `max-message-size` announced on sender links; larger transfers are refused.
+    pub max_message_size: u64,
+    /// Accept Entra ID (`jwt`) CBS tokens, checking only their form, audience and expiry.
+    pub accept_jwt: bool,
+    /// A delay before every disposition, to model a network round trip.
+    pub latency_ms: u64,
+    /// How much each partition keeps before dropping its oldest events.
+    pub retention: RetentionConfig,
+}
+
+/// One hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// The hub's name.
+    pub name: String,
+    /// How many partitions it has (1 to 1024).
+    pub partitions: u32,
+    /// Its consumer groups; `$Default` is always there.
+    #[serde(default)]
+    pub consumer_groups: Vec<String>,
+}
+
+/// The bound on each partition's in-memory log; the oldest events go first, as retention does on the service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Most events kept per partition.
+    pub max_events: usize,
+    /// Most bytes (encoded events) kept per partition.
+    pub max_bytes: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 1_000_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5672)),
+            host: "localhost".into(),
+            key_name: DEFAULT_KEY_NAME.into(),
+            key: DEFAULT_KEY.into(),
+            event_hubs: vec![HubConfig {
+                name: DEFAULT_HUB.into(),
+                partitions: DEFAULT_PARTITIONS,
+                consumer_groups: vec!["cg1".into()],
+            }],
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            accept_jwt: false,
+            latency_ms: 0,
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+/// A configuration the emulator cannot start with; says which field and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or a value in it could not be read.
+    #[error("cannot load the emulator configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A `--event-hub` value is not `NAME:PARTITIONS[:GROUP,...]`.
+    #[error("--event-hub {value:?}: {reason}")]
+    HubSpec {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A field has a value the emulator cannot use.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field's path, e.g. `event_hubs[1].partitions`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl EmulatorConfig {
+    /// Loads a TOML file over the defaults (fields missing from the file keep their defaults).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Figment::from(Serialized::defaults(Self::default()))
+            .merge(Toml::file_exact(path))
+            .extract()
+            .map_err(|err| ConfigError::Load(Box::new(err)))
+    }
+
+    /// The hubs, each with `$Default` among its consumer groups.
+    pub fn hubs(&self) -> impl Iterator<Item = HubConfig> + '_ {
+        self.event_hubs.iter().map(|hub| {
+            let mut hub = hub.clone();
+            if !hub
+                .consumer_groups
+                .iter()
+                .any(|g| g.eq_ignore_ascii_case(DEFAULT_CONSUMER_GROUP))
+            {
+                hub.consumer_groups.insert(0, DEFAULT_CONSUMER_GROUP.into());
+            }
+            hub
+        })
+    }
+
+    /// Checks every field; the first problem found is returned with its field path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.into(),
+        };
+        if self.event_hubs.is_empty() {
+            return Err(invalid("event_hubs".into(), "at least one hub is needed"));
+        }
+        for (i, hub) in self.event_hubs.iter().enumerate() {
+            validate_entity_name(&hub.name)
+                .map_err(|reason| invalid(format!("event_hubs[{i}].name"), reason))?;
+            if self.event_hubs[..i]
+                .iter()
+                .any(|other| other.name.eq_ignore_ascii_case(&hub.name))
+            {
+                return Err(invalid(
+                    format!("event_hubs[{i}].name"),
+                    "two hubs have this name (names are case-insensitive)",
+                ));
+            }
+            if !(1..=1024).contains(&hub.partitions) {
+                return Err(invalid(
+                    format!("event_hubs[{i}].partitions"),
+                    "must be between 1 and 1024",
+                ));
+            }
+            for (j, group) in hub.consumer_groups.iter().enumerate() {
+                if !group.eq_ignore_ascii_case(DEFAULT_CONSUMER_GROUP) {
+                    validate_entity_name(group).map_err(|reason| {
+                        invalid(format!("event_hubs[{i}].consumer_groups[{j}]"), reason)
+                    })?;
+                }
+            }
+        }
+        if self.key_name.is_empty() || self.key.is_empty() {
+            return Err(invalid("key_name/key".into(), "both must be non-empty"));
+        }
+        if self.max_message_size < 1024 {
+            return Err(invalid(
+                "max_message_size".into(),
+                "must be at least 1024 bytes",
+            ));
+        }
+        if self.retention.max_events == 0 || self.retention.max_bytes == 0 {
+            return Err(invalid(
+                "retention".into(),
+                "max_events and max_bytes must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The connection string for clients, in the form Microsoft's emulator documents.
+    pub fn connection_string(&self, port: u16) -> String {
+        format!(
+            "Endpoint=sb://{}:{port};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;",
+            self.host, self.key_name, self.key
+        )
+    }
+}
+
+impl std::str::FromStr for HubConfig {
+    type Err = ConfigError;
+
+    /// Parses `NAME:PARTITIONS[:GROUP,GROUP...]`, as `--event-hub` takes it.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let fail = |reason: &str| ConfigError::HubSpec {
+            value: value.into(),
+            reason: reason.into(),
+        };
+        let mut parts = value.splitn(3, ':');
+        let name = parts.next().unwrap_or_default();
+        let partitions = parts
+            .next()
+            .ok_or_else(|| fail("expected NAME:PARTITIONS, e.g. orders:4"))?
+            .parse()
+            .map_err(|_| fail("PARTITIONS must be a whole number"))?;
+        let consumer_groups = parts
+            .next()
+            .map(|groups| {
+                groups
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            name: name.into(),
+            partitions,
+            consumer_groups,
+        })
+    }
+}
+
+/// Event Hubs' rule for hub and consumer group names: 1 to 256 letters, digits, `.`, `-`, `_`,
+/// starting and ending with a letter or digit.
+fn validate_entity_name(name: &str) -> Result<(), &'static str> {
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    let edges_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 256 {
+        Err("must have 1 to 256 characters")
+    } else if !name.chars().all(valid_char) || !edges_ok {
+        Err(
+            "may hold only letters, digits, '.', '-' and '_', and must start and end with a letter or digit",
+        )
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_microsofts_emulator() {
+        let config = EmulatorConfig::default();
+        config.validate().unwrap();
+        assert_eq!(
+            config.connection_string(5672),
+            "Endpoint=sb://localhost:5672;SharedAccessKeyName=RootManageSharedAccessKey;\
+             SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
+        );
+        let hub = config.hubs().next().unwrap();
+        assert_eq!(hub.name, "eh1");
+        assert_eq!(hub.consumer_groups, ["$Default", "cg1"]);
+    }
+
+    #[test]
+    fn hub_spec_parses() {
+        let hub: HubConfig = "orders:4:analytics,audit".parse().unwrap();
+        assert_eq!(hub.name, "orders");
+        assert_eq!(hub.partitions, 4);
+        assert_eq!(hub.consumer_groups, ["analytics", "audit"]);
+        assert!("orders".parse::<HubConfig>().is_err());
+        let err = "orders:four".parse::<HubConfig>().unwrap_err().to_string();
+        assert!(err.contains("PARTITIONS must be a whole number"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut config = EmulatorConfig::default();
+        config.event_hubs.push(HubConfig {
+            name: "big".into(),
+            partitions: 2000,
+            consumer_groups: vec![],
+        });
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "event_hubs[1].partitions: must be between 1 and 1024"
+        );
+        config.event_hubs[1] = HubConfig {
+            name: "EH1".into(),
+            partitions: 1,
+            consumer_groups: vec![],
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("event_hubs[1].name: two hubs")
+        );
+        config.event_hubs[1] = HubConfig {
+            name: "-x".into(),
+            partitions: 1,
+            consumer_groups: vec![],
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("event_hubs[1].name: may hold only")
+        );
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("emulator.toml");
+        std::fs::write(
+            &path,
+            "max_message_size = 262144\n[[event_hubs]]\nname = \"orders\"\npartitions = 8\nconsumer_groups = [\"cg\"]\n",
+        )
+        .unwrap();
+        let config = EmulatorConfig::from_file(&path).unwrap();
+        assert_eq!(config.max_message_size, 262_144);
+        assert_eq!(config.event_hubs.len(), 1);
+        assert_eq!(config.event_hubs[0].partitions, 8);
+        assert_eq!(config.key_name, DEFAULT_KEY_NAME);
+
+        std::fs::write(&path, "max_mesage_size = 1\n").unwrap();
+        let err = EmulatorConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("max_mesage_size"), "{err}");
+    }
+}

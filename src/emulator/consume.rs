@@ -1,0 +1,77 @@
+//! A client's receiver link on a consumer group partition: stored events from the filter's position on,
+//! then live ones, each stamped with the service's annotations, paced by the client's link credit.
+
+use std::sync::Arc;
+
+use fe2o3_amqp::link::Sender;
+use tracing::{debug, warn};
+
+use super::codec::stamp_for_delivery;
+use super::connection::{ConnectionContext, link_end};
+use super::namespace::Hub;
+use super::partition_log::StartPosition;
+
+/// Events read from the log per round; sending each still waits for credit.
+const READ_CHUNK: usize = 256;
+
+/// Serves one client receiver link until it detaches or must end.
+pub(crate) async fn serve(
+    mut sender: Sender,
+    hub: Arc<Hub>,
+    partition: usize,
+    position: StartPosition,
+    authorization_path: String,
+    context: Arc<ConnectionContext>,
+) {
+    let log = hub.partition(partition);
+    // Subscribe before resolving, so an event stored in between still wakes this reader.
+    let mut appended = log.subscribe();
+    let mut next = log.resolve(position);
+    let end = link_end(context, authorization_path.clone());
+    tokio::pin!(end);
+    loop {
+        let events = log.read(&mut next, READ_CHUNK);
+        if events.is_empty() {
+            tokio::select! {
+                biased;
+                end = &mut end => {
+                    if let Some(error) = end.error(&authorization_path) {
+                        let _ = sender.close_with_error(error).await;
+                    }
+                    return;
+                }
+                err = sender.on_detach() => {
+                    debug!(%err, "receiver link detached by the client");
+                    let _ = sender.close().await;
+                    return;
+                }
+                changed = appended.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        for event in events {
+            let message = match stamp_for_delivery(&event) {
+                Ok(message) => message,
+                Err(err) => {
+                    // Stored events were decoded once on the way in, so this is an emulator bug.
+                    warn!(%err, sequence_number = event.sequence_number, "a stored event does not decode; skipped");
+                    continue;
+                }
+            };
+            tokio::select! {
+                biased;
+                end = &mut end => {
+                    if let Some(error) = end.error(&authorization_path) {
+                        let _ = sender.close_with_error(error).await;
+                    }
+                    return;
+                }
+                // The outcome future is dropped: a consumer's settlement needs no answer from the emulator.
+                sent = sender.send_batchable(message) => if let Err(err) = sent {
+                    debug!(%err, "receiver link ended");
+                    return;
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Injected faults: throttling, released deliveries, slow dispositions, forced closes and detaches,
+//! early token expiry and refused connections, for tests of what sends to the emulator.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+/// The faults to inject; shared by every connection of one emulator. All methods are cheap and thread-safe.
+#[derive(Debug)]
+pub struct Faults {
+    throttled_sends: AtomicU64,
+    released_sends: AtomicU64,
+    extra_disposition_delay_ms: AtomicU64,
+    /// Transfers left before a connection is force-closed; 0 means off.
+    transfers_before_forced_close: AtomicU64,
+    refuse_connections_until: Mutex<Option<Instant>>,
+    /// Bumped to detach every hub link.
+    detach_generation: watch::Sender<u64>,
+    /// Bumped to invalidate every token granted so far.
+    token_generation: watch::Sender<u64>,
+}
+
+/// What happens to one incoming transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferFault {
+    /// Stored and accepted as usual.
+    None,
+    /// Rejected with `com.microsoft:server-busy`, not stored.
+    Throttle,
+    /// Answered Released, not stored.
+    Release,
+    /// Its connection is closed with `amqp:connection:forced`, not stored.
+    ForceClose,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            throttled_sends: AtomicU64::new(0),
+            released_sends: AtomicU64::new(0),
+            extra_disposition_delay_ms: AtomicU64::new(0),
+            transfers_before_forced_close: AtomicU64::new(0),
+            refuse_connections_until: Mutex::new(None),
+            detach_generation: watch::Sender::new(0),
+            token_generation: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Faults {
+    /// The next `count` transfers are rejected with `com.microsoft:server-busy` (and not stored).
+    pub fn throttle_next_sends(&self, count: u64) {
+        self.throttled_sends.store(count, Ordering::SeqCst);
+    }
+
+    /// The next `count` transfers are answered Released (and not stored).
+    pub fn release_next_sends(&self, count: u64) {
+        self.released_sends.store(count, Ordering::SeqCst);
+    }
+
+    /// Every disposition waits this much longer (on top of `latency_ms`); zero turns it off.
+    pub fn delay_dispositions(&self, delay: Duration) {
+        self.extra_disposition_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// The connection carrying the `count`-th transfer from now is closed with `amqp:connection:forced`
+    /// before that transfer is stored; zero turns it off.
+    pub fn force_close_after_transfers(&self, count: u64) {
+        self.transfers_before_forced_close
+            .store(count, Ordering::SeqCst);
+    }
+
+    /// Detaches every sender and receiver link on a hub with `amqp:link:detach-forced`, now.
+    pub fn detach_all_links(&self) {
+        self.detach_generation
+            .send_modify(|generation| *generation += 1);
+    }
+
+    /// Makes every token granted so far expire now: links relying on them are detached with
+    /// `amqp:unauthorized-access` unless a fresh token is put.
+    pub fn expire_tokens(&self) {
+        self.token_generation
+            .send_modify(|generation| *generation += 1);
+    }
+
+    /// New TCP connections are closed at once for this long.
+    pub fn refuse_connections_for(&self, duration: Duration) {
+        *self.refuse_connections_until.lock() = Some(Instant::now() + duration);
+    }
+
+    /// Turns every fault off.
+    pub fn clear(&self) {
+        self.throttle_next_sends(0);
+        self.release_next_sends(0);
+        self.delay_dispositions(Duration::ZERO);
+        self.force_close_after_transfers(0);
+        *self.refuse_connections_until.lock() = None;
+    }
+
+    /// Decides the fate of one incoming transfer, consuming one unit of whichever fault applies.
+    pub(crate) fn next_transfer(&self) -> TransferFault {
+        let take_one = |counter: &AtomicU64| {
+            counter
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        let forced = self.transfers_before_forced_close.fetch_update(
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+            |n| (n > 0).then(|| n - 1),
+        );
+        if forced == Ok(1) {
+            TransferFault::ForceClose
+        } else if take_one(&self.throttled_sends) {
+            TransferFault::Throttle
+        } else if take_one(&self.released_sends) {
+            TransferFault::Release
+        } else {
+            TransferFault::None
+        }
+    }
+
+    /// The injected extra disposition delay.
+    pub(crate) fn extra_disposition_delay(&self) -> Duration {
+        Duration::from_millis(self.extra_disposition_delay_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether a new connection must be refused now.
+    pub(crate) fn refusing_connections(&self) -> bool {
+        self.refuse_connections_until
+            .lock()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Changes when links must be detached.
+    pub(crate) fn subscribe_detach(&self) -> watch::Receiver<u64> {
+        self.detach_generation.subscribe()
+    }
+
+    /// Changes when every token granted so far must be treated as expired.
+    pub(crate) fn subscribe_tokens(&self) -> watch::Receiver<u64> {
+        self.token_generation.subscribe()
+    }
+
+    /// The current token generation; grants from older generations are void.
+    pub(crate) fn token_generation(&self) -> u64 {
+        *self.token_generation.borrow()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counted_faults_are_consumed_one_transfer_at_a_time() {
+        let faults = Faults::default();
+        faults.throttle_next_sends(2);
+        faults.release_next_sends(1);
+        let fates: Vec<_> = (0..4).map(|_| faults.next_transfer()).collect();
+        assert_eq!(
+            fates,
+            [
+                TransferFault::Throttle,
+                TransferFault::Throttle,
+                TransferFault::Release,
+                TransferFault::None
+            ]
+        );
+    }
+
+    #[test]
+    fn forced_close_fires_on_the_nth_transfer_only() {
+        let faults = Faults::default();
+        faults.force_close_after_transfers(3);
+        let fates: Vec<_> = (0..5).map(|_| faults.next_transfer()).collect();
+        assert_eq!(fates[2], TransferFault::ForceClose);
+        assert_eq!(
+            fates
+                .iter()
+                .filter(|f| **f == TransferFault::ForceClose)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn clear_turns_everything_off() {
+        let faults = Faults::default();
+        faults.throttle_next_sends(5);
+        faults.refuse_connections_for(Duration::from_secs(60));
+        assert!(faults.refusing_connections());
+        faults.clear();
+        assert!(!faults.refusing_connections());
+        assert_eq!(faults.next_transfer(), TransferFault::None);
+    }
+}
