@@ -2,14 +2,13 @@
 //! a partition stores, and stamping a stored event with the service's annotations for delivery.
 
 use bytes::Bytes;
-// fe2o3 encodes whole messages only through these hidden wrappers (what its links use); no public codec exists.
-use fe2o3_amqp_types::messaging::message::__private::{Deserializable, Serializable};
 use fe2o3_amqp_types::messaging::{Body, MessageAnnotations, annotations::OwnedKey};
 use fe2o3_amqp_types::primitives::{Symbol, Timestamp};
 use serde_amqp::Value;
 
 use super::node::AnyMessage;
 use super::partition_log::StoredEvent;
+use crate::eventhubs::message::{self, decode, encode};
 use crate::eventhubs::{BATCH_MESSAGE_FORMAT, annotations};
 
 /// An incoming transfer the service would refuse; the text says which event and why.
@@ -30,7 +29,7 @@ pub struct Unpacked {
 /// a well-formed message with the batch's partition key; a plain message (format 0) is itself the event.
 pub fn unpack(message_format: u32, message: AnyMessage) -> Result<Unpacked, UnpackError> {
     let partition_key =
-        partition_key_of(&message).map_err(|e| UnpackError(format!("the message's {e}")))?;
+        message::partition_key(&message).map_err(|e| UnpackError(format!("the message's {e}")))?;
     match message_format {
         BATCH_MESSAGE_FORMAT => {
             let Body::Data(sections) = message.body else {
@@ -47,7 +46,7 @@ pub fn unpack(message_format: u32, message: AnyMessage) -> Result<Unpacked, Unpa
                     let inner = decode(&bytes)
                         .map_err(|e| UnpackError(format!("event {index} of the batch is not an AMQP message: {e}")))?;
                     let inner_key =
-                        partition_key_of(&inner).map_err(|e| UnpackError(format!("event {index} of the batch: {e}")))?;
+                        message::partition_key(&inner).map_err(|e| UnpackError(format!("event {index} of the batch: {e}")))?;
                     if inner_key.is_some() && inner_key != partition_key {
                         return Err(UnpackError(format!(
                             "event {index} has partition key {inner_key:?} but the batch has {partition_key:?}: \
@@ -66,7 +65,7 @@ pub fn unpack(message_format: u32, message: AnyMessage) -> Result<Unpacked, Unpa
             })
         }
         0 => {
-            let encoded = serde_amqp::to_vec(&Serializable(message))
+            let encoded = encode(&message)
                 .map_err(|e| UnpackError(format!("the message cannot be re-encoded: {e}")))?;
             Ok(Unpacked {
                 events: vec![Bytes::from(encoded)],
@@ -77,11 +76,6 @@ pub fn unpack(message_format: u32, message: AnyMessage) -> Result<Unpacked, Unpa
             "message-format {other:#x} is neither 0 nor the batch format 0x80013700"
         ))),
     }
-}
-
-/// Decodes an encoded AMQP message.
-pub fn decode(bytes: &[u8]) -> Result<AnyMessage, serde_amqp::Error> {
-    serde_amqp::from_slice::<Deserializable<AnyMessage>>(bytes).map(|message| message.0)
 }
 
 /// A stored event as a consumer receives it: the message as sent, with the service's annotations stamped.
@@ -108,21 +102,6 @@ pub fn stamp_for_delivery(event: &StoredEvent) -> Result<AnyMessage, serde_amqp:
         set(annotations::PARTITION_KEY, Value::String(key.to_string()));
     }
     Ok(message)
-}
-
-fn partition_key_of(message: &AnyMessage) -> Result<Option<String>, String> {
-    let key = OwnedKey::Symbol(Symbol::from(annotations::PARTITION_KEY));
-    match message
-        .message_annotations
-        .as_ref()
-        .and_then(|a| a.0.get(&key))
-    {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(key)) => Ok(Some(key.clone())),
-        Some(other) => Err(format!(
-            "x-opt-partition-key must be a string, not {other:?}"
-        )),
-    }
 }
 
 #[cfg(test)]
@@ -154,11 +133,7 @@ mod tests {
     fn batch(events: &[AnyMessage], key: Option<&str>) -> AnyMessage {
         let sections: Vec<Data> = events
             .iter()
-            .map(|e| {
-                Data(Binary::from(
-                    serde_amqp::to_vec(&Serializable(e.clone())).unwrap(),
-                ))
-            })
+            .map(|e| Data(Binary::from(encode(e).unwrap())))
             .collect();
         Message {
             body: Body::Data(sections.into()),

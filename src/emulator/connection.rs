@@ -71,23 +71,27 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(%err, "cannot set TCP_NODELAY");
     }
-    let opened = match peek_protocol_header(&stream).await {
-        Some(SASL_PROTOCOL_ID) => {
-            shared
-                .sasl_acceptor
-                .accept(FullFieldFrames::new(stream))
-                .await
+    let handshake = async {
+        match peek_protocol_header(&stream).await {
+            Some(SASL_PROTOCOL_ID) => Some(
+                shared
+                    .sasl_acceptor
+                    .accept(FullFieldFrames::new(stream))
+                    .await,
+            ),
+            Some(_) => Some(
+                shared
+                    .plain_acceptor
+                    .accept(FullFieldFrames::new(stream))
+                    .await,
+            ),
+            None => None,
         }
-        Some(_) => {
-            shared
-                .plain_acceptor
-                .accept(FullFieldFrames::new(stream))
-                .await
-        }
-        None => {
-            debug!("no protocol header in time");
-            return;
-        }
+    };
+    // A client that sends no header, or garbage instead of its open, is dropped after a bounded wait.
+    let Ok(Some(opened)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await else {
+        debug!("no protocol header and open within {HANDSHAKE_TIMEOUT:?}; connection dropped");
+        return;
     };
     let mut connection = match opened {
         Ok(connection) => connection,
@@ -136,25 +140,19 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
 
 /// The protocol id of the SASL layer's header, `AMQP\x03\x01\x00\x00`.
 const SASL_PROTOCOL_ID: u8 = 3;
-/// How long a new connection may take to send its protocol header.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection may take to send its protocol header, SASL exchange and open.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The protocol id of the client's 8-byte header, read without consuming it (the acceptor reads it again).
 async fn peek_protocol_header(stream: &TcpStream) -> Option<u8> {
     let mut header = [0u8; 8];
-    let peek = async {
-        loop {
-            match stream.peek(&mut header).await {
-                Ok(8) => return Some(header[4]),
-                Ok(0) | Err(_) => return None,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
+    loop {
+        match stream.peek(&mut header).await {
+            Ok(8) => return Some(header[4]),
+            Ok(0) | Err(_) => return None,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
         }
-    };
-    tokio::time::timeout(HEADER_TIMEOUT, peek)
-        .await
-        .ok()
-        .flatten()
+    }
 }
 
 async fn serve_session(mut session: ListenerSessionHandle, context: Arc<ConnectionContext>) {

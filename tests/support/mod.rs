@@ -1,0 +1,325 @@
+//! Helpers shared by the integration tests: an in-process emulator on port 0 and a raw AMQP client
+//! (fe2o3) that speaks to it the way the Event Hubs SDKs do: CBS tokens, hub links, batches, consumers.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig};
+use eventhub_gateway::eventhubs::message::{AmqpMessage, encode};
+use eventhub_gateway::eventhubs::sas::sign_token;
+use eventhub_gateway::eventhubs::{BATCH_MESSAGE_FORMAT, SAS_TOKEN_TYPE, annotations};
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::{Receiver, Sender};
+use fe2o3_amqp_types::definitions::{self, ErrorCondition};
+use fe2o3_amqp_types::messaging::annotations::{Annotations, OwnedKey};
+use fe2o3_amqp_types::messaging::{
+    AmqpValue, ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Outcome,
+    Properties, Source,
+};
+use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol};
+use serde_amqp::Value;
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
+
+/// Every wait in these tests is bounded by this.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An emulator config listening on a free loopback port with the given hubs (`NAME:PARTITIONS`).
+pub fn config(hubs: &[&str]) -> EmulatorConfig {
+    EmulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        event_hubs: hubs
+            .iter()
+            .map(|spec| spec.parse::<HubConfig>().expect("valid hub spec"))
+            .collect(),
+        ..EmulatorConfig::default()
+    }
+}
+
+/// Starts an in-process emulator with these hubs.
+pub async fn start(hubs: &[&str]) -> Emulator {
+    Emulator::start(config(hubs))
+        .await
+        .expect("emulator starts")
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// A SAS token for `sb://localhost/<path>` signed with the emulator's default key, valid for `valid_for`.
+pub fn sas_token(path: &str, valid_for: Duration) -> String {
+    sign_token(
+        &format!("sb://localhost/{path}"),
+        "RootManageSharedAccessKey",
+        "SAS_KEY_VALUE",
+        unix_now() + valid_for.as_secs(),
+    )
+}
+
+/// One event with a text body and, optionally, a partition key annotation.
+pub fn event(body: &str, partition_key: Option<&str>) -> AmqpMessage {
+    let mut annotations = Annotations::new();
+    if let Some(key) = partition_key {
+        annotations.insert(
+            OwnedKey::Symbol(Symbol::from(annotations::PARTITION_KEY)),
+            Value::String(key.into()),
+        );
+    }
+    Message::builder()
+        .message_annotations(MessageAnnotations(annotations))
+        .body(Body::Data(
+            vec![Data(Binary::from(body.as_bytes().to_vec()))].into(),
+        ))
+        .build()
+}
+
+/// A batch transfer (message-format 0x80013700) of these events, as the SDKs send it.
+pub fn batch(events: &[AmqpMessage], partition_key: Option<&str>) -> Sendable<Body<Value>> {
+    let sections: Vec<Data> = events
+        .iter()
+        .map(|e| Data(Binary::from(encode(e).expect("encodes"))))
+        .collect();
+    let outer = Message {
+        body: Body::Data(sections.into()),
+        ..event("", partition_key)
+    };
+    Sendable::builder()
+        .message(outer)
+        .message_format(BATCH_MESSAGE_FORMAT)
+        .build()
+}
+
+/// The text body of a stored or received event.
+pub fn body_text(message: &AmqpMessage) -> String {
+    match &message.body {
+        Body::Data(sections) => sections
+            .iter()
+            .map(|d| String::from_utf8_lossy(d.0.as_ref()).into_owned())
+            .collect::<String>(),
+        other => panic!("expected a data body, got {other:?}"),
+    }
+}
+
+/// The error condition of a rejected outcome, as a string (`com.microsoft:server-busy`, ...).
+pub fn rejected_condition(outcome: &Outcome) -> Option<String> {
+    match outcome {
+        Outcome::Rejected(rejected) => rejected
+            .error
+            .as_ref()
+            .map(|e| condition_name(&e.condition)),
+        _ => None,
+    }
+}
+
+/// An error condition as the string on the wire.
+pub fn condition_name(condition: &ErrorCondition) -> String {
+    match serde_amqp::to_value(condition) {
+        Ok(Value::Symbol(symbol)) => symbol.0,
+        other => format!("{other:?}"),
+    }
+}
+
+/// A raw AMQP client: one connection, one session, and the CBS link pair.
+pub struct Client {
+    pub connection: ConnectionHandle<()>,
+    pub session: SessionHandle<()>,
+    cbs_requests: Sender,
+    cbs_responses: Receiver,
+    next_request: u64,
+}
+
+impl Client {
+    /// Opens a plain AMQP connection to the emulator.
+    pub async fn connect(emulator: &Emulator) -> Result<Self, String> {
+        let address = format!("amqp://{}", emulator.local_addr());
+        let mut connection = tokio::time::timeout(
+            TIMEOUT,
+            fe2o3_amqp::Connection::open("test-client", address.as_str()),
+        )
+        .await
+        .map_err(|_| "open timed out".to_owned())?
+        .map_err(|e| format!("open failed: {e}"))?;
+        let mut session = fe2o3_amqp::Session::begin(&mut connection)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cbs_requests = Sender::attach(&mut session, "cbs-requests", "$cbs")
+            .await
+            .map_err(|e| e.to_string())?;
+        let cbs_responses = Receiver::builder()
+            .name("cbs-responses")
+            .source("$cbs")
+            .target("cbs-client")
+            .attach(&mut session)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            connection,
+            session,
+            cbs_requests,
+            cbs_responses,
+            next_request: 0,
+        })
+    }
+
+    /// Puts a token on `$cbs`; returns the status code and description.
+    pub async fn put_token(
+        &mut self,
+        audience: &str,
+        token_type: &str,
+        token: &str,
+    ) -> (i32, String) {
+        self.next_request += 1;
+        let request: AmqpMessage = Message::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::String(format!("put-{}", self.next_request))),
+                reply_to: Some("cbs-client".into()),
+                ..Default::default()
+            })
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("operation", "put-token")
+                    .insert("type", token_type)
+                    .insert("name", audience)
+                    .build(),
+            )
+            .body(Body::Value(AmqpValue(Value::String(token.into()))))
+            .build();
+        let outcome = self
+            .cbs_requests
+            .send(request)
+            .await
+            .expect("put-token sent");
+        assert!(
+            matches!(outcome, Outcome::Accepted(_)),
+            "the request is accepted: {outcome:?}"
+        );
+        let response = tokio::time::timeout(TIMEOUT, self.cbs_responses.recv::<Body<Value>>())
+            .await
+            .expect("put-token answered in time")
+            .expect("put-token response");
+        self.cbs_responses
+            .accept(&response)
+            .await
+            .expect("response settled");
+        let response = response.into_message();
+        assert_eq!(
+            response
+                .properties
+                .as_ref()
+                .and_then(|p| p.correlation_id.clone()),
+            Some(MessageId::String(format!("put-{}", self.next_request)))
+        );
+        let properties = response
+            .application_properties
+            .expect("status properties")
+            .0;
+        let code = match properties.get("status-code") {
+            Some(SimpleValue::Int(code)) => *code,
+            other => panic!("status-code is an int: {other:?}"),
+        };
+        let description = match properties.get("status-description") {
+            Some(SimpleValue::String(d)) => d.clone(),
+            _ => String::new(),
+        };
+        (code, description)
+    }
+
+    /// Puts a valid SAS token for `path` (a hub, or `hub/consumergroups/cg`), valid for `valid_for`.
+    pub async fn authorize(&mut self, path: &str, valid_for: Duration) {
+        let (code, description) = self
+            .put_token(
+                &format!("sb://localhost/{path}"),
+                SAS_TOKEN_TYPE,
+                &sas_token(path, valid_for),
+            )
+            .await;
+        assert_eq!(code, 202, "{description}");
+    }
+
+    /// Attaches a sender to an address (`eh1`, `eh1/Partitions/0`).
+    pub async fn sender(
+        &mut self,
+        address: &str,
+    ) -> Result<Sender, fe2o3_amqp::link::SenderAttachError> {
+        Sender::attach(
+            &mut self.session,
+            format!("sender-{address}-{}", uuid()),
+            address,
+        )
+        .await
+    }
+
+    /// Attaches a receiver to a consumer group partition, starting where `selector` says.
+    pub async fn receiver(
+        &mut self,
+        address: &str,
+        selector: &str,
+    ) -> Result<Receiver, fe2o3_amqp::link::ReceiverAttachError> {
+        let filter = Some(Described {
+            descriptor: Descriptor::Name(Symbol::from("apache.org:selector-filter:string")),
+            value: Value::String(selector.into()),
+        });
+        let source = Source::builder()
+            .address(address)
+            .add_to_filter("apache.org:selector-filter:string", filter)
+            .build();
+        Receiver::builder()
+            .name(format!("receiver-{}", uuid()))
+            .source(source)
+            .target("test-client")
+            .attach(&mut self.session)
+            .await
+    }
+
+    /// Closes the connection.
+    pub async fn close(mut self) {
+        let _ = self.connection.close().await;
+    }
+}
+
+/// The error a detached sender reports on its next send.
+pub fn detach_error(error: &fe2o3_amqp::link::SendError) -> Option<definitions::Error> {
+    use fe2o3_amqp::link::{DetachError, LinkStateError, SendError};
+    match error {
+        SendError::Detached(
+            DetachError::RemoteDetachedWithError(e) | DetachError::RemoteClosedWithError(e),
+        )
+        | SendError::LinkStateError(
+            LinkStateError::RemoteDetachedWithError(e) | LinkStateError::RemoteClosedWithError(e),
+        ) => Some(e.clone()),
+        _ => None,
+    }
+}
+
+/// The condition a refused sender link reports: on attach, or (the emulator attaches, then detaches with
+/// the error) on its first send.
+pub async fn refused_sender_condition(client: &mut Client, address: &str) -> String {
+    match client.sender(address).await {
+        Err(fe2o3_amqp::link::SenderAttachError::RemoteClosedWithError(error)) => {
+            condition_name(&error.condition)
+        }
+        Err(other) => panic!("{address}: attach failed without an AMQP error: {other:?}"),
+        Ok(mut sender) => {
+            let err = sender
+                .send(event("refused?", None))
+                .await
+                .expect_err("a refused link cannot send");
+            let error = detach_error(&err)
+                .unwrap_or_else(|| panic!("{address}: no detach error in {err:?}"));
+            condition_name(&error.condition)
+        }
+    }
+}
+
+fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
