@@ -124,12 +124,14 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 }
             }
             () = context.force_close.notified() => {
+                debug!("closing a connection with amqp:connection:forced (injected fault)");
                 let error = definitions::Error::new(
                     ConnectionError::ConnectionForced,
                     Some("the connection was closed by an injected fault".to_owned()),
                     None,
                 );
-                let _ = connection.close_with_error(error).await;
+                let closed = connection.close_with_error(error).await;
+                debug!(?closed, "connection force-closed");
                 return;
             }
             () = shared.shutdown.cancelled() => break,

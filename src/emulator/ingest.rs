@@ -73,8 +73,10 @@ pub(crate) async fn serve(
         let (info, message) = delivery.into_parts();
         let settlement = match context.shared.faults.next_transfer() {
             TransferFault::ForceClose => {
+                // Keep the link until the connection closes, so the client sees the connection error
+                // rather than a link detach; this transfer is never settled nor stored.
                 context.force_close.notify_one();
-                return;
+                continue;
             }
             TransferFault::Throttle => Err(server_busy()),
             TransferFault::Release => Ok(Settlement::Release),

@@ -42,9 +42,16 @@ pub fn config(hubs: &[&str]) -> EmulatorConfig {
 
 /// Starts an in-process emulator with these hubs.
 pub async fn start(hubs: &[&str]) -> Emulator {
-    Emulator::start(config(hubs))
-        .await
-        .expect("emulator starts")
+    start_with(config(hubs)).await
+}
+
+/// Starts an in-process emulator with this configuration; logs go to the test's output under `RUST_LOG`.
+pub async fn start_with(config: EmulatorConfig) -> Emulator {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    Emulator::start(config).await.expect("emulator starts")
 }
 
 /// Unix seconds now.
