@@ -10,7 +10,7 @@ use fe2o3_amqp::acceptor::{
 use fe2o3_amqp_types::definitions::{
     self, AmqpError, ConnectionError, ErrorCondition, LinkError, Role,
 };
-use fe2o3_amqp_types::messaging::TargetArchetype;
+use fe2o3_amqp_types::messaging::{Source, Target, TargetArchetype};
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::Symbol;
 use tokio::net::TcpStream;
@@ -31,6 +31,9 @@ use super::{consume, ingest, node};
 use crate::eventhubs::address::EntityAddress;
 use crate::eventhubs::conditions;
 
+/// fe2o3's link acceptor with its default (refusing) handlers for dynamic termini.
+pub(crate) type DefaultLinkAcceptor = LinkAcceptor<fn(Source) -> Option<Source>, fn(Target) -> Option<Target>>;
+
 /// What every connection of one emulator shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -44,10 +47,8 @@ pub(crate) struct Shared {
     pub sasl_acceptor: ConnectionAcceptor<(), EventHubsSasl>,
     /// For clients that open AMQP directly (pyamqp on a plain connection); tokens still come through CBS.
     pub plain_acceptor: ConnectionAcceptor<(), ()>,
-    pub link_acceptor: LinkAcceptor<
-        fn(fe2o3_amqp_types::messaging::Source) -> Option<fe2o3_amqp_types::messaging::Source>,
-        fn(fe2o3_amqp_types::messaging::Target) -> Option<fe2o3_amqp_types::messaging::Target>,
-    >,
+    /// Accepts every link, announcing the configured max-message-size.
+    pub link_acceptor: DefaultLinkAcceptor,
 }
 
 /// What the links of one connection share.

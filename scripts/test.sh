@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a machine that has only the Rust toolchain, Python 3 and Node:
+# installs the pinned Python venv (official Azure SDK) and node modules first, then runs the Rust
+# unit and integration tests, the Python SDK suite and the Node SDK suite against the real binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Python venv (tests/python/requirements.txt)"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+step "Node modules (tests/node/package-lock.json)"
+(cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+
+step "Dependency policy: rustls on aws-lc only (ring makes fe2o3's amqps:// panic at run time)"
+if cargo tree --locked --target all -i ring 2>/dev/null | grep -q '^ring'; then
+    cargo tree --locked --target all -i ring
+    echo "ring is in the dependency tree: use the aws-lc backend only" >&2
+    exit 1
+fi
+
+step "Build"
+cargo build --all-targets --locked
+export EVENTHUB_GATEWAY_BIN="$root/target/debug/eventhub-gateway"
+
+step "Rust unit and integration tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --locked --no-fail-fast
+else
+    cargo test --locked --no-fail-fast
+fi
+
+step "Official Python SDK against the emulator"
+(cd tests/python && "$root/.venv/bin/python" -m pytest -q)
+
+step "Official JavaScript SDK against the emulator"
+(cd tests/node && npm test --silent)
