@@ -288,40 +288,21 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let mut config = EmulatorConfig::default();
-        config.event_hubs.push(HubConfig {
-            name: "big".into(),
-            partitions: 2000,
-            consumer_groups: vec![],
-        });
+        let with_second_hub = |name: &str, partitions: u32| {
+            let mut config = EmulatorConfig::default();
+            config.event_hubs.push(HubConfig {
+                name: name.into(),
+                partitions,
+                consumer_groups: vec![],
+            });
+            config.validate().unwrap_err().to_string()
+        };
         assert_eq!(
-            config.validate().unwrap_err().to_string(),
+            with_second_hub("big", 2000),
             "event_hubs[1].partitions: must be between 1 and 1024"
         );
-        config.event_hubs[1] = HubConfig {
-            name: "EH1".into(),
-            partitions: 1,
-            consumer_groups: vec![],
-        };
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("event_hubs[1].name: two hubs")
-        );
-        config.event_hubs[1] = HubConfig {
-            name: "-x".into(),
-            partitions: 1,
-            consumer_groups: vec![],
-        };
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("event_hubs[1].name: may hold only")
-        );
+        assert!(with_second_hub("EH1", 1).starts_with("event_hubs[1].name: two hubs"));
+        assert!(with_second_hub("-x", 1).starts_with("event_hubs[1].name: may hold only"));
     }
 
     #[test]

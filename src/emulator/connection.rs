@@ -1,6 +1,7 @@
 //! One client connection: its sessions, and each incoming link checked (address, entity, token) and
 //! handed to the task that serves it, or refused with the error the service would send.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,8 @@ use crate::eventhubs::address::EntityAddress;
 use crate::eventhubs::conditions;
 
 /// fe2o3's link acceptor with its default (refusing) handlers for dynamic termini.
-pub(crate) type DefaultLinkAcceptor = LinkAcceptor<fn(Source) -> Option<Source>, fn(Target) -> Option<Target>>;
+pub(crate) type DefaultLinkAcceptor =
+    LinkAcceptor<fn(Source) -> Option<Source>, fn(Target) -> Option<Target>>;
 
 /// What every connection of one emulator shares.
 #[derive(Debug)]
@@ -427,9 +429,21 @@ impl LinkEnd {
     }
 }
 
-/// Resolves when a hub link on `path` must end: its token lapsed (and no fresher one was put), a fault
-/// detaches it, or the emulator shuts down. Create it once per link and poll it beside the link's work.
-pub(crate) async fn link_end(context: Arc<ConnectionContext>, path: String) -> LinkEnd {
+/// Runs a hub link's `work` until it finishes (the client went away) or the link must end: its token
+/// lapsed with no fresher one put, a fault detaches it, or the emulator shuts down. Returns why it must end.
+pub(crate) async fn until_link_end(
+    context: Arc<ConnectionContext>,
+    path: &str,
+    work: impl Future<Output = ()>,
+) -> Option<LinkEnd> {
+    tokio::select! {
+        biased;
+        end = link_end(context, path) => Some(end),
+        () = work => None,
+    }
+}
+
+async fn link_end(context: Arc<ConnectionContext>, path: &str) -> LinkEnd {
     let faults = &context.shared.faults;
     let mut tokens = faults.subscribe_tokens();
     let mut detach: watch::Receiver<u64> = faults.subscribe_detach();
@@ -437,7 +451,7 @@ pub(crate) async fn link_end(context: Arc<ConnectionContext>, path: String) -> L
         let now = now_ms();
         let Some(expiry) = context
             .grants
-            .expiry_covering(&path, now, faults.token_generation())
+            .expiry_covering(path, now, faults.token_generation())
         else {
             return LinkEnd::TokenExpired;
         };

@@ -7,7 +7,7 @@ use fe2o3_amqp::link::Sender;
 use tracing::{debug, warn};
 
 use super::codec::stamp_for_delivery;
-use super::connection::{ConnectionContext, link_end};
+use super::connection::{ConnectionContext, until_link_end};
 use super::namespace::Hub;
 use super::partition_log::StartPosition;
 
@@ -23,26 +23,30 @@ pub(crate) async fn serve(
     authorization_path: String,
     context: Arc<ConnectionContext>,
 ) {
+    let ended = until_link_end(
+        context,
+        &authorization_path,
+        deliver(&mut sender, &hub, partition, position),
+    )
+    .await;
+    if let Some(error) = ended.and_then(|end| end.error(&authorization_path)) {
+        let _ = sender.close_with_error(error).await;
+    }
+}
+
+/// Sends stored and then live events until the client detaches or the link fails.
+async fn deliver(sender: &mut Sender, hub: &Hub, partition: usize, position: StartPosition) {
     let log = hub.partition(partition);
     // Subscribe before resolving, so an event stored in between still wakes this reader.
     let mut appended = log.subscribe();
     let mut next = log.resolve(position);
-    let end = link_end(context, authorization_path.clone());
-    tokio::pin!(end);
     loop {
         let events = log.read(&mut next, READ_CHUNK);
         if events.is_empty() {
             tokio::select! {
-                biased;
-                end = &mut end => {
-                    if let Some(error) = end.error(&authorization_path) {
-                        let _ = sender.close_with_error(error).await;
-                    }
-                    return;
-                }
+                // fe2o3 answers the client's detach before on_detach returns; nothing is left to close.
                 err = sender.on_detach() => {
                     debug!(%err, "receiver link detached by the client");
-                    let _ = sender.close().await;
                     return;
                 }
                 changed = appended.changed() => if changed.is_err() { return },
@@ -58,19 +62,10 @@ pub(crate) async fn serve(
                     continue;
                 }
             };
-            tokio::select! {
-                biased;
-                end = &mut end => {
-                    if let Some(error) = end.error(&authorization_path) {
-                        let _ = sender.close_with_error(error).await;
-                    }
-                    return;
-                }
-                // The outcome future is dropped: a consumer's settlement needs no answer from the emulator.
-                sent = sender.send_batchable(message) => if let Err(err) = sent {
-                    debug!(%err, "receiver link ended");
-                    return;
-                },
+            // The outcome future is dropped: a consumer's settlement needs no answer from the emulator.
+            if let Err(err) = sender.send_batchable(message).await {
+                debug!(%err, "receiver link ended");
+                return;
             }
         }
     }

@@ -7,16 +7,20 @@ use std::time::Duration;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::{Receiver, ReceiverDisposer, RecvError};
 use fe2o3_amqp_types::definitions::{self, AmqpError};
+use fe2o3_amqp_types::messaging::Body;
 use serde_amqp::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::codec::unpack;
-use super::connection::{ConnectionContext, amqp_error, link_end, server_busy, service_error};
+use super::connection::{
+    ConnectionContext, amqp_error, server_busy, service_error, until_link_end,
+};
 use super::faults::TransferFault;
 use super::namespace::{Hub, now_ms};
 use crate::eventhubs::conditions;
+use crate::eventhubs::message::AmqpMessage;
 
 /// Link credit granted to each client sender: enough for many batches in flight on one link.
 const INGEST_CREDIT: u32 = 5_000;
@@ -39,22 +43,26 @@ pub(crate) async fn serve(
     if receiver.set_credit(INGEST_CREDIT).await.is_err() {
         return;
     }
-    let mut delayed = DelayedSettler::new(receiver.disposer(), &context);
-    let end = link_end(Arc::clone(&context), authorization_path.clone());
-    tokio::pin!(end);
+    let work = receive(&mut receiver, &hub, partition, &context);
+    let ended = until_link_end(Arc::clone(&context), &authorization_path, work).await;
+    if let Some(end) = ended {
+        debug!(?end, "ending a sender link");
+        if let Some(error) = end.error(&authorization_path) {
+            let _ = receiver.close_with_error(error).await;
+        }
+    }
+}
+
+/// Receives, stores and settles transfers until the client detaches or the link fails.
+async fn receive(
+    receiver: &mut Receiver,
+    hub: &Hub,
+    partition: Option<usize>,
+    context: &Arc<ConnectionContext>,
+) {
+    let mut delayed = DelayedSettler::new(receiver.disposer(), context);
     loop {
-        let received = tokio::select! {
-            biased;
-            end = &mut end => {
-                debug!(?end, "ending a sender link");
-                if let Some(error) = end.error(&authorization_path) {
-                    let _ = receiver.close_with_error(error).await;
-                }
-                return;
-            }
-            received = receiver.recv::<fe2o3_amqp_types::messaging::Body<Value>>() => received,
-        };
-        let delivery = match received {
+        let delivery = match receiver.recv::<Body<Value>>().await {
             Ok(delivery) => delivery,
             Err(RecvError::MessageDecode(err)) => {
                 let error = amqp_error(
@@ -81,11 +89,11 @@ pub(crate) async fn serve(
             TransferFault::Throttle => Err(server_busy()),
             TransferFault::Release => Ok(Settlement::Release),
             TransferFault::None => {
-                store(&hub, partition, message_format, message).map(|()| Settlement::Accept)
+                store(hub, partition, message_format, message).map(|()| Settlement::Accept)
             }
         };
         let settled = match settlement {
-            Ok(settlement) => delayed.settle(&receiver, info, settlement).await,
+            Ok(settlement) => delayed.settle(receiver, info, settlement).await,
             Err(error) => receiver.reject(info, error).await.map_err(drop),
         };
         if settled.is_err() {
@@ -99,7 +107,7 @@ fn store(
     hub: &Hub,
     partition: Option<usize>,
     message_format: u32,
-    message: fe2o3_amqp_types::messaging::Message<fe2o3_amqp_types::messaging::Body<Value>>,
+    message: AmqpMessage,
 ) -> Result<(), definitions::Error> {
     let unpacked = unpack(message_format, message)
         .map_err(|err| service_error(conditions::ARGUMENT_ERROR, err.0))?;

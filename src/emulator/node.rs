@@ -185,10 +185,8 @@ pub(crate) async fn serve_replies(
                     return;
                 }
             }
-            _ = sender.on_detach() => {
-                let _ = sender.close().await;
-                return;
-            }
+            // fe2o3 answers the client's detach before on_detach returns.
+            _ = sender.on_detach() => return,
             () = shutdown.cancelled() => return,
         }
     }
