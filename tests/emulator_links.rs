@@ -383,3 +383,32 @@ async fn garbage_on_one_connection_leaves_the_others_alone() {
     assert!(matches!(outcome, Outcome::Accepted(_)));
     client.close().await;
 }
+
+#[tokio::test]
+async fn sender_links_announce_the_configured_max_message_size() {
+    let emulator = support::start_with(eventhub_gateway::emulator::EmulatorConfig {
+        max_message_size: 4096,
+        ..support::config(&["eh1:1"])
+    })
+    .await;
+    let mut client = Client::connect(&emulator).await.unwrap();
+    client.authorize("eh1", Duration::from_secs(60)).await;
+    let mut sender = client.sender("eh1").await.unwrap();
+    // Clients read the limit from the attach and refuse bigger messages themselves (fe2o3 as the SDKs do);
+    // a transfer that still exceeds it is refused by fe2o3's receiver with amqp:link:message-size-exceeded.
+    assert_eq!(sender.max_message_size(), Some(4096));
+    assert!(matches!(
+        sender.send(event(&"x".repeat(3000), None)).await.unwrap(),
+        Outcome::Accepted(_)
+    ));
+    let err = sender
+        .send(event(&"x".repeat(8000), None))
+        .await
+        .expect_err("over the announced size");
+    assert!(
+        matches!(err, fe2o3_amqp::link::SendError::MessageSizeExceeded(_)),
+        "{err:?}"
+    );
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 1);
+    client.close().await;
+}
