@@ -412,3 +412,56 @@ async fn sender_links_announce_the_configured_max_message_size() {
     assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 1);
     client.close().await;
 }
+
+#[tokio::test]
+async fn a_higher_epoch_receiver_takes_the_partition_over() {
+    use fe2o3_amqp_types::messaging::Body;
+    let emulator = start(&["eh1:1"]).await;
+    let mut client = Client::connect(&emulator).await.unwrap();
+    client.authorize("eh1", Duration::from_secs(60)).await;
+    let address = "eh1/ConsumerGroups/$Default/Partitions/0";
+    let from_start = "amqp.annotation.x-opt-offset > '-1'";
+    let mut owner = client
+        .receiver_with_epoch(address, from_start, Some(1))
+        .await
+        .unwrap();
+    let mut usurper = client
+        .receiver_with_epoch(address, from_start, Some(2))
+        .await
+        .unwrap();
+
+    let err = tokio::time::timeout(TIMEOUT, owner.recv::<Body<Value>>())
+        .await
+        .expect("the old owner is disconnected in time")
+        .expect_err("the old owner is disconnected");
+    assert!(
+        format!("{err:?}").contains("receiver-disconnected"),
+        "{err:?}"
+    );
+
+    let mut lower = client
+        .receiver_with_epoch(address, from_start, Some(1))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(TIMEOUT, lower.recv::<Body<Value>>())
+        .await
+        .expect("refused in time");
+    assert!(
+        format!("{err:?}").contains("receiver-disconnected"),
+        "a lower epoch is refused: {err:?}"
+    );
+
+    client
+        .sender("eh1")
+        .await
+        .unwrap()
+        .send(event("to the owner", None))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(TIMEOUT, usurper.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(body_text(delivery.message()), "to the owner");
+    client.close().await;
+}

@@ -14,6 +14,7 @@ use fe2o3_amqp_types::definitions::{
 use fe2o3_amqp_types::messaging::{Source, Target, TargetArchetype};
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::Symbol;
+use serde_amqp::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,6 @@ use super::filter::start_position;
 use super::framing::FullFieldFrames;
 use super::namespace::{Hub, Namespace, now_ms};
 use super::node::{Node, ReplyRoutes};
-use super::partition_log::StartPosition;
 use super::sasl::EventHubsSasl;
 use super::{consume, ingest, node};
 use crate::eventhubs::address::EntityAddress;
@@ -182,12 +182,7 @@ enum LinkPlan {
         partition: Option<usize>,
         authorization_path: String,
     },
-    Consume {
-        hub: Arc<Hub>,
-        partition: usize,
-        position: StartPosition,
-        authorization_path: String,
-    },
+    Consume(consume::ConsumerLink),
 }
 
 async fn accept_link(
@@ -246,23 +241,8 @@ async fn accept_link(
                 context,
             ));
         }
-        (
-            Ok(LinkPlan::Consume {
-                hub,
-                partition,
-                position,
-                authorization_path,
-            }),
-            LinkEndpoint::Sender(sender),
-        ) => {
-            shared.tasks.spawn(consume::serve(
-                sender,
-                hub,
-                partition,
-                position,
-                authorization_path,
-                context,
-            ));
+        (Ok(LinkPlan::Consume(link)), LinkEndpoint::Sender(sender)) => {
+            shared.tasks.spawn(consume::serve(sender, link, context));
         }
         (Ok(_), _) => warn!("a link was attached with a role its plan does not fit"),
     }
@@ -318,23 +298,23 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
             ))
         }
     };
-    match (client_sends, entity, hub) {
+    // Every hub entity authorizes against its own path; None for the $cbs/$management nodes.
+    let authorization_path = entity.authorization_path().unwrap_or_default();
+    match (client_sends, &entity, hub) {
         (true, EntityAddress::Cbs, _) => Ok(LinkPlan::Requests(Node::Cbs)),
         (true, EntityAddress::Management, _) => Ok(LinkPlan::Requests(Node::Management)),
         (false, EntityAddress::Cbs, _) => Ok(LinkPlan::Replies(Node::Cbs)),
         (false, EntityAddress::Management, _) => Ok(LinkPlan::Replies(Node::Management)),
-        (
-            true,
-            entity @ (EntityAddress::Hub { .. } | EntityAddress::Partition { .. }),
-            Some(hub),
-        ) => {
-            let partition = match &entity {
-                EntityAddress::Partition { partition, .. } => {
-                    Some(hub.partition_index(partition).ok_or_else(not_found)?)
-                }
-                _ => None,
-            };
-            let authorization_path = entity.authorization_path().unwrap_or_default();
+        (true, EntityAddress::Hub { .. }, Some(hub)) => {
+            authorized(&authorization_path)?;
+            Ok(LinkPlan::Ingest {
+                hub,
+                partition: None,
+                authorization_path,
+            })
+        }
+        (true, EntityAddress::Partition { partition, .. }, Some(hub)) => {
+            let partition = Some(hub.partition_index(partition).ok_or_else(not_found)?);
             authorized(&authorization_path)?;
             Ok(LinkPlan::Ingest {
                 hub,
@@ -342,20 +322,19 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
                 authorization_path,
             })
         }
-        (false, entity @ EntityAddress::ConsumerPartition { .. }, Some(hub)) => {
-            let EntityAddress::ConsumerPartition {
+        (
+            false,
+            EntityAddress::ConsumerPartition {
                 consumer_group,
                 partition,
                 ..
-            } = &entity
-            else {
-                unreachable!()
-            };
+            },
+            Some(hub),
+        ) => {
             if !hub.has_consumer_group(consumer_group) {
                 return Err(not_found());
             }
             let partition = hub.partition_index(partition).ok_or_else(not_found)?;
-            let authorization_path = entity.authorization_path().unwrap_or_default();
             authorized(&authorization_path)?;
             let filters = attach
                 .source
@@ -363,12 +342,17 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
                 .and_then(|source| source.filter.as_ref());
             let position = start_position(filters)
                 .map_err(|err| amqp_error(AmqpError::NotImplemented, err.to_string()))?;
-            Ok(LinkPlan::Consume {
+            let reader = hub
+                .readers
+                .register(consumer_group, partition, epoch_of(attach)?)
+                .map_err(|reason| service_error(conditions::RECEIVER_DISCONNECTED, reason))?;
+            Ok(LinkPlan::Consume(consume::ConsumerLink {
                 hub,
                 partition,
                 position,
                 authorization_path,
-            })
+                reader,
+            }))
         }
         (true, EntityAddress::ConsumerPartition { .. }, _) => Err(amqp_error(
             AmqpError::NotAllowed,
@@ -381,6 +365,24 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
             ),
         )),
         (true, _, None) => Err(not_found()),
+    }
+}
+
+/// The `com.microsoft:epoch` link property (owner level) of a receiver, if it set one.
+fn epoch_of(attach: &Attach) -> Result<Option<i64>, definitions::Error> {
+    let key = Symbol::from(crate::eventhubs::link_properties::EPOCH);
+    match attach
+        .properties
+        .as_ref()
+        .and_then(|properties| properties.get(&key))
+    {
+        None => Ok(None),
+        Some(Value::Long(epoch)) => Ok(Some(*epoch)),
+        Some(Value::Int(epoch)) => Ok(Some(i64::from(*epoch))),
+        Some(other) => Err(amqp_error(
+            AmqpError::InvalidField,
+            format!("com.microsoft:epoch must be a long, not {other:?}"),
+        )),
     }
 }
 

@@ -7,29 +7,40 @@ use fe2o3_amqp::link::Sender;
 use tracing::{debug, warn};
 
 use super::codec::stamp_for_delivery;
-use super::connection::{ConnectionContext, until_link_end};
+use super::connection::{ConnectionContext, service_error, until_link_end};
 use super::namespace::Hub;
 use super::partition_log::StartPosition;
+use super::readers::ReaderGuard;
+use crate::eventhubs::conditions;
 
 /// Events read from the log per round; sending each still waits for credit.
 const READ_CHUNK: usize = 256;
 
+/// What a receiver link reads, checked when it attached.
+pub(crate) struct ConsumerLink {
+    pub hub: Arc<Hub>,
+    pub partition: usize,
+    pub position: StartPosition,
+    pub authorization_path: String,
+    /// Its place among the partition's readers; notified when a higher epoch takes over.
+    pub reader: ReaderGuard,
+}
+
 /// Serves one client receiver link until it detaches or must end.
-pub(crate) async fn serve(
-    mut sender: Sender,
-    hub: Arc<Hub>,
-    partition: usize,
-    position: StartPosition,
-    authorization_path: String,
-    context: Arc<ConnectionContext>,
-) {
-    let ended = until_link_end(
-        context,
-        &authorization_path,
-        deliver(&mut sender, &hub, partition, position),
-    )
-    .await;
-    if let Some(error) = ended.and_then(|end| end.error(&authorization_path)) {
+pub(crate) async fn serve(mut sender: Sender, link: ConsumerLink, context: Arc<ConnectionContext>) {
+    let path = &link.authorization_path;
+    let work = async {
+        tokio::select! {
+            () = deliver(&mut sender, &link.hub, link.partition, link.position) => None,
+            () = link.reader.disconnect.notified() => Some(service_error(
+                conditions::RECEIVER_DISCONNECTED,
+                "a receiver with a higher or equal epoch took over this partition".into(),
+            )),
+        }
+    };
+    let mut error = None;
+    let ended = until_link_end(context, path, async { error = work.await }).await;
+    if let Some(error) = ended.and_then(|end| end.error(path)).or(error) {
         let _ = sender.close_with_error(error).await;
     }
 }

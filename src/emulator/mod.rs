@@ -14,6 +14,7 @@ mod management;
 mod namespace;
 mod node;
 pub mod partition_log;
+mod readers;
 mod sasl;
 
 use std::net::SocketAddr;

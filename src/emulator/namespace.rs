@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::config::{EmulatorConfig, HubConfig};
 use super::partition_log::PartitionLog;
+use super::readers::Readers;
 use crate::eventhubs::partition::partition_for_key;
 
 /// One hub.
@@ -20,6 +21,8 @@ pub struct Hub {
     partitions: Vec<PartitionLog>,
     consumer_groups: Vec<String>,
     next_round_robin: AtomicUsize,
+    /// The connected receivers, for the epoch rule.
+    pub readers: Arc<Readers>,
 }
 
 impl Hub {
@@ -42,6 +45,7 @@ impl Hub {
                 .map(|g| g.to_ascii_lowercase())
                 .collect(),
             next_round_robin: AtomicUsize::new(0),
+            readers: Arc::default(),
         }
     }
 

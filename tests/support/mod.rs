@@ -271,6 +271,16 @@ impl Client {
         address: &str,
         selector: &str,
     ) -> Result<Receiver, fe2o3_amqp::link::ReceiverAttachError> {
+        self.receiver_with_epoch(address, selector, None).await
+    }
+
+    /// Like [`Client::receiver`], as an exclusive reader with this epoch (owner level) when given.
+    pub async fn receiver_with_epoch(
+        &mut self,
+        address: &str,
+        selector: &str,
+        epoch: Option<i64>,
+    ) -> Result<Receiver, fe2o3_amqp::link::ReceiverAttachError> {
         let filter = Some(Described {
             descriptor: Descriptor::Name(Symbol::from("apache.org:selector-filter:string")),
             value: Value::String(selector.into()),
@@ -279,12 +289,17 @@ impl Client {
             .address(address)
             .add_to_filter("apache.org:selector-filter:string", filter)
             .build();
-        Receiver::builder()
+        let mut builder = Receiver::builder()
             .name(format!("receiver-{}", uuid()))
             .source(source)
-            .target("test-client")
-            .attach(&mut self.session)
-            .await
+            .target("test-client");
+        if let Some(epoch) = epoch {
+            // Properties last: fe2o3's builder resets them when name or target are set after.
+            let mut properties = fe2o3_amqp_types::definitions::Fields::new();
+            properties.insert(Symbol::from("com.microsoft:epoch"), Value::Long(epoch));
+            builder = builder.properties(properties);
+        }
+        builder.attach(&mut self.session).await
     }
 
     /// Closes the connection.
