@@ -1,0 +1,112 @@
+"""Shared fixtures: the emulator binary as a real process on a free loopback port, and SDK helpers."""
+
+import os
+import pathlib
+import subprocess
+import threading
+import time
+
+import pytest
+from azure.eventhub import EventHubConsumerClient, EventHubProducerClient
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+BINARY = os.environ.get("EVENTHUB_GATEWAY_BIN", str(REPO / "target" / "debug" / "eventhub-gateway"))
+
+
+class Emulator:
+    """A running `eventhub-gateway emulator` process."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen(
+            [BINARY, "emulator", "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = []
+        reader = threading.Thread(target=lambda: line.append(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=15)
+        if not line or not line[0].startswith("Endpoint="):
+            self.stop()
+            raise RuntimeError(f"the emulator did not print its connection string: {line}")
+        self.connection_string = line[0].strip()
+
+    def with_key(self, key):
+        return self.connection_string.replace("SharedAccessKey=SAS_KEY_VALUE", f"SharedAccessKey={key}")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    """One emulator for the suite: eh1 (4 partitions), wide (32), small (1)."""
+    running = Emulator("--event-hub", "eh1:4:cg1", "--event-hub", "wide:32", "--event-hub", "small:1")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def start_emulator():
+    """Starts emulators with special flags; all are stopped after the test."""
+    started = []
+
+    def start(*args):
+        started.append(Emulator(*args))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def producer(connection_string, hub, **kwargs):
+    return EventHubProducerClient.from_connection_string(connection_string, eventhub_name=hub, **kwargs)
+
+
+def read_partition(connection_string, hub, partition_id, expected, starting_position="-1", timeout=20, **kwargs):
+    """Reads until `expected` events arrived from one partition (or the timeout); returns them."""
+    consumer_group = kwargs.pop("consumer_group", "$Default")
+    consumer = EventHubConsumerClient.from_connection_string(
+        connection_string, consumer_group=consumer_group, eventhub_name=hub
+    )
+    events = []
+    done = threading.Event()
+
+    def on_event(_context, event):
+        if event is not None:
+            events.append(event)
+            if len(events) >= expected:
+                done.set()
+
+    worker = threading.Thread(
+        target=consumer.receive,
+        kwargs={
+            "on_event": on_event,
+            "partition_id": partition_id,
+            "starting_position": starting_position,
+            "max_wait_time": 0.5,
+            **kwargs,
+        },
+        daemon=True,
+    )
+    worker.start()
+    done.wait(timeout)
+    consumer.close()
+    worker.join(timeout=10)
+    return events
+
+
+def wait_for(condition, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
