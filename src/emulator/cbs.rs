@@ -153,12 +153,19 @@ fn check_entity_exists(namespace: &Namespace, path: &str) -> Result<(), Status> 
         )
     };
     let hub = namespace.hub(hub_name).ok_or_else(not_found)?;
-    match (segments.next(), segments.next()) {
-        (None, _) => Ok(()),
-        (Some("consumergroups"), Some(group)) if hub.has_consumer_group(group) => Ok(()),
-        (Some("partitions"), Some(id)) if hub.partition_index(id).is_some() => Ok(()),
-        _ => Err(not_found()),
-    }
+    let rest: Vec<&str> = segments.collect();
+    let partition_exists = |id: &str| hub.partition_index(id).is_some();
+    let exists = match rest.as_slice() {
+        // The JS and .NET SDKs authorize their management link with `sb://ns/<hub>/$management`.
+        [] | ["$management"] => true,
+        ["partitions", id] => partition_exists(id),
+        ["consumergroups", group] => hub.has_consumer_group(group),
+        ["consumergroups", group, "partitions", id] => {
+            hub.has_consumer_group(group) && partition_exists(id)
+        }
+        _ => false,
+    };
+    if exists { Ok(()) } else { Err(not_found()) }
 }
 
 fn verify_sas(namespace: &Namespace, token: &str, path: &str, now_ms: i64) -> Result<i64, Status> {
@@ -313,6 +320,39 @@ mod tests {
             None,
             "voided by expire_tokens"
         );
+    }
+
+    #[test]
+    fn link_level_audiences_as_the_js_sdk_puts_them_are_granted() {
+        let (ns, grants) = (namespace(false), Grants::default());
+        for audience in [
+            "sb://localhost/eh1/$management",
+            "sb://localhost/eh1/Partitions/1",
+            "sb://localhost/eh1/ConsumerGroups/$Default/Partitions/0",
+        ] {
+            let request = sas_request(audience, valid_sas("sb://localhost/eh1", 2_000_000_000));
+            assert_eq!(
+                put_token(&ns, &grants, &request, NOW_MS, 0).code,
+                202,
+                "{audience}"
+            );
+        }
+        assert!(
+            grants
+                .expiry_covering("eh1/partitions/1", NOW_MS, 0)
+                .is_some()
+        );
+        assert!(
+            grants
+                .expiry_covering("eh1/partitions/0", NOW_MS, 0)
+                .is_none(),
+            "only the partition named"
+        );
+        let unknown = sas_request(
+            "sb://localhost/eh1/Partitions/9",
+            valid_sas("sb://localhost/eh1", 2_000_000_000),
+        );
+        assert_eq!(put_token(&ns, &grants, &unknown, NOW_MS, 0).code, 404);
     }
 
     #[test]

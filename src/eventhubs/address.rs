@@ -84,17 +84,22 @@ impl EntityAddress {
         }
     }
 
-    /// The path a CBS token must cover to use this entity, lower-cased: `hub` or `hub/consumergroups/cg`.
+    /// The path a CBS token must cover to use this entity, lower-cased: the whole entity path, so a token
+    /// for the hub, the consumer group or (as the JS SDK puts them) the exact link address all cover it.
     pub fn authorization_path(&self) -> Option<String> {
-        match self {
-            Self::Hub { hub } | Self::Partition { hub, .. } => Some(hub.to_ascii_lowercase()),
+        let path = match self {
+            Self::Hub { hub } => hub.clone(),
+            Self::Partition { hub, partition } => format!("{hub}/partitions/{partition}"),
             Self::ConsumerPartition {
                 hub,
                 consumer_group,
-                ..
-            } => Some(format!("{hub}/consumergroups/{consumer_group}").to_ascii_lowercase()),
-            Self::Cbs | Self::Management => None,
-        }
+                partition,
+            } => {
+                format!("{hub}/consumergroups/{consumer_group}/partitions/{partition}")
+            }
+            Self::Cbs | Self::Management => return None,
+        };
+        Some(path.to_ascii_lowercase())
     }
 }
 
@@ -184,7 +189,12 @@ mod tests {
         let consumer = EntityAddress::parse("EH1/ConsumerGroups/$Default/Partitions/0").unwrap();
         assert_eq!(
             consumer.authorization_path().as_deref(),
-            Some("eh1/consumergroups/$default")
+            Some("eh1/consumergroups/$default/partitions/0")
+        );
+        let partition = EntityAddress::parse("amqps://ns/EH1/Partitions/3").unwrap();
+        assert_eq!(
+            partition.authorization_path().as_deref(),
+            Some("eh1/partitions/3")
         );
         assert_eq!(audience_path("sb://localhost:5672/EH1/"), "eh1");
         assert_eq!(audience_path("sb://localhost/"), "");
