@@ -8,10 +8,12 @@ use std::time::Duration;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
 };
+use fe2o3_amqp::link::delivery::Delivery;
+use fe2o3_amqp::link::{Receiver, RecvError};
 use fe2o3_amqp_types::definitions::{
     self, AmqpError, ConnectionError, ErrorCondition, LinkError, Role,
 };
-use fe2o3_amqp_types::messaging::{Source, Target, TargetArchetype};
+use fe2o3_amqp_types::messaging::{Body, Source, Target, TargetArchetype};
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::Symbol;
 use serde_amqp::Value;
@@ -383,6 +385,25 @@ fn epoch_of(attach: &Attach) -> Result<Option<i64>, definitions::Error> {
             AmqpError::InvalidField,
             format!("com.microsoft:epoch must be a long, not {other:?}"),
         )),
+    }
+}
+
+/// The next message on a client's sender link; a transfer that does not decode is rejected with
+/// `amqp:decode-error` and skipped. Errors mean the link is gone.
+pub(crate) async fn next_message(
+    receiver: &mut Receiver,
+) -> Result<Delivery<Body<Value>>, RecvError> {
+    loop {
+        match receiver.recv::<Body<Value>>().await {
+            Err(RecvError::MessageDecode(err)) => {
+                let error = amqp_error(
+                    AmqpError::DecodeError,
+                    format!("the message cannot be decoded: {}", err.source),
+                );
+                let _ = receiver.reject(err.info, error).await;
+            }
+            other => return other,
+        }
     }
 }
 

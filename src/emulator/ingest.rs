@@ -5,17 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp::link::delivery::DeliveryInfo;
-use fe2o3_amqp::link::{Receiver, ReceiverDisposer, RecvError};
-use fe2o3_amqp_types::definitions::{self, AmqpError};
-use fe2o3_amqp_types::messaging::Body;
-use serde_amqp::Value;
+use fe2o3_amqp::link::{Receiver, ReceiverDisposer};
+use fe2o3_amqp_types::definitions;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::codec::unpack;
 use super::connection::{
-    ConnectionContext, amqp_error, server_busy, service_error, until_link_end,
+    ConnectionContext, next_message, server_busy, service_error, until_link_end,
 };
 use super::faults::TransferFault;
 use super::namespace::{Hub, now_ms};
@@ -62,16 +60,8 @@ async fn receive(
 ) {
     let mut delayed = DelayedSettler::new(receiver.disposer(), context);
     loop {
-        let delivery = match receiver.recv::<Body<Value>>().await {
+        let delivery = match next_message(receiver).await {
             Ok(delivery) => delivery,
-            Err(RecvError::MessageDecode(err)) => {
-                let error = amqp_error(
-                    AmqpError::DecodeError,
-                    format!("the message cannot be decoded: {}", err.source),
-                );
-                let _ = receiver.reject(err.info, error).await;
-                continue;
-            }
             Err(err) => {
                 debug!(%err, "sender link ended");
                 return;

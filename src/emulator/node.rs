@@ -11,11 +11,10 @@ use tracing::{debug, warn};
 
 use std::sync::Arc;
 
-use fe2o3_amqp::link::{Receiver, RecvError, Sender};
-use fe2o3_amqp_types::definitions::AmqpError;
+use fe2o3_amqp::link::{Receiver, Sender};
 
 use super::cbs::{self, PutToken};
-use super::connection::{ConnectionContext, amqp_error};
+use super::connection::{ConnectionContext, next_message};
 use super::management;
 use super::namespace::now_ms;
 
@@ -119,16 +118,8 @@ pub(crate) async fn serve_requests(
     context: Arc<ConnectionContext>,
 ) {
     loop {
-        let request = match receiver.recv::<Body<Value>>().await {
+        let request = match next_message(&mut receiver).await {
             Ok(delivery) => delivery,
-            Err(RecvError::MessageDecode(err)) => {
-                let error = amqp_error(
-                    AmqpError::DecodeError,
-                    format!("the request cannot be decoded: {}", err.source),
-                );
-                let _ = receiver.reject(err.info, error).await;
-                continue;
-            }
             Err(err) => {
                 debug!(%err, ?node, "request link ended");
                 return;

@@ -283,67 +283,31 @@ mod tests {
 
     #[test]
     fn start_positions_resolve_like_the_selector_filters() {
+        use StartPosition::*;
         let log = log(100, 1 << 20);
         log.append(bodies(&[10, 10]), None, 1_000);
         log.append(bodies(&[10]), None, 2_000);
-        assert_eq!(log.resolve(StartPosition::Earliest), 0);
-        assert_eq!(log.resolve(StartPosition::Latest), 3);
-        assert_eq!(
-            log.resolve(StartPosition::Offset {
-                offset: 10,
-                inclusive: false
-            }),
-            2
-        );
-        assert_eq!(
-            log.resolve(StartPosition::Offset {
-                offset: 10,
-                inclusive: true
-            }),
-            1
-        );
-        assert_eq!(
-            log.resolve(StartPosition::Offset {
-                offset: -1,
-                inclusive: false
-            }),
-            0
-        );
-        assert_eq!(
-            log.resolve(StartPosition::SequenceNumber {
-                sequence_number: 0,
-                inclusive: false
-            }),
-            1
-        );
-        assert_eq!(
-            log.resolve(StartPosition::SequenceNumber {
-                sequence_number: 1,
-                inclusive: true
-            }),
-            1
-        );
-        assert_eq!(
-            log.resolve(StartPosition::SequenceNumber {
-                sequence_number: 99,
-                inclusive: true
-            }),
-            3
-        );
-        assert_eq!(
-            log.resolve(StartPosition::EnqueuedTime {
-                time_ms: 1_000,
-                inclusive: false
-            }),
-            2
-        );
-        assert_eq!(
-            log.resolve(StartPosition::EnqueuedTime {
-                time_ms: 1_000,
-                inclusive: true
-            }),
-            0
-        );
+        let offset = |offset, inclusive| Offset { offset, inclusive };
+        let sequence = |sequence_number, inclusive| SequenceNumber {
+            sequence_number,
+            inclusive,
+        };
+        let enqueued = |time_ms, inclusive| EnqueuedTime { time_ms, inclusive };
+        let cases = [
+            (Earliest, 0),
+            (Latest, 3),
+            (offset(10, false), 2),
+            (offset(10, true), 1),
+            (offset(-1, false), 0),
+            (sequence(0, false), 1),
+            (sequence(1, true), 1),
+            (sequence(99, true), 3),
+            (enqueued(1_000, false), 2),
+            (enqueued(1_000, true), 0),
+        ];
+        for (position, first) in cases {
+            assert_eq!(log.resolve(position), first, "{position:?}");
+        }
     }
 
     #[tokio::test]
