@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig};
+use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig, PemSource, TlsConfig};
 
 #[derive(Parser)]
 #[command(
@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a local Event Hubs (plain AMQP) that the official SDKs can use unchanged.
+    /// Run a local Event Hubs (plain AMQP; AMQPS and WebSockets optional) that the official SDKs can use unchanged.
     Emulator(EmulatorArgs),
 }
 
@@ -49,6 +49,18 @@ struct EmulatorArgs {
     /// The largest message or batch accepted, in bytes.
     #[arg(long)]
     max_message_size: Option<u64>,
+    /// Also listen for AMQPS (TLS directly on TCP, as Event Hubs on 5671); needs --tls-cert and --tls-key.
+    #[arg(long)]
+    tls_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain (leaf first) for AMQPS and wss.
+    #[arg(long, value_name = "PEM_FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, value_name = "PEM_FILE")]
+    tls_key: Option<PathBuf>,
+    /// Also listen for AMQP over WebSockets at /$servicebus/websocket (wss with a certificate, ws without).
+    #[arg(long)]
+    websocket_listen: Option<std::net::SocketAddr>,
 }
 
 impl EmulatorArgs {
@@ -76,6 +88,23 @@ impl EmulatorArgs {
             config.max_message_size = max_message_size;
         }
         config.accept_jwt |= self.accept_jwt;
+        match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => {
+                config.tls = Some(TlsConfig {
+                    cert: PemSource::Path(cert),
+                    key: PemSource::Path(key),
+                });
+            }
+            (None, None) => {}
+            (Some(_), None) => anyhow::bail!("--tls-key: needed with --tls-cert"),
+            (None, Some(_)) => anyhow::bail!("--tls-cert: needed with --tls-key"),
+        }
+        if let Some(addr) = self.tls_listen {
+            config.tls_listen = Some(addr);
+        }
+        if let Some(addr) = self.websocket_listen {
+            config.websocket_listen = Some(addr);
+        }
         Ok(config)
     }
 }
@@ -107,6 +136,17 @@ async fn run_emulator(config: EmulatorConfig) -> anyhow::Result<()> {
         emulator.local_addr(),
         hubs.join(", ")
     );
+    if let Some(addr) = emulator.tls_addr() {
+        eprintln!("AMQPS on {addr}");
+    }
+    if let Some(addr) = emulator.websocket_addr() {
+        let scheme = if emulator.websocket_uses_tls() {
+            "wss"
+        } else {
+            "ws"
+        };
+        eprintln!("AMQP over WebSockets on {scheme}://{addr}/$servicebus/websocket");
+    }
     shutdown_signal().await;
     emulator.shutdown(Duration::from_secs(5)).await;
     Ok(())

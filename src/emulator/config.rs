@@ -1,7 +1,7 @@
 //! The emulator's configuration: hubs, keys, limits; loaded from a TOML file and flags, validated once.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
@@ -42,6 +42,52 @@ pub struct EmulatorConfig {
     pub latency_ms: u64,
     /// How much each partition keeps before dropping its oldest events.
     pub retention: RetentionConfig,
+    /// The server certificate for AMQPS and wss; needed by `tls_listen`, optional for `websocket_listen`.
+    pub tls: Option<TlsConfig>,
+    /// Where to listen for AMQPS (TLS straight on TCP, no AMQP TLS header), if anywhere.
+    pub tls_listen: Option<SocketAddr>,
+    /// Where to listen for AMQP over WebSockets (`/$servicebus/websocket`): wss with `tls`, ws without.
+    pub websocket_listen: Option<SocketAddr>,
+}
+
+/// The emulator's TLS identity: a certificate chain (leaf first) and its private key, both PEM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PemSource,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PemSource,
+}
+
+/// Where PEM text comes from: a file, or the text itself (tests generate theirs in memory).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PemSource {
+    /// A PEM file.
+    Path(PathBuf),
+    /// PEM text.
+    Pem(String),
+}
+
+impl PemSource {
+    /// The PEM text, read from the file when it is one.
+    pub fn read(&self) -> std::io::Result<String> {
+        match self {
+            Self::Path(path) => std::fs::read_to_string(path),
+            Self::Pem(pem) => Ok(pem.clone()),
+        }
+    }
+}
+
+// Never print PEM text: it may be a private key.
+impl std::fmt::Debug for PemSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(path) => f.debug_tuple("Path").field(path).finish(),
+            Self::Pem(pem) => write!(f, "Pem(<{} bytes>)", pem.len()),
+        }
+    }
 }
 
 /// One hub.
@@ -92,6 +138,9 @@ impl Default for EmulatorConfig {
             accept_jwt: false,
             latency_ms: 0,
             retention: RetentionConfig::default(),
+            tls: None,
+            tls_listen: None,
+            websocket_listen: None,
         }
     }
 }
@@ -192,6 +241,18 @@ impl EmulatorConfig {
             return Err(invalid(
                 "retention".into(),
                 "max_events and max_bytes must be positive",
+            ));
+        }
+        if self.tls_listen.is_some() && self.tls.is_none() {
+            return Err(invalid(
+                "tls_listen".into(),
+                "needs tls (a certificate and its key)",
+            ));
+        }
+        if self.tls.is_some() && self.tls_listen.is_none() && self.websocket_listen.is_none() {
+            return Err(invalid(
+                "tls".into(),
+                "no listener uses it: set tls_listen or websocket_listen",
             ));
         }
         Ok(())
@@ -303,6 +364,26 @@ mod tests {
         );
         assert!(with_second_hub("EH1", 1).starts_with("event_hubs[1].name: two hubs"));
         assert!(with_second_hub("-x", 1).starts_with("event_hubs[1].name: may hold only"));
+
+        let tls_listen_alone = EmulatorConfig {
+            tls_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..EmulatorConfig::default()
+        };
+        assert_eq!(
+            tls_listen_alone.validate().unwrap_err().to_string(),
+            "tls_listen: needs tls (a certificate and its key)"
+        );
+        let unused_tls = EmulatorConfig {
+            tls: Some(TlsConfig {
+                cert: PemSource::Path("cert.pem".into()),
+                key: PemSource::Pem("secret".into()),
+            }),
+            ..EmulatorConfig::default()
+        };
+        let err = unused_tls.validate().unwrap_err().to_string();
+        assert!(err.starts_with("tls: no listener uses it"), "{err}");
+        let debug = format!("{unused_tls:?}");
+        assert!(!debug.contains("secret"), "{debug}");
     }
 
     #[test]
@@ -319,6 +400,23 @@ mod tests {
         assert_eq!(config.event_hubs.len(), 1);
         assert_eq!(config.event_hubs[0].partitions, 8);
         assert_eq!(config.key_name, DEFAULT_KEY_NAME);
+
+        std::fs::write(
+            &path,
+            "tls_listen = \"127.0.0.1:5671\"\nwebsocket_listen = \"127.0.0.1:443\"\n\
+             [tls]\ncert = { path = \"/etc/eh/cert.pem\" }\nkey = { path = \"/etc/eh/key.pem\" }\n",
+        )
+        .unwrap();
+        let config = EmulatorConfig::from_file(&path).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.tls.unwrap().key,
+            PemSource::Path("/etc/eh/key.pem".into())
+        );
+        assert_eq!(
+            config.websocket_listen,
+            Some("127.0.0.1:443".parse().unwrap())
+        );
 
         std::fs::write(&path, "max_mesage_size = 1\n").unwrap();
         let err = EmulatorConfig::from_file(&path).unwrap_err().to_string();

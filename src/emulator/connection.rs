@@ -17,6 +17,7 @@ use fe2o3_amqp_types::messaging::{Body, Source, Target, TargetArchetype};
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::Symbol;
 use serde_amqp::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -69,29 +70,29 @@ pub(crate) struct ConnectionContext {
 
 /// Serves one TCP connection until the client closes it, a fault closes it or the emulator shuts down.
 pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(%err, "cannot set TCP_NODELAY");
+    }
+    serve_stream(stream, shared).await;
+}
+
+/// Serves one connection over any byte stream: plain TCP, TLS (AMQPS) or WebSocket messages.
+pub(crate) async fn serve_stream<S>(stream: S, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
     if shared.faults.refusing_connections() {
         debug!("refusing a connection (injected fault)");
         return;
     }
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%err, "cannot set TCP_NODELAY");
-    }
     let handshake = async {
-        match peek_protocol_header(&stream).await {
-            Some(SASL_PROTOCOL_ID) => Some(
-                shared
-                    .sasl_acceptor
-                    .accept(FullFieldFrames::new(stream))
-                    .await,
-            ),
-            Some(_) => Some(
-                shared
-                    .plain_acceptor
-                    .accept(FullFieldFrames::new(stream))
-                    .await,
-            ),
-            None => None,
-        }
+        let (header, stream) = read_protocol_header(stream).await?;
+        let stream = FullFieldFrames::new(Replay::new(header, stream));
+        Some(if header[4] == SASL_PROTOCOL_ID {
+            shared.sasl_acceptor.accept(stream).await
+        } else {
+            shared.plain_acceptor.accept(stream).await
+        })
     };
     // A client that sends no header, or garbage instead of its open, is dropped after a bounded wait.
     let Ok(Some(opened)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await else {
@@ -148,18 +149,14 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
 /// The protocol id of the SASL layer's header, `AMQP\x03\x01\x00\x00`.
 const SASL_PROTOCOL_ID: u8 = 3;
 /// How long a new connection may take to send its protocol header, SASL exchange and open.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The protocol id of the client's 8-byte header, read without consuming it (the acceptor reads it again).
-async fn peek_protocol_header(stream: &TcpStream) -> Option<u8> {
+/// Reads the client's 8-byte protocol header; the acceptor gets it again through [`Replay`].
+/// (A TLS or WebSocket stream cannot be peeked like a socket, so every transport reads and replays.)
+async fn read_protocol_header<S: AsyncRead + Unpin>(mut stream: S) -> Option<([u8; 8], S)> {
     let mut header = [0u8; 8];
-    loop {
-        match stream.peek(&mut header).await {
-            Ok(8) => return Some(header[4]),
-            Ok(0) | Err(_) => return None,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
-    }
+    stream.read_exact(&mut header).await.ok()?;
+    Some((header, stream))
 }
 
 async fn serve_session(mut session: ListenerSessionHandle, context: Arc<ConnectionContext>) {
@@ -495,4 +492,65 @@ pub(crate) fn server_busy() -> definitions::Error {
         conditions::SERVER_BUSY,
         "the request was terminated because the namespace is being throttled (injected fault); retry later".into(),
     )
+}
+
+/// A stream that yields some already-read bytes (the protocol header) before the rest of its input.
+#[derive(Debug)]
+pub(crate) struct Replay<S> {
+    prefix: [u8; 8],
+    /// How much of `prefix` has been read again.
+    replayed: usize,
+    inner: S,
+}
+
+impl<S> Replay<S> {
+    fn new(prefix: [u8; 8], inner: S) -> Self {
+        Self {
+            prefix,
+            replayed: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.replayed < this.prefix.len() {
+            let rest = &this.prefix[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

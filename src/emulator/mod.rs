@@ -1,4 +1,4 @@
-//! A local Azure Event Hubs over plain AMQP: CBS, sending, batches, partition logs, consumers, management
+//! A local Azure Event Hubs over plain AMQP, AMQPS and AMQP over WebSockets: CBS, sending, batches, partition logs, consumers, management
 //! and injected faults; the official SDKs cannot tell it from the service. Start one with [`Emulator::start`].
 
 mod cbs;
@@ -16,6 +16,8 @@ mod node;
 pub mod partition_log;
 mod readers;
 mod sasl;
+mod tls;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
-pub use self::config::{ConfigError, EmulatorConfig, HubConfig};
+pub use self::config::{ConfigError, EmulatorConfig, HubConfig, PemSource, TlsConfig};
 use self::connection::Shared;
 pub use self::faults::Faults;
 use self::namespace::{Namespace, now_ms};
@@ -66,6 +68,9 @@ pub enum EmulatorError {
 #[derive(Debug)]
 pub struct Emulator {
     local_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    websocket_addr: Option<SocketAddr>,
+    websocket_tls: bool,
     shared: Arc<Shared>,
     host: String,
     key_name: String,
@@ -76,19 +81,20 @@ impl Emulator {
     /// Validates the configuration, binds the listener (port 0 picks a free one) and starts accepting.
     pub async fn start(config: EmulatorConfig) -> Result<Self, EmulatorError> {
         config.validate()?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| EmulatorError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| EmulatorError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let websocket_tls = config.tls.is_some();
+        let tls_acceptor = match &config.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(tls)?)),
+            None => None,
+        };
+        let (listener, local_addr) = bind(config.listen).await?;
+        let tls_listener = match config.tls_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let websocket_listener = match config.websocket_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let container_id = format!("eventhub-gateway-emulator-{}", uuid::Uuid::new_v4());
         let shared = Arc::new(Shared {
             namespace: Namespace::new(&config, now_ms()),
@@ -114,9 +120,34 @@ impl Emulator {
         shared
             .tasks
             .spawn(accept_connections(listener, Arc::clone(&shared)));
+        let tls_addr = match (tls_listener, &tls_acceptor) {
+            (Some((listener, addr)), Some(acceptor)) => {
+                shared.tasks.spawn(tls::accept_connections(
+                    listener,
+                    acceptor.clone(),
+                    Arc::clone(&shared),
+                ));
+                info!(%addr, "emulator listening for AMQPS");
+                Some(addr)
+            }
+            // validate() refuses tls_listen without tls.
+            _ => None,
+        };
+        let websocket_addr = websocket_listener.map(|(listener, addr)| {
+            shared.tasks.spawn(websocket::accept_connections(
+                listener,
+                tls_acceptor,
+                Arc::clone(&shared),
+            ));
+            info!(%addr, path = websocket::WEBSOCKET_PATH, "emulator listening for AMQP over WebSockets");
+            addr
+        });
         info!(%local_addr, hubs = config.event_hubs.len(), "emulator listening");
         Ok(Self {
             local_addr,
+            tls_addr,
+            websocket_addr,
+            websocket_tls,
             shared,
             host: config.host,
             key_name: config.key_name,
@@ -127,6 +158,21 @@ impl Emulator {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The AMQPS address, when a TLS listener was configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// The AMQP-over-WebSockets address (wss with a certificate, ws without), when one was configured.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket_addr
+    }
+
+    /// Whether the WebSocket listener speaks TLS (wss).
+    pub fn websocket_uses_tls(&self) -> bool {
+        self.websocket_tls
     }
 
     /// The connection string clients use (`UseDevelopmentEmulator=true`, plain AMQP on the real port).
@@ -172,7 +218,7 @@ impl Emulator {
         Ok(self.partition_log(hub, partition)?.properties())
     }
 
-    /// Closes the listener and every connection, and waits (at most `grace`) for their tasks to end.
+    /// Closes the listeners and every connection, and waits (at most `grace`) for their tasks to end.
     pub async fn shutdown(self, grace: Duration) {
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
@@ -213,6 +259,17 @@ pub fn decode_stored_event(
     serde_amqp::Error,
 > {
     codec::stamp_for_delivery(event)
+}
+
+/// Binds a listener; the address returned is the real one (port 0 resolved).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), EmulatorError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| EmulatorError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| EmulatorError::Bind { addr, source })?;
+    Ok((listener, local_addr))
 }
 
 async fn accept_connections(listener: TcpListener, shared: Arc<Shared>) {
