@@ -148,13 +148,18 @@ impl Client {
     /// Opens a plain AMQP connection to the emulator.
     pub async fn connect(emulator: &Emulator) -> Result<Self, String> {
         let address = format!("amqp://{}", emulator.local_addr());
-        let mut connection = tokio::time::timeout(
+        let connection = tokio::time::timeout(
             TIMEOUT,
             fe2o3_amqp::Connection::open("test-client", address.as_str()),
         )
         .await
         .map_err(|_| "open timed out".to_owned())?
         .map_err(|e| format!("open failed: {e}"))?;
+        Self::over(connection).await
+    }
+
+    /// Begins a session and attaches the CBS link pair on a connection opened elsewhere (any transport).
+    pub async fn over(mut connection: ConnectionHandle<()>) -> Result<Self, String> {
         let mut session = fe2o3_amqp::Session::begin(&mut connection)
             .await
             .map_err(|e| e.to_string())?;
@@ -338,6 +343,55 @@ pub async fn refused_sender_condition(client: &mut Client, address: &str) -> Str
             let error = detach_error(&err)
                 .unwrap_or_else(|| panic!("{address}: no detach error in {err:?}"));
             condition_name(&error.condition)
+        }
+    }
+}
+
+/// A throwaway certificate authority and a server certificate it signed for `localhost` (only: a
+/// client reaching it as 127.0.0.1 must fail the name check), generated in memory for one test (never written to the repository).
+pub struct TestPki {
+    /// The CA certificate, PEM: what a client must trust.
+    pub ca_pem: String,
+    /// The server certificate, PEM.
+    pub server_cert_pem: String,
+    /// The server's private key, PEM.
+    pub server_key_pem: String,
+}
+
+impl TestPki {
+    /// Generates a CA and a `localhost` server certificate.
+    pub fn generate() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            // A name of its own: two CAs with one name would make a wrong CA look like the issuer.
+            .push(
+                rcgen::DnType::CommonName,
+                format!("eventhub-gateway test CA {}", uuid()),
+            );
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let server_params =
+            CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
+        let server_key = KeyPair::generate().expect("server key");
+        let server_cert = server_params
+            .signed_by(&server_key, &ca)
+            .expect("server certificate");
+        Self {
+            ca_pem: ca.pem(),
+            server_cert_pem: server_cert.pem(),
+            server_key_pem: server_key.serialize_pem(),
+        }
+    }
+
+    /// The emulator's TLS settings for this server certificate.
+    pub fn tls_config(&self) -> eventhub_gateway::emulator::TlsConfig {
+        use eventhub_gateway::emulator::{PemSource, TlsConfig};
+        TlsConfig {
+            cert: PemSource::Pem(self.server_cert_pem.clone()),
+            key: PemSource::Pem(self.server_key_pem.clone()),
         }
     }
 }

@@ -1,0 +1,428 @@
+//! How the producer reaches Event Hubs: plain AMQP, AMQPS (TLS on aws-lc rustls) or AMQP over WebSockets, always with TCP_NODELAY.
+//!
+//! fe2o3 0.18 keeps its builder's type-state module private, so `Builder<'_, ConnectorWithId, ()>` cannot
+//! be written in a signature outside fe2o3: [`open_connection`] takes [`ConnectionOptions`] (what the
+//! builder would carry) and builds the builder itself.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// The path Event Hubs serves AMQP over WebSockets on.
+pub const WEBSOCKET_PATH: &str = "/$servicebus/websocket";
+
+/// The three ways Event Hubs accepts AMQP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain AMQP on TCP (the emulator only; port 5672).
+    Amqp,
+    /// AMQP over TLS started directly on TCP (port 5671).
+    Amqps,
+    /// AMQP over WebSockets over TLS (`wss://host/$servicebus/websocket`, port 443).
+    WebSockets,
+}
+
+impl Transport {
+    /// The port Event Hubs uses for this transport.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Amqp => 5672,
+            Self::Amqps => 5671,
+            Self::WebSockets => 443,
+        }
+    }
+}
+
+/// Where to connect and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The host name (checked against the server certificate for TLS transports) or IP address.
+    pub host: String,
+    /// The TCP port.
+    pub port: u16,
+    /// The transport.
+    pub transport: Transport,
+}
+
+impl Endpoint {
+    /// The WebSocket URL of this endpoint (meaningful for [`Transport::WebSockets`]).
+    pub fn websocket_url(&self) -> String {
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host) // an IPv6 literal
+        } else {
+            self.host.clone()
+        };
+        format!("wss://{host}:{}{WEBSOCKET_PATH}", self.port)
+    }
+}
+
+/// Which certificate authorities the client trusts: the platform's/webpki roots by default; tests add their own CA.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM text, each entry holding one or more CA certificates trusted besides the webpki roots.
+    pub extra_root_certificates_pem: Vec<String>,
+}
+
+/// What the AMQP open carries, whatever the transport.
+#[derive(Clone, Debug)]
+pub struct ConnectionOptions {
+    /// The container id of this client.
+    pub container_id: String,
+    /// The open's and SASL's hostname (the namespace FQDN); the endpoint's host when `None`.
+    pub hostname: Option<String>,
+    /// The SASL profile; Event Hubs clients use ANONYMOUS and then CBS tokens.
+    pub sasl_profile: Option<SaslProfile>,
+    /// The idle time-out announced to the peer, which sets its heartbeat interval.
+    pub idle_time_out: Option<Duration>,
+}
+
+impl ConnectionOptions {
+    /// Options with this container id, SASL ANONYMOUS and no idle time-out.
+    pub fn new(container_id: impl Into<String>) -> Self {
+        Self {
+            container_id: container_id.into(),
+            hostname: None,
+            sasl_profile: Some(SaslProfile::Anonymous),
+            idle_time_out: None,
+        }
+    }
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// TCP_NODELAY could not be set (without it small transfers wait on Nagle's algorithm).
+    #[error("cannot set TCP_NODELAY on the connection to {addr}: {source}")]
+    NoDelay {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// An extra root certificate is not usable.
+    #[error("extra root certificate {index}: {reason}")]
+    RootCertificate {
+        /// Its position in [`TlsOptions::extra_root_certificates_pem`].
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the client configuration (the provider offers no safe protocol version).
+    #[error("cannot build the TLS client configuration: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    /// The host cannot be used as a TLS server name.
+    #[error("{0:?} is not a valid TLS server name")]
+    InvalidServerName(String),
+    /// The TLS handshake failed: an untrusted or mismatched certificate, no common protocol, an alert.
+    #[error("TLS handshake with {host} failed: {source}")]
+    Tls {
+        /// The server name checked.
+        host: String,
+        /// What rustls reported.
+        source: rustls::Error,
+    },
+    /// The connection broke during the TLS handshake.
+    #[error("connection to {host} lost during the TLS handshake: {source}")]
+    TlsIo {
+        /// The server name.
+        host: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The server answered the WebSocket upgrade with an HTTP status instead of switching protocols.
+    #[error("WebSocket upgrade at {url} refused with HTTP {status}")]
+    WebSocketRefused {
+        /// The URL asked for.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The WebSocket handshake failed otherwise (e.g. the server chose no `amqp` subprotocol).
+    #[error("WebSocket handshake at {url} failed: {source}")]
+    WebSocket {
+        /// The URL asked for.
+        url: String,
+        /// What fe2o3-amqp-ws reported.
+        source: Box<fe2o3_amqp_ws::Error>,
+    },
+    /// The AMQP (or SASL) open failed after the transport was up.
+    #[error("AMQP open failed: {0}")]
+    Open(#[source] OpenError),
+}
+
+/// The rustls client configuration on the aws-lc provider: webpki roots plus the extra CAs.
+pub fn client_config(tls: &TlsOptions) -> Result<Arc<ClientConfig>, TransportError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for (index, pem) in tls.extra_root_certificates_pem.iter().enumerate() {
+        let invalid = |reason: String| TransportError::RootCertificate { index, reason };
+        let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| invalid(format!("not PEM: {err}")))?;
+        if certificates.is_empty() {
+            return Err(invalid("holds no certificate".into()));
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|err| invalid(err.to_string()))?;
+        }
+    }
+    // The provider is named rather than taken from the process default, so a second provider linked
+    // elsewhere can never be picked (and no process-wide default has to be installed).
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TransportError::TlsConfig)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Opens an AMQP connection over this endpoint's transport, on a TCP stream it connected itself with
+/// TCP_NODELAY: plain AMQP, AMQPS (fe2o3's `amqps` with alternative TLS establishment: no AMQP TLS
+/// header, as Event Hubs expects) or WebSockets (fe2o3-amqp-ws over TLS from the same rustls config).
+pub async fn open_connection(
+    options: &ConnectionOptions,
+    endpoint: &Endpoint,
+    tls: &TlsOptions,
+) -> Result<ConnectionHandle<()>, TransportError> {
+    let hostname = options.hostname.as_deref().unwrap_or(&endpoint.host);
+    let mut builder = fe2o3_amqp::Connection::builder()
+        .container_id(options.container_id.clone())
+        .hostname(hostname)
+        .sasl_hostname(hostname);
+    if let Some(profile) = &options.sasl_profile {
+        builder = builder.sasl_profile(profile.clone());
+    }
+    if let Some(idle) = options.idle_time_out {
+        builder = builder.idle_time_out(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX));
+    }
+    match endpoint.transport {
+        Transport::Amqp => {
+            let stream = connect_tcp(endpoint).await?;
+            builder
+                .scheme("amqp")
+                .open_with_stream(stream)
+                .await
+                .map_err(TransportError::Open)
+        }
+        Transport::Amqps => {
+            let connector = TlsConnector::from(client_config(tls)?);
+            server_name(&endpoint.host)?;
+            let stream = connect_tcp(endpoint).await?;
+            builder
+                .scheme("amqps")
+                .domain(endpoint.host.as_str())
+                .alt_tls_establishment(true)
+                .rustls_connector(connector)
+                .open_with_stream(stream)
+                .await
+                .map_err(|err| classify_open_error(err, &endpoint.host))
+        }
+        Transport::WebSockets => {
+            let connector = TlsConnector::from(client_config(tls)?);
+            let name = server_name(&endpoint.host)?;
+            let stream = connect_tcp(endpoint).await?;
+            let tls_stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|err| classify_tls_io_error(err, &endpoint.host))?;
+            let url = endpoint.websocket_url();
+            let websocket = fe2o3_amqp_ws::WebSocketStream::connect_with_stream(&url, tls_stream)
+                .await
+                .map_err(|err| classify_websocket_error(err, &url))?;
+            // TLS is below the WebSocket: AMQP itself starts in the clear inside it.
+            builder
+                .scheme("amqp")
+                .open_with_stream(websocket)
+                .await
+                .map_err(TransportError::Open)
+        }
+    }
+}
+
+async fn connect_tcp(endpoint: &Endpoint) -> Result<TcpStream, TransportError> {
+    let addr = format!("{}:{}", endpoint.host, endpoint.port);
+    let stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(|source| TransportError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    stream
+        .set_nodelay(true)
+        .map_err(|source| TransportError::NoDelay { addr, source })?;
+    Ok(stream)
+}
+
+fn server_name(host: &str) -> Result<ServerName<'static>, TransportError> {
+    ServerName::try_from(host.to_owned())
+        .map_err(|_| TransportError::InvalidServerName(host.into()))
+}
+
+/// The rustls error inside an I/O error, which is how tokio-rustls reports a failed handshake.
+fn rustls_error(err: &io::Error) -> Option<rustls::Error> {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .cloned()
+}
+
+fn classify_tls_io_error(err: io::Error, host: &str) -> TransportError {
+    match rustls_error(&err) {
+        Some(source) => TransportError::Tls {
+            host: host.into(),
+            source,
+        },
+        None => TransportError::TlsIo {
+            host: host.into(),
+            source: err,
+        },
+    }
+}
+
+/// fe2o3 reports a TLS failure as an I/O open error; it is told apart from other open failures here.
+fn classify_open_error(err: OpenError, host: &str) -> TransportError {
+    match err {
+        OpenError::Io(io_err) => match rustls_error(&io_err) {
+            Some(source) => TransportError::Tls {
+                host: host.into(),
+                source,
+            },
+            None => TransportError::Open(OpenError::Io(io_err)),
+        },
+        OpenError::InvalidDomain => TransportError::InvalidServerName(host.into()),
+        other => TransportError::Open(other),
+    }
+}
+
+fn classify_websocket_error(err: fe2o3_amqp_ws::Error, url: &str) -> TransportError {
+    match err {
+        fe2o3_amqp_ws::Error::Tungstenite(fe2o3_amqp_ws::tungstenite::Error::Http(response)) => {
+            TransportError::WebSocketRefused {
+                url: url.into(),
+                status: response.status().as_u16(),
+            }
+        }
+        other => TransportError::WebSocket {
+            url: url.into(),
+            source: Box::new(other),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_ports_are_the_services() {
+        assert_eq!(Transport::Amqp.default_port(), 5672);
+        assert_eq!(Transport::Amqps.default_port(), 5671);
+        assert_eq!(Transport::WebSockets.default_port(), 443);
+    }
+
+    #[test]
+    fn websocket_url_has_the_service_path() {
+        let endpoint = Endpoint {
+            host: "ns.servicebus.windows.net".into(),
+            port: 443,
+            transport: Transport::WebSockets,
+        };
+        assert_eq!(
+            endpoint.websocket_url(),
+            "wss://ns.servicebus.windows.net:443/$servicebus/websocket"
+        );
+        let v6 = Endpoint {
+            host: "::1".into(),
+            ..endpoint
+        };
+        assert_eq!(v6.websocket_url(), "wss://[::1]:443/$servicebus/websocket");
+    }
+
+    #[test]
+    fn bad_extra_roots_are_named_by_position() {
+        let options = TlsOptions {
+            extra_root_certificates_pem: vec!["no pem here".into()],
+        };
+        match client_config(&options) {
+            Err(TransportError::RootCertificate { index: 0, reason }) => {
+                assert_eq!(reason, "holds no certificate");
+            }
+            other => panic!("expected a root certificate error, got {other:?}"),
+        }
+        client_config(&TlsOptions::default()).expect("webpki roots alone are fine");
+    }
+
+    #[test]
+    fn tls_failures_inside_io_errors_are_told_apart() {
+        let tls = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(matches!(
+            classify_open_error(OpenError::Io(tls), "localhost"),
+            TransportError::Tls {
+                source: rustls::Error::InvalidCertificate(_),
+                ..
+            }
+        ));
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            classify_open_error(OpenError::Io(reset), "localhost"),
+            TransportError::Open(OpenError::Io(_))
+        ));
+        assert!(matches!(
+            classify_tls_io_error(io::ErrorKind::UnexpectedEof.into(), "localhost"),
+            TransportError::TlsIo { .. }
+        ));
+    }
+
+    #[test]
+    fn invalid_server_names_are_refused() {
+        assert!(matches!(
+            server_name("not a host"),
+            Err(TransportError::InvalidServerName(_))
+        ));
+        assert!(server_name("localhost").is_ok());
+        assert!(server_name("127.0.0.1").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_a_connect_error() {
+        // Bind then drop a listener so the port is very likely closed.
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            transport: Transport::Amqp,
+        };
+        let err = open_connection(
+            &ConnectionOptions::new("t"),
+            &endpoint,
+            &TlsOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, TransportError::Connect { .. }), "{err}");
+    }
+}

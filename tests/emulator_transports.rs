@@ -1,0 +1,240 @@
+//! The emulator over its three transports (plain AMQP, AMQPS, AMQP over WebSockets), reached through the
+//! producer's `open_connection`: CBS, a sender on `eh1`, a batch stored; TLS trust and WebSocket refusals.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use eventhub_gateway::emulator::{Emulator, EmulatorConfig};
+use eventhub_gateway::producer::transport::{
+    ConnectionOptions, Endpoint, TlsOptions, Transport, TransportError, open_connection,
+};
+use fe2o3_amqp_types::messaging::Outcome;
+use support::{Client, TIMEOUT, TestPki, batch, body_text, event};
+
+fn loopback() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// An emulator with all three listeners, its certificate signed by `pki`'s CA.
+async fn start_with_tls(pki: &TestPki) -> Emulator {
+    support::start_with(EmulatorConfig {
+        tls: Some(pki.tls_config()),
+        tls_listen: loopback(),
+        websocket_listen: loopback(),
+        ..support::config(&["eh1:2"])
+    })
+    .await
+}
+
+fn endpoint(emulator: &Emulator, transport: Transport) -> Endpoint {
+    let addr = match transport {
+        Transport::Amqp => emulator.local_addr(),
+        Transport::Amqps => emulator.tls_addr().expect("a TLS listener"),
+        Transport::WebSockets => emulator.websocket_addr().expect("a WebSocket listener"),
+    };
+    Endpoint {
+        host: "localhost".into(),
+        port: addr.port(),
+        transport,
+    }
+}
+
+fn trusting(pki: &TestPki) -> TlsOptions {
+    TlsOptions {
+        extra_root_certificates_pem: vec![pki.ca_pem.clone()],
+    }
+}
+
+async fn open(endpoint: &Endpoint, tls: &TlsOptions) -> Result<Client, TransportError> {
+    let connection = tokio::time::timeout(
+        TIMEOUT,
+        open_connection(&ConnectionOptions::new("transport-test"), endpoint, tls),
+    )
+    .await
+    .expect("open finishes in time")?;
+    Ok(Client::over(connection)
+        .await
+        .expect("session and CBS links"))
+}
+
+#[tokio::test]
+async fn every_transport_carries_cbs_and_a_batch_to_storage() {
+    let pki = TestPki::generate();
+    let emulator = start_with_tls(&pki).await;
+    let tls = trusting(&pki);
+    for transport in [Transport::Amqp, Transport::Amqps, Transport::WebSockets] {
+        let mut client = open(&endpoint(&emulator, transport), &tls)
+            .await
+            .unwrap_or_else(|err| panic!("{transport:?}: {err}"));
+        client.authorize("eh1", Duration::from_secs(60)).await;
+        let mut sender = client.sender("eh1/Partitions/1").await.expect("attached");
+        let label = format!("{transport:?}");
+        let events = [
+            event(&format!("{label}-a"), None),
+            event(&format!("{label}-b"), None),
+        ];
+        let outcome = tokio::time::timeout(TIMEOUT, sender.send(batch(&events, None)))
+            .await
+            .expect("settled in time")
+            .expect("sent");
+        assert!(
+            matches!(outcome, Outcome::Accepted(_)),
+            "{label}: {outcome:?}"
+        );
+        let _ = sender.close().await;
+        client.close().await;
+
+        let stored: Vec<String> = emulator
+            .partition_events("eh1", "1")
+            .unwrap()
+            .iter()
+            .map(|e| body_text(&eventhub_gateway::emulator::decode_stored_event(e).unwrap()))
+            .filter(|body| body.starts_with(&label))
+            .collect();
+        assert_eq!(stored, [format!("{label}-a"), format!("{label}-b")]);
+    }
+    emulator.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_ca_fails_the_tls_handshake() {
+    let pki = TestPki::generate();
+    let emulator = start_with_tls(&pki).await;
+    let stranger = TestPki::generate();
+    for transport in [Transport::Amqps, Transport::WebSockets] {
+        for tls in [TlsOptions::default(), trusting(&stranger)] {
+            let Err(err) = open(&endpoint(&emulator, transport), &tls).await else {
+                panic!("{transport:?}: connected without trusting the CA");
+            };
+            assert!(
+                matches!(
+                    &err,
+                    TransportError::Tls {
+                        source: rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::UnknownIssuer
+                        ),
+                        ..
+                    }
+                ),
+                "{transport:?}: {err:?}"
+            );
+        }
+    }
+    // The name is checked too: the certificate is for localhost, not 127.0.0.1.
+    let wrong_name = Endpoint {
+        host: "127.0.0.1".into(),
+        ..endpoint(&emulator, Transport::Amqps)
+    };
+    let err = open(&wrong_name, &trusting(&pki))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            &err,
+            TransportError::Tls {
+                source: rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName
+                        | rustls::CertificateError::NotValidForNameContext { .. }
+                ),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    emulator.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn websocket_upgrades_elsewhere_than_the_service_path_are_refused() {
+    use fe2o3_amqp_ws::tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+    // Plain ws (no certificate configured) so the raw handshake below needs no TLS.
+    let emulator = support::start_with(EmulatorConfig {
+        websocket_listen: loopback(),
+        ..support::config(&["eh1:1"])
+    })
+    .await;
+    let addr = emulator.websocket_addr().expect("a WebSocket listener");
+    let attempt = |path: &'static str, protocol: &'static str| async move {
+        let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fe2o3_amqp_ws::tokio_tungstenite::client_async(request, stream).await
+    };
+    match attempt("/", "AMQPWSB10").await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 404),
+        other => panic!("expected HTTP 404, got {other:?}"),
+    }
+    match attempt("/$servicebus/websocket", "mqtt").await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 400),
+        other => panic!("expected HTTP 400, got {other:?}"),
+    }
+    let (_, response) = attempt("/$servicebus/websocket/", "AMQPWSB10")
+        .await
+        .expect("the service path with the Azure SDKs' subprotocol is upgraded");
+    assert_eq!(response.headers()["Sec-WebSocket-Protocol"], "AMQPWSB10");
+    emulator.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_tls_server_that_does_not_speak_websocket_is_a_websocket_error() {
+    let pki = TestPki::generate();
+    let emulator = start_with_tls(&pki).await;
+    // The AMQPS port completes TLS, then answers the HTTP upgrade request with an AMQP header.
+    let amqps_as_websocket = Endpoint {
+        transport: Transport::WebSockets,
+        ..endpoint(&emulator, Transport::Amqps)
+    };
+    let err = open(&amqps_as_websocket, &trusting(&pki))
+        .await
+        .err()
+        .expect("not a WebSocket server");
+    assert!(matches!(err, TransportError::WebSocket { .. }), "{err:?}");
+    emulator.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn tls_configuration_errors_name_the_field() {
+    let pki = TestPki::generate();
+    let broken_key = EmulatorConfig {
+        tls: Some(eventhub_gateway::emulator::TlsConfig {
+            key: eventhub_gateway::emulator::PemSource::Pem("not a key".into()),
+            ..pki.tls_config()
+        }),
+        tls_listen: loopback(),
+        ..support::config(&["eh1:1"])
+    };
+    let err = Emulator::start(broken_key).await.unwrap_err().to_string();
+    assert!(err.starts_with("tls.key: "), "{err}");
+    assert!(!err.contains("not a key"), "{err}");
+
+    let missing_cert = EmulatorConfig {
+        tls: Some(eventhub_gateway::emulator::TlsConfig {
+            cert: eventhub_gateway::emulator::PemSource::Path("/nonexistent/cert.pem".into()),
+            ..pki.tls_config()
+        }),
+        websocket_listen: loopback(),
+        ..support::config(&["eh1:1"])
+    };
+    let err = Emulator::start(missing_cert).await.unwrap_err().to_string();
+    assert!(err.starts_with("tls.cert: cannot read"), "{err}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_tls_and_websocket_listeners() {
+    let pki = TestPki::generate();
+    let emulator = start_with_tls(&pki).await;
+    let tls_addr = emulator.tls_addr().unwrap();
+    let websocket_addr = emulator.websocket_addr().unwrap();
+    emulator.shutdown(Duration::from_secs(5)).await;
+    for addr in [tls_addr, websocket_addr] {
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "{addr} still accepts after shutdown"
+        );
+    }
+}
