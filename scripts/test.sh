@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test of the project on a machine that has only the Rust toolchain, Python 3 and Node:
+# Runs every test of the project on a machine that has only the Rust toolchain, Python 3, Node and openssl:
 # installs the pinned Python venv (official Azure SDK) and node modules first, then runs the Rust
 # unit and integration tests, the Python SDK suite and the Node SDK suite against the real binary.
 set -euo pipefail

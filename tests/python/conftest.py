@@ -70,11 +70,14 @@ def producer(connection_string, hub, **kwargs):
     return EventHubProducerClient.from_connection_string(connection_string, eventhub_name=hub, **kwargs)
 
 
-def read_partition(connection_string, hub, partition_id, expected, starting_position="-1", timeout=20, **kwargs):
-    """Reads until `expected` events arrived from one partition (or the timeout); returns them."""
+def read_partition(
+    connection_string, hub, partition_id, expected, starting_position="-1", timeout=20, client_options=None, **kwargs
+):
+    """Reads until `expected` events arrived from one partition (or the timeout); returns them.
+    `client_options` go to the consumer client (transport, endpoint, CA), the rest to `receive`."""
     consumer_group = kwargs.pop("consumer_group", "$Default")
     consumer = EventHubConsumerClient.from_connection_string(
-        connection_string, consumer_group=consumer_group, eventhub_name=hub
+        connection_string, consumer_group=consumer_group, eventhub_name=hub, **(client_options or {})
     )
     events = []
     done = threading.Event()
