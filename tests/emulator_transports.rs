@@ -230,7 +230,25 @@ async fn shutdown_closes_the_tls_and_websocket_listeners() {
     let emulator = start_with_tls(&pki).await;
     let tls_addr = emulator.tls_addr().unwrap();
     let websocket_addr = emulator.websocket_addr().unwrap();
+    // Connections open on both transports end with the emulator, well inside the grace period.
+    let mut open_clients = Vec::new();
+    for transport in [Transport::Amqps, Transport::WebSockets] {
+        open_clients.push(
+            open(&endpoint(&emulator, transport), &trusting(&pki))
+                .await
+                .unwrap(),
+        );
+    }
+    let started = std::time::Instant::now();
     emulator.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    for client in open_clients {
+        client.close().await;
+    }
     for addr in [tls_addr, websocket_addr] {
         assert!(
             tokio::net::TcpStream::connect(addr).await.is_err(),

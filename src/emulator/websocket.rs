@@ -56,22 +56,21 @@ async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>)
     if let Err(err) = stream.set_nodelay(true) {
         debug!(%err, "cannot set TCP_NODELAY");
     }
-    let served = async {
-        match tls {
-            Some(acceptor) => {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => upgrade_and_serve(tls_stream, Arc::clone(&shared)).await,
-                    Ok(Err(err)) => debug!(%err, "TLS handshake failed"),
-                    Err(_) => debug!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
-                }
-            }
-            None => upgrade_and_serve(stream, Arc::clone(&shared)).await,
+    match tls {
+        Some(acceptor) => {
+            // A client that never finishes its handshake is dropped, and shutdown does not wait for it.
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let tls_stream = tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(tls_stream)) => tls_stream,
+                    Ok(Err(err)) => return debug!(%err, "TLS handshake failed"),
+                    Err(_) => return debug!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                },
+                () = shared.shutdown.cancelled() => return,
+            };
+            upgrade_and_serve(tls_stream, shared).await;
         }
-    };
-    tokio::select! {
-        () = served => {}
-        // The connection code watches shutdown itself; this covers a client stuck in a handshake.
-        () = shared.shutdown.cancelled() => {}
+        None => upgrade_and_serve(stream, shared).await,
     }
 }
 
@@ -79,12 +78,20 @@ async fn upgrade_and_serve<S>(stream: S, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
 {
-    let upgrade = tokio_tungstenite::accept_hdr_async(stream, check_upgrade);
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
-        Ok(Ok(websocket)) => connection::serve_stream(WebSocketBytes::new(websocket), shared).await,
-        Ok(Err(err)) => debug!(%err, "WebSocket upgrade refused or failed"),
-        Err(_) => debug!("no WebSocket upgrade within {HANDSHAKE_TIMEOUT:?}"),
-    }
+    let upgrade = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_tungstenite::accept_hdr_async(stream, check_upgrade),
+    );
+    // Only the handshake races shutdown: once AMQP runs, the connection code closes it gracefully.
+    let websocket = tokio::select! {
+        done = upgrade => match done {
+            Ok(Ok(websocket)) => websocket,
+            Ok(Err(err)) => return debug!(%err, "WebSocket upgrade refused or failed"),
+            Err(_) => return debug!("no WebSocket upgrade within {HANDSHAKE_TIMEOUT:?}"),
+        },
+        () = shared.shutdown.cancelled() => return,
+    };
+    connection::serve_stream(WebSocketBytes::new(websocket), shared).await;
 }
 
 /// Accepts the upgrade only on the Event Hubs path and with an AMQP subprotocol, which it echoes.
