@@ -2,4 +2,5 @@
 
 pub mod emulator;
 pub mod eventhubs;
+pub mod producer;
 pub mod proto;
