@@ -123,9 +123,11 @@ impl Credential {
                 key,
                 token_lifetime,
             } => {
-                let expires_at = now + *token_lifetime;
+                // `se` has whole seconds: the cache must refresh against the expiry the service will read.
+                let expires = unix_seconds(now + *token_lifetime);
+                let expires_at = UNIX_EPOCH + Duration::from_secs(expires);
                 Ok(AccessToken {
-                    token: sign_token(audience, name, key, unix_seconds(expires_at)),
+                    token: sign_token(audience, name, key, expires),
                     token_type: SAS_TOKEN_TYPE,
                     issued_at: now,
                     expires_at,

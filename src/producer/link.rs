@@ -200,10 +200,9 @@ async fn run(
                 }
             }
             request = requests.recv(), if !drained && pending.len() < settings.window => {
-                let Some(Delivery { transfer, reply }) = request else {
-                    drained = true;
-                    continue;
-                };
+                match request {
+                    None => drained = true,
+                    Some(Delivery { transfer, reply }) => {
                 let sent = tokio::select! {
                     sent = sender.send_batchable_ref(&*transfer) => sent,
                     () = connection_lost.cancelled() => {
@@ -234,6 +233,8 @@ async fn run(
                         if !matches!(error, SendError::TooLarge { .. }) {
                             break error;
                         }
+                    }
+                }
                     }
                 }
             }

@@ -204,9 +204,20 @@ impl Producer {
     pub async fn send_with_deadline(
         &self,
         hub: &str,
-        mut event: Event,
+        event: Event,
         deadline: Instant,
     ) -> Result<Receipt, SendError> {
+        self.enqueue(hub, event, deadline).await?.await
+    }
+
+    /// Validates, encodes and queues one event on its route, and returns the ticket that resolves with its
+    /// outcome. Events of one key enqueued one after another are stored in that order.
+    pub async fn enqueue(
+        &self,
+        hub: &str,
+        mut event: Event,
+        deadline: Instant,
+    ) -> Result<Ticket, SendError> {
         let inner = &self.inner;
         if inner.closing.is_cancelled() {
             return Err(SendError::Closed);
@@ -292,11 +303,10 @@ impl Producer {
                 }
             }
         }
-        match tokio::time::timeout_at(deadline.into(), outcome).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(SendError::Closed),
-            Err(_) => Err(SendError::DeadlineExceeded { last_error: None }),
-        }
+        Ok(Ticket {
+            outcome,
+            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+        })
     }
 
     fn route(&self, key: &RouteKey) -> Result<mpsc::Sender<Pending>, SendError> {
@@ -389,6 +399,30 @@ impl Producer {
         let _ = tokio::time::timeout(inner.config.default_deadline(), inner.tasks.wait()).await;
         inner.stop.cancel();
         inner.pool.close(Duration::from_secs(5)).await;
+    }
+}
+
+/// The outcome of an enqueued event: resolves when Event Hubs settles its batch, or when its deadline passes.
+pub struct Ticket {
+    outcome: oneshot::Receiver<Result<Receipt, SendError>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Future for Ticket {
+    type Output = Result<Receipt, SendError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        if let Poll::Ready(result) = Pin::new(&mut self.outcome).poll(cx) {
+            return Poll::Ready(result.unwrap_or(Err(SendError::Closed)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(SendError::DeadlineExceeded { last_error: None })),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
