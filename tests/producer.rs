@@ -680,3 +680,111 @@ async fn connection_create_timeout_bounds_a_silent_peer() {
     assert!(started.elapsed() >= Duration::from_millis(300));
     producer.close().await;
 }
+
+/// A fake Entra ID credential: JWT-shaped tokens for Event Hubs, valid `lifetime`, counted. Never reaches a network.
+#[derive(Debug)]
+struct FakeEntraCredential {
+    lifetime: i64,
+    issued: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl azure_core::credentials::TokenCredential for FakeEntraCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        use base64::Engine;
+        assert_eq!(scopes, ["https://eventhubs.azure.net/.default"]);
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let expires = azure_core::time::OffsetDateTime::now_utc().unix_timestamp() + self.lifetime;
+        let encode = |value: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+        };
+        let token = format!(
+            "{}.{}.c2lnbmF0dXJl",
+            encode(serde_json::json!({"alg": "RS256", "typ": "JWT"})),
+            encode(serde_json::json!({"aud": "https://eventhubs.azure.net", "exp": expires}))
+        );
+        Ok(azure_core::credentials::AccessToken::new(
+            token,
+            azure_core::time::OffsetDateTime::from_unix_timestamp(expires).unwrap(),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn entra_id_tokens_authorize_and_are_refreshed() {
+    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
+        accept_jwt: true,
+        ..support::config(&["eh1:1"])
+    })
+    .await;
+    let credential = Arc::new(FakeEntraCredential {
+        lifetime: 3,
+        issued: Default::default(),
+    });
+    let endpoint = eventhub_gateway::producer::Endpoint {
+        host: "localhost".into(),
+        port: emulator.local_addr().port(),
+        transport: eventhub_gateway::producer::Transport::Amqp,
+    };
+    let producer = Producer::new(
+        endpoint,
+        eventhub_gateway::producer::Credential::Entra(credential.clone()),
+        Default::default(),
+        base(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        producer
+            .send("eh1", Event::text("jwt"))
+            .await
+            .expect("no send fails across refreshes");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(credential.issued.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), sent);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn a_shared_access_signature_connection_string_works_until_it_expires() {
+    let emulator = start(&["eh1:1"]).await;
+    let port = emulator.local_addr().port();
+    let signed = |valid_for| {
+        format!(
+            "Endpoint=sb://localhost:{port};SharedAccessSignature={};UseDevelopmentEmulator=true",
+            sas_token("eh1", valid_for)
+        )
+    };
+    let producer = Producer::from_connection_string(
+        &signed(Duration::from_secs(600)),
+        false,
+        Default::default(),
+        base(),
+    )
+    .unwrap();
+    producer
+        .send("eh1", Event::text("signed"))
+        .await
+        .expect("accepted");
+    producer.close().await;
+    let expired = Producer::from_connection_string(
+        &signed(Duration::ZERO),
+        false,
+        Default::default(),
+        base(),
+    )
+    .unwrap();
+    let error = expired.send("eh1", Event::text("late")).await.unwrap_err();
+    assert!(error.to_string().contains("expired"), "{error}");
+    expired.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
