@@ -20,6 +20,8 @@ pub struct Faults {
     detach_generation: watch::Sender<u64>,
     /// Bumped to invalidate every token granted so far.
     token_generation: watch::Sender<u64>,
+    /// Every transfer received on a hub link (an observation, not a fault).
+    transfers_seen: AtomicU64,
 }
 
 /// What happens to one incoming transfer.
@@ -45,6 +47,7 @@ impl Default for Faults {
             refuse_connections_until: Mutex::new(None),
             detach_generation: watch::Sender::new(0),
             token_generation: watch::Sender::new(0),
+            transfers_seen: AtomicU64::new(0),
         }
     }
 }
@@ -102,6 +105,7 @@ impl Faults {
 
     /// Decides the fate of one incoming transfer, consuming one unit of whichever fault applies.
     pub(crate) fn next_transfer(&self) -> TransferFault {
+        self.transfers_seen.fetch_add(1, Ordering::Relaxed);
         let take_one = |counter: &AtomicU64| {
             counter
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -121,6 +125,11 @@ impl Faults {
         } else {
             TransferFault::None
         }
+    }
+
+    /// How many transfers (single messages or batches) hub links have received since the start.
+    pub fn transfers_seen(&self) -> u64 {
+        self.transfers_seen.load(Ordering::Relaxed)
     }
 
     /// The injected extra disposition delay.

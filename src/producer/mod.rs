@@ -1,1 +1,465 @@
+//! The pooled AMQP producer: `Producer::send(hub, event)` answers each event with its real outcome after batching,
+//! pipelining and retrying it over a pool of connections. Knows nothing of gRPC.
+
+pub mod auth;
+pub mod batch;
+pub mod config;
+pub mod connection;
+pub mod connection_string;
+pub mod error;
+pub mod event;
+pub mod link;
+pub mod node;
+pub mod pool;
+pub mod properties;
+pub mod route;
 pub mod transport;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::Credential;
+pub use config::{ConfigError, ProducerConfig};
+pub use connection_string::{ConnectionString, ConnectionStringError, SharedAccess};
+pub use error::{AmqpCondition, SendError, ServiceError};
+pub use event::{Event, Routing, TraceContext};
+pub use pool::PoolStats;
+pub use properties::{HubProperties, PartitionProperties};
+pub use route::Receipt;
+pub use transport::{Endpoint, TlsOptions, Transport};
+
+use auth::{RefreshPolicy, TokenCache};
+use batch::BatchBuilder;
+use connection::ConnectionContext;
+use link::LinkSettings;
+use pool::Pool;
+use route::{Pending, RouteHost, RouteKey, RouteSettings, SendStack, Target};
+
+use crate::eventhubs::partition::partition_for_key;
+
+/// The retry-after hint of an overload error.
+const OVERLOAD_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Plain AMQP port of emulators.
+const EMULATOR_PORT: u16 = 5672;
+/// AMQPS port.
+const AMQPS_PORT: u16 = 5671;
+/// WebSockets port.
+const WEBSOCKETS_PORT: u16 = 443;
+
+/// Why a producer could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    /// A configuration value is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The connection string is malformed.
+    #[error(transparent)]
+    ConnectionString(#[from] ConnectionStringError),
+}
+
+/// What a producer is doing now, for metrics and readiness.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProducerStats {
+    /// The pool's gauges.
+    pub pool: PoolStats,
+    /// Encoded bytes buffered or in flight.
+    pub buffered_bytes: u64,
+    /// Routes with a batcher running.
+    pub routes: usize,
+    /// Tokens obtained, and fetches that failed.
+    pub token_refreshes: u64,
+    /// Token fetches that failed.
+    pub token_failures: u64,
+}
+
+/// A cheap-to-clone handle to a pooled producer.
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ProducerConfig,
+    pool: Arc<Pool>,
+    stack: SendStack,
+    tokens: Arc<TokenCache>,
+    routes: Mutex<HashMap<RouteKey, mpsc::Sender<Pending>>>,
+    route_settings: RouteSettings,
+    tasks: TaskTracker,
+    buffer: Arc<Semaphore>,
+    hubs: Mutex<HashMap<String, Arc<OnceCell<Arc<HubProperties>>>>>,
+    limits: Mutex<HashMap<String, u64>>,
+    closing: CancellationToken,
+    stop: CancellationToken,
+}
+
+/// The endpoint a connection string points at: plain AMQP for emulators, AMQPS (or WebSockets) otherwise.
+pub fn endpoint_for(connection: &ConnectionString, websockets: bool) -> Endpoint {
+    let (transport, default_port) = if connection.use_development_emulator {
+        (Transport::Amqp, EMULATOR_PORT)
+    } else if websockets {
+        (Transport::WebSockets, WEBSOCKETS_PORT)
+    } else {
+        (Transport::Amqps, AMQPS_PORT)
+    };
+    Endpoint {
+        host: connection.host.clone(),
+        port: connection.port.unwrap_or(default_port),
+        transport,
+    }
+}
+
+impl Producer {
+    /// A producer for the namespace a connection string names (SAS key or signature). Connects lazily; the pool
+    /// warms `min_size` connections in the background.
+    pub fn from_connection_string(
+        text: &str,
+        websockets: bool,
+        tls: TlsOptions,
+        config: ProducerConfig,
+    ) -> Result<Self, ProducerError> {
+        let parsed: ConnectionString = text.parse()?;
+        let credential = match parsed.shared_access.clone() {
+            SharedAccess::Key { name, key } => Credential::SharedKey {
+                name,
+                key,
+                token_lifetime: config.sas_token_lifetime(),
+            },
+            SharedAccess::Signature(token) => Credential::SharedAccessSignature(token),
+        };
+        Self::new(endpoint_for(&parsed, websockets), credential, tls, config)
+    }
+
+    /// A producer for this endpoint and credential.
+    pub fn new(
+        endpoint: Endpoint,
+        credential: Credential,
+        tls: TlsOptions,
+        config: ProducerConfig,
+    ) -> Result<Self, ProducerError> {
+        config.validate()?;
+        let stop = CancellationToken::new();
+        let tokens = TokenCache::new(
+            credential,
+            RefreshPolicy {
+                refresh_fraction: config.token_refresh_fraction,
+                ..RefreshPolicy::default()
+            },
+            stop.clone(),
+        );
+        let context = ConnectionContext {
+            endpoint,
+            tls,
+            tokens: Arc::clone(&tokens),
+            link_settings: LinkSettings {
+                window: config.max_in_flight_per_link,
+                disposition_wait: config.disposition_wait(),
+            },
+            idle_timeout: config.idle_timeout(),
+            request_timeout: config.create_timeout(),
+            ready_message: config.ready_message.clone(),
+        };
+        let pool = Pool::new(config.clone(), context, stop.clone());
+        let route_settings = RouteSettings {
+            linger: config.linger(),
+            max_in_flight: 1,
+            idle_exit: config.max_idle(),
+            max_attempts: config.retry_max_attempts,
+            initial_backoff: config.initial_backoff(),
+            max_backoff: config.max_backoff(),
+        };
+        let stack = route::send_stack(Arc::clone(&pool), &route_settings);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                buffer: Arc::new(Semaphore::new(config.max_buffered_bytes as usize)),
+                config,
+                pool,
+                stack,
+                tokens,
+                routes: Mutex::new(HashMap::new()),
+                route_settings,
+                tasks: TaskTracker::new(),
+                hubs: Mutex::new(HashMap::new()),
+                limits: Mutex::new(HashMap::new()),
+                closing: CancellationToken::new(),
+                stop,
+            }),
+        })
+    }
+
+    /// Sends one event to `hub` within the configured `send_timeout`; resolves with its real outcome.
+    pub async fn send(&self, hub: &str, event: Event) -> Result<Receipt, SendError> {
+        let deadline = Instant::now() + self.inner.config.default_deadline();
+        self.send_with_deadline(hub, event, deadline).await
+    }
+
+    /// Sends one event to `hub`; past `deadline` the caller stops waiting (what was sent stays sent).
+    pub async fn send_with_deadline(
+        &self,
+        hub: &str,
+        event: Event,
+        deadline: Instant,
+    ) -> Result<Receipt, SendError> {
+        self.enqueue(hub, event, deadline).await?.await
+    }
+
+    /// Validates, encodes and queues one event on its route, and returns the ticket that resolves with its
+    /// outcome. Events of one key enqueued one after another are stored in that order.
+    pub async fn enqueue(
+        &self,
+        hub: &str,
+        mut event: Event,
+        deadline: Instant,
+    ) -> Result<Ticket, SendError> {
+        let inner = &self.inner;
+        if inner.closing.is_cancelled() {
+            return Err(SendError::Closed);
+        }
+        if hub.is_empty() {
+            return Err(SendError::InvalidEvent {
+                field: "event_hub",
+                reason: "must not be empty".into(),
+            });
+        }
+        let target = match event.routing()? {
+            Routing::Any => Target::Any,
+            Routing::PartitionKey(key) if inner.config.local_partitioning => {
+                let hub_properties = self.cached_hub_properties(hub, deadline).await?;
+                let ids = &hub_properties.partition_ids;
+                let index = partition_for_key(&key, ids.len() as u32) as usize;
+                // Many keys share a partition batch; the key itself is not sent (documented).
+                event.partition_key = None;
+                Target::Partition(ids[index].clone())
+            }
+            Routing::PartitionKey(key) => Target::Key(key),
+            Routing::PartitionId(id) => {
+                let hub_properties = self.cached_hub_properties(hub, deadline).await?;
+                if !hub_properties.partition_ids.contains(&id) {
+                    return Err(SendError::UnknownPartition {
+                        hub: hub.to_owned(),
+                        partition: id,
+                        count: hub_properties.partition_ids.len(),
+                    });
+                }
+                Target::Partition(id)
+            }
+        };
+        let encoded = event.encode()?;
+        let key = RouteKey {
+            hub: hub.to_owned(),
+            target,
+        };
+        if let Some(limit) = inner.limits.lock().get(hub).copied() {
+            let partition_key = match &key.target {
+                Target::Key(k) => Some(k.as_str()),
+                _ => None,
+            };
+            let size = BatchBuilder::size_alone(partition_key, encoded.len());
+            if size > limit {
+                return Err(SendError::TooLarge { size, limit });
+            }
+        }
+        let weight = u32::try_from(encoded.len()).unwrap_or(u32::MAX).max(1);
+        let permit = match tokio::time::timeout_at(
+            deadline.into(),
+            Arc::clone(&inner.buffer).acquire_many_owned(weight),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(SendError::Closed),
+            Err(_) => {
+                return Err(SendError::Overloaded {
+                    what: "max_buffered_bytes",
+                    retry_after: OVERLOAD_RETRY_AFTER,
+                });
+            }
+        };
+        let (reply, outcome) = oneshot::channel();
+        let mut pending = Pending {
+            encoded,
+            reply,
+            deadline,
+            permit,
+        };
+        loop {
+            let route = self.route(&key)?;
+            match tokio::time::timeout_at(deadline.into(), route.send(pending)).await {
+                Ok(Ok(())) => break,
+                // The route idled out between lookup and send: look it up again.
+                Ok(Err(mpsc::error::SendError(back))) => pending = back,
+                Err(_) => {
+                    return Err(SendError::Overloaded {
+                        what: "route_queue_capacity",
+                        retry_after: OVERLOAD_RETRY_AFTER,
+                    });
+                }
+            }
+        }
+        Ok(Ticket {
+            outcome,
+            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+        })
+    }
+
+    fn route(&self, key: &RouteKey) -> Result<mpsc::Sender<Pending>, SendError> {
+        let inner = &self.inner;
+        let mut routes = inner.routes.lock();
+        if inner.closing.is_cancelled() {
+            return Err(SendError::Closed);
+        }
+        if let Some(route) = routes.get(key).filter(|route| !route.is_closed()) {
+            return Ok(route.clone());
+        }
+        let (sender, receiver) = mpsc::channel(inner.config.route_queue_capacity);
+        let mut settings = inner.route_settings;
+        if key.target == Target::Any {
+            // Keyless events have no order to keep: let their batches overlap.
+            settings.max_in_flight = inner.config.max_in_flight_unordered;
+        }
+        inner.tasks.spawn(route::run_route(
+            Arc::clone(inner),
+            key.clone(),
+            receiver,
+            sender.downgrade(),
+            settings,
+        ));
+        routes.insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+
+    async fn cached_hub_properties(
+        &self,
+        hub: &str,
+        deadline: Instant,
+    ) -> Result<Arc<HubProperties>, SendError> {
+        let cell = Arc::clone(self.inner.hubs.lock().entry(hub.to_owned()).or_default());
+        let fetch = cell.get_or_try_init(|| async { self.hub_properties(hub).await.map(Arc::new) });
+        tokio::time::timeout_at(deadline.into(), fetch)
+            .await
+            .unwrap_or(Err(SendError::DeadlineExceeded {
+                last_error: Some("reading the hub's partitions".into()),
+            }))
+            .cloned()
+    }
+
+    /// The hub's properties, through `$management`.
+    pub async fn hub_properties(&self, hub: &str) -> Result<HubProperties, SendError> {
+        let connection = self.inner.pool.any_connection().await?;
+        let body = connection.management_read(hub, None).await?;
+        HubProperties::from_response(&body)
+    }
+
+    /// A partition's properties, through `$management`.
+    pub async fn partition_properties(
+        &self,
+        hub: &str,
+        partition: &str,
+    ) -> Result<PartitionProperties, SendError> {
+        let connection = self.inner.pool.any_connection().await?;
+        let body = connection.management_read(hub, Some(partition)).await?;
+        PartitionProperties::from_response(&body)
+    }
+
+    /// Gauges and counters now.
+    pub fn stats(&self) -> ProducerStats {
+        let inner = &self.inner;
+        let (token_refreshes, token_failures) = inner.tokens.counts();
+        ProducerStats {
+            pool: inner.pool.stats(),
+            buffered_bytes: (inner.config.max_buffered_bytes as usize)
+                .saturating_sub(inner.buffer.available_permits())
+                as u64,
+            routes: inner.routes.lock().len(),
+            token_refreshes,
+            token_failures,
+        }
+    }
+
+    /// Whether the producer can send now: a connection is open and it is not closing.
+    pub fn is_ready(&self) -> bool {
+        !self.inner.closing.is_cancelled() && self.inner.pool.stats().ready > 0
+    }
+
+    /// Flushes every buffered event, waits (at most `send_timeout`) for every outcome, then closes links and
+    /// connections. Sends after this fail with [`SendError::Closed`].
+    pub async fn close(&self) {
+        let inner = &self.inner;
+        inner.closing.cancel();
+        // Dropping the route senders lets each route flush what it holds and end.
+        inner.routes.lock().clear();
+        inner.tasks.close();
+        let _ = tokio::time::timeout(inner.config.default_deadline(), inner.tasks.wait()).await;
+        inner.stop.cancel();
+        inner.pool.close(Duration::from_secs(5)).await;
+    }
+}
+
+/// The outcome of an enqueued event: resolves when Event Hubs settles its batch, or when its deadline passes.
+pub struct Ticket {
+    outcome: oneshot::Receiver<Result<Receipt, SendError>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Future for Ticket {
+    type Output = Result<Receipt, SendError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        if let Poll::Ready(result) = Pin::new(&mut self.outcome).poll(cx) {
+            return Poll::Ready(result.unwrap_or(Err(SendError::Closed)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(SendError::DeadlineExceeded { last_error: None })),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl RouteHost for Inner {
+    fn stack(&self) -> SendStack {
+        self.stack.clone()
+    }
+
+    fn max_message_size(
+        &self,
+        key: &RouteKey,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send + '_>> {
+        let key = key.clone();
+        Box::pin(async move {
+            if let Some(limit) = self.limits.lock().get(&key.hub).copied() {
+                return Ok(limit);
+            }
+            let partition = match &key.target {
+                Target::Partition(id) => Some(id.as_str()),
+                _ => None,
+            };
+            let link = self.pool.link(&key.hub, partition, deadline).await?;
+            let limit = link.max_message_size();
+            self.limits.lock().insert(key.hub.clone(), limit);
+            Ok(limit)
+        })
+    }
+
+    fn retire_route(&self, key: &RouteKey, sender: &mpsc::Sender<Pending>) -> bool {
+        let mut routes = self.routes.lock();
+        match routes.get(key) {
+            Some(current) if current.same_channel(sender) => {
+                routes.remove(key);
+                true
+            }
+            _ => false,
+        }
+    }
+}

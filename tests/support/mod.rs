@@ -399,3 +399,35 @@ impl TestPki {
 fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
+
+/// A producer for this emulator (its connection string, plain AMQP) with this configuration.
+pub fn producer(
+    emulator: &Emulator,
+    config: eventhub_gateway::producer::ProducerConfig,
+) -> eventhub_gateway::producer::Producer {
+    eventhub_gateway::producer::Producer::from_connection_string(
+        &emulator.connection_string(),
+        false,
+        Default::default(),
+        config,
+    )
+    .expect("valid producer config")
+}
+
+/// Every event stored in a hub, partition by partition (partition ids `0..partitions`).
+pub fn stored_events(
+    emulator: &Emulator,
+    hub: &str,
+    partitions: usize,
+) -> Vec<(String, AmqpMessage)> {
+    let mut all = Vec::new();
+    for partition in 0..partitions {
+        let id = partition.to_string();
+        for stored in emulator.partition_events(hub, &id).expect("hub exists") {
+            let message =
+                eventhub_gateway::emulator::decode_stored_event(&stored).expect("decodes");
+            all.push((id.clone(), message));
+        }
+    }
+    all
+}

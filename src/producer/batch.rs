@@ -1,0 +1,152 @@
+//! A batch under construction: encoded events for one route, its exact encoded size, and the transfer it becomes.
+
+use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp_types::messaging::annotations::{Annotations, OwnedKey};
+use fe2o3_amqp_types::messaging::{Body, Data, Message, MessageAnnotations};
+use fe2o3_amqp_types::primitives::{Binary, Symbol};
+use serde_amqp::Value;
+
+use crate::eventhubs::message::{AmqpMessage, encode};
+use crate::eventhubs::{BATCH_MESSAGE_FORMAT, annotations};
+
+/// The transfer a batch becomes, built once and sent (and resent) by reference.
+pub type Transfer = Sendable<Body<Value>>;
+
+/// Bytes a Data section adds around an event of `len` encoded bytes: the section descriptor (3 bytes) and the
+/// binary constructor with its length (serde_amqp writes vbin8 up to 254 bytes, vbin32 from 255).
+pub fn section_size(len: usize) -> u64 {
+    let header = if len < u8::MAX as usize { 2 } else { 5 };
+    3 + header + len as u64
+}
+
+/// The outer message of a batch, without its body.
+fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> AmqpMessage {
+    let message_annotations = partition_key.map(|key| {
+        let mut map = Annotations::new();
+        map.insert(
+            OwnedKey::Symbol(Symbol::from(annotations::PARTITION_KEY)),
+            Value::String(key.to_owned()),
+        );
+        MessageAnnotations(map)
+    });
+    Message {
+        header: None,
+        delivery_annotations: None,
+        message_annotations,
+        properties: None,
+        application_properties: None,
+        body: Body::Data(sections.into()),
+        footer: None,
+    }
+}
+
+/// The encoded size of a batch's outer message with no events in it.
+pub fn envelope_size(partition_key: Option<&str>) -> u64 {
+    // Measured with one empty section (an empty Data body may not encode at all), less that section.
+    let with_empty_section = encode(&envelope(partition_key, vec![Data(Binary::from(vec![]))]))
+        .map(|bytes| bytes.len() as u64)
+        .unwrap_or(0);
+    with_empty_section.saturating_sub(section_size(0))
+}
+
+/// Events accumulating for one route, with the exact size their transfer will have.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    partition_key: Option<String>,
+    sections: Vec<Data>,
+    size: u64,
+    limit: u64,
+}
+
+impl BatchBuilder {
+    /// An empty batch for events with this partition key, under the link's `max-message-size`.
+    pub fn new(partition_key: Option<String>, limit: u64) -> Self {
+        let size = envelope_size(partition_key.as_deref());
+        Self {
+            partition_key,
+            sections: Vec::new(),
+            size,
+            limit,
+        }
+    }
+
+    /// What an event of `len` encoded bytes would weigh alone in a batch.
+    pub fn size_alone(partition_key: Option<&str>, len: usize) -> u64 {
+        envelope_size(partition_key) + section_size(len)
+    }
+
+    /// Adds the event if it fits; gives it back if it does not.
+    pub fn try_push(&mut self, encoded: Vec<u8>) -> Result<(), Vec<u8>> {
+        let grown = self.size + section_size(encoded.len());
+        if grown > self.limit {
+            return Err(encoded);
+        }
+        self.size = grown;
+        self.sections.push(Data(Binary::from(encoded)));
+        Ok(())
+    }
+
+    /// How many events it holds.
+    pub fn len(&self) -> usize {
+        self.sections.len()
+    }
+
+    /// Whether it holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.sections.is_empty()
+    }
+
+    /// Its encoded size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The transfer: message format 0x80013700, one Data section per event.
+    pub fn into_transfer(self) -> Transfer {
+        Sendable::builder()
+            .message(envelope(self.partition_key.as_deref(), self.sections))
+            .message_format(BATCH_MESSAGE_FORMAT)
+            .build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded_size(transfer: &Transfer) -> u64 {
+        encode(&transfer.message).unwrap().len() as u64
+    }
+
+    #[test]
+    fn the_predicted_size_is_the_encoded_size() {
+        for key in [None, Some("k"), Some("a much longer partition key ü")] {
+            for lens in [
+                vec![0],
+                vec![1, 254, 255, 256],
+                vec![1000; 7],
+                vec![70_000, 3],
+            ] {
+                let mut batch = BatchBuilder::new(key.map(str::to_owned), u64::MAX);
+                for len in &lens {
+                    batch.try_push(vec![7; *len]).unwrap();
+                }
+                let predicted = batch.size();
+                assert_eq!(
+                    encoded_size(&batch.into_transfer()),
+                    predicted,
+                    "{key:?} {lens:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_that_does_not_fit_is_given_back() {
+        let alone = BatchBuilder::size_alone(None, 100);
+        let mut batch = BatchBuilder::new(None, alone + section_size(100) - 1);
+        assert!(batch.try_push(vec![0; 100]).is_ok());
+        assert_eq!(batch.try_push(vec![1; 100]), Err(vec![1; 100]));
+        assert_eq!(batch.len(), 1);
+    }
+}

@@ -1,0 +1,399 @@
+//! One pooled AMQP connection: open (transport, SASL, session), CBS authorization of each hub kept fresh from the
+//! token cache, the sender links it hosts, the management node, the ready message, and its end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use fe2o3_amqp::Session;
+use fe2o3_amqp::session::SessionHandle;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::auth::TokenCache;
+use super::batch::BatchBuilder;
+use super::error::SendError;
+use super::event::Event;
+use super::link::{Link, LinkSettings};
+use super::node::NodeClient;
+use super::transport::{ConnectionOptions, Endpoint, TlsOptions, open_connection};
+use crate::eventhubs::{CBS_NODE, MANAGEMENT_NODE};
+
+/// What every connection of a pool shares.
+pub struct ConnectionContext {
+    /// Where to connect.
+    pub endpoint: Endpoint,
+    /// Certificates to trust.
+    pub tls: TlsOptions,
+    /// Tokens for every hub.
+    pub tokens: Arc<TokenCache>,
+    /// Link window and disposition wait.
+    pub link_settings: LinkSettings,
+    /// AMQP idle timeout announced to the service.
+    pub idle_timeout: Duration,
+    /// Bound on each CBS or management exchange and on each attach.
+    pub request_timeout: Duration,
+    /// Sent once per new connection, if set.
+    pub ready_message: Option<String>,
+}
+
+impl ConnectionContext {
+    /// The audience of a hub's tokens: `sb://<host>/<hub>`.
+    pub fn audience(&self, hub: &str) -> String {
+        format!("sb://{}/{hub}", self.endpoint.host)
+    }
+}
+
+/// A live connection of the pool.
+pub struct PooledConnection {
+    /// Its number in the pool, for logs.
+    pub id: u64,
+    created: Instant,
+    context: Arc<ConnectionContext>,
+    session: tokio::sync::Mutex<SessionHandle<()>>,
+    cbs: tokio::sync::Mutex<NodeClient>,
+    management: tokio::sync::Mutex<Option<NodeClient>>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
+    attaching: AtomicUsize,
+    authorized: Mutex<HashSet<String>>,
+    lost: CancellationToken,
+    close: CancellationToken,
+    retiring: AtomicBool,
+    ready_message_sent: AtomicBool,
+    idle_since: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for PooledConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledConnection")
+            .field("id", &self.id)
+            .field("links", &self.link_count())
+            .field("retiring", &self.is_retiring())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PooledConnection {
+    /// Opens a connection (transport, SASL ANONYMOUS, session, CBS links) and starts watching its end.
+    pub async fn open(id: u64, context: Arc<ConnectionContext>) -> Result<Arc<Self>, SendError> {
+        let host = context.endpoint.host.clone();
+        let options = ConnectionOptions {
+            idle_time_out: Some(context.idle_timeout),
+            ..ConnectionOptions::new(format!("eventhub-gateway-{}", uuid::Uuid::new_v4()))
+        };
+        let mut connection = open_connection(&options, &context.endpoint, &context.tls)
+            .await
+            .map_err(|e| SendError::Connection(e.to_string()))?;
+        let mut session = match Session::begin(&mut connection).await {
+            Ok(session) => session,
+            Err(error) => {
+                let _ = connection.close().await;
+                return Err(SendError::Connection(format!(
+                    "beginning a session: {error}"
+                )));
+            }
+        };
+        let cbs = match NodeClient::attach(&mut session, CBS_NODE).await {
+            Ok(cbs) => cbs,
+            Err(error) => {
+                let _ = connection.close().await;
+                return Err(error);
+            }
+        };
+        let this = Arc::new(Self {
+            id,
+            created: Instant::now(),
+            context,
+            session: tokio::sync::Mutex::new(session),
+            cbs: tokio::sync::Mutex::new(cbs),
+            management: tokio::sync::Mutex::new(None),
+            links: Mutex::new(HashMap::new()),
+            attaching: AtomicUsize::new(0),
+            authorized: Mutex::new(HashSet::new()),
+            lost: CancellationToken::new(),
+            close: CancellationToken::new(),
+            retiring: AtomicBool::new(false),
+            ready_message_sent: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        let lost = this.lost.clone();
+        let close = this.close.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = connection.on_close() => {
+                    match result {
+                        Ok(()) => debug!(connection = id, "connection closed by the service"),
+                        Err(error) => warn!(connection = id, %error, "connection lost"),
+                    }
+                }
+                () = close.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close()).await;
+                    debug!(connection = id, "connection closed");
+                }
+            }
+            lost.cancel();
+        });
+        info!(connection = id, host = %host, "connection opened");
+        Ok(this)
+    }
+
+    /// How long it has been open.
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// Whether it has ended (closed by either side).
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Whether it is being replaced and takes no new work.
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(Ordering::Relaxed)
+    }
+
+    /// Stops giving it new work; it closes once its links have settled what they carry.
+    pub fn retire(&self) {
+        self.retiring.store(true, Ordering::Relaxed);
+        for link in self.links.lock().values() {
+            link.close();
+        }
+    }
+
+    /// Closes it now.
+    pub fn close(&self) {
+        self.retiring.store(true, Ordering::Relaxed);
+        self.close.cancel();
+    }
+
+    /// Completes when the connection has ended.
+    pub async fn ended(&self) {
+        self.lost.cancelled().await;
+    }
+
+    /// Links attached or being attached (what `client_limit` bounds).
+    pub fn link_count(&self) -> usize {
+        self.links.lock().len() + self.attaching.load(Ordering::Relaxed)
+    }
+
+    /// Reserves a link slot before an attach, so concurrent attaches respect `client_limit`.
+    pub fn reserve_link(&self) {
+        self.attaching.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The usable link to `address`, if it has one.
+    pub fn link_to(&self, address: &str) -> Option<Arc<Link>> {
+        self.links
+            .lock()
+            .get(address)
+            .filter(|link| link.is_usable())
+            .cloned()
+    }
+
+    /// Batches queued or in flight on its links.
+    pub fn load(&self) -> usize {
+        self.links.lock().values().map(|link| link.load()).sum()
+    }
+
+    /// Drops ended links, closes links idle for `max_idle`, and says since when it has had no links.
+    pub fn sweep_links(&self, max_idle: Duration) -> Option<Instant> {
+        let mut links = self.links.lock();
+        links.retain(|_, link| !link.has_ended());
+        for link in links.values() {
+            if link.load() == 0 && link.last_used().elapsed() >= max_idle {
+                debug!(
+                    connection = self.id,
+                    address = link.address(),
+                    "closing an idle link"
+                );
+                link.close();
+            }
+        }
+        let mut idle_since = self.idle_since.lock();
+        if !links.is_empty() || self.attaching.load(Ordering::Relaxed) > 0 {
+            *idle_since = Instant::now();
+            None
+        } else {
+            Some(*idle_since)
+        }
+    }
+
+    /// A link to `hub` (or one of its partitions) on this connection: the existing one, or a new one attached
+    /// after authorizing the hub. The caller has reserved a slot with [`Self::reserve_link`].
+    pub async fn attach_link(
+        self: &Arc<Self>,
+        hub: &str,
+        partition: Option<&str>,
+    ) -> Result<Arc<Link>, SendError> {
+        struct Reservation<'a>(&'a AtomicUsize);
+        impl Drop for Reservation<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _reservation = Reservation(&self.attaching);
+        let address = link_address(hub, partition);
+        self.authorize(hub).await?;
+        let mut session = self.session.lock().await;
+        if let Some(link) = self.link_to(&address) {
+            return Ok(link);
+        }
+        let link = tokio::time::timeout(
+            self.context.request_timeout,
+            Link::attach(
+                &mut session,
+                address.clone(),
+                partition.map(str::to_owned),
+                self.context.link_settings,
+                self.lost.clone(),
+            ),
+        )
+        .await
+        .map_err(|_| SendError::Connection(format!("attaching {address} timed out")))??;
+        drop(session);
+        self.links.lock().insert(address, Arc::clone(&link));
+        self.send_ready_message(&link).await;
+        Ok(link)
+    }
+
+    /// Puts the hub's token on this connection and keeps it fresh from the cache.
+    async fn authorize(self: &Arc<Self>, hub: &str) -> Result<(), SendError> {
+        if self.authorized.lock().contains(hub) {
+            return Ok(());
+        }
+        let audience = self.context.audience(hub);
+        let token = self
+            .context
+            .tokens
+            .token(&audience, self.context.request_timeout)
+            .await
+            .map_err(|e| SendError::Auth(e.to_string()))?;
+        self.cbs
+            .lock()
+            .await
+            .put_token(&audience, &token, self.context.request_timeout)
+            .await?;
+        if self.authorized.lock().insert(hub.to_owned()) {
+            tokio::spawn(Arc::clone(self).keep_authorized(audience));
+        }
+        Ok(())
+    }
+
+    /// Re-puts the audience's token each time the cache refreshes it, until the connection ends.
+    async fn keep_authorized(self: Arc<Self>, audience: String) {
+        let mut tokens = self.context.tokens.watch(&audience);
+        tokens.borrow_and_update();
+        loop {
+            tokio::select! {
+                changed = tokens.changed() => if changed.is_err() { return },
+                () = self.lost.cancelled() => return,
+            }
+            let Some(token) = tokens.borrow_and_update().valid_token() else {
+                continue;
+            };
+            let put = self
+                .cbs
+                .lock()
+                .await
+                .put_token(&audience, &token, self.context.request_timeout)
+                .await;
+            match put {
+                Ok(()) => {
+                    debug!(connection = self.id, %audience, "token refreshed on the connection")
+                }
+                Err(error) => {
+                    warn!(connection = self.id, %audience, %error, "token refresh refused")
+                }
+            }
+        }
+    }
+
+    /// Sends `ready_message` once, on the first link this connection attaches.
+    async fn send_ready_message(&self, link: &Link) {
+        let Some(text) = &self.context.ready_message else {
+            return;
+        };
+        if self.ready_message_sent.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let encoded = match Event::text(text.clone()).encode() {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                warn!(connection = self.id, %error, "ready message cannot be encoded");
+                return;
+            }
+        };
+        let mut batch = BatchBuilder::new(None, link.max_message_size());
+        if batch.try_push(encoded).is_err() {
+            warn!(
+                connection = self.id,
+                "ready message is larger than the link allows"
+            );
+            return;
+        }
+        match link.send(Arc::new(batch.into_transfer())).await {
+            Ok(()) => debug!(
+                connection = self.id,
+                address = link.address(),
+                "ready message sent"
+            ),
+            Err(error) => warn!(connection = self.id, %error, "ready message not accepted"),
+        }
+    }
+
+    /// Sends a `$management` READ for `hub` (and a partition) and returns the response body.
+    pub async fn management_read(
+        self: &Arc<Self>,
+        hub: &str,
+        partition: Option<&str>,
+    ) -> Result<serde_amqp::Value, SendError> {
+        let audience = self.context.audience(hub);
+        let token = self
+            .context
+            .tokens
+            .token(&audience, self.context.request_timeout)
+            .await
+            .map_err(|e| SendError::Auth(e.to_string()))?;
+        let mut management = self.management.lock().await;
+        if management.is_none() {
+            let mut session = self.session.lock().await;
+            *management = Some(NodeClient::attach(&mut session, MANAGEMENT_NODE).await?);
+        }
+        let Some(client) = management.as_mut() else {
+            return Err(SendError::Connection("management link missing".into()));
+        };
+        let mut properties = fe2o3_amqp_types::messaging::ApplicationProperties::builder()
+            .insert("operation", "READ")
+            .insert("name", hub)
+            .insert("security_token", token.token.as_str());
+        properties = match partition {
+            Some(id) => properties
+                .insert("type", "com.microsoft:partition")
+                .insert("partition", id),
+            None => properties.insert("type", "com.microsoft:eventhub"),
+        };
+        let response = client
+            .request(
+                properties.build(),
+                serde_amqp::Value::Null,
+                self.context.request_timeout,
+            )
+            .await;
+        if response.is_err() {
+            *management = None; // a half-broken pair is not reused
+        }
+        let response = response?;
+        super::node::status_result(&response, hub)?;
+        Ok(response.body)
+    }
+}
+
+/// The address of a hub's sender link: the hub, or one of its partitions.
+pub fn link_address(hub: &str, partition: Option<&str>) -> String {
+    match partition {
+        Some(id) => format!("{hub}/Partitions/{id}"),
+        None => hub.to_owned(),
+    }
+}

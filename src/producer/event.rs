@@ -1,0 +1,328 @@
+//! The event a caller sends, and its encoding into the AMQP message Event Hubs stores: body, content type,
+//! properties, ids, routing and the W3C trace context the Azure SDKs write.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use fe2o3_amqp_types::messaging::annotations::{Annotations, OwnedKey};
+use fe2o3_amqp_types::messaging::{
+    ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Properties,
+};
+use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol};
+use serde_amqp::Value;
+
+use super::error::SendError;
+use crate::eventhubs::annotations;
+use crate::eventhubs::message::{AmqpMessage, encode};
+
+/// Content type of JSON bodies.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+/// Application property the Azure SDKs put the `traceparent` value in.
+pub const DIAGNOSTIC_ID_PROPERTY: &str = "Diagnostic-Id";
+/// Application property of the W3C `traceparent`.
+pub const TRACEPARENT_PROPERTY: &str = "traceparent";
+/// Application property of the W3C `tracestate`.
+pub const TRACESTATE_PROPERTY: &str = "tracestate";
+
+/// Where an event goes: wherever the service likes, where its key hashes, or one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Routing {
+    /// The service spreads keyless events over the partitions.
+    #[default]
+    Any,
+    /// The service (or the producer, with local partitioning) hashes the key to a partition.
+    PartitionKey(String),
+    /// This partition.
+    PartitionId(String),
+}
+
+/// A W3C trace context (`traceparent`, optional `tracestate`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
+    pub traceparent: String,
+    /// Vendor entries, passed through.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// A trace context, if `traceparent` is well formed (version 00 layout, lowercase hex, non-zero ids).
+    pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Result<Self, SendError> {
+        let invalid = |reason: &str| SendError::InvalidEvent {
+            field: "traceparent",
+            reason: reason.to_owned(),
+        };
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        let [version, trace_id, span_id, flags] = parts.as_slice() else {
+            return Err(invalid("expected version-traceid-spanid-flags"));
+        };
+        let is_hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !is_hex(version, 2) || *version == "ff" {
+            return Err(invalid("version must be two lowercase hex digits, not ff"));
+        }
+        if !is_hex(trace_id, 32) || trace_id.bytes().all(|b| b == b'0') {
+            return Err(invalid(
+                "trace id must be 32 lowercase hex digits, not all zero",
+            ));
+        }
+        if !is_hex(span_id, 16) || span_id.bytes().all(|b| b == b'0') {
+            return Err(invalid(
+                "parent id must be 16 lowercase hex digits, not all zero",
+            ));
+        }
+        if !is_hex(flags, 2) {
+            return Err(invalid("flags must be two lowercase hex digits"));
+        }
+        Ok(Self {
+            traceparent: traceparent.to_owned(),
+            tracestate: tracestate.filter(|s| !s.is_empty()).map(str::to_owned),
+        })
+    }
+}
+
+/// One event to send.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Event {
+    /// The body's bytes.
+    pub body: Bytes,
+    /// `properties.content-type`.
+    pub content_type: Option<String>,
+    /// Application properties.
+    pub properties: BTreeMap<String, String>,
+    /// `properties.message-id`.
+    pub message_id: Option<String>,
+    /// `properties.correlation-id`.
+    pub correlation_id: Option<String>,
+    /// The partition key, if any (exclusive with `partition_id`).
+    pub partition_key: Option<String>,
+    /// The partition id, if any (exclusive with `partition_key`).
+    pub partition_id: Option<String>,
+    /// The trace context written onto the message.
+    pub trace_context: Option<TraceContext>,
+}
+
+impl Event {
+    /// An event with a UTF-8 text body.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::binary(Bytes::from(text.into()))
+    }
+
+    /// An event with a binary body.
+    pub fn binary(body: impl Into<Bytes>) -> Self {
+        Self {
+            body: body.into(),
+            ..Self::default()
+        }
+    }
+
+    /// An event with a JSON body, encoded once and compactly, content type `application/json`.
+    pub fn json(value: &serde_json::Value) -> Self {
+        let encoded = serde_json::to_vec(value).unwrap_or_default(); // a Value always serializes
+        Self {
+            content_type: Some(JSON_CONTENT_TYPE.to_owned()),
+            ..Self::binary(encoded)
+        }
+    }
+
+    /// Sets the partition key.
+    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
+    /// Sets the partition id.
+    pub fn with_partition_id(mut self, id: impl Into<String>) -> Self {
+        self.partition_id = Some(id.into());
+        self
+    }
+
+    /// Adds an application property.
+    pub fn with_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the content type.
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Sets the message id.
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the trace context.
+    pub fn with_trace_context(mut self, context: TraceContext) -> Self {
+        self.trace_context = Some(context);
+        self
+    }
+
+    /// Where the event goes; a key together with an id is an error, as in every SDK.
+    pub fn routing(&self) -> Result<Routing, SendError> {
+        match (&self.partition_key, &self.partition_id) {
+            (Some(_), Some(_)) => Err(SendError::InvalidEvent {
+                field: "partition_key",
+                reason: "give a partition key or a partition id, not both".into(),
+            }),
+            (Some(key), None) => Ok(Routing::PartitionKey(key.clone())),
+            (None, Some(id)) if id.is_empty() => Err(SendError::InvalidEvent {
+                field: "partition_id",
+                reason: "must not be empty".into(),
+            }),
+            (None, Some(id)) => Ok(Routing::PartitionId(id.clone())),
+            (None, None) => Ok(Routing::Any),
+        }
+    }
+
+    /// The AMQP message Event Hubs stores for this event.
+    pub fn to_message(&self) -> AmqpMessage {
+        let message_annotations = self.partition_key.as_ref().map(|key| {
+            let mut map = Annotations::new();
+            map.insert(
+                OwnedKey::Symbol(Symbol::from(annotations::PARTITION_KEY)),
+                Value::String(key.clone()),
+            );
+            MessageAnnotations(map)
+        });
+        let properties = (self.content_type.is_some()
+            || self.message_id.is_some()
+            || self.correlation_id.is_some())
+        .then(|| Properties {
+            message_id: self.message_id.clone().map(MessageId::String),
+            correlation_id: self.correlation_id.clone().map(MessageId::String),
+            content_type: self.content_type.as_deref().map(Symbol::from),
+            ..Properties::default()
+        });
+        let mut application = BTreeMap::new();
+        for (name, value) in &self.properties {
+            application.insert(name.clone(), SimpleValue::String(value.clone()));
+        }
+        if let Some(context) = &self.trace_context {
+            let traceparent = SimpleValue::String(context.traceparent.clone());
+            application.insert(DIAGNOSTIC_ID_PROPERTY.to_owned(), traceparent.clone());
+            application.insert(TRACEPARENT_PROPERTY.to_owned(), traceparent);
+            if let Some(state) = &context.tracestate {
+                application.insert(
+                    TRACESTATE_PROPERTY.to_owned(),
+                    SimpleValue::String(state.clone()),
+                );
+            }
+        }
+        let application_properties = (!application.is_empty())
+            .then(|| ApplicationProperties(application.into_iter().collect()));
+        Message {
+            header: None,
+            delivery_annotations: None,
+            message_annotations,
+            properties,
+            application_properties,
+            body: Body::Data(vec![Data(Binary::from(self.body.to_vec()))].into()),
+            footer: None,
+        }
+    }
+
+    /// The event encoded as one Data section of a batch.
+    pub fn encode(&self) -> Result<Vec<u8>, SendError> {
+        encode(&self.to_message()).map_err(|error| SendError::InvalidEvent {
+            field: "event",
+            reason: format!("cannot be encoded as AMQP: {error}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eventhubs::message::{decode, partition_key};
+
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn an_event_encodes_every_field_the_sdks_read() {
+        let event = Event::text("hello")
+            .with_partition_key("k")
+            .with_property("colour", "blue")
+            .with_content_type("text/plain")
+            .with_message_id("m1")
+            .with_correlation_id("c1")
+            .with_trace_context(TraceContext::parse(TRACEPARENT, Some("a=b")).unwrap());
+        let message = decode(&event.encode().unwrap()).unwrap();
+        assert_eq!(partition_key(&message), Ok(Some("k".into())));
+        let properties = message.properties.unwrap();
+        assert_eq!(properties.message_id, Some(MessageId::String("m1".into())));
+        assert_eq!(
+            properties.correlation_id,
+            Some(MessageId::String("c1".into()))
+        );
+        assert_eq!(properties.content_type, Some(Symbol::from("text/plain")));
+        let application = message.application_properties.unwrap().0;
+        let get = |name: &str| match application.get(name) {
+            Some(SimpleValue::String(value)) => value.clone(),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(get("colour"), "blue");
+        assert_eq!(get(DIAGNOSTIC_ID_PROPERTY), TRACEPARENT);
+        assert_eq!(get(TRACEPARENT_PROPERTY), TRACEPARENT);
+        assert_eq!(get(TRACESTATE_PROPERTY), "a=b");
+        match message.body {
+            Body::Data(sections) => assert_eq!(sections[0].0.as_ref(), b"hello"),
+            other => panic!("data body expected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_is_compact_and_typed() {
+        let event = Event::json(&serde_json::json!({ "a": [1, 2], "b": "c" }));
+        assert_eq!(event.body.as_ref(), br#"{"a":[1,2],"b":"c"}"#);
+        assert_eq!(event.content_type.as_deref(), Some(JSON_CONTENT_TYPE));
+    }
+
+    #[test]
+    fn a_key_and_an_id_together_are_refused() {
+        let error = Event::text("x")
+            .with_partition_key("k")
+            .with_partition_id("0")
+            .routing()
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            SendError::InvalidEvent {
+                field: "partition_key",
+                ..
+            }
+        ));
+        assert_eq!(Event::text("x").routing(), Ok(Routing::Any));
+        assert_eq!(
+            Event::text("x").with_partition_id("3").routing(),
+            Ok(Routing::PartitionId("3".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_trace_contexts_are_refused() {
+        assert!(TraceContext::parse(TRACEPARENT, None).is_ok());
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert!(TraceContext::parse(bad, None).is_err(), "{bad}");
+        }
+    }
+}

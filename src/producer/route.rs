@@ -1,0 +1,346 @@
+//! One route's batcher (hub + partition key, hub + partition id, or hub round-robin): events accumulate for at
+//! most `linger` or until the next would not fit, batches go out through the retrying send stack, and each
+//! event of a batch gets the batch's outcome.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tower::ServiceExt;
+use tower::retry::{Policy, Retry};
+
+use super::batch::{BatchBuilder, Transfer};
+use super::error::SendError;
+use super::pool::Pool;
+
+/// Where a route's batches go within a hub.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// The hub address; the service picks partitions.
+    Any,
+    /// The hub address, every event with this partition key.
+    Key(String),
+    /// One partition's address.
+    Partition(String),
+}
+
+/// A route: a hub and a target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RouteKey {
+    /// The event hub.
+    pub hub: String,
+    /// Where in it.
+    pub target: Target,
+}
+
+/// Where an accepted event went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The partition, when the producer knows it (partition ids and local partitioning).
+    pub partition_id: Option<String>,
+}
+
+/// An encoded event waiting for its batch's outcome.
+pub struct Pending {
+    /// The event encoded as a batch section.
+    pub encoded: Vec<u8>,
+    /// Where its outcome goes.
+    pub reply: oneshot::Sender<Result<Receipt, SendError>>,
+    /// When its caller stops waiting.
+    pub deadline: Instant,
+    /// Its share of the global buffer bound, released with its outcome.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// How routes batch and retry.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteSettings {
+    /// Longest wait for a batch to fill.
+    pub linger: Duration,
+    /// Batches in flight at once for this route.
+    pub max_in_flight: usize,
+    /// A route with nothing to do for this long ends.
+    pub idle_exit: Duration,
+    /// Attempts per batch (the first included).
+    pub max_attempts: u32,
+    /// First retry pause.
+    pub initial_backoff: Duration,
+    /// Longest retry pause.
+    pub max_backoff: Duration,
+}
+
+/// A batch request of the send stack; cloning it for a retry clones pointers, not events.
+#[derive(Clone)]
+pub struct BatchRequest {
+    hub: Arc<str>,
+    partition: Option<Arc<str>>,
+    transfer: Arc<Transfer>,
+    deadline: Instant,
+}
+
+/// The innermost service: a pooled link, bounded by the batch's deadline.
+#[derive(Clone)]
+pub struct LinkService {
+    pool: Arc<Pool>,
+}
+
+impl tower::Service<BatchRequest> for LinkService {
+    type Response = ();
+    type Error = SendError;
+    type Future = BoxFuture<'static, Result<(), SendError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: BatchRequest) -> Self::Future {
+        let pool = Arc::clone(&self.pool);
+        Box::pin(async move {
+            let attempt = async {
+                let link = pool
+                    .link(&request.hub, request.partition.as_deref(), request.deadline)
+                    .await?;
+                link.send(request.transfer).await
+            };
+            tokio::time::timeout_at(request.deadline.into(), attempt)
+                .await
+                .unwrap_or(Err(SendError::DeadlineExceeded { last_error: None }))
+        })
+    }
+}
+
+/// Retries retryable failures with exponential backoff and full jitter, within the attempts and the deadline.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    attempts: u32,
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    fn backoff(&self) -> Duration {
+        let exponent = self.attempts.saturating_sub(1).min(20);
+        let ceiling = self
+            .initial_backoff
+            .saturating_mul(1 << exponent)
+            .min(self.max_backoff);
+        ceiling.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+impl Policy<BatchRequest, (), SendError> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut BatchRequest,
+        result: &mut Result<(), SendError>,
+    ) -> Option<Self::Future> {
+        let Err(error) = result else { return None };
+        if !error.is_retryable() {
+            return None;
+        }
+        self.attempts += 1;
+        if self.attempts >= self.max_attempts {
+            return None;
+        }
+        let pause = self.backoff();
+        if Instant::now() + pause >= request.deadline {
+            *result = Err(SendError::DeadlineExceeded {
+                last_error: Some(error.to_string()),
+            });
+            return None;
+        }
+        tracing::debug!(hub = %request.hub, attempt = self.attempts, %error, ?pause, "retrying a batch");
+        Some(tokio::time::sleep(pause))
+    }
+
+    fn clone_request(&mut self, request: &BatchRequest) -> Option<BatchRequest> {
+        Some(request.clone())
+    }
+}
+
+/// The send stack: retry -> deadline-bounded link.
+pub type SendStack = Retry<RetryPolicy, LinkService>;
+
+/// Builds the send stack over a pool.
+pub fn send_stack(pool: Arc<Pool>, settings: &RouteSettings) -> SendStack {
+    Retry::new(
+        RetryPolicy {
+            attempts: 0,
+            max_attempts: settings.max_attempts,
+            initial_backoff: settings.initial_backoff,
+            max_backoff: settings.max_backoff,
+        },
+        LinkService { pool },
+    )
+}
+
+struct OpenBatch {
+    builder: BatchBuilder,
+    waiters: Vec<(
+        oneshot::Sender<Result<Receipt, SendError>>,
+        OwnedSemaphorePermit,
+    )>,
+    deadline: Instant,
+    seal_at: Instant,
+}
+
+type Waiters = Vec<(
+    oneshot::Sender<Result<Receipt, SendError>>,
+    OwnedSemaphorePermit,
+)>;
+
+/// What a route needs from the producer: the send stack, the link size limit, and leave to end.
+pub trait RouteHost: Send + Sync + 'static {
+    /// The send stack.
+    fn stack(&self) -> SendStack;
+    /// The `max-message-size` of the route's link (attaching one to learn it).
+    fn max_message_size(
+        &self,
+        key: &RouteKey,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send + '_>>;
+    /// Removes the route if `sender` is still its channel; returns whether it did.
+    fn retire_route(&self, key: &RouteKey, sender: &mpsc::Sender<Pending>) -> bool;
+}
+
+/// Runs a route until its channel closes (producer closing) or it idles out, answering every event it took.
+pub async fn run_route<H: RouteHost>(
+    host: Arc<H>,
+    key: RouteKey,
+    mut events: mpsc::Receiver<Pending>,
+    own_sender: mpsc::WeakSender<Pending>,
+    settings: RouteSettings,
+) {
+    let partition: Option<Arc<str>> = match &key.target {
+        Target::Partition(id) => Some(Arc::from(id.as_str())),
+        _ => None,
+    };
+    let partition_key = match &key.target {
+        Target::Key(k) => Some(k.clone()),
+        _ => None,
+    };
+    let receipt = Receipt {
+        partition_id: partition.as_deref().map(str::to_owned),
+    };
+    let hub: Arc<str> = Arc::from(key.hub.as_str());
+    let mut limit: Option<u64> = None;
+    let mut open: Option<OpenBatch> = None;
+    let mut ready: VecDeque<(Arc<Transfer>, Waiters, Instant)> = VecDeque::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut closed = false;
+    let mut last_activity = Instant::now();
+    loop {
+        let accepting = !closed && ready.len() < 2;
+        let seal_at = open.as_ref().map(|batch| batch.seal_at);
+        tokio::select! {
+            Some((result, waiters)) = in_flight.next(), if !in_flight.is_empty() => {
+                let result: Result<(), SendError> = result;
+                let waiters: Waiters = waiters;
+                for (reply, _permit) in waiters {
+                    let _ = reply.send(result.clone().map(|()| receipt.clone()));
+                }
+                last_activity = Instant::now();
+            }
+            event = events.recv(), if accepting => match event {
+                None => closed = true,
+                Some(event) => {
+                    last_activity = Instant::now();
+                    let event_limit = match limit {
+                        Some(limit) => limit,
+                        None => match host.max_message_size(&key, event.deadline).await {
+                            Ok(found) => *limit.insert(found),
+                            Err(error) => {
+                                let _ = event.reply.send(Err(error));
+                                continue;
+                            }
+                        },
+                    };
+                    let alone = BatchBuilder::size_alone(partition_key.as_deref(), event.encoded.len());
+                    if alone > event_limit {
+                        let _ = event.reply.send(Err(SendError::TooLarge { size: alone, limit: event_limit }));
+                        continue;
+                    }
+                    let mut encoded = event.encoded;
+                    loop {
+                        let batch = open.get_or_insert_with(|| OpenBatch {
+                            builder: BatchBuilder::new(partition_key.clone(), event_limit),
+                            waiters: Vec::new(),
+                            deadline: event.deadline,
+                            seal_at: Instant::now() + settings.linger,
+                        });
+                        match batch.builder.try_push(encoded) {
+                            Ok(()) => break,
+                            Err(back) => {
+                                encoded = back;
+                                if let Some(full) = open.take() {
+                                    ready.push_back(seal(full));
+                                }
+                            }
+                        }
+                    }
+                    if let Some(batch) = open.as_mut() {
+                        batch.deadline = batch.deadline.min(event.deadline);
+                        batch.waiters.push((event.reply, event.permit));
+                    }
+                }
+            },
+            () = sleep_until_opt(seal_at), if seal_at.is_some() => {
+                if let Some(batch) = open.take() {
+                    ready.push_back(seal(batch));
+                }
+            }
+            () = tokio::time::sleep_until((last_activity + settings.idle_exit).into()),
+                if !closed && open.is_none() && ready.is_empty() && in_flight.is_empty() =>
+            {
+                if let Some(sender) = own_sender.upgrade()
+                    && host.retire_route(&key, &sender)
+                {
+                    events.close();
+                }
+            }
+        }
+        if closed && let Some(batch) = open.take() {
+            ready.push_back(seal(batch)); // closing: no lingering
+        }
+        while in_flight.len() < settings.max_in_flight
+            && let Some((transfer, waiters, deadline)) = ready.pop_front()
+        {
+            let request = BatchRequest {
+                hub: Arc::clone(&hub),
+                partition: partition.clone(),
+                transfer,
+                deadline,
+            };
+            let stack = host.stack();
+            in_flight.push(async move { (stack.oneshot(request).await, waiters) });
+        }
+        if closed && open.is_none() && ready.is_empty() && in_flight.is_empty() {
+            return;
+        }
+    }
+}
+
+fn seal(batch: OpenBatch) -> (Arc<Transfer>, Waiters, Instant) {
+    (
+        Arc::new(batch.builder.into_transfer()),
+        batch.waiters,
+        batch.deadline,
+    )
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

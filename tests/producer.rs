@@ -1,0 +1,836 @@
+//! The producer core against the in-process emulator: outcomes, batching, routing, retries, faults, pool knobs.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventhub_gateway::eventhubs::message::partition_key;
+use eventhub_gateway::eventhubs::partition::partition_for_key;
+use eventhub_gateway::producer::{
+    AmqpCondition, Event, Producer, ProducerConfig, SendError, TraceContext,
+};
+use fe2o3_amqp_types::messaging::MessageId;
+use fe2o3_amqp_types::primitives::SimpleValue;
+use futures_util::future::join_all;
+use support::*;
+
+fn base() -> ProducerConfig {
+    ProducerConfig {
+        send_timeout: 20.0,
+        retry_initial_backoff_ms: 20.0,
+        retry_max_backoff_ms: 200.0,
+        ..ProducerConfig::default()
+    }
+}
+
+/// Sends `count` events concurrently, body `prefix-i`, and returns their outcomes in order.
+async fn send_many(
+    producer: &Producer,
+    hub: &str,
+    count: usize,
+    event: impl Fn(usize) -> Event,
+) -> Vec<Result<eventhub_gateway::producer::Receipt, SendError>> {
+    join_all((0..count).map(|i| producer.send(hub, event(i)))).await
+}
+
+fn application_property(
+    message: &eventhub_gateway::eventhubs::message::AmqpMessage,
+    name: &str,
+) -> Option<String> {
+    match message.application_properties.as_ref()?.0.get(name)? {
+        SimpleValue::String(value) => Some(value.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn an_event_arrives_with_every_field() {
+    let emulator = start(&["eh1:2"]).await;
+    let producer = producer(&emulator, base());
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let receipt = producer
+        .send(
+            "eh1",
+            Event::json(&serde_json::json!({"order": 7}))
+                .with_partition_id("1")
+                .with_property("colour", "blue")
+                .with_message_id("m-1")
+                .with_correlation_id("c-1")
+                .with_trace_context(TraceContext::parse(traceparent, Some("k=v")).unwrap()),
+        )
+        .await
+        .expect("accepted");
+    assert_eq!(receipt.partition_id.as_deref(), Some("1"));
+    let stored = emulator.partition_events("eh1", "1").unwrap();
+    assert_eq!(stored.len(), 1);
+    let message = eventhub_gateway::emulator::decode_stored_event(&stored[0]).unwrap();
+    assert_eq!(body_text(&message), r#"{"order":7}"#);
+    let properties = message.properties.clone().unwrap();
+    assert_eq!(
+        properties.content_type.unwrap().as_str(),
+        "application/json"
+    );
+    assert_eq!(properties.message_id, Some(MessageId::String("m-1".into())));
+    assert_eq!(
+        properties.correlation_id,
+        Some(MessageId::String("c-1".into()))
+    );
+    assert_eq!(
+        application_property(&message, "colour").as_deref(),
+        Some("blue")
+    );
+    assert_eq!(
+        application_property(&message, "Diagnostic-Id").as_deref(),
+        Some(traceparent)
+    );
+    assert_eq!(
+        application_property(&message, "traceparent").as_deref(),
+        Some(traceparent)
+    );
+    assert_eq!(
+        application_property(&message, "tracestate").as_deref(),
+        Some("k=v")
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn concurrent_events_share_batches_and_all_arrive() {
+    let emulator = start(&["eh1:4"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            linger_ms: 50.0,
+            ..base()
+        },
+    );
+    let outcomes = send_many(&producer, "eh1", 2000, |i| Event::text(format!("e-{i}"))).await;
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "{:?}",
+        outcomes.iter().find(|o| o.is_err())
+    );
+    let stored = stored_events(&emulator, "eh1", 4);
+    let mut bodies: Vec<String> = stored.iter().map(|(_, m)| body_text(m)).collect();
+    bodies.sort();
+    let mut expected: Vec<String> = (0..2000).map(|i| format!("e-{i}")).collect();
+    expected.sort();
+    assert_eq!(bodies, expected, "every event stored exactly once");
+    let transfers = emulator.faults().transfers_seen();
+    assert!(
+        transfers < 100,
+        "2000 events in {transfers} transfers: batches were shared"
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn a_batch_never_exceeds_the_link_limit() {
+    let mut config_64k = support::config(&["eh1:1"]);
+    config_64k.max_message_size = 64 * 1024;
+    let emulator = start_with(config_64k).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            linger_ms: 100.0,
+            ..base()
+        },
+    );
+    // 200 events of 1 KiB: at least four batches of at most 64 KiB, none refused for size.
+    let outcomes = send_many(&producer, "eh1", 200, |i| {
+        Event::binary(vec![i as u8; 1024])
+    })
+    .await;
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "{:?}",
+        outcomes.iter().find(|o| o.is_err())
+    );
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 200);
+    assert!(emulator.faults().transfers_seen() >= 4);
+    // Alone too large: refused up front, with the limit.
+    let error = producer
+        .send("eh1", Event::binary(vec![0; 70 * 1024]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, SendError::TooLarge { limit: 65536, .. }),
+        "{error}"
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn keys_land_where_the_service_hashes_them_in_order() {
+    let emulator = start(&["eh1:8"]).await;
+    let producer = producer(&emulator, base());
+    let keys: Vec<String> = (0..20).map(|k| format!("key-{k}")).collect();
+    // Enqueued one after another (the order is defined), settled concurrently.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tickets = Vec::new();
+    for i in 0..400 {
+        let key = keys[i % keys.len()].clone();
+        let event = Event::text(format!("{key}:{i}")).with_partition_key(key);
+        tickets.push(
+            producer
+                .enqueue("eh1", event, deadline)
+                .await
+                .expect("enqueued"),
+        );
+    }
+    let outcomes = join_all(tickets).await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    let stored = stored_events(&emulator, "eh1", 8);
+    assert_eq!(stored.len(), 400);
+    let mut last_index: HashMap<String, usize> = HashMap::new();
+    for (partition, message) in &stored {
+        let key = partition_key(message).unwrap().expect("keyed");
+        assert_eq!(partition, &partition_for_key(&key, 8).to_string(), "{key}");
+        let body = body_text(message);
+        let index: usize = body.rsplit(':').next().unwrap().parse().unwrap();
+        if let Some(previous) = last_index.insert(key.clone(), index) {
+            assert!(previous < index, "{key}: {previous} stored before {index}");
+        }
+    }
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn local_partitioning_batches_many_keys_per_partition() {
+    let emulator = start(&["eh1:4"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            local_partitioning: true,
+            linger_ms: 50.0,
+            ..base()
+        },
+    );
+    let outcomes = send_many(&producer, "eh1", 400, |i| {
+        Event::text(format!("k{i}")).with_partition_key(format!("k{i}"))
+    })
+    .await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let expected = partition_for_key(&format!("k{i}"), 4).to_string();
+        assert_eq!(
+            outcome.as_ref().unwrap().partition_id.as_deref(),
+            Some(expected.as_str())
+        );
+    }
+    for (partition, message) in stored_events(&emulator, "eh1", 4) {
+        let key = body_text(&message);
+        assert_eq!(partition, partition_for_key(&key, 4).to_string());
+    }
+    assert!(
+        emulator.faults().transfers_seen() < 50,
+        "keys shared partition batches"
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn bad_events_fail_alone_with_the_field_at_fault() {
+    let emulator = start(&["eh1:2"]).await;
+    let producer = producer(&emulator, base());
+    let both = producer
+        .send(
+            "eh1",
+            Event::text("x")
+                .with_partition_key("k")
+                .with_partition_id("0"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            both,
+            SendError::InvalidEvent {
+                field: "partition_key",
+                ..
+            }
+        ),
+        "{both}"
+    );
+    let unknown = producer
+        .send("eh1", Event::text("x").with_partition_id("7"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unknown, SendError::UnknownPartition { count: 2, .. }),
+        "{unknown}"
+    );
+    let missing_hub = producer.send("nope", Event::text("x")).await.unwrap_err();
+    assert!(
+        matches!(&missing_hub, SendError::Service(e) if e.condition == AmqpCondition::NotFound),
+        "{missing_hub}"
+    );
+    producer
+        .send("eh1", Event::text("fine"))
+        .await
+        .expect("the producer goes on");
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn server_busy_is_retried_then_accepted() {
+    let emulator = start(&["eh1:1"]).await;
+    emulator.faults().throttle_next_sends(3);
+    let producer = producer(&emulator, base());
+    producer
+        .send("eh1", Event::text("after throttling"))
+        .await
+        .expect("retried until accepted");
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 1);
+    assert_eq!(emulator.faults().transfers_seen(), 4);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn released_deliveries_are_failures_that_are_retried() {
+    let emulator = start(&["eh1:1"]).await;
+    emulator.faults().release_next_sends(2);
+    let producer = producer(&emulator, base());
+    producer
+        .send("eh1", Event::text("after release"))
+        .await
+        .expect("retried");
+    assert_eq!(emulator.faults().transfers_seen(), 3);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_attempt_limit() {
+    let emulator = start(&["eh1:1"]).await;
+    emulator.faults().throttle_next_sends(100);
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            retry_max_attempts: 3,
+            ..base()
+        },
+    );
+    let error = producer.send("eh1", Event::text("x")).await.unwrap_err();
+    assert!(
+        matches!(&error, SendError::Service(e) if e.condition == AmqpCondition::ServerBusy),
+        "{error}"
+    );
+    assert_eq!(emulator.faults().transfers_seen(), 3);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_not_retried() {
+    let emulator = start(&["eh1:1"]).await;
+    let text = emulator
+        .connection_string()
+        .replace("SAS_KEY_VALUE", "wrong");
+    let producer =
+        Producer::from_connection_string(&text, false, Default::default(), base()).unwrap();
+    let started = Instant::now();
+    let error = producer.send("eh1", Event::text("x")).await.unwrap_err();
+    assert!(matches!(error, SendError::Auth(_)), "{error}");
+    assert!(
+        !format!("{error}").contains("wrong"),
+        "the key is never echoed: {error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(emulator.faults().transfers_seen(), 0);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn a_forced_close_mid_flight_loses_nothing() {
+    let emulator = start(&["eh1:2"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            linger_ms: 1.0,
+            ..base()
+        },
+    );
+    emulator.faults().force_close_after_transfers(5);
+    let outcomes = send_many(&producer, "eh1", 3000, |i| {
+        Event::text(format!("e-{i}")).with_message_id(format!("{i}"))
+    })
+    .await;
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "{:?}",
+        outcomes.iter().find(|o| o.is_err())
+    );
+    let stored = stored_events(&emulator, "eh1", 2);
+    let mut seen = std::collections::HashSet::new();
+    for (_, message) in &stored {
+        seen.insert(body_text(message));
+    }
+    assert_eq!(
+        seen.len(),
+        3000,
+        "every accepted event is stored (duplicates allowed: at least once)"
+    );
+    assert!(
+        producer.stats().pool.opened_total >= 2,
+        "a new connection replaced the closed one"
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn detached_links_are_replaced() {
+    let emulator = start(&["eh1:1"]).await;
+    let producer = producer(&emulator, base());
+    producer.send("eh1", Event::text("before")).await.unwrap();
+    emulator.faults().detach_all_links();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    producer
+        .send("eh1", Event::text("after"))
+        .await
+        .expect("a new link");
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 2);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn short_lived_tokens_are_refreshed_without_failed_sends() {
+    let emulator = start(&["eh1:1"]).await;
+    // Two-second tokens, refreshed at 90%: a 5 s run needs at least two refreshes per connection.
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            sas_token_lifetime_seconds: 2.0,
+            ..base()
+        },
+    );
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        producer
+            .send("eh1", Event::text(format!("{sent}")))
+            .await
+            .expect("no send fails");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        producer.stats().token_refreshes >= 3,
+        "{:?}",
+        producer.stats()
+    );
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), sent);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn close_flushes_lingering_events() {
+    let emulator = start(&["eh1:1"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            linger_ms: 30_000.0,
+            ..base()
+        },
+    );
+    let sends: Vec<_> = (0..100)
+        .map(|i| {
+            let producer = producer.clone();
+            tokio::spawn(async move { producer.send("eh1", Event::text(format!("{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    producer.close().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "close did not wait for the linger"
+    );
+    for send in sends {
+        send.await.unwrap().expect("flushed by close");
+    }
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 100);
+    assert_eq!(
+        producer.send("eh1", Event::text("late")).await,
+        Err(SendError::Closed)
+    );
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn management_reads_hub_and_partition_properties() {
+    let emulator = start(&["eh1:3"]).await;
+    let producer = producer(&emulator, base());
+    let hub = producer.hub_properties("eh1").await.unwrap();
+    assert_eq!(hub.name, "eh1");
+    assert_eq!(hub.partition_ids, ["0", "1", "2"]);
+    producer
+        .send("eh1", Event::text("x").with_partition_id("2"))
+        .await
+        .unwrap();
+    let partition = producer.partition_properties("eh1", "2").await.unwrap();
+    assert_eq!(partition.last_enqueued_sequence_number, 0);
+    assert!(!partition.is_empty);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn full_buffers_answer_overloaded_within_the_deadline() {
+    let emulator = start(&["eh1:1"]).await;
+    emulator.faults().delay_dispositions(Duration::from_secs(3));
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            max_buffered_bytes: 1024 * 1024,
+            ..base()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let outcomes =
+        join_all((0..40).map(|_| {
+            producer.send_with_deadline("eh1", Event::binary(vec![0; 64 * 1024]), deadline)
+        }))
+        .await;
+    let overloaded = outcomes
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Err(SendError::Overloaded {
+                    what: "max_buffered_bytes",
+                    ..
+                })
+            )
+        })
+        .count();
+    assert!(
+        overloaded >= 20,
+        "2.5 MiB offered to a 1 MiB buffer: {overloaded} refused"
+    );
+    assert!(producer.stats().buffered_bytes <= 1024 * 1024);
+    emulator.faults().clear();
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn ready_message_is_sent_once_per_connection() {
+    let emulator = start(&["eh1:1"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            ready_message: Some("ready".into()),
+            ..base()
+        },
+    );
+    send_many(&producer, "eh1", 50, |i| Event::text(format!("{i}"))).await;
+    producer.send("eh1", Event::text("more")).await.unwrap();
+    let readies = emulator
+        .partition_events("eh1", "0")
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            body_text(&eventhub_gateway::emulator::decode_stored_event(e).unwrap()) == "ready"
+        })
+        .count();
+    assert_eq!(readies as u64, producer.stats().pool.opened_total);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn pool_get_timeout_is_honoured() {
+    let emulator = start(&["eh1:1", "eh2:1"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            max_size: 1,
+            min_size: 1,
+            client_limit: 1,
+            pool_get_timeout: 0.3,
+            ..base()
+        },
+    );
+    producer
+        .send("eh1", Event::text("holds the only link"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = producer
+        .send("eh2", Event::text("no room"))
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(error, SendError::PoolTimeout { .. }), "{error}");
+    assert!(waited >= Duration::from_millis(300), "waited {waited:?}");
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn idle_links_free_their_slot_and_idle_connections_close() {
+    let emulator = start(&["eh1:1", "eh2:1"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            max_size: 1,
+            min_size: 0,
+            client_limit: 1,
+            max_idle_seconds: 0.3,
+            ..base()
+        },
+    );
+    producer.send("eh1", Event::text("a")).await.unwrap();
+    // eh2 waits for eh1's link to idle out, well within pool_get_timeout.
+    producer
+        .send("eh2", Event::text("b"))
+        .await
+        .expect("the idle link's slot was freed");
+    let started = Instant::now();
+    while producer.stats().pool.ready > 0 && started.elapsed() < TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(producer.stats().pool.ready, 0, "the idle connection closed");
+    producer
+        .send("eh1", Event::text("c"))
+        .await
+        .expect("reopens on demand");
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn connections_past_their_lifespan_are_replaced_without_failures() {
+    let emulator = start(&["eh1:2"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            max_lifespan_seconds: 0.5,
+            linger_ms: 2.0,
+            ..base()
+        },
+    );
+    let producer = Arc::new(producer);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while started.elapsed() < Duration::from_secs(3) {
+        let outcomes =
+            send_many(&producer, "eh1", 50, |i| Event::text(format!("{sent}-{i}"))).await;
+        assert!(
+            outcomes.iter().all(Result::is_ok),
+            "{:?}",
+            outcomes.iter().find(|o| o.is_err())
+        );
+        sent += 50;
+    }
+    assert!(
+        producer.stats().pool.opened_total >= 3,
+        "{:?}",
+        producer.stats()
+    );
+    assert!(stored_events(&emulator, "eh1", 2).len() >= sent);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn connection_create_timeout_bounds_a_silent_peer() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream); // accepted, never answered
+        }
+    });
+    let text = format!(
+        "Endpoint=sb://localhost:{port};SharedAccessKeyName=a;SharedAccessKey=b;UseDevelopmentEmulator=true"
+    );
+    let producer = Producer::from_connection_string(
+        &text,
+        false,
+        Default::default(),
+        ProducerConfig {
+            pool_connection_create_timeout: 0.3,
+            retry_max_attempts: 1,
+            min_size: 0,
+            ..base()
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    let error = producer.send("eh1", Event::text("x")).await.unwrap_err();
+    assert!(
+        error.to_string().contains("pool_connection_create_timeout"),
+        "{error}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    producer.close().await;
+}
+
+/// A fake Entra ID credential: JWT-shaped tokens for Event Hubs, valid `lifetime`, counted. Never reaches a network.
+#[derive(Debug)]
+struct FakeEntraCredential {
+    lifetime: i64,
+    issued: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl azure_core::credentials::TokenCredential for FakeEntraCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        use base64::Engine;
+        assert_eq!(scopes, ["https://eventhubs.azure.net/.default"]);
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let expires = azure_core::time::OffsetDateTime::now_utc().unix_timestamp() + self.lifetime;
+        let encode = |value: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+        };
+        let token = format!(
+            "{}.{}.c2lnbmF0dXJl",
+            encode(serde_json::json!({"alg": "RS256", "typ": "JWT"})),
+            encode(serde_json::json!({"aud": "https://eventhubs.azure.net", "exp": expires}))
+        );
+        Ok(azure_core::credentials::AccessToken::new(
+            token,
+            azure_core::time::OffsetDateTime::from_unix_timestamp(expires).unwrap(),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn entra_id_tokens_authorize_and_are_refreshed() {
+    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
+        accept_jwt: true,
+        ..support::config(&["eh1:1"])
+    })
+    .await;
+    let credential = Arc::new(FakeEntraCredential {
+        lifetime: 3,
+        issued: Default::default(),
+    });
+    let endpoint = eventhub_gateway::producer::Endpoint {
+        host: "localhost".into(),
+        port: emulator.local_addr().port(),
+        transport: eventhub_gateway::producer::Transport::Amqp,
+    };
+    let producer = Producer::new(
+        endpoint,
+        eventhub_gateway::producer::Credential::Entra(credential.clone()),
+        Default::default(),
+        base(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        producer
+            .send("eh1", Event::text("jwt"))
+            .await
+            .expect("no send fails across refreshes");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(credential.issued.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), sent);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn a_shared_access_signature_connection_string_works_until_it_expires() {
+    let emulator = start(&["eh1:1"]).await;
+    let port = emulator.local_addr().port();
+    let signed = |valid_for| {
+        format!(
+            "Endpoint=sb://localhost:{port};SharedAccessSignature={};UseDevelopmentEmulator=true",
+            sas_token("eh1", valid_for)
+        )
+    };
+    let producer = Producer::from_connection_string(
+        &signed(Duration::from_secs(600)),
+        false,
+        Default::default(),
+        base(),
+    )
+    .unwrap();
+    producer
+        .send("eh1", Event::text("signed"))
+        .await
+        .expect("accepted");
+    producer.close().await;
+    let expired = Producer::from_connection_string(
+        &signed(Duration::ZERO),
+        false,
+        Default::default(),
+        base(),
+    )
+    .unwrap();
+    let error = expired.send("eh1", Event::text("late")).await.unwrap_err();
+    assert!(error.to_string().contains("expired"), "{error}");
+    expired.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn the_producer_sends_over_every_transport() {
+    use eventhub_gateway::producer::{Credential, Endpoint, TlsOptions, Transport};
+    let pki = TestPki::generate();
+    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
+        tls: Some(pki.tls_config()),
+        tls_listen: Some(([127, 0, 0, 1], 0).into()),
+        websocket_listen: Some(([127, 0, 0, 1], 0).into()),
+        ..support::config(&["eh1:1"])
+    })
+    .await;
+    for transport in [Transport::Amqp, Transport::Amqps, Transport::WebSockets] {
+        let address = match transport {
+            Transport::Amqp => emulator.local_addr(),
+            Transport::Amqps => emulator.tls_addr().unwrap(),
+            Transport::WebSockets => emulator.websocket_addr().unwrap(),
+        };
+        let endpoint = Endpoint {
+            host: "localhost".into(),
+            port: address.port(),
+            transport,
+        };
+        let credential = Credential::SharedKey {
+            name: "RootManageSharedAccessKey".into(),
+            key: "SAS_KEY_VALUE".into(),
+            token_lifetime: Duration::from_secs(600),
+        };
+        let tls = TlsOptions {
+            extra_root_certificates_pem: vec![pki.ca_pem.clone()],
+        };
+        let producer = Producer::new(endpoint, credential, tls, base()).unwrap();
+        let outcomes = send_many(&producer, "eh1", 100, |i| {
+            Event::text(format!("{transport:?}-{i}"))
+        })
+        .await;
+        assert!(
+            outcomes.iter().all(Result::is_ok),
+            "{transport:?}: {:?}",
+            outcomes.iter().find(|o| o.is_err())
+        );
+        producer.close().await;
+    }
+    assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 300);
+    emulator.shutdown(TIMEOUT).await;
+}
