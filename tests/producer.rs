@@ -834,3 +834,65 @@ async fn the_producer_sends_over_every_transport() {
     assert_eq!(emulator.partition_events("eh1", "0").unwrap().len(), 300);
     emulator.shutdown(TIMEOUT).await;
 }
+
+#[tokio::test]
+async fn events_linger_for_company_then_go_together() {
+    let emulator = start(&["eh1:1"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            linger_ms: 300.0,
+            ..base()
+        },
+    );
+    let started = Instant::now();
+    let outcomes = send_many(&producer, "eh1", 10, |i| Event::text(format!("{i}"))).await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    // A lower bound only: the batch cannot have left before its linger ended.
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        emulator.faults().transfers_seen(),
+        1,
+        "ten events, one batch"
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn many_batches_are_in_flight_on_one_link() {
+    let mut small = support::config(&["eh1:1"]);
+    small.max_message_size = 4096; // three 1 KiB events per batch
+    let emulator = start_with(small).await;
+    emulator
+        .faults()
+        .delay_dispositions(Duration::from_millis(500));
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            max_size: 1,
+            linger_ms: 0.0,
+            max_in_flight_unordered: 8,
+            ..base()
+        },
+    );
+    let sends = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            send_many(&producer, "eh1", 30, |_| Event::binary(vec![1; 1024])).await
+        })
+    };
+    let mut most_in_flight = 0;
+    while !sends.is_finished() {
+        most_in_flight = most_in_flight.max(producer.stats().pool.in_flight);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sends.await.unwrap().iter().all(Result::is_ok));
+    assert_eq!(producer.stats().pool.ready, 1, "one connection");
+    assert!(
+        most_in_flight >= 4,
+        "batches overlapped on one link: at most {most_in_flight} at once"
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
