@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig};
 use eventhub_gateway::producer::{Event, Producer, ProducerConfig};
 
-const SENDERS: usize = 512;
+/// Concurrent senders (each awaits its event's outcome before sending the next); `BENCH_SENDERS` overrides.
+const DEFAULT_SENDERS: usize = 4096;
 const RUN_FOR: Duration = Duration::from_secs(4);
 
 #[derive(Clone, Copy)]
@@ -17,7 +18,7 @@ enum Keys {
     Many(usize),
 }
 
-async fn scenario(size: usize, keys: Keys, local_partitioning: bool) -> (f64, f64) {
+async fn scenario(senders: usize, size: usize, keys: Keys, local_partitioning: bool) -> (f64, f64) {
     let emulator = Emulator::start(EmulatorConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         event_hubs: vec!["bench:8".parse::<HubConfig>().expect("hub spec")],
@@ -38,7 +39,7 @@ async fn scenario(size: usize, keys: Keys, local_partitioning: bool) -> (f64, f6
     let producer = Arc::new(producer);
     let body = Arc::new(vec![b'x'; size]);
     let started = Instant::now();
-    let senders: Vec<_> = (0..SENDERS)
+    let tasks: Vec<_> = (0..senders)
         .map(|sender| {
             let producer = Arc::clone(&producer);
             let body = Arc::clone(&body);
@@ -54,15 +55,15 @@ async fn scenario(size: usize, keys: Keys, local_partitioning: bool) -> (f64, f6
                     }
                     producer.send("bench", event).await.expect("accepted");
                     sent += 1;
-                    i += SENDERS;
+                    i += senders;
                 }
                 sent
             })
         })
         .collect();
     let mut total = 0;
-    for sender in senders {
-        total += sender.await.expect("sender task");
+    for task in tasks {
+        total += task.await.expect("sender task");
     }
     let elapsed = started.elapsed().as_secs_f64();
     producer.close().await;
@@ -73,7 +74,11 @@ async fn scenario(size: usize, keys: Keys, local_partitioning: bool) -> (f64, f6
 
 #[tokio::main]
 async fn main() {
-    println!("{SENDERS} concurrent senders, {RUN_FOR:?} per scenario, emulator in process");
+    let senders = std::env::var("BENCH_SENDERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(DEFAULT_SENDERS);
+    println!("{senders} concurrent senders, {RUN_FOR:?} per scenario, emulator in process");
     println!("{:<34} {:>12} {:>10}", "scenario", "events/s", "MB/s");
     for size in [100, 1024] {
         for (name, keys, local) in [
@@ -82,7 +87,7 @@ async fn main() {
             ("1000 keys (service routing)", Keys::Many(1000), false),
             ("1000 keys (local partitioning)", Keys::Many(1000), true),
         ] {
-            let (events, megabytes) = scenario(size, keys, local).await;
+            let (events, megabytes) = scenario(senders, size, keys, local).await;
             println!(
                 "{:<34} {events:>12.0} {megabytes:>10.1}",
                 format!("{size} B, {name}")
