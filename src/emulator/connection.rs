@@ -18,7 +18,6 @@ use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::Symbol;
 use serde_amqp::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,15 +67,8 @@ pub(crate) struct ConnectionContext {
     pub force_close: Notify,
 }
 
-/// Serves one TCP connection until the client closes it, a fault closes it or the emulator shuts down.
-pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%err, "cannot set TCP_NODELAY");
-    }
-    serve_stream(stream, shared).await;
-}
-
-/// Serves one connection over any byte stream: plain TCP, TLS (AMQPS) or WebSocket messages.
+/// Serves one connection over any byte stream (plain TCP, TLS or WebSocket messages) until the client closes
+/// it, a fault closes it or the emulator shuts down.
 pub(crate) async fn serve_stream<S>(stream: S, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,

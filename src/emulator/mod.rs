@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, SupportedReceiverSettleModes};
 use fe2o3_amqp_types::definitions::ReceiverSettleMode;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
@@ -117,15 +117,20 @@ impl Emulator {
                 .fallback_receiver_settle_mode(ReceiverSettleMode::First)
                 .build(),
         });
-        shared
-            .tasks
-            .spawn(accept_connections(listener, Arc::clone(&shared)));
+        shared.tasks.spawn(accept_connections(
+            listener,
+            Arc::clone(&shared),
+            "amqp",
+            connection::serve_stream::<TcpStream>,
+        ));
         let tls_addr = match (tls_listener, &tls_acceptor) {
             (Some((listener, addr)), Some(acceptor)) => {
-                shared.tasks.spawn(tls::accept_connections(
+                let acceptor = acceptor.clone();
+                shared.tasks.spawn(accept_connections(
                     listener,
-                    acceptor.clone(),
                     Arc::clone(&shared),
+                    "amqps",
+                    move |stream, shared| tls::serve(stream, acceptor.clone(), shared),
                 ));
                 info!(%addr, "emulator listening for AMQPS");
                 Some(addr)
@@ -134,10 +139,11 @@ impl Emulator {
             _ => None,
         };
         let websocket_addr = websocket_listener.map(|(listener, addr)| {
-            shared.tasks.spawn(websocket::accept_connections(
+            shared.tasks.spawn(accept_connections(
                 listener,
-                tls_acceptor,
                 Arc::clone(&shared),
+                "websockets",
+                move |stream, shared| websocket::serve(stream, tls_acceptor.clone(), shared),
             ));
             info!(%addr, path = websocket::WEBSOCKET_PATH, "emulator listening for AMQP over WebSockets");
             addr
@@ -272,13 +278,26 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), EmulatorErr
     Ok((listener, local_addr))
 }
 
-async fn accept_connections(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts connections until shutdown and serves each (TCP_NODELAY set) as a tracked task; `serve` is what the
+/// listener's transport does with the stream: AMQP at once, or a TLS handshake or WebSocket upgrade first.
+async fn accept_connections<F, Fut>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    transport: &'static str,
+    serve: F,
+) where
+    F: Fn(TcpStream, Arc<Shared>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    debug!(%peer, "connection accepted");
-                    shared.tasks.spawn(connection::serve(stream, Arc::clone(&shared)));
+                    debug!(%peer, transport, "connection accepted");
+                    if let Err(err) = stream.set_nodelay(true) {
+                        debug!(%err, "cannot set TCP_NODELAY");
+                    }
+                    shared.tasks.spawn(serve(stream, Arc::clone(&shared)));
                 }
                 Err(err) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -2,13 +2,13 @@
 //! directly on the TCP stream ("alternative TLS establishment", as Event Hubs on 5671 does).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::config::{ConfigError, TlsConfig};
@@ -53,49 +53,34 @@ pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, Config
     Ok(Arc::new(config))
 }
 
-/// Accepts AMQPS connections until shutdown: TLS handshake, then the same serving as plain AMQP.
-pub(crate) async fn accept_connections(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    debug!(%peer, "TLS connection accepted");
-                    shared.tasks.spawn(serve(stream, acceptor.clone(), Arc::clone(&shared)));
-                }
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    debug!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = shared.shutdown.cancelled() => return,
-        }
-    }
-}
-
-async fn serve(stream: tokio::net::TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%err, "cannot set TCP_NODELAY");
-    }
+/// The TLS handshake of an accepted connection, bounded by the handshake timeout and cut short by shutdown;
+/// `None` (logged) when it fails.
+pub(crate) async fn handshake(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    shared: &Shared,
+) -> Option<TlsStream<TcpStream>> {
     // A client that never finishes its handshake is dropped, and shutdown does not wait for it.
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-    let tls_stream = tokio::select! {
+    tokio::select! {
         done = handshake => match done {
-            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Ok(tls_stream)) => Some(tls_stream),
             Ok(Err(err)) => {
                 debug!(%err, "TLS handshake failed");
-                return;
+                None
             }
             Err(_) => {
                 debug!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}; connection dropped");
-                return;
+                None
             }
         },
-        () = shared.shutdown.cancelled() => return,
-    };
-    connection::serve_stream(tls_stream, shared).await;
+        () = shared.shutdown.cancelled() => None,
+    }
+}
+
+/// Serves one AMQPS connection: TLS handshake, then the same serving as plain AMQP.
+pub(crate) async fn serve(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    if let Some(tls_stream) = handshake(stream, &acceptor, &shared).await {
+        connection::serve_stream(tls_stream, shared).await;
+    }
 }

@@ -6,12 +6,11 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -28,47 +27,13 @@ pub const WEBSOCKET_PATH: &str = "/$servicebus/websocket";
 const SUBPROTOCOLS: [&str; 2] = ["AMQPWSB10", "amqp"];
 const SEC_WEBSOCKET_PROTOCOL: &str = "Sec-WebSocket-Protocol";
 
-/// Accepts WebSocket connections until shutdown; each is served like a plain AMQP connection.
-pub(crate) async fn accept_connections(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
-) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    debug!(%peer, "WebSocket connection accepted");
-                    shared.tasks.spawn(serve(stream, tls.clone(), Arc::clone(&shared)));
-                }
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    debug!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = shared.shutdown.cancelled() => return,
-        }
-    }
-}
-
-async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%err, "cannot set TCP_NODELAY");
-    }
+/// Serves one WebSocket connection: TLS handshake when configured (wss), upgrade, then AMQP as usual.
+pub(crate) async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     match tls {
         Some(acceptor) => {
-            // A client that never finishes its handshake is dropped, and shutdown does not wait for it.
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-            let tls_stream = tokio::select! {
-                done = handshake => match done {
-                    Ok(Ok(tls_stream)) => tls_stream,
-                    Ok(Err(err)) => return debug!(%err, "TLS handshake failed"),
-                    Err(_) => return debug!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
-                },
-                () = shared.shutdown.cancelled() => return,
-            };
-            upgrade_and_serve(tls_stream, shared).await;
+            if let Some(tls_stream) = super::tls::handshake(stream, &acceptor, &shared).await {
+                upgrade_and_serve(tls_stream, shared).await;
+            }
         }
         None => upgrade_and_serve(stream, shared).await,
     }
