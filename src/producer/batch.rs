@@ -6,6 +6,7 @@ use fe2o3_amqp_types::messaging::{Body, Data, Message, MessageAnnotations};
 use fe2o3_amqp_types::primitives::{Binary, Symbol};
 use serde_amqp::Value;
 
+use super::error::SendError;
 use crate::eventhubs::message::{AmqpMessage, encode};
 use crate::eventhubs::{BATCH_MESSAGE_FORMAT, annotations};
 
@@ -73,6 +74,19 @@ impl BatchBuilder {
     /// What an event of `len` encoded bytes would weigh alone in a batch.
     pub fn size_alone(partition_key: Option<&str>, len: usize) -> u64 {
         envelope_size(partition_key) + section_size(len)
+    }
+
+    /// Refuses an event that would not fit under `limit` even alone in a batch, naming its size and the limit.
+    pub fn check_fits_alone(
+        partition_key: Option<&str>,
+        len: usize,
+        limit: u64,
+    ) -> Result<(), SendError> {
+        let size = Self::size_alone(partition_key, len);
+        if size > limit {
+            return Err(SendError::TooLarge { size, limit });
+        }
+        Ok(())
     }
 
     /// Adds the event if it fits; gives it back if it does not.

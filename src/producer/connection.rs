@@ -12,11 +12,11 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::auth::TokenCache;
+use super::auth::{AccessToken, TokenCache};
 use super::batch::BatchBuilder;
 use super::error::SendError;
 use super::event::Event;
-use super::link::{Link, LinkSettings};
+use super::link::{DecrementOnDrop, Link, LinkSettings};
 use super::node::NodeClient;
 use super::transport::{ConnectionOptions, Endpoint, TlsOptions, open_connection};
 use crate::eventhubs::{CBS_NODE, MANAGEMENT_NODE};
@@ -227,13 +227,7 @@ impl PooledConnection {
         hub: &str,
         partition: Option<&str>,
     ) -> Result<Arc<Link>, SendError> {
-        struct Reservation<'a>(&'a AtomicUsize);
-        impl Drop for Reservation<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let _reservation = Reservation(&self.attaching);
+        let _reservation = DecrementOnDrop(&self.attaching);
         let address = link_address(hub, partition);
         self.authorize(hub).await?;
         let mut session = self.session.lock().await;
@@ -258,11 +252,8 @@ impl PooledConnection {
         Ok(link)
     }
 
-    /// Puts the hub's token on this connection and keeps it fresh from the cache.
-    async fn authorize(self: &Arc<Self>, hub: &str) -> Result<(), SendError> {
-        if self.authorized.lock().contains(hub) {
-            return Ok(());
-        }
+    /// The hub's audience and its current token from the shared cache (waiting at most the request timeout).
+    async fn hub_token(&self, hub: &str) -> Result<(String, Arc<AccessToken>), SendError> {
         let audience = self.context.audience(hub);
         let token = self
             .context
@@ -270,6 +261,15 @@ impl PooledConnection {
             .token(&audience, self.context.request_timeout)
             .await
             .map_err(|e| SendError::Auth(e.to_string()))?;
+        Ok((audience, token))
+    }
+
+    /// Puts the hub's token on this connection and keeps it fresh from the cache.
+    async fn authorize(self: &Arc<Self>, hub: &str) -> Result<(), SendError> {
+        if self.authorized.lock().contains(hub) {
+            return Ok(());
+        }
+        let (audience, token) = self.hub_token(hub).await?;
         self.cbs
             .lock()
             .await
@@ -349,13 +349,7 @@ impl PooledConnection {
         hub: &str,
         partition: Option<&str>,
     ) -> Result<serde_amqp::Value, SendError> {
-        let audience = self.context.audience(hub);
-        let token = self
-            .context
-            .tokens
-            .token(&audience, self.context.request_timeout)
-            .await
-            .map_err(|e| SendError::Auth(e.to_string()))?;
+        let (_, token) = self.hub_token(hub).await?;
         let mut management = self.management.lock().await;
         if management.is_none() {
             let mut session = self.session.lock().await;

@@ -152,14 +152,8 @@ impl Link {
 
     /// Sends one batch and waits for its disposition.
     pub async fn send(&self, transfer: Arc<Transfer>) -> Result<(), SendError> {
-        struct LoadGuard<'a>(&'a AtomicUsize);
-        impl Drop for LoadGuard<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
         self.load.fetch_add(1, Ordering::Relaxed);
-        let _guard = LoadGuard(&self.load);
+        let _guard = DecrementOnDrop(&self.load);
         *self.last_used.lock() = Instant::now();
         let lost = || SendError::Connection(format!("the link to {} closed", self.address));
         let (reply, outcome) = oneshot::channel();
@@ -168,6 +162,15 @@ impl Link {
             .await
             .map_err(|_| lost())?;
         outcome.await.unwrap_or_else(|_| Err(lost()))
+    }
+}
+
+/// Takes one back from a counter when dropped, however the holder's future ends (done, failed or cancelled).
+pub(crate) struct DecrementOnDrop<'a>(pub(crate) &'a AtomicUsize);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -257,14 +257,7 @@ impl Producer {
             target,
         };
         if let Some(limit) = inner.limits.lock().get(hub).copied() {
-            let partition_key = match &key.target {
-                Target::Key(k) => Some(k.as_str()),
-                _ => None,
-            };
-            let size = BatchBuilder::size_alone(partition_key, encoded.len());
-            if size > limit {
-                return Err(SendError::TooLarge { size, limit });
-            }
+            BatchBuilder::check_fits_alone(key.target.partition_key(), encoded.len(), limit)?;
         }
         let weight = u32::try_from(encoded.len()).unwrap_or(u32::MAX).max(1);
         let permit = match tokio::time::timeout_at(
@@ -441,11 +434,10 @@ impl RouteHost for Inner {
             if let Some(limit) = self.limits.lock().get(&key.hub).copied() {
                 return Ok(limit);
             }
-            let partition = match &key.target {
-                Target::Partition(id) => Some(id.as_str()),
-                _ => None,
-            };
-            let link = self.pool.link(&key.hub, partition, deadline).await?;
+            let link = self
+                .pool
+                .link(&key.hub, key.target.partition_id(), deadline)
+                .await?;
             let limit = link.max_message_size();
             self.limits.lock().insert(key.hub.clone(), limit);
             Ok(limit)

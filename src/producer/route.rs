@@ -31,6 +31,24 @@ pub enum Target {
     Partition(String),
 }
 
+impl Target {
+    /// The partition key every event of the route carries.
+    pub fn partition_key(&self) -> Option<&str> {
+        match self {
+            Self::Key(key) => Some(key),
+            _ => None,
+        }
+    }
+
+    /// The partition the route sends to.
+    pub fn partition_id(&self) -> Option<&str> {
+        match self {
+            Self::Partition(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
 /// A route: a hub and a target.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RouteKey {
@@ -221,14 +239,8 @@ pub async fn run_route<H: RouteHost>(
     own_sender: mpsc::WeakSender<Pending>,
     settings: RouteSettings,
 ) {
-    let partition: Option<Arc<str>> = match &key.target {
-        Target::Partition(id) => Some(Arc::from(id.as_str())),
-        _ => None,
-    };
-    let partition_key = match &key.target {
-        Target::Key(k) => Some(k.clone()),
-        _ => None,
-    };
+    let partition: Option<Arc<str>> = key.target.partition_id().map(Arc::from);
+    let partition_key = key.target.partition_key().map(str::to_owned);
     let receipt = Receipt {
         partition_id: partition.as_deref().map(str::to_owned),
     };
@@ -265,9 +277,8 @@ pub async fn run_route<H: RouteHost>(
                             }
                         },
                     };
-                    let alone = BatchBuilder::size_alone(partition_key.as_deref(), event.encoded.len());
-                    if alone > event_limit {
-                        let _ = event.reply.send(Err(SendError::TooLarge { size: alone, limit: event_limit }));
+                    if let Err(error) = BatchBuilder::check_fits_alone(partition_key.as_deref(), event.encoded.len(), event_limit) {
+                        let _ = event.reply.send(Err(error));
                         continue;
                     }
                     let mut encoded = event.encoded;
