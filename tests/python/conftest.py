@@ -13,6 +13,16 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 BINARY = os.environ.get("EVENTHUB_GATEWAY_BIN", str(REPO / "target" / "debug" / "eventhub-gateway"))
 
 
+def stop_process(process):
+    """Terminates a child process, killing it if it does not exit within 5 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Emulator:
     """A running `eventhub-gateway emulator` process."""
 
@@ -36,12 +46,7 @@ class Emulator:
         return self.connection_string.replace("SharedAccessKey=SAS_KEY_VALUE", f"SharedAccessKey={key}")
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 @pytest.fixture(scope="session")

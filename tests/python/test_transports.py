@@ -9,7 +9,7 @@ import pytest
 from azure.eventhub import EventData, TransportType
 from azure.eventhub.exceptions import ConnectError, EventHubError
 
-from conftest import BINARY, producer, read_partition
+from conftest import BINARY, producer, read_partition, stop_process
 
 KEY = "SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE"
 # No UseDevelopmentEmulator: the SDK then uses TLS, as against the service.
@@ -75,12 +75,7 @@ class TlsEmulator:
             raise RuntimeError(f"the emulator did not report its TLS listeners: {self.lines}")
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 @pytest.fixture
