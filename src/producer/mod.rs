@@ -46,12 +46,6 @@ use crate::eventhubs::partition::partition_for_key;
 
 /// The retry-after hint of an overload error.
 const OVERLOAD_RETRY_AFTER: Duration = Duration::from_secs(1);
-/// Plain AMQP port of emulators.
-const EMULATOR_PORT: u16 = 5672;
-/// AMQPS port.
-const AMQPS_PORT: u16 = 5671;
-/// WebSockets port.
-const WEBSOCKETS_PORT: u16 = 443;
 
 /// Why a producer could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -102,16 +96,16 @@ struct Inner {
 
 /// The endpoint a connection string points at: plain AMQP for emulators, AMQPS (or WebSockets) otherwise.
 pub fn endpoint_for(connection: &ConnectionString, websockets: bool) -> Endpoint {
-    let (transport, default_port) = if connection.use_development_emulator {
-        (Transport::Amqp, EMULATOR_PORT)
+    let transport = if connection.use_development_emulator {
+        Transport::Amqp
     } else if websockets {
-        (Transport::WebSockets, WEBSOCKETS_PORT)
+        Transport::WebSockets
     } else {
-        (Transport::Amqps, AMQPS_PORT)
+        Transport::Amqps
     };
     Endpoint {
         host: connection.host.clone(),
-        port: connection.port.unwrap_or(default_port),
+        port: connection.port.unwrap_or(transport.default_port()),
         transport,
     }
 }
