@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use eventhub_gateway::emulator::{Emulator, EmulatorConfig};
@@ -11,41 +10,9 @@ use eventhub_gateway::producer::transport::{
     ConnectionOptions, Endpoint, TlsOptions, Transport, TransportError, open_connection,
 };
 use fe2o3_amqp_types::messaging::Outcome;
-use support::{Client, TIMEOUT, TestPki, batch, body_text, event};
-
-fn loopback() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
-/// An emulator with all three listeners, its certificate signed by `pki`'s CA.
-async fn start_with_tls(pki: &TestPki) -> Emulator {
-    support::start_with(EmulatorConfig {
-        tls: Some(pki.tls_config()),
-        tls_listen: loopback(),
-        websocket_listen: loopback(),
-        ..support::config(&["eh1:2"])
-    })
-    .await
-}
-
-fn endpoint(emulator: &Emulator, transport: Transport) -> Endpoint {
-    let addr = match transport {
-        Transport::Amqp => emulator.local_addr(),
-        Transport::Amqps => emulator.tls_addr().expect("a TLS listener"),
-        Transport::WebSockets => emulator.websocket_addr().expect("a WebSocket listener"),
-    };
-    Endpoint {
-        host: "localhost".into(),
-        port: addr.port(),
-        transport,
-    }
-}
-
-fn trusting(pki: &TestPki) -> TlsOptions {
-    TlsOptions {
-        extra_root_certificates_pem: vec![pki.ca_pem.clone()],
-    }
-}
+use support::{
+    Client, TIMEOUT, TestPki, batch, body_text, endpoint, event, loopback, start_with_tls, trusting,
+};
 
 async fn open(endpoint: &Endpoint, tls: &TlsOptions) -> Result<Client, TransportError> {
     let connection = tokio::time::timeout(
@@ -62,7 +29,7 @@ async fn open(endpoint: &Endpoint, tls: &TlsOptions) -> Result<Client, Transport
 #[tokio::test]
 async fn every_transport_carries_cbs_and_a_batch_to_storage() {
     let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki).await;
+    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
     let tls = trusting(&pki);
     for transport in [Transport::Amqp, Transport::Amqps, Transport::WebSockets] {
         let mut client = open(&endpoint(&emulator, transport), &tls)
@@ -101,7 +68,7 @@ async fn every_transport_carries_cbs_and_a_batch_to_storage() {
 #[tokio::test]
 async fn a_client_that_does_not_trust_the_ca_fails_the_tls_handshake() {
     let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki).await;
+    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
     let stranger = TestPki::generate();
     for transport in [Transport::Amqps, Transport::WebSockets] {
         for tls in [TlsOptions::default(), trusting(&stranger)] {
@@ -183,7 +150,7 @@ async fn websocket_upgrades_elsewhere_than_the_service_path_are_refused() {
 #[tokio::test]
 async fn a_tls_server_that_does_not_speak_websocket_is_a_websocket_error() {
     let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki).await;
+    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
     // The AMQPS port completes TLS, then answers the HTTP upgrade request with an AMQP header.
     let amqps_as_websocket = Endpoint {
         transport: Transport::WebSockets,
@@ -227,7 +194,7 @@ async fn tls_configuration_errors_name_the_field() {
 #[tokio::test]
 async fn shutdown_closes_the_tls_and_websocket_listeners() {
     let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki).await;
+    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
     let tls_addr = emulator.tls_addr().unwrap();
     let websocket_addr = emulator.websocket_addr().unwrap();
     // Connections open on both transports end with the emulator, well inside the grace period.

@@ -791,35 +791,22 @@ async fn a_shared_access_signature_connection_string_works_until_it_expires() {
 
 #[tokio::test]
 async fn the_producer_sends_over_every_transport() {
-    use eventhub_gateway::producer::{Credential, Endpoint, TlsOptions, Transport};
+    use eventhub_gateway::producer::{Credential, Transport};
     let pki = TestPki::generate();
-    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
-        tls: Some(pki.tls_config()),
-        tls_listen: Some(([127, 0, 0, 1], 0).into()),
-        websocket_listen: Some(([127, 0, 0, 1], 0).into()),
-        ..support::config(&["eh1:1"])
-    })
-    .await;
+    let emulator = start_with_tls(&pki, &["eh1:1"]).await;
     for transport in [Transport::Amqp, Transport::Amqps, Transport::WebSockets] {
-        let address = match transport {
-            Transport::Amqp => emulator.local_addr(),
-            Transport::Amqps => emulator.tls_addr().unwrap(),
-            Transport::WebSockets => emulator.websocket_addr().unwrap(),
-        };
-        let endpoint = Endpoint {
-            host: "localhost".into(),
-            port: address.port(),
-            transport,
-        };
         let credential = Credential::SharedKey {
             name: "RootManageSharedAccessKey".into(),
             key: "SAS_KEY_VALUE".into(),
             token_lifetime: Duration::from_secs(600),
         };
-        let tls = TlsOptions {
-            extra_root_certificates_pem: vec![pki.ca_pem.clone()],
-        };
-        let producer = Producer::new(endpoint, credential, tls, base()).unwrap();
+        let producer = Producer::new(
+            endpoint(&emulator, transport),
+            credential,
+            trusting(&pki),
+            base(),
+        )
+        .unwrap();
         let outcomes = send_many(&producer, "eh1", 100, |i| {
             Event::text(format!("{transport:?}-{i}"))
         })

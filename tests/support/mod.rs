@@ -431,3 +431,44 @@ pub fn stored_events(
     }
     all
 }
+
+/// A free loopback address for an extra listener.
+pub fn loopback() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// An emulator with these hubs and all three listeners, its certificate signed by `pki`'s CA.
+pub async fn start_with_tls(pki: &TestPki, hubs: &[&str]) -> Emulator {
+    start_with(eventhub_gateway::emulator::EmulatorConfig {
+        tls: Some(pki.tls_config()),
+        tls_listen: loopback(),
+        websocket_listen: loopback(),
+        ..config(hubs)
+    })
+    .await
+}
+
+/// Where the emulator listens for this transport, as `localhost`.
+pub fn endpoint(
+    emulator: &Emulator,
+    transport: eventhub_gateway::producer::Transport,
+) -> eventhub_gateway::producer::Endpoint {
+    use eventhub_gateway::producer::Transport;
+    let addr = match transport {
+        Transport::Amqp => emulator.local_addr(),
+        Transport::Amqps => emulator.tls_addr().expect("a TLS listener"),
+        Transport::WebSockets => emulator.websocket_addr().expect("a WebSocket listener"),
+    };
+    eventhub_gateway::producer::Endpoint {
+        host: "localhost".into(),
+        port: addr.port(),
+        transport,
+    }
+}
+
+/// TLS options that trust `pki`'s CA.
+pub fn trusting(pki: &TestPki) -> eventhub_gateway::producer::TlsOptions {
+    eventhub_gateway::producer::TlsOptions {
+        extra_root_certificates_pem: vec![pki.ca_pem.clone()],
+    }
+}
