@@ -883,3 +883,34 @@ async fn many_batches_are_in_flight_on_one_link() {
     producer.close().await;
     emulator.shutdown(TIMEOUT).await;
 }
+
+#[tokio::test]
+async fn the_rate_limit_paces_batches_and_every_event_still_arrives() {
+    let emulator = start(&["eh1:2"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            rate_limit_events_per_second: Some(400),
+            rate_limit_bytes_per_second: Some(1_000_000),
+            ..base()
+        },
+    );
+    let started = Instant::now();
+    let outcomes = send_many(&producer, "eh1", 1000, |i| Event::text(format!("e-{i}"))).await;
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    assert_eq!(
+        emulator.partition_events("eh1", "0").unwrap().len()
+            + emulator.partition_events("eh1", "1").unwrap().len(),
+        1000
+    );
+    assert!(producer.stats().rate_limited_batches > 0);
+    // A bucket holds one second of the rate: 1000 events at 400/s cannot all go in under 1.5 s (a lower bound,
+    // safe on a slow machine).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}

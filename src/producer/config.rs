@@ -1,9 +1,13 @@
 //! Every knob of the producer, with the pooled Python producer's names where it had one, defaults, and one
 //! validation that names the field at fault.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::throttle::Throttle;
 
 /// How the producer pools, batches, retries and bounds memory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +57,10 @@ pub struct ProducerConfig {
     pub token_refresh_fraction: f64,
     /// AMQP idle timeout announced to the service, seconds (heartbeats at half of it); under Azure's 240 s TCP cut.
     pub idle_timeout_seconds: f64,
+    /// Most events per second sent to Event Hubs, across all hubs; unlimited when unset.
+    pub rate_limit_events_per_second: Option<u32>,
+    /// Most encoded bytes per second sent to Event Hubs, across all hubs; unlimited when unset.
+    pub rate_limit_bytes_per_second: Option<u32>,
 }
 
 impl Default for ProducerConfig {
@@ -80,6 +88,8 @@ impl Default for ProducerConfig {
             sas_token_lifetime_seconds: 3600.0,
             token_refresh_fraction: 0.9,
             idle_timeout_seconds: 120.0,
+            rate_limit_events_per_second: None,
+            rate_limit_bytes_per_second: None,
         }
     }
 }
@@ -179,10 +189,30 @@ impl ProducerConfig {
                 "must stay under Azure's 240 s idle TCP cut (at most 230)",
             );
         }
+        if self.rate_limit_events_per_second == Some(0) {
+            return fail(
+                "rate_limit_events_per_second",
+                "must be at least 1 when set (leave it unset for no limit)",
+            );
+        }
+        if self.rate_limit_bytes_per_second == Some(0) {
+            return fail(
+                "rate_limit_bytes_per_second",
+                "must be at least 1 when set (leave it unset for no limit)",
+            );
+        }
         if self.ready_message.as_deref() == Some("") {
             return fail("ready_message", "must not be empty when set");
         }
         Ok(())
+    }
+
+    /// The rate limit toward Event Hubs, if any.
+    pub fn throttle(&self) -> Option<Arc<Throttle>> {
+        Throttle::new(
+            self.rate_limit_events_per_second.and_then(NonZeroU32::new),
+            self.rate_limit_bytes_per_second.and_then(NonZeroU32::new),
+        )
     }
 
     /// `max_idle_seconds` as a duration.
@@ -291,6 +321,13 @@ mod tests {
                     ..Default::default()
                 },
                 "idle_timeout_seconds",
+            ),
+            (
+                ProducerConfig {
+                    rate_limit_events_per_second: Some(0),
+                    ..Default::default()
+                },
+                "rate_limit_events_per_second",
             ),
             (
                 ProducerConfig {

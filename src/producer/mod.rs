@@ -13,6 +13,7 @@ pub mod node;
 pub mod pool;
 pub mod properties;
 pub mod route;
+pub mod throttle;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -41,6 +42,7 @@ use connection::ConnectionContext;
 use link::LinkSettings;
 use pool::Pool;
 use route::{Pending, RouteHost, RouteKey, RouteSettings, SendStack, Target};
+use throttle::Throttle;
 
 use crate::eventhubs::partition::partition_for_key;
 
@@ -71,6 +73,8 @@ pub struct ProducerStats {
     pub token_refreshes: u64,
     /// Token fetches that failed.
     pub token_failures: u64,
+    /// Batches that waited for the rate limit toward Event Hubs.
+    pub rate_limited_batches: u64,
 }
 
 /// A cheap-to-clone handle to a pooled producer.
@@ -83,6 +87,7 @@ struct Inner {
     config: ProducerConfig,
     pool: Arc<Pool>,
     stack: SendStack,
+    throttle: Option<Arc<Throttle>>,
     tokens: Arc<TokenCache>,
     routes: Mutex<HashMap<RouteKey, mpsc::Sender<Pending>>>,
     route_settings: RouteSettings,
@@ -168,14 +173,19 @@ impl Producer {
             max_attempts: config.retry_max_attempts,
             initial_backoff: config.initial_backoff(),
             max_backoff: config.max_backoff(),
+            max_batch_events: config
+                .rate_limit_events_per_second
+                .map_or(usize::MAX, |rate| rate as usize),
         };
-        let stack = route::send_stack(Arc::clone(&pool), &route_settings);
+        let throttle = config.throttle();
+        let stack = route::send_stack(Arc::clone(&pool), throttle.clone(), &route_settings);
         Ok(Self {
             inner: Arc::new(Inner {
                 buffer: Arc::new(Semaphore::new(config.max_buffered_bytes as usize)),
                 config,
                 pool,
                 stack,
+                throttle,
                 tokens,
                 routes: Mutex::new(HashMap::new()),
                 route_settings,
@@ -367,6 +377,10 @@ impl Producer {
             routes: inner.routes.lock().len(),
             token_refreshes,
             token_failures,
+            rate_limited_batches: inner
+                .throttle
+                .as_ref()
+                .map_or(0, |throttle| throttle.waits()),
         }
     }
 

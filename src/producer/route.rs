@@ -13,12 +13,13 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
-use tower::ServiceExt;
 use tower::retry::{Policy, Retry};
+use tower::{ServiceBuilder, ServiceExt};
 
 use super::batch::{BatchBuilder, Transfer};
 use super::error::SendError;
 use super::pool::Pool;
+use super::throttle::{RateLimit, RateLimitLayer, Throttle};
 
 /// Where a route's batches go within a hub.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +93,8 @@ pub struct RouteSettings {
     pub initial_backoff: Duration,
     /// Longest retry pause.
     pub max_backoff: Duration,
+    /// Most events in one batch (the events-per-second rate limit, so one batch never outruns its bucket).
+    pub max_batch_events: usize,
 }
 
 /// A batch request of the send stack; cloning it for a retry clones pointers, not events.
@@ -100,7 +103,26 @@ pub struct BatchRequest {
     hub: Arc<str>,
     partition: Option<Arc<str>>,
     transfer: Arc<Transfer>,
+    events: u64,
+    bytes: u64,
     deadline: Instant,
+}
+
+impl BatchRequest {
+    /// Events in the batch.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Encoded size of the batch, bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// When the batch's most urgent caller stops waiting.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
 }
 
 /// The innermost service: a pooled link, bounded by the batch's deadline.
@@ -186,20 +208,25 @@ impl Policy<BatchRequest, (), SendError> for RetryPolicy {
     }
 }
 
-/// The send stack: retry -> deadline-bounded link.
-pub type SendStack = Retry<RetryPolicy, LinkService>;
+/// The send stack: rate limit (optional) -> retry -> deadline-bounded link.
+pub type SendStack = RateLimit<Retry<RetryPolicy, LinkService>>;
 
 /// Builds the send stack over a pool.
-pub fn send_stack(pool: Arc<Pool>, settings: &RouteSettings) -> SendStack {
-    Retry::new(
-        RetryPolicy {
-            attempts: 0,
-            max_attempts: settings.max_attempts,
-            initial_backoff: settings.initial_backoff,
-            max_backoff: settings.max_backoff,
-        },
-        LinkService { pool },
-    )
+pub fn send_stack(
+    pool: Arc<Pool>,
+    throttle: Option<Arc<Throttle>>,
+    settings: &RouteSettings,
+) -> SendStack {
+    let retry = RetryPolicy {
+        attempts: 0,
+        max_attempts: settings.max_attempts,
+        initial_backoff: settings.initial_backoff,
+        max_backoff: settings.max_backoff,
+    };
+    ServiceBuilder::new()
+        .layer(RateLimitLayer::new(throttle))
+        .retry(retry)
+        .service(LinkService { pool })
 }
 
 struct OpenBatch {
@@ -247,7 +274,7 @@ pub async fn run_route<H: RouteHost>(
     let hub: Arc<str> = Arc::from(key.hub.as_str());
     let mut limit: Option<u64> = None;
     let mut open: Option<OpenBatch> = None;
-    let mut ready: VecDeque<(Arc<Transfer>, Waiters, Instant)> = VecDeque::new();
+    let mut ready: VecDeque<Sealed> = VecDeque::new();
     let mut in_flight = FuturesUnordered::new();
     let mut closed = false;
     let mut last_activity = Instant::now();
@@ -294,7 +321,7 @@ pub async fn run_route<H: RouteHost>(
                             Err(back) => {
                                 encoded = back;
                                 if let Some(full) = open.take() {
-                                    ready.push_back(seal(full));
+                                    ready.push_back(seal(full, &hub, &partition));
                                 }
                             }
                         }
@@ -302,12 +329,17 @@ pub async fn run_route<H: RouteHost>(
                     if let Some(batch) = open.as_mut() {
                         batch.deadline = batch.deadline.min(event.deadline);
                         batch.waiters.push((event.reply, event.permit));
+                        if batch.builder.len() >= settings.max_batch_events
+                            && let Some(full) = open.take()
+                        {
+                            ready.push_back(seal(full, &hub, &partition));
+                        }
                     }
                 }
             },
             () = sleep_until_opt(seal_at), if seal_at.is_some() => {
                 if let Some(batch) = open.take() {
-                    ready.push_back(seal(batch));
+                    ready.push_back(seal(batch, &hub, &partition));
                 }
             }
             () = tokio::time::sleep_until((last_activity + settings.idle_exit).into()),
@@ -321,17 +353,11 @@ pub async fn run_route<H: RouteHost>(
             }
         }
         if closed && let Some(batch) = open.take() {
-            ready.push_back(seal(batch)); // closing: no lingering
+            ready.push_back(seal(batch, &hub, &partition)); // closing: no lingering
         }
         while in_flight.len() < settings.max_in_flight
-            && let Some((transfer, waiters, deadline)) = ready.pop_front()
+            && let Some(Sealed { request, waiters }) = ready.pop_front()
         {
-            let request = BatchRequest {
-                hub: Arc::clone(&hub),
-                partition: partition.clone(),
-                transfer,
-                deadline,
-            };
             let stack = host.stack();
             in_flight.push(async move { (stack.oneshot(request).await, waiters) });
         }
@@ -341,12 +367,26 @@ pub async fn run_route<H: RouteHost>(
     }
 }
 
-fn seal(batch: OpenBatch) -> (Arc<Transfer>, Waiters, Instant) {
-    (
-        Arc::new(batch.builder.into_transfer()),
-        batch.waiters,
-        batch.deadline,
-    )
+/// A batch ready to go: its request and its callers.
+struct Sealed {
+    request: BatchRequest,
+    waiters: Waiters,
+}
+
+fn seal(batch: OpenBatch, hub: &Arc<str>, partition: &Option<Arc<str>>) -> Sealed {
+    let events = batch.builder.len() as u64;
+    let bytes = batch.builder.size();
+    Sealed {
+        request: BatchRequest {
+            hub: Arc::clone(hub),
+            partition: partition.clone(),
+            transfer: Arc::new(batch.builder.into_transfer()),
+            events,
+            bytes,
+            deadline: batch.deadline,
+        },
+        waiters: batch.waiters,
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
