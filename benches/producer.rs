@@ -78,6 +78,8 @@ async fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_SENDERS);
+    // BENCH_ONLY=text runs only the scenarios whose name contains it (to profile one).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     println!("{senders} concurrent senders, {RUN_FOR:?} per scenario, emulator in process");
     println!("{:<34} {:>12} {:>10}", "scenario", "events/s", "MB/s");
     for size in [100, 1024] {
@@ -87,11 +89,12 @@ async fn main() {
             ("1000 keys (service routing)", Keys::Many(1000), false),
             ("1000 keys (local partitioning)", Keys::Many(1000), true),
         ] {
+            let label = format!("{size} B, {name}");
+            if !label.contains(&only) {
+                continue;
+            }
             let (events, megabytes) = scenario(senders, size, keys, local).await;
-            println!(
-                "{:<34} {events:>12.0} {megabytes:>10.1}",
-                format!("{size} B, {name}")
-            );
+            println!("{label:<34} {events:>12.0} {megabytes:>10.1}");
         }
     }
 }
