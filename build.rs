@@ -1,7 +1,14 @@
 //! Compiles `proto/` with protox (a pure-Rust protobuf compiler: no system `protoc`) and tonic-prost-build.
+//!
+//! Besides the gateway's API this compiles the vendored `google.rpc` protos that the API's error model
+//! uses (`Status`, `Code`, and the error details), so they land in `OUT_DIR/google.rpc.rs`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/eventhub/gateway/v1/gateway.proto"];
+    let protos = [
+        "proto/eventhub/gateway/v1/gateway.proto",
+        "proto/google/rpc/code.proto",
+        "proto/google/rpc/error_details.proto",
+    ];
     let file_descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure().compile_fds(file_descriptors)?;
     println!("cargo:rerun-if-changed=proto");

@@ -1,7 +1,29 @@
 //! The generated protobuf types and gRPC service stubs of `proto/`.
+//!
+//! The modules nest as the protobuf packages do: prost names a type of another package by a relative
+//! path, so `eventhub.gateway.v1` reaches `google.rpc.Status` as `super::super::super::google::rpc::Status`.
+//! `google.protobuf` types map to `prost_types`.
 
-/// `eventhub.gateway.v1`: the gateway's public API.
-#[allow(clippy::all, missing_docs)]
-pub mod v1 {
-    tonic::include_proto!("eventhub.gateway.v1");
+/// The gateway's own packages.
+pub mod eventhub {
+    /// `eventhub.gateway`.
+    pub mod gateway {
+        /// `eventhub.gateway.v1`: the gateway's public API.
+        #[allow(clippy::all, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("eventhub.gateway.v1");
+        }
+    }
 }
+
+/// Google's packages that the API uses.
+pub mod google {
+    /// `google.rpc`: `Status`, `Code` and the error details (`ErrorInfo`, `BadRequest`, `RetryInfo`,
+    /// `QuotaFailure`, ...), vendored under `proto/google/rpc/`.
+    #[allow(clippy::all, missing_docs)]
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+pub use eventhub::gateway::v1;
