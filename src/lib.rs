@@ -2,5 +2,6 @@
 
 pub mod emulator;
 pub mod eventhubs;
+pub mod middleware;
 pub mod producer;
 pub mod proto;

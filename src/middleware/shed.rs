@@ -1,0 +1,428 @@
+//! Load shedding: a cap on the calls in flight across the whole server, past which a call is answered at once
+//! with a fixed gRPC status instead of being queued.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{Layer, Service};
+
+/// Sheds calls beyond a number in flight; clones share one limit and one set of counters.
+#[derive(Clone, Debug)]
+pub struct LoadShedLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    permits: Arc<Semaphore>,
+    max_concurrent_calls: usize,
+    rejection: tonic::Status,
+    shed: AtomicU64,
+}
+
+impl LoadShedLayer {
+    /// A layer letting `max_concurrent_calls` calls in at once (capped at [`Semaphore::MAX_PERMITS`]; 0 sheds
+    /// every call) and answering the others with `rejection`.
+    pub fn new(max_concurrent_calls: usize, rejection: tonic::Status) -> Self {
+        // More than MAX_PERMITS would panic in the semaphore; that many calls is no limit anyway.
+        let max_concurrent_calls = max_concurrent_calls.min(Semaphore::MAX_PERMITS);
+        Self {
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(max_concurrent_calls)),
+                max_concurrent_calls,
+                rejection,
+                shed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Calls rejected so far.
+    pub fn shed_total(&self) -> u64 {
+        self.shared.shed.load(Ordering::Relaxed)
+    }
+
+    /// Calls in flight now (from their start until their response body is finished or dropped).
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .max_concurrent_calls
+            .saturating_sub(self.shared.permits.available_permits())
+    }
+
+    /// The most calls in flight at once.
+    pub fn max_concurrent_calls(&self) -> usize {
+        self.shared.max_concurrent_calls
+    }
+}
+
+impl<S> Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+
+    fn layer(&self, inner: S) -> LoadShed<S> {
+        LoadShed {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service of [`LoadShedLayer`].
+#[derive(Clone, Debug)]
+pub struct LoadShed<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for LoadShed<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = Response<PermitBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ShedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match self.shared.permits.clone().try_acquire_owned() {
+            Ok(permit) => ShedFuture {
+                state: State::Called {
+                    inner: self.inner.call(request),
+                    permit: Some(permit),
+                },
+            },
+            // The semaphore is never closed, so no permit always means "full".
+            Err(_) => {
+                self.shared.shed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    max_concurrent_calls = self.shared.max_concurrent_calls,
+                    "call shed"
+                );
+                ShedFuture {
+                    state: State::Rejected {
+                        status: self.shared.rejection.clone(),
+                    },
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`LoadShed`]: the inner call's, or an immediate rejection.
+    pub struct ShedFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called {
+            #[pin]
+            inner: F,
+            permit: Option<OwnedSemaphorePermit>,
+        },
+        Rejected {
+            status: tonic::Status,
+        },
+    }
+}
+
+impl<F, ResBody, E> Future for ShedFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Default,
+{
+    type Output = Result<Response<PermitBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Called { inner, permit } => {
+                let result = ready!(inner.poll(cx));
+                // A failed call frees its permit now; a response keeps it until its body is done.
+                let permit = permit.take();
+                Poll::Ready(
+                    result.map(|response| response.map(|inner| PermitBody { inner, permit })),
+                )
+            }
+            // Trailers-only: grpc-status, grpc-message and grpc-status-details-bin in the headers, no body.
+            StateProj::Rejected { status } => Poll::Ready(Ok(status
+                .clone()
+                .into_http::<ResBody>()
+                .map(|inner| PermitBody {
+                    inner,
+                    permit: None,
+                }))),
+        }
+    }
+}
+
+pin_project! {
+    /// A response body holding its call's place in the limit until it ends or is dropped, so a streaming call
+    /// counts for its whole life, not just until its headers.
+    pub struct PermitBody<B> {
+        #[pin]
+        inner: B,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<B: Default> Default for PermitBody<B> {
+    fn default() -> Self {
+        Self {
+            inner: B::default(),
+            permit: None,
+        }
+    }
+}
+
+impl<B: Body> Body for PermitBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        // The call is over once its body has ended or failed, even if the server keeps the body a while longer.
+        let finished = match &frame {
+            None | Some(Err(_)) => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+        };
+        if finished {
+            this.permit.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+    use tonic::Code;
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    /// A body that stays open until its sender is dropped; the default one is empty, as tonic's is.
+    #[derive(Default)]
+    struct OpenBody {
+        frames: Option<mpsc::Receiver<Bytes>>,
+    }
+
+    impl Body for OpenBody {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match &mut self.frames {
+                Some(frames) => frames
+                    .poll_recv(cx)
+                    .map(|data| data.map(|data| Ok(Frame::data(data)))),
+                None => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.frames.is_none()
+        }
+    }
+
+    /// A shedding service over an inner one that counts its calls and answers with open bodies whose senders
+    /// go to `senders`.
+    fn service(
+        layer: &LoadShedLayer,
+        calls: Arc<AtomicUsize>,
+        senders: mpsc::UnboundedSender<mpsc::Sender<Bytes>>,
+    ) -> impl Service<Request<()>, Response = Response<PermitBody<OpenBody>>, Error = Infallible> + Clone
+    {
+        layer.layer(service_fn(move |_: Request<()>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let (sender, frames) = mpsc::channel(1);
+            let _ = senders.send(sender);
+            async move {
+                Ok::<_, Infallible>(Response::new(OpenBody {
+                    frames: Some(frames),
+                }))
+            }
+        }))
+    }
+
+    async fn next_frame(body: &mut PermitBody<OpenBody>) -> Option<Bytes> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+            .await
+            .map(|frame| frame.unwrap().into_data().unwrap())
+    }
+
+    fn grpc_status(response: &Response<PermitBody<OpenBody>>) -> Option<&str> {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok())
+    }
+
+    #[tokio::test]
+    async fn third_call_is_shed_while_two_bodies_are_open() {
+        let layer = LoadShedLayer::new(2, tonic::Status::resource_exhausted("overloaded"));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (senders_tx, _senders) = mpsc::unbounded_channel();
+        let service = service(&layer, calls.clone(), senders_tx);
+
+        let first = service.clone().oneshot(Request::new(())).await.unwrap();
+        let _second = service.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(layer.in_flight(), 2);
+        assert_eq!(grpc_status(&first), None);
+
+        let shed = service.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the inner service was called"
+        );
+        assert_eq!(layer.shed_total(), 1);
+        assert_eq!(shed.status(), http::StatusCode::OK);
+        assert_eq!(
+            shed.headers()
+                .get("content-type")
+                .and_then(|value| value.to_str().ok()),
+            Some("application/grpc")
+        );
+        assert_eq!(grpc_status(&shed), Some("8"));
+        assert_eq!(
+            shed.headers()
+                .get("grpc-message")
+                .and_then(|value| value.to_str().ok()),
+            Some("overloaded")
+        );
+        let status = tonic::Status::from_header_map(shed.headers()).unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            shed.body().is_end_stream(),
+            "trailers-only responses have no body"
+        );
+        drop(shed);
+        assert_eq!(layer.in_flight(), 2, "a shed call held no permit");
+    }
+
+    #[tokio::test]
+    async fn dropped_body_frees_its_permit() {
+        let layer = LoadShedLayer::new(2, tonic::Status::unavailable("busy"));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (senders_tx, _senders) = mpsc::unbounded_channel();
+        let service = service(&layer, calls.clone(), senders_tx);
+
+        let first = service.clone().oneshot(Request::new(())).await.unwrap();
+        let _second = service.clone().oneshot(Request::new(())).await.unwrap();
+        let shed = service.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(grpc_status(&shed), Some("14"));
+
+        drop(first);
+        assert_eq!(layer.in_flight(), 1);
+        let third = service.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(grpc_status(&third), None);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(layer.shed_total(), 1);
+    }
+
+    #[tokio::test]
+    async fn finished_body_frees_its_permit_before_it_is_dropped() {
+        let layer = LoadShedLayer::new(2, tonic::Status::resource_exhausted("overloaded"));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (senders_tx, mut senders) = mpsc::unbounded_channel();
+        let service = service(&layer, calls.clone(), senders_tx);
+
+        let mut first = service
+            .clone()
+            .oneshot(Request::new(()))
+            .await
+            .unwrap()
+            .into_body();
+        let first_sender = senders.recv().await.unwrap();
+        let _second = service.clone().oneshot(Request::new(())).await.unwrap();
+
+        // Still streaming: a frame goes through and the call keeps its place.
+        first_sender.send(Bytes::from_static(b"ack")).await.unwrap();
+        assert_eq!(
+            next_frame(&mut first).await,
+            Some(Bytes::from_static(b"ack"))
+        );
+        assert_eq!(layer.in_flight(), 2);
+        let shed = service.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(grpc_status(&shed), Some("8"));
+
+        drop(first_sender);
+        assert_eq!(next_frame(&mut first).await, None);
+        assert_eq!(layer.in_flight(), 1);
+        let third = service.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(grpc_status(&third), None);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn dropped_response_future_frees_its_permit() {
+        let layer = LoadShedLayer::new(1, tonic::Status::resource_exhausted("overloaded"));
+        let mut service = layer.layer(service_fn(|_: Request<()>| {
+            std::future::pending::<Result<Response<OpenBody>, Infallible>>()
+        }));
+        let pending = service.call(Request::new(()));
+        assert_eq!(layer.in_flight(), 1);
+        drop(pending);
+        assert_eq!(layer.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn rejection_carries_status_details() {
+        let details = Bytes::from_static(b"\x08\x08\x12\x0aoverloaded");
+        let layer = LoadShedLayer::new(
+            0,
+            tonic::Status::with_details(Code::ResourceExhausted, "overloaded", details.clone()),
+        );
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (senders_tx, _senders) = mpsc::unbounded_channel();
+        let shed = service(&layer, calls.clone(), senders_tx)
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        assert!(shed.headers().contains_key("grpc-status-details-bin"));
+        let status = tonic::Status::from_header_map(shed.headers()).unwrap();
+        assert_eq!(status.details(), &details[..]);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn clones_share_the_limit() {
+        let layer = LoadShedLayer::new(3, tonic::Status::resource_exhausted("overloaded"));
+        let clone = layer.clone();
+        let _permit = layer.shared.permits.clone().try_acquire_owned().unwrap();
+        assert_eq!(clone.in_flight(), 1);
+        assert_eq!(clone.max_concurrent_calls(), 3);
+    }
+}
