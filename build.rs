@@ -10,6 +10,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/google/rpc/error_details.proto",
     ];
     let file_descriptors = protox::compile(protos, ["proto"])?;
+    // Served by gRPC reflection, so grpcurl and Postman see the documented API.
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("file_descriptor_set.bin"),
+        prost::Message::encode_to_vec(&file_descriptors),
+    )?;
     tonic_prost_build::configure().compile_fds(file_descriptors)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

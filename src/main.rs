@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use eventhub_gateway::config::{CredentialKind, GatewayConfig};
 use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig, PemSource, TlsConfig};
+use eventhub_gateway::server;
+use figment::Figment;
+use figment::providers::Serialized;
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +23,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the gRPC gateway (against Event Hubs, or with --emulator against an in-process emulator).
+    Serve(Box<ServeArgs>),
+    /// Send events through a running gateway: one with --text/--json, or one per line of a file or stdin.
+    Send(eventhub_gateway::client::SendArgs),
     /// Run a local Event Hubs (plain AMQP; AMQPS and WebSockets optional) that the official SDKs can use unchanged.
     Emulator(EmulatorArgs),
 }
@@ -61,6 +69,106 @@ struct EmulatorArgs {
     /// Also listen for AMQP over WebSockets at /$servicebus/websocket (wss with a certificate, ws without).
     #[arg(long)]
     websocket_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The gRPC listener [default: 127.0.0.1:50051].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// An Event Hubs connection string (prefer --connection-string-file or EVENTHUB_GATEWAY_CONNECTION_STRING).
+    #[arg(long, conflicts_with_all = ["connection_string_file", "namespace", "emulator"])]
+    connection_string: Option<String>,
+    /// A file holding the connection string (for example a mounted Kubernetes Secret).
+    #[arg(long, value_name = "FILE")]
+    connection_string_file: Option<PathBuf>,
+    /// The fully qualified namespace, authenticating with Entra ID (see --credential).
+    #[arg(long, value_name = "FQDN")]
+    namespace: Option<String>,
+    /// Where Entra ID tokens come from, with --namespace [default: auto].
+    #[arg(long, value_enum)]
+    credential: Option<CredentialKind>,
+    /// Reach Event Hubs over AMQP on WebSockets (port 443) instead of AMQPS (port 5671).
+    #[arg(long)]
+    websockets: bool,
+    /// An Event Hub to forward to; repeat for more. The first is the default.
+    #[arg(long = "event-hub", value_name = "NAME")]
+    event_hubs: Vec<String>,
+    /// A TOML or YAML file with any setting; the environment (EVENTHUB_GATEWAY_*) and flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve against an Event Hubs emulator started in this process.
+    #[arg(long)]
+    emulator: bool,
+    /// Partitions of each hub of the in-process emulator [default: 4].
+    #[arg(long)]
+    emulator_partitions: Option<u32>,
+    /// PEM certificate chain of the gRPC listener (TLS).
+    #[arg(long, value_name = "PEM_FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM_FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
+    #[arg(long, value_name = "PEM_FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Longest graceful shutdown, seconds [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    drain_timeout: Option<f64>,
+    /// Validate the configuration (file, environment, flags) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+impl ServeArgs {
+    /// The flags that were given, as configuration overrides.
+    fn overrides(&self) -> Figment {
+        let mut figment = Figment::new();
+        let mut set = |key: &str, value: serde_json::Value| {
+            figment = std::mem::take(&mut figment).merge(Serialized::default(key, value));
+        };
+        if let Some(listen) = self.listen {
+            set("listen", listen.to_string().into());
+        }
+        if let Some(text) = &self.connection_string {
+            set("connection_string", text.clone().into());
+        }
+        if let Some(path) = &self.connection_string_file {
+            set("connection_string_file", path.display().to_string().into());
+        }
+        if let Some(namespace) = &self.namespace {
+            set("namespace", namespace.clone().into());
+        }
+        if let Some(credential) = self.credential {
+            set(
+                "credential",
+                serde_json::to_value(credential).unwrap_or_default(),
+            );
+        }
+        if self.websockets {
+            set("websockets", true.into());
+        }
+        if !self.event_hubs.is_empty() {
+            set("event_hubs", self.event_hubs.clone().into());
+        }
+        if self.emulator {
+            set("emulator", true.into());
+        }
+        if let Some(partitions) = self.emulator_partitions {
+            set("emulator_partitions", partitions.into());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            set("tls.cert", cert.display().to_string().into());
+            set("tls.key", key.display().to_string().into());
+        }
+        if let Some(ca) = &self.client_ca {
+            set("tls.client_ca", ca.display().to_string().into());
+        }
+        if let Some(seconds) = self.drain_timeout {
+            set("drain_timeout_seconds", seconds.into());
+        }
+        figment
+    }
 }
 
 impl EmulatorArgs {
@@ -120,7 +228,51 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Emulator(args) => run_emulator(args.into_config()?).await,
+        Command::Serve(args) => run_gateway(*args).await,
+        Command::Send(args) => {
+            let all_sent = eventhub_gateway::client::run(args).await?;
+            if !all_sent {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
+}
+
+async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
+    let config = GatewayConfig::load(args.config.as_deref(), args.overrides())?;
+    if args.check_config {
+        config.source()?;
+        eprintln!(
+            "configuration is valid: hubs {}, listening on {}",
+            config.hubs().join(", "),
+            config.listen
+        );
+        return Ok(());
+    }
+    let gateway = server::start(config).await?;
+    // stdout carries exactly one JSON line, so scripts and tests can find the listeners.
+    let emulator = gateway
+        .emulator()
+        .map(|emulator| emulator.connection_string());
+    println!(
+        "{}",
+        serde_json::json!({ "grpc": gateway.local_addr().to_string(), "emulator": emulator })
+    );
+    match &emulator {
+        Some(connection_string) => eprintln!(
+            "eventhub-gateway listening on {} against its in-process Event Hubs emulator ({connection_string})",
+            gateway.local_addr()
+        ),
+        None => eprintln!("eventhub-gateway listening on {}", gateway.local_addr()),
+    }
+    shutdown_signal().await;
+    eprintln!("draining: finishing open calls and streams, flushing the producer");
+    if !gateway.shutdown().await? {
+        eprintln!("the drain timeout passed before every call was answered");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn run_emulator(config: EmulatorConfig) -> anyhow::Result<()> {

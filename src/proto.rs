@@ -27,3 +27,7 @@ pub mod google {
 }
 
 pub use eventhub::gateway::v1;
+
+/// The encoded `FileDescriptorSet` of `proto/` (with its imports), for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));

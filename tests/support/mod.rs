@@ -356,6 +356,10 @@ pub struct TestPki {
     pub server_cert_pem: String,
     /// The server's private key, PEM.
     pub server_key_pem: String,
+    /// A client certificate the CA signed (for mTLS), PEM.
+    pub client_cert_pem: String,
+    /// Its private key, PEM.
+    pub client_key_pem: String,
 }
 
 impl TestPki {
@@ -379,10 +383,21 @@ impl TestPki {
         let server_cert = server_params
             .signed_by(&server_key, &ca)
             .expect("server certificate");
+        let mut client_params =
+            CertificateParams::new(Vec::<String>::new()).expect("client params");
+        client_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "eventhub-gateway test client");
+        let client_key = KeyPair::generate().expect("client key");
+        let client_cert = client_params
+            .signed_by(&client_key, &ca)
+            .expect("client certificate");
         Self {
             ca_pem: ca.pem(),
             server_cert_pem: server_cert.pem(),
             server_key_pem: server_key.serialize_pem(),
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
         }
     }
 
@@ -471,4 +486,89 @@ pub fn trusting(pki: &TestPki) -> eventhub_gateway::producer::TlsOptions {
     eventhub_gateway::producer::TlsOptions {
         extra_root_certificates_pem: vec![pki.ca_pem.clone()],
     }
+}
+
+/// A gateway served in-process against its own in-process emulator (hubs `eh1` and `eh2`, 4 partitions each),
+/// listening on a free loopback port, after `edit` adjusts its configuration.
+pub async fn start_gateway(
+    edit: impl FnOnce(&mut eventhub_gateway::config::GatewayConfig),
+) -> eventhub_gateway::server::RunningGateway {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut config = eventhub_gateway::config::GatewayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        emulator: true,
+        event_hubs: vec!["eh1".into(), "eh2".into()],
+        ..Default::default()
+    };
+    config.producer.send_timeout = 10.0;
+    config.drain_timeout_seconds = 10.0;
+    edit(&mut config);
+    eventhub_gateway::server::start(config)
+        .await
+        .expect("gateway starts")
+}
+
+/// A gRPC client of a plain-text gateway.
+pub async fn gateway_client(
+    gateway: &eventhub_gateway::server::RunningGateway,
+) -> eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
+    tonic::transport::Channel,
+> {
+    eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::connect(format!(
+        "http://{}",
+        gateway.local_addr()
+    ))
+    .await
+    .expect("connects to the gateway")
+}
+
+/// A protobuf event with a text body.
+pub fn text_event(text: &str) -> eventhub_gateway::proto::v1::Event {
+    eventhub_gateway::proto::v1::Event {
+        body: Some(eventhub_gateway::proto::v1::event::Body::Text(
+            text.to_owned(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// The `google.rpc.Status` a call failed with (its `grpc-status-details-bin`).
+pub fn rich_status(status: &tonic::Status) -> eventhub_gateway::proto::google::rpc::Status {
+    use prost::Message;
+    eventhub_gateway::proto::google::rpc::Status::decode(status.details())
+        .expect("the status carries google.rpc.Status details")
+}
+
+/// The `ErrorInfo.reason` of a status.
+pub fn error_reason(status: &eventhub_gateway::proto::google::rpc::Status) -> String {
+    use prost::Message;
+    status
+        .details
+        .iter()
+        .find(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
+        .map(|any| {
+            eventhub_gateway::proto::google::rpc::ErrorInfo::decode(any.value.as_slice())
+                .expect("ErrorInfo decodes")
+                .reason
+        })
+        .unwrap_or_default()
+}
+
+/// The fields of a status's `BadRequest` violations.
+pub fn violated_fields(status: &eventhub_gateway::proto::google::rpc::Status) -> Vec<String> {
+    use prost::Message;
+    status
+        .details
+        .iter()
+        .filter(|any| any.type_url.ends_with("/google.rpc.BadRequest"))
+        .flat_map(|any| {
+            eventhub_gateway::proto::google::rpc::BadRequest::decode(any.value.as_slice())
+                .expect("BadRequest decodes")
+                .field_violations
+        })
+        .map(|violation| violation.field)
+        .collect()
 }

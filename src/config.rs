@@ -1,0 +1,487 @@
+//! The gateway's configuration: one typed struct loaded from defaults, a TOML or YAML file, the environment
+//! (`EVENTHUB_GATEWAY_*`, `__` between nested keys) and flags, in that order of precedence, validated once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml, Yaml};
+use serde::{Deserialize, Serialize};
+
+use crate::producer::ProducerConfig;
+
+/// Prefix of the environment variables the gateway reads.
+pub const ENV_PREFIX: &str = "EVENTHUB_GATEWAY_";
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The gRPC listener (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The Event Hubs the gateway forwards to; the first is the default of requests that name none.
+    pub event_hubs: Vec<String>,
+    /// A connection string (SAS key or signature). Prefer `connection_string_file` or the environment.
+    pub connection_string: Option<String>,
+    /// A file holding the connection string (a mounted Secret).
+    pub connection_string_file: Option<PathBuf>,
+    /// The fully qualified namespace (`name.servicebus.windows.net`), for Entra ID authentication.
+    pub namespace: Option<String>,
+    /// How to get Entra ID tokens for `namespace`.
+    pub credential: CredentialKind,
+    /// Reach Event Hubs over AMQP on WebSockets (port 443) instead of AMQPS (5671).
+    pub websockets: bool,
+    /// Serve against an Event Hubs emulator started in-process (no Azure needed).
+    pub emulator: bool,
+    /// Partitions of each hub of the in-process emulator.
+    pub emulator_partitions: u32,
+    /// How long a graceful shutdown may take before the process exits anyway, seconds.
+    pub drain_timeout_seconds: f64,
+    /// TLS for the gRPC listener.
+    pub tls: Option<ServerTls>,
+    /// Per-call and per-client limits.
+    pub limits: Limits,
+    /// The pooled producer toward Event Hubs.
+    pub producer: ProducerConfig,
+}
+
+/// Where Entra ID tokens come from (azure_identity credentials).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialKind {
+    /// Workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set (Kubernetes), else managed identity.
+    #[default]
+    Auto,
+    /// Azure Workload Identity: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`.
+    WorkloadIdentity,
+    /// The host's managed identity (user-assigned when `AZURE_CLIENT_ID` is set).
+    ManagedIdentity,
+    /// The signed-in Azure CLI (`az login`).
+    AzureCli,
+    /// A service principal secret: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`.
+    ClientSecret,
+}
+
+/// Certificate files of the gRPC listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Bounds on calls, streams and clients.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most events in one `SendEvents` request.
+    pub max_events_per_request: usize,
+    /// Most unacknowledged events per `SendStream`; beyond it the gateway stops reading the stream.
+    pub max_unacked_per_stream: usize,
+    /// Largest decoded gRPC message, bytes (a full 1 MiB event plus overhead, or a whole `SendEvents`).
+    pub max_request_bytes: usize,
+    /// Most calls (unary or streaming) served at once; more are shed with RESOURCE_EXHAUSTED.
+    pub max_concurrent_calls: usize,
+    /// Events per second across all clients; unlimited when unset.
+    pub global_events_per_second: Option<u32>,
+    /// Events per second per client (`x-client-id`, else the peer address); unlimited when unset.
+    pub client_events_per_second: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_events_per_request: 1000,
+            max_unacked_per_stream: 10_000,
+            max_request_bytes: 16 * 1024 * 1024,
+            max_concurrent_calls: 10_000,
+            global_events_per_second: None,
+            client_events_per_second: None,
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            event_hubs: Vec::new(),
+            connection_string: None,
+            connection_string_file: None,
+            namespace: None,
+            credential: CredentialKind::Auto,
+            websockets: false,
+            emulator: false,
+            emulator_partitions: 4,
+            drain_timeout_seconds: 30.0,
+            tls: None,
+            limits: Limits::default(),
+            producer: ProducerConfig::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be loaded or is out of range; names the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, the environment or a flag does not parse into the config.
+    #[error("configuration: {0}")]
+    Load(Box<figment::Error>),
+    /// A value is out of range.
+    #[error("configuration: {field}: {reason}")]
+    Invalid {
+        /// The setting, as a dotted path (`limits.max_unacked_per_stream`).
+        field: String,
+        /// What is allowed.
+        reason: String,
+    },
+    /// A file the configuration names cannot be read.
+    #[error("configuration: {field}: cannot read {path}: {source}")]
+    Unreadable {
+        /// The setting naming the file.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        Self::Load(Box::new(error))
+    }
+}
+
+/// Where the producer's credential comes from, once the config is validated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventHubsSource {
+    /// The in-process emulator.
+    Emulator,
+    /// A connection string (read from the config, the file or the environment).
+    ConnectionString(String),
+    /// A namespace with an Entra ID credential.
+    Namespace {
+        /// The fully qualified namespace.
+        namespace: String,
+        /// The credential kind.
+        credential: CredentialKind,
+    },
+}
+
+impl GatewayConfig {
+    /// Loads defaults, then `file` (TOML, or YAML by its `.yaml`/`.yml` extension), then the environment, then
+    /// `overrides` (the flags that were given), and validates the result.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__"), overrides)
+    }
+
+    fn load_with_env(
+        file: Option<&Path>,
+        env: Env,
+        overrides: Figment,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(path) = file {
+            let yaml = path
+                .extension()
+                .is_some_and(|extension| extension == "yaml" || extension == "yml");
+            figment = if yaml {
+                figment.merge(Yaml::file_exact(path))
+            } else {
+                figment.merge(Toml::file_exact(path))
+            };
+        }
+        let config: Self = figment.merge(env).merge(overrides).extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting; the error names the first one out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: field.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        self.producer
+            .validate()
+            .map_err(|error| ConfigError::Invalid {
+                field: format!("producer.{}", error.field),
+                reason: error.reason,
+            })?;
+        for (index, hub) in self.event_hubs.iter().enumerate() {
+            let valid = !hub.is_empty()
+                && hub.len() <= 256
+                && hub
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid {
+                return invalid(
+                    &format!("event_hubs[{index}]"),
+                    "must be 1 to 256 letters, digits, '-', '_' or '.'",
+                );
+            }
+        }
+        if !self.emulator && self.event_hubs.is_empty() {
+            return invalid(
+                "event_hubs",
+                "name at least one Event Hub (--event-hub); the first is the default",
+            );
+        }
+        let sources = [
+            self.emulator,
+            self.connection_string.is_some(),
+            self.connection_string_file.is_some(),
+            self.namespace.is_some(),
+        ];
+        match sources.iter().filter(|given| **given).count() {
+            1 => {}
+            0 => {
+                return invalid(
+                    "connection_string",
+                    "say where Event Hubs is: --connection-string (or connection_string_file, or \
+                     EVENTHUB_GATEWAY_CONNECTION_STRING), --namespace, or --emulator",
+                );
+            }
+            _ => {
+                return invalid(
+                    "connection_string",
+                    "give exactly one of connection_string, connection_string_file, namespace and emulator",
+                );
+            }
+        }
+        if let Some(namespace) = &self.namespace
+            && (namespace.is_empty() || namespace.contains('/') || namespace.contains(':'))
+        {
+            return invalid(
+                "namespace",
+                "must be a host name such as my-namespace.servicebus.windows.net",
+            );
+        }
+        if !(1..=1024).contains(&self.emulator_partitions) {
+            return invalid("emulator_partitions", "must be between 1 and 1024");
+        }
+        if !(self.drain_timeout_seconds > 0.0 && self.drain_timeout_seconds <= 3600.0) {
+            return invalid("drain_timeout_seconds", "must be above 0 and at most 3600");
+        }
+        let limits = &self.limits;
+        if !(1..=100_000).contains(&limits.max_events_per_request) {
+            return invalid(
+                "limits.max_events_per_request",
+                "must be between 1 and 100000",
+            );
+        }
+        if !(1..=1_000_000).contains(&limits.max_unacked_per_stream) {
+            return invalid(
+                "limits.max_unacked_per_stream",
+                "must be between 1 and 1000000",
+            );
+        }
+        if !(1024 * 1024 + 64 * 1024..=1024 * 1024 * 1024).contains(&limits.max_request_bytes) {
+            return invalid(
+                "limits.max_request_bytes",
+                "must be between 1088 KiB (a full 1 MiB event plus overhead) and 1 GiB",
+            );
+        }
+        if limits.max_concurrent_calls == 0 {
+            return invalid("limits.max_concurrent_calls", "must be at least 1");
+        }
+        if limits.global_events_per_second == Some(0) {
+            return invalid(
+                "limits.global_events_per_second",
+                "must be at least 1 when set (leave it unset for no limit)",
+            );
+        }
+        if limits.client_events_per_second == Some(0) {
+            return invalid(
+                "limits.client_events_per_second",
+                "must be at least 1 when set (leave it unset for no limit)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The hubs served: the configured ones, or `eh1` alone for an emulator configured with none.
+    pub fn hubs(&self) -> Vec<String> {
+        if self.event_hubs.is_empty() {
+            vec!["eh1".to_owned()]
+        } else {
+            self.event_hubs.clone()
+        }
+    }
+
+    /// Where Event Hubs is and how to authenticate, reading the connection string file if one is named.
+    pub fn source(&self) -> Result<EventHubsSource, ConfigError> {
+        if self.emulator {
+            return Ok(EventHubsSource::Emulator);
+        }
+        if let Some(text) = &self.connection_string {
+            return Ok(EventHubsSource::ConnectionString(text.clone()));
+        }
+        if let Some(path) = &self.connection_string_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+                field: "connection_string_file",
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(EventHubsSource::ConnectionString(text.trim().to_owned()));
+        }
+        match &self.namespace {
+            Some(namespace) => Ok(EventHubsSource::Namespace {
+                namespace: namespace.clone(),
+                credential: self.credential,
+            }),
+            None => Err(ConfigError::Invalid {
+                field: "connection_string".into(),
+                reason: "no Event Hubs source configured".into(),
+            }),
+        }
+    }
+
+    /// The drain timeout as a duration.
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.drain_timeout_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn no_env() -> Env {
+        Env::prefixed("EVENTHUB_GATEWAY_TEST_NOTHING_")
+    }
+
+    fn flags(pairs: &[(&str, serde_json::Value)]) -> Figment {
+        pairs.iter().fold(Figment::new(), |figment, (key, value)| {
+            figment.merge(Serialized::default(key, value.clone()))
+        })
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own error type
+    fn flags_beat_the_environment_which_beats_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "event_hubs = [\"from-file\"]\nemulator = true\n[producer]\nmax_size = 3\nlinger_ms = 7.0\n\
+             [limits]\nmax_unacked_per_stream = 5\n",
+        )
+        .unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("EVENTHUB_GATEWAY_PRODUCER__MAX_SIZE", "6");
+            jail.set_env("EVENTHUB_GATEWAY_LIMITS__MAX_UNACKED_PER_STREAM", "9");
+            let config = GatewayConfig::load(
+                Some(&file),
+                flags(&[("limits.max_unacked_per_stream", 11.into())]),
+            )
+            .unwrap();
+            assert_eq!(config.event_hubs, ["from-file"]);
+            assert_eq!(config.producer.max_size, 6, "environment over file");
+            assert_eq!(config.producer.linger_ms, 7.0, "file over defaults");
+            assert_eq!(config.limits.max_unacked_per_stream, 11, "flags over all");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn yaml_files_are_read_by_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.yaml");
+        std::fs::write(
+            &file,
+            "event_hubs: [a, b]\nconnection_string: \"Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=k\"\n",
+        )
+        .unwrap();
+        let config = GatewayConfig::load_with_env(Some(&file), no_env(), Figment::new()).unwrap();
+        assert_eq!(config.event_hubs, ["a", "b"]);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases: Vec<(Figment, &str)> = vec![
+            (flags(&[("emulator", true.into())]), ""),
+            (flags(&[]), "event_hubs"),
+            (
+                flags(&[("event_hubs", vec!["eh1"].into())]),
+                "connection_string",
+            ),
+            (
+                flags(&[
+                    ("emulator", true.into()),
+                    ("namespace", "x.servicebus.windows.net".into()),
+                ]),
+                "connection_string",
+            ),
+            (
+                flags(&[
+                    ("emulator", true.into()),
+                    ("event_hubs", vec!["a/b"].into()),
+                ]),
+                "event_hubs[0]",
+            ),
+            (
+                flags(&[
+                    ("emulator", true.into()),
+                    ("limits.max_request_bytes", 1000.into()),
+                ]),
+                "limits.max_request_bytes",
+            ),
+            (
+                flags(&[("emulator", true.into()), ("producer.max_size", 0.into())]),
+                "producer.max_size",
+            ),
+        ];
+        for (overrides, field) in cases {
+            let result = GatewayConfig::load_with_env(None, no_env(), overrides);
+            match (result, field) {
+                (Ok(_), "") => {}
+                (Err(ConfigError::Invalid { field: found, .. }), expected) => {
+                    assert_eq!(found, expected)
+                }
+                (other, expected) => panic!("{expected}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_settings_are_refused_with_their_name() {
+        let error = GatewayConfig::load_with_env(
+            None,
+            no_env(),
+            flags(&[("emulator", true.into()), ("limits.max_evnets", 3.into())]),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("max_evnets"), "{error}");
+    }
+
+    #[test]
+    fn the_connection_string_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cs");
+        std::fs::write(
+            &file,
+            "Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=k\n",
+        )
+        .unwrap();
+        let config = GatewayConfig {
+            event_hubs: vec!["eh1".into()],
+            connection_string_file: Some(file),
+            ..GatewayConfig::default()
+        };
+        assert_eq!(
+            config.source().unwrap(),
+            EventHubsSource::ConnectionString(
+                "Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=k".into()
+            )
+        );
+    }
+}

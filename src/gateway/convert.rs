@@ -1,0 +1,177 @@
+//! Protobuf events into producer events: body kinds, JSON from `google.protobuf.Struct`, ids, properties, and
+//! the call's trace context; every refusal names the field.
+
+use prost_types::value::Kind;
+
+use crate::producer::{Event, SendError, TraceContext};
+use crate::proto::v1;
+
+/// The producer event of a protobuf event (routing, size and partition ids are checked by the producer).
+pub fn event_from_proto(
+    proto: v1::Event,
+    trace_context: Option<&TraceContext>,
+) -> Result<Event, SendError> {
+    let mut event = match proto.body {
+        None => {
+            return Err(SendError::InvalidEvent {
+                field: "body",
+                reason: "is required: set one of text, binary or json".into(),
+            });
+        }
+        Some(v1::event::Body::Text(text)) => Event::text(text),
+        Some(v1::event::Body::Binary(bytes)) => Event::binary(bytes),
+        Some(v1::event::Body::Json(object)) => Event::json(&struct_to_json(object)?),
+    };
+    if !proto.content_type.is_empty() {
+        event = event.with_content_type(proto.content_type);
+    }
+    if !proto.partition_key.is_empty() {
+        event = event.with_partition_key(proto.partition_key);
+    }
+    if !proto.partition_id.is_empty() {
+        event = event.with_partition_id(proto.partition_id);
+    }
+    if !proto.message_id.is_empty() {
+        event = event.with_message_id(proto.message_id);
+    }
+    if !proto.correlation_id.is_empty() {
+        event = event.with_correlation_id(proto.correlation_id);
+    }
+    // Sorted, so the stored message does not depend on the map's iteration order.
+    let mut properties: Vec<(String, String)> = proto.properties.into_iter().collect();
+    properties.sort();
+    for (name, value) in properties {
+        if name.is_empty() {
+            return Err(SendError::InvalidEvent {
+                field: "properties",
+                reason: "property names must not be empty".into(),
+            });
+        }
+        event = event.with_property(name, value);
+    }
+    if let Some(context) = trace_context {
+        event = event.with_trace_context(context.clone());
+    }
+    Ok(event)
+}
+
+fn struct_to_json(object: prost_types::Struct) -> Result<serde_json::Value, SendError> {
+    object
+        .fields
+        .into_iter()
+        .map(|(name, value)| Ok((name, value_to_json(value)?)))
+        .collect::<Result<serde_json::Map<_, _>, _>>()
+        .map(serde_json::Value::Object)
+}
+
+/// Largest integer a double holds exactly: integral numbers up to it are written without a fraction.
+const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0;
+
+fn value_to_json(value: prost_types::Value) -> Result<serde_json::Value, SendError> {
+    Ok(match value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(flag)) => serde_json::Value::Bool(flag),
+        Some(Kind::StringValue(text)) => serde_json::Value::String(text),
+        Some(Kind::NumberValue(number)) => {
+            if number.fract() == 0.0 && number.abs() <= EXACT_INTEGER_LIMIT {
+                serde_json::Value::from(number as i64)
+            } else {
+                serde_json::Number::from_f64(number)
+                    .map(serde_json::Value::Number)
+                    .ok_or_else(|| SendError::InvalidEvent {
+                        field: "json",
+                        reason: format!(
+                            "{number} is not a JSON number (NaN and infinities are not)"
+                        ),
+                    })?
+            }
+        }
+        Some(Kind::StructValue(object)) => struct_to_json(object)?,
+        Some(Kind::ListValue(list)) => serde_json::Value::Array(
+            list.values
+                .into_iter()
+                .map(value_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn value(kind: Kind) -> prost_types::Value {
+        prost_types::Value { kind: Some(kind) }
+    }
+
+    #[test]
+    fn json_bodies_are_compact_with_integers_kept_integral() {
+        let mut fields = BTreeMap::new();
+        fields.insert("n".to_owned(), value(Kind::NumberValue(3.0)));
+        fields.insert("x".to_owned(), value(Kind::NumberValue(0.5)));
+        fields.insert(
+            "list".to_owned(),
+            value(Kind::ListValue(prost_types::ListValue {
+                values: vec![value(Kind::BoolValue(true)), value(Kind::NullValue(0))],
+            })),
+        );
+        let proto = v1::Event {
+            body: Some(v1::event::Body::Json(prost_types::Struct { fields })),
+            ..Default::default()
+        };
+        let event = event_from_proto(proto, None).unwrap();
+        assert_eq!(
+            event.body.as_ref(),
+            br#"{"list":[true,null],"n":3,"x":0.5}"#
+        );
+        assert_eq!(event.content_type.as_deref(), Some("application/json"));
+    }
+
+    #[test]
+    fn a_given_content_type_is_kept() {
+        let proto = v1::Event {
+            body: Some(v1::event::Body::Json(prost_types::Struct::default())),
+            content_type: "application/vnd.example+json".into(),
+            ..Default::default()
+        };
+        let event = event_from_proto(proto, None).unwrap();
+        assert_eq!(
+            event.content_type.as_deref(),
+            Some("application/vnd.example+json")
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let no_body = event_from_proto(v1::Event::default(), None).unwrap_err();
+        assert!(matches!(
+            no_body,
+            SendError::InvalidEvent { field: "body", .. }
+        ));
+        let nan = v1::Event {
+            body: Some(v1::event::Body::Json(prost_types::Struct {
+                fields: [("n".to_owned(), value(Kind::NumberValue(f64::NAN)))].into(),
+            })),
+            ..Default::default()
+        };
+        let error = event_from_proto(nan, None).unwrap_err();
+        assert!(matches!(
+            error,
+            SendError::InvalidEvent { field: "json", .. }
+        ));
+        let unnamed = v1::Event {
+            body: Some(v1::event::Body::Text("t".into())),
+            properties: [(String::new(), "v".to_owned())].into(),
+            ..Default::default()
+        };
+        let error = event_from_proto(unnamed, None).unwrap_err();
+        assert!(matches!(
+            error,
+            SendError::InvalidEvent {
+                field: "properties",
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,276 @@
+//! The `EventHubGateway` gRPC service over the producer: hub selection, per-client rate limits, deadlines,
+//! per-event results, and the acknowledged stream.
+
+pub mod convert;
+pub mod deadline;
+pub mod status;
+pub mod stream;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::Limits;
+use crate::middleware::{ClientId, RateLimits};
+use crate::producer::{Producer, TraceContext};
+use crate::proto::v1;
+use convert::event_from_proto;
+pub use status::GatewayError;
+
+/// What the service shares between calls.
+pub struct GatewayState {
+    producer: Producer,
+    hubs: Vec<String>,
+    limits: Limits,
+    rate_limits: RateLimits,
+    draining: CancellationToken,
+    send_timeout: Duration,
+}
+
+impl GatewayState {
+    /// State for a producer serving `hubs` (the first is the default).
+    pub fn new(
+        producer: Producer,
+        hubs: Vec<String>,
+        limits: Limits,
+        send_timeout: Duration,
+    ) -> Self {
+        let rate_limits = RateLimits::new(
+            limits.global_events_per_second.and_then(NonZeroU32::new),
+            limits.client_events_per_second.and_then(NonZeroU32::new),
+        );
+        Self {
+            producer,
+            hubs,
+            limits,
+            rate_limits,
+            draining: CancellationToken::new(),
+            send_timeout,
+        }
+    }
+
+    /// The producer behind the gateway.
+    pub fn producer(&self) -> &Producer {
+        &self.producer
+    }
+
+    /// The per-client and global rate limits.
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.rate_limits
+    }
+
+    /// Stops taking new work: calls are refused with DRAINING and streams stop reading.
+    pub fn start_draining(&self) {
+        self.draining.cancel();
+    }
+
+    /// Whether the gateway is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// The hub a request names, or the default for an empty name.
+    fn hub(&self, requested: &str) -> Result<String, GatewayError> {
+        if requested.is_empty() {
+            return Ok(self.hubs[0].clone());
+        }
+        if self.hubs.iter().any(|hub| hub == requested) {
+            return Ok(requested.to_owned());
+        }
+        Err(GatewayError::UnknownHub {
+            hub: requested.to_owned(),
+            served: self.hubs.join(", "),
+        })
+    }
+
+    fn charge(&self, call: &CallContext, events: usize) -> Result<(), GatewayError> {
+        let events = u32::try_from(events).unwrap_or(u32::MAX);
+        self.rate_limits
+            .charge(&call.client, events)
+            .map_err(|limited| {
+                if limited.exceeds_capacity() {
+                    // Waiting cannot help: one request holds more than a second of the limit.
+                    GatewayError::InvalidRequest {
+                        field: "events".into(),
+                        reason: limited.to_string(),
+                    }
+                } else {
+                    GatewayError::RateLimited {
+                        subject: limited.subject,
+                        limit_per_second: limited.limit_per_second,
+                        retry_after: limited.retry_after,
+                    }
+                }
+            })
+    }
+
+    /// What a call carries besides its message: who, its trace context, its deadline.
+    fn call<T>(&self, request: &Request<T>) -> Result<CallContext, GatewayError> {
+        if self.is_draining() {
+            return Err(GatewayError::Draining);
+        }
+        let client = request
+            .extensions()
+            .get::<ClientId>()
+            .cloned()
+            .unwrap_or_else(ClientId::unknown);
+        let trace_context = request.extensions().get::<TraceContext>().cloned();
+        let deadline = deadline::from_metadata(request.metadata())
+            .map(deadline::answer_before)
+            .unwrap_or_else(|| Instant::now() + self.send_timeout);
+        Ok(CallContext {
+            client,
+            trace_context,
+            deadline,
+        })
+    }
+}
+
+/// One call's caller, trace context and deadline.
+#[derive(Clone)]
+pub struct CallContext {
+    client: ClientId,
+    trace_context: Option<TraceContext>,
+    deadline: Instant,
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Gateway {
+    state: Arc<GatewayState>,
+}
+
+impl Gateway {
+    /// The service over shared state.
+    pub fn new(state: Arc<GatewayState>) -> Self {
+        Self { state }
+    }
+}
+
+fn event_result(outcome: Result<crate::producer::Receipt, GatewayError>) -> v1::EventResult {
+    match outcome {
+        Ok(receipt) => v1::EventResult {
+            status: Some(status::ok()),
+            partition_id: receipt.partition_id.unwrap_or_default(),
+        },
+        Err(error) => v1::EventResult {
+            status: Some(error.to_rpc_status()),
+            partition_id: String::new(),
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
+    async fn send_event(
+        &self,
+        request: Request<v1::SendEventRequest>,
+    ) -> Result<Response<v1::SendEventResponse>, Status> {
+        let state = &self.state;
+        let call = state.call(&request)?;
+        let body = request.into_inner();
+        let hub = state.hub(&body.event_hub)?;
+        let proto = body.event.ok_or_else(|| GatewayError::InvalidRequest {
+            field: "event".into(),
+            reason: "is required".into(),
+        })?;
+        state.charge(&call, 1)?;
+        let event = event_from_proto(proto, call.trace_context.as_ref())
+            .map_err(|error| GatewayError::event("event", error))?;
+        let receipt = state
+            .producer
+            .send_with_deadline(&hub, event, call.deadline)
+            .await
+            .map_err(|error| GatewayError::event("event", error))?;
+        Ok(Response::new(v1::SendEventResponse {
+            event_hub: hub,
+            partition_id: receipt.partition_id.unwrap_or_default(),
+        }))
+    }
+
+    async fn send_events(
+        &self,
+        request: Request<v1::SendEventsRequest>,
+    ) -> Result<Response<v1::SendEventsResponse>, Status> {
+        let state = &self.state;
+        let call = state.call(&request)?;
+        let body = request.into_inner();
+        let hub = state.hub(&body.event_hub)?;
+        let max = state.limits.max_events_per_request;
+        if body.events.len() > max {
+            return Err(GatewayError::InvalidRequest {
+                field: "events".into(),
+                reason: format!(
+                    "at most {max} events per request (max_events_per_request); got {}",
+                    body.events.len()
+                ),
+            }
+            .into());
+        }
+        state.charge(&call, body.events.len())?;
+        // Enqueued one by one, in request order, so each key keeps that order; then awaited together.
+        let mut tickets = Vec::with_capacity(body.events.len());
+        for (index, proto) in body.events.into_iter().enumerate() {
+            let enqueued = match event_from_proto(proto, call.trace_context.as_ref()) {
+                Ok(event) => state.producer.enqueue(&hub, event, call.deadline).await,
+                Err(error) => Err(error),
+            };
+            tickets.push((index, enqueued));
+        }
+        let results = join_all(tickets.into_iter().map(|(index, enqueued)| async move {
+            let outcome = match enqueued {
+                Ok(ticket) => ticket.await,
+                Err(error) => Err(error),
+            };
+            event_result(
+                outcome.map_err(|error| GatewayError::event(format!("events[{index}]"), error)),
+            )
+        }))
+        .await;
+        Ok(Response::new(v1::SendEventsResponse { results }))
+    }
+
+    type SendStreamStream = stream::AckStream;
+
+    async fn send_stream(
+        &self,
+        request: Request<Streaming<v1::SendStreamRequest>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let call = self.state.call(&request)?;
+        let acks = stream::start(Arc::clone(&self.state), call, request.into_inner());
+        Ok(Response::new(acks))
+    }
+
+    async fn get_event_hub_properties(
+        &self,
+        request: Request<v1::GetEventHubPropertiesRequest>,
+    ) -> Result<Response<v1::EventHubProperties>, Status> {
+        let state = &self.state;
+        state.call(&request)?;
+        let hub = state.hub(&request.get_ref().event_hub)?;
+        let properties = state
+            .producer
+            .hub_properties(&hub)
+            .await
+            .map_err(|error| GatewayError::event("event_hub", error))?;
+        Ok(Response::new(v1::EventHubProperties {
+            name: properties.name,
+            partition_ids: properties.partition_ids,
+            created_at: Some(timestamp(properties.created_at)),
+        }))
+    }
+}
+
+fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    let since_epoch = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}

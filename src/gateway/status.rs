@@ -1,0 +1,472 @@
+//! The gateway's errors and their one mapping to `google.rpc.Status` (code, message, `ErrorInfo` with a stable
+//! reason, and `BadRequest` / `RetryInfo` / `QuotaFailure` where they help), for a call or for one event.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prost::Message;
+use tonic::Code;
+
+use crate::producer::{AmqpCondition, SendError};
+use crate::proto::google::rpc;
+
+/// The `ErrorInfo.domain` of every error the gateway returns.
+pub const DOMAIN: &str = "eventhub-gateway";
+
+/// How long clients are told to wait before retrying when nothing better is known.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a call, or one event of it, failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    /// A request field is invalid (not an event's: those go through [`GatewayError::Event`]).
+    #[error("invalid request: {field}: {reason}")]
+    InvalidRequest {
+        /// The field path.
+        field: String,
+        /// What is wrong, with the limit where there is one.
+        reason: String,
+    },
+    /// The hub is not one the gateway forwards to.
+    #[error("event hub {hub:?} is not served by this gateway (it serves {served})")]
+    UnknownHub {
+        /// The hub asked for.
+        hub: String,
+        /// The hubs served, comma-separated.
+        served: String,
+    },
+    /// A client or the whole gateway is over its events-per-second limit.
+    #[error(
+        "{subject} is over its limit of {limit_per_second} events/s; retry after {retry_after:?}"
+    )]
+    RateLimited {
+        /// `global` or `client:<id>`.
+        subject: String,
+        /// The limit.
+        limit_per_second: u32,
+        /// When the events would be admitted.
+        retry_after: Duration,
+    },
+    /// The gateway is over one of its own bounds (load shedding).
+    #[error("the gateway is overloaded: {bound} is reached; retry after {retry_after:?}")]
+    Overloaded {
+        /// The bound, by its setting's name.
+        bound: &'static str,
+        /// When trying again is likely to succeed.
+        retry_after: Duration,
+    },
+    /// The gateway is shutting down.
+    #[error("the gateway is draining for shutdown; retry on another instance")]
+    Draining,
+    /// One event failed in the producer; `path` is where it sits in the request (`event`, `events[3]`).
+    #[error("{path}: {error}")]
+    Event {
+        /// The event's path in the request.
+        path: String,
+        /// The producer's outcome.
+        error: SendError,
+    },
+}
+
+/// The stable reasons of `ErrorInfo` (the `ErrorReason` enum of the proto, by name).
+mod reason {
+    pub const INVALID_EVENT: &str = "INVALID_EVENT";
+    pub const EVENT_TOO_LARGE: &str = "EVENT_TOO_LARGE";
+    pub const UNKNOWN_EVENT_HUB: &str = "UNKNOWN_EVENT_HUB";
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    pub const OVERLOADED: &str = "OVERLOADED";
+    pub const EVENT_HUBS_BUSY: &str = "EVENT_HUBS_BUSY";
+    pub const EVENT_HUBS_UNAVAILABLE: &str = "EVENT_HUBS_UNAVAILABLE";
+    pub const DRAINING: &str = "DRAINING";
+    pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
+    pub const EVENT_HUBS_UNAUTHORIZED: &str = "EVENT_HUBS_UNAUTHORIZED";
+    pub const EVENT_HUBS_REJECTED: &str = "EVENT_HUBS_REJECTED";
+}
+
+/// A status under construction.
+struct Built {
+    code: Code,
+    reason: &'static str,
+    metadata: HashMap<String, String>,
+    field_violation: Option<(String, String)>,
+    retry_after: Option<Duration>,
+    quota_subject: Option<(String, String)>,
+}
+
+impl Built {
+    fn new(code: Code, reason: &'static str) -> Self {
+        Self {
+            code,
+            reason,
+            metadata: HashMap::new(),
+            field_violation: None,
+            retry_after: None,
+            quota_subject: None,
+        }
+    }
+
+    fn field(mut self, field: String, description: String) -> Self {
+        self.field_violation = Some((field, description));
+        self
+    }
+
+    fn retry(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    fn meta(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+fn pack(message: &impl Message, type_name: &str) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+impl GatewayError {
+    /// The error of one event at `path` of a request.
+    pub fn event(path: impl Into<String>, error: SendError) -> Self {
+        Self::Event {
+            path: path.into(),
+            error,
+        }
+    }
+
+    fn build(&self) -> Built {
+        match self {
+            Self::InvalidRequest { field, reason } => {
+                Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+                    .field(field.clone(), reason.clone())
+            }
+            Self::UnknownHub { hub, .. } => {
+                Built::new(Code::NotFound, reason::UNKNOWN_EVENT_HUB).meta("event_hub", hub.clone())
+            }
+            Self::RateLimited {
+                subject,
+                limit_per_second,
+                retry_after,
+            } => {
+                let mut built =
+                    Built::new(Code::ResourceExhausted, reason::RATE_LIMITED).retry(*retry_after);
+                built.quota_subject = Some((
+                    subject.clone(),
+                    format!("at most {limit_per_second} events per second"),
+                ));
+                built
+            }
+            Self::Overloaded { bound, retry_after } => {
+                Built::new(Code::ResourceExhausted, reason::OVERLOADED)
+                    .retry(*retry_after)
+                    .meta("bound", *bound)
+            }
+            Self::Draining => {
+                Built::new(Code::Unavailable, reason::DRAINING).retry(DEFAULT_RETRY_AFTER)
+            }
+            Self::Event { path, error } => build_send_error(path, error),
+        }
+    }
+
+    /// The `google.rpc.Status` of this error (for `EventResult.status` and `StreamAck.status`).
+    pub fn to_rpc_status(&self) -> rpc::Status {
+        let built = self.build();
+        let mut details = vec![pack(
+            &rpc::ErrorInfo {
+                reason: built.reason.to_owned(),
+                domain: DOMAIN.to_owned(),
+                metadata: built.metadata,
+            },
+            "google.rpc.ErrorInfo",
+        )];
+        if let Some((field, description)) = built.field_violation {
+            let violation = rpc::bad_request::FieldViolation {
+                field,
+                description,
+                ..Default::default()
+            };
+            details.push(pack(
+                &rpc::BadRequest {
+                    field_violations: vec![violation],
+                },
+                "google.rpc.BadRequest",
+            ));
+        }
+        if let Some(after) = built.retry_after {
+            let retry_delay = prost_types::Duration {
+                seconds: after.as_secs() as i64,
+                nanos: after.subsec_nanos() as i32,
+            };
+            details.push(pack(
+                &rpc::RetryInfo {
+                    retry_delay: Some(retry_delay),
+                },
+                "google.rpc.RetryInfo",
+            ));
+        }
+        if let Some((subject, description)) = built.quota_subject {
+            let violation = rpc::quota_failure::Violation {
+                subject,
+                description,
+                ..Default::default()
+            };
+            details.push(pack(
+                &rpc::QuotaFailure {
+                    violations: vec![violation],
+                },
+                "google.rpc.QuotaFailure",
+            ));
+        }
+        rpc::Status {
+            code: built.code as i32,
+            message: self.to_string(),
+            details,
+        }
+    }
+
+    /// The call status of this error, with its details in `grpc-status-details-bin`.
+    pub fn to_status(&self) -> tonic::Status {
+        let status = self.to_rpc_status();
+        tonic::Status::with_details(
+            Code::from_i32(status.code),
+            status.message.clone(),
+            status.encode_to_vec().into(),
+        )
+    }
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(error: GatewayError) -> Self {
+        error.to_status()
+    }
+}
+
+/// The OK status of an event Event Hubs accepted.
+pub fn ok() -> rpc::Status {
+    rpc::Status {
+        code: Code::Ok as i32,
+        message: String::new(),
+        details: Vec::new(),
+    }
+}
+
+fn build_send_error(path: &str, error: &SendError) -> Built {
+    match error {
+        SendError::InvalidEvent { field, reason } => {
+            Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+                .field(format!("{path}.{field}"), reason.clone())
+        }
+        SendError::UnknownPartition { .. } => {
+            Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+                .field(format!("{path}.partition_id"), error.to_string())
+        }
+        SendError::TooLarge { size, limit } => {
+            Built::new(Code::InvalidArgument, reason::EVENT_TOO_LARGE)
+                .field(
+                    path.to_owned(),
+                    format!(
+                        "{size} bytes encoded; Event Hubs accepts at most {limit} bytes per message"
+                    ),
+                )
+                .meta("size", size.to_string())
+                .meta("limit", limit.to_string())
+        }
+        SendError::Overloaded { what, retry_after } => {
+            Built::new(Code::ResourceExhausted, reason::OVERLOADED)
+                .retry(*retry_after)
+                .meta("bound", *what)
+        }
+        SendError::PoolTimeout { .. } | SendError::NotProcessed(_) | SendError::Connection(_) => {
+            Built::new(Code::Unavailable, reason::EVENT_HUBS_UNAVAILABLE).retry(DEFAULT_RETRY_AFTER)
+        }
+        SendError::DeadlineExceeded { .. } => {
+            Built::new(Code::DeadlineExceeded, reason::DEADLINE_EXCEEDED)
+        }
+        SendError::Auth(_) => Built::new(Code::PermissionDenied, reason::EVENT_HUBS_UNAUTHORIZED),
+        SendError::Closed => {
+            Built::new(Code::Unavailable, reason::DRAINING).retry(DEFAULT_RETRY_AFTER)
+        }
+        SendError::Service(service) => {
+            let condition = service.condition.to_string();
+            let built = match &service.condition {
+                AmqpCondition::ServerBusy | AmqpCondition::ResourceLimitExceeded => {
+                    Built::new(Code::Unavailable, reason::EVENT_HUBS_BUSY)
+                        .retry(DEFAULT_RETRY_AFTER)
+                }
+                AmqpCondition::Timeout
+                | AmqpCondition::InternalError
+                | AmqpCondition::ConnectionForced
+                | AmqpCondition::DetachForced => {
+                    Built::new(Code::Unavailable, reason::EVENT_HUBS_UNAVAILABLE)
+                        .retry(DEFAULT_RETRY_AFTER)
+                }
+                AmqpCondition::Unauthorized => {
+                    Built::new(Code::PermissionDenied, reason::EVENT_HUBS_UNAUTHORIZED)
+                }
+                AmqpCondition::NotFound => Built::new(Code::NotFound, reason::UNKNOWN_EVENT_HUB),
+                AmqpCondition::MessageSizeExceeded => {
+                    Built::new(Code::InvalidArgument, reason::EVENT_TOO_LARGE)
+                        .field(path.to_owned(), service.to_string())
+                }
+                AmqpCondition::InvalidArgument | AmqpCondition::Other(_) => {
+                    Built::new(Code::Internal, reason::EVENT_HUBS_REJECTED)
+                }
+            };
+            built.meta("condition", condition)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::producer::ServiceError;
+
+    fn decode_detail<M: Message + Default>(status: &rpc::Status, type_name: &str) -> Option<M> {
+        status
+            .details
+            .iter()
+            .find(|any| any.type_url == format!("type.googleapis.com/{type_name}"))
+            .map(|any| M::decode(any.value.as_slice()).unwrap())
+    }
+
+    fn reason_of(status: &rpc::Status) -> String {
+        decode_detail::<rpc::ErrorInfo>(status, "google.rpc.ErrorInfo")
+            .unwrap()
+            .reason
+    }
+
+    #[test]
+    fn every_error_has_its_code_and_stable_reason() {
+        let service = |condition| {
+            SendError::Service(ServiceError {
+                condition,
+                description: None,
+            })
+        };
+        let cases: Vec<(GatewayError, Code, &str)> = vec![
+            (
+                GatewayError::event(
+                    "events[3]",
+                    SendError::InvalidEvent {
+                        field: "body",
+                        reason: "required".into(),
+                    },
+                ),
+                Code::InvalidArgument,
+                "INVALID_EVENT",
+            ),
+            (
+                GatewayError::event("event", SendError::TooLarge { size: 2, limit: 1 }),
+                Code::InvalidArgument,
+                "EVENT_TOO_LARGE",
+            ),
+            (
+                GatewayError::UnknownHub {
+                    hub: "x".into(),
+                    served: "eh1".into(),
+                },
+                Code::NotFound,
+                "UNKNOWN_EVENT_HUB",
+            ),
+            (
+                GatewayError::RateLimited {
+                    subject: "client:a".into(),
+                    limit_per_second: 5,
+                    retry_after: Duration::from_millis(20),
+                },
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+            ),
+            (
+                GatewayError::event(
+                    "event",
+                    SendError::Overloaded {
+                        what: "max_buffered_bytes",
+                        retry_after: Duration::from_millis(50),
+                    },
+                ),
+                Code::ResourceExhausted,
+                "OVERLOADED",
+            ),
+            (
+                GatewayError::event("event", service(AmqpCondition::ServerBusy)),
+                Code::Unavailable,
+                "EVENT_HUBS_BUSY",
+            ),
+            (
+                GatewayError::event("event", SendError::Connection("gone".into())),
+                Code::Unavailable,
+                "EVENT_HUBS_UNAVAILABLE",
+            ),
+            (GatewayError::Draining, Code::Unavailable, "DRAINING"),
+            (
+                GatewayError::event("event", SendError::DeadlineExceeded { last_error: None }),
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+            ),
+            (
+                GatewayError::event("event", service(AmqpCondition::Unauthorized)),
+                Code::PermissionDenied,
+                "EVENT_HUBS_UNAUTHORIZED",
+            ),
+            (
+                GatewayError::event("event", service(AmqpCondition::Other("x:y".into()))),
+                Code::Internal,
+                "EVENT_HUBS_REJECTED",
+            ),
+        ];
+        for (error, code, reason) in cases {
+            let status = error.to_rpc_status();
+            assert_eq!(status.code, code as i32, "{error}");
+            assert_eq!(reason_of(&status), reason, "{error}");
+            let retryable = matches!(code, Code::ResourceExhausted | Code::Unavailable);
+            let retry = decode_detail::<rpc::RetryInfo>(&status, "google.rpc.RetryInfo");
+            assert_eq!(retry.is_some(), retryable, "RetryInfo on {error}");
+        }
+    }
+
+    #[test]
+    fn field_violations_carry_the_path_in_the_request() {
+        let status = GatewayError::event(
+            "events[3]",
+            SendError::UnknownPartition {
+                hub: "eh1".into(),
+                partition: "9".into(),
+                count: 4,
+            },
+        )
+        .to_rpc_status();
+        let bad = decode_detail::<rpc::BadRequest>(&status, "google.rpc.BadRequest").unwrap();
+        assert_eq!(bad.field_violations[0].field, "events[3].partition_id");
+        assert!(bad.field_violations[0].description.contains("has 4"));
+    }
+
+    #[test]
+    fn the_call_status_carries_the_details_in_its_trailer() {
+        let status = GatewayError::Draining.to_status();
+        assert_eq!(status.code(), Code::Unavailable);
+        let decoded = rpc::Status::decode(status.details()).unwrap();
+        assert_eq!(reason_of(&decoded), "DRAINING");
+        let quota = GatewayError::RateLimited {
+            subject: "global".into(),
+            limit_per_second: 5,
+            retry_after: Duration::from_millis(1500),
+        }
+        .to_rpc_status();
+        let failure =
+            decode_detail::<rpc::QuotaFailure>(&quota, "google.rpc.QuotaFailure").unwrap();
+        assert_eq!(failure.violations[0].subject, "global");
+        let retry = decode_detail::<rpc::RetryInfo>(&quota, "google.rpc.RetryInfo").unwrap();
+        assert_eq!(
+            retry.retry_delay,
+            Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            })
+        );
+    }
+}

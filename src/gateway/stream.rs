@@ -1,0 +1,185 @@
+//! `SendStream`: reads events while fewer than `max_unacked_per_stream` are unacknowledged (beyond that it
+//! stops reading, so HTTP/2 flow control holds the client back), acknowledges every sequence exactly once
+//! with its real outcome, groups acks that are ready together, and on half-close sends every remaining ack.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::convert::event_from_proto;
+use super::status::{self, GatewayError};
+use super::{CallContext, GatewayState};
+use crate::proto::v1;
+
+/// The responses of a stream, as tonic sends them.
+pub type AckStream = ReceiverStream<Result<v1::SendStreamResponse, Status>>;
+
+/// Most acks in one response.
+const MAX_ACKS_PER_RESPONSE: usize = 1024;
+
+/// Responses queued toward the client before acking waits for it to read.
+const RESPONSE_QUEUE: usize = 16;
+
+/// An ack to come, holding its share of the stream's unacknowledged budget until it is ready.
+type PendingAck = BoxFuture<'static, v1::StreamAck>;
+
+/// Why the stream stopped reading.
+enum ReadEnd {
+    /// The client half-closed: answer everything, then end with OK.
+    HalfClosed,
+    /// The gateway is draining: answer everything read, then end with DRAINING.
+    Draining,
+    /// The client went away or broke the stream: nobody is left to answer.
+    ClientGone,
+}
+
+/// Starts serving one stream; returns its responses.
+pub fn start(
+    state: Arc<GatewayState>,
+    call: CallContext,
+    inbound: Streaming<v1::SendStreamRequest>,
+) -> AckStream {
+    let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
+    tokio::spawn(async move {
+        let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(acknowledge(pending_rx, responses.clone()));
+        let end = read(&state, &call, inbound, pending_tx).await;
+        // The reader dropped its sender: the acker answers what is pending, then ends.
+        let _ = acker.await;
+        if let ReadEnd::Draining = end {
+            let _ = responses
+                .send(Err(GatewayError::Draining.to_status()))
+                .await;
+        }
+        // Dropping `responses` ends the stream with OK.
+    });
+    ReceiverStream::new(outbound)
+}
+
+async fn read(
+    state: &Arc<GatewayState>,
+    call: &CallContext,
+    mut inbound: Streaming<v1::SendStreamRequest>,
+    pending: mpsc::UnboundedSender<PendingAck>,
+) -> ReadEnd {
+    let unacked = Arc::new(Semaphore::new(state.limits.max_unacked_per_stream));
+    loop {
+        // A permit before every read: with none left the stream is not read, and HTTP/2 pushes back.
+        let permit = tokio::select! {
+            permit = Arc::clone(&unacked).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return ReadEnd::ClientGone,
+            },
+            () = state.draining.cancelled() => return ReadEnd::Draining,
+        };
+        let message = tokio::select! {
+            message = inbound.message() => message,
+            () = state.draining.cancelled() => return ReadEnd::Draining,
+        };
+        let request = match message {
+            Ok(Some(request)) => request,
+            Ok(None) => return ReadEnd::HalfClosed,
+            Err(_) => return ReadEnd::ClientGone,
+        };
+        let ack = admit(state, call, request, permit).await;
+        if pending.send(ack).is_err() {
+            return ReadEnd::ClientGone;
+        }
+    }
+}
+
+/// Checks and enqueues one event (in arrival order, so each key keeps it); the ack resolves with its outcome.
+async fn admit(
+    state: &Arc<GatewayState>,
+    call: &CallContext,
+    request: v1::SendStreamRequest,
+    permit: OwnedSemaphorePermit,
+) -> PendingAck {
+    let sequence = request.sequence;
+    // A refused event's permit is released on return: its ack is ready at once.
+    let nack = |error: GatewayError| -> PendingAck {
+        let ack = v1::StreamAck {
+            sequence,
+            status: Some(error.to_rpc_status()),
+            partition_id: String::new(),
+        };
+        futures_util::future::ready(ack).boxed()
+    };
+    let hub = match state.hub(&request.event_hub) {
+        Ok(hub) => hub,
+        Err(error) => return nack(error),
+    };
+    if let Err(error) = state.charge(call, 1) {
+        return nack(error);
+    }
+    let Some(proto) = request.event else {
+        return nack(GatewayError::InvalidRequest {
+            field: "event".into(),
+            reason: "is required".into(),
+        });
+    };
+    let event = match event_from_proto(proto, call.trace_context.as_ref()) {
+        Ok(event) => event,
+        Err(error) => return nack(GatewayError::event("event", error)),
+    };
+    let deadline = Instant::now() + state.send_timeout;
+    match state.producer.enqueue(&hub, event, deadline).await {
+        Ok(ticket) => async move {
+            let outcome = ticket.await;
+            drop(permit);
+            match outcome {
+                Ok(receipt) => v1::StreamAck {
+                    sequence,
+                    status: Some(status::ok()),
+                    partition_id: receipt.partition_id.unwrap_or_default(),
+                },
+                Err(error) => v1::StreamAck {
+                    sequence,
+                    status: Some(GatewayError::event("event", error).to_rpc_status()),
+                    partition_id: String::new(),
+                },
+            }
+        }
+        .boxed(),
+        Err(error) => nack(GatewayError::event("event", error)),
+    }
+}
+
+/// Awaits pending acks and sends them, grouping those ready at the same time, until the reader is done and
+/// nothing is pending; stops early if the client is gone.
+async fn acknowledge(
+    mut pending: mpsc::UnboundedReceiver<PendingAck>,
+    responses: mpsc::Sender<Result<v1::SendStreamResponse, Status>>,
+) {
+    let mut waiting = FuturesUnordered::new();
+    let mut reading = true;
+    while reading || !waiting.is_empty() {
+        tokio::select! {
+            next = pending.recv(), if reading => match next {
+                Some(ack) => waiting.push(ack),
+                None => reading = false,
+            },
+            Some(ack) = waiting.next(), if !waiting.is_empty() => {
+                let mut acks = vec![ack];
+                while acks.len() < MAX_ACKS_PER_RESPONSE {
+                    while let Ok(more) = pending.try_recv() {
+                        waiting.push(more);
+                    }
+                    match waiting.next().now_or_never() {
+                        Some(Some(ack)) => acks.push(ack),
+                        _ => break,
+                    }
+                }
+                if responses.send(Ok(v1::SendStreamResponse { acks })).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,602 @@
+//! The gRPC gateway in-process against its in-process emulator, through a real tonic client on loopback:
+//! the four RPCs, per-event results, stream acks and flow control, limits, deadlines, TLS, draining.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use eventhub_gateway::eventhubs::message::partition_key;
+use eventhub_gateway::eventhubs::partition::partition_for_key;
+use eventhub_gateway::proto::v1;
+use support::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+fn with_client_id<T>(message: T, id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-client-id", id.parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn send_event_stores_every_field_and_says_where_it_went() {
+    let gateway = start_gateway(|_| {}).await;
+    let mut client = gateway_client(&gateway).await;
+    let mut request = tonic::Request::new(v1::SendEventRequest {
+        event_hub: String::new(),
+        event: Some(v1::Event {
+            body: Some(v1::event::Body::Text("hello".into())),
+            partition_id: "2".into(),
+            properties: [("colour".to_owned(), "blue".to_owned())].into(),
+            content_type: "text/plain".into(),
+            message_id: "m-1".into(),
+            correlation_id: "c-1".into(),
+            ..Default::default()
+        }),
+    });
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().unwrap());
+    let response = client.send_event(request).await.unwrap().into_inner();
+    assert_eq!(response.event_hub, "eh1", "the default hub is the first");
+    assert_eq!(response.partition_id, "2");
+    let emulator = gateway.emulator().unwrap();
+    let stored = stored_events(emulator, "eh1", 4);
+    assert_eq!(stored.len(), 1);
+    let (partition, message) = &stored[0];
+    assert_eq!(partition, "2");
+    assert_eq!(body_text(message), "hello");
+    let properties = message.properties.as_ref().unwrap();
+    assert_eq!(
+        properties.content_type.as_ref().map(|t| t.as_str()),
+        Some("text/plain")
+    );
+    let application = &message.application_properties.as_ref().unwrap().0;
+    for (name, value) in [
+        ("colour", "blue"),
+        ("Diagnostic-Id", traceparent),
+        ("traceparent", traceparent),
+    ] {
+        assert_eq!(
+            application.get(name),
+            Some(&fe2o3_amqp_types::primitives::SimpleValue::String(
+                value.into()
+            )),
+            "{name}"
+        );
+    }
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn keys_land_where_the_service_hashes_them() {
+    let gateway = start_gateway(|_| {}).await;
+    let mut client = gateway_client(&gateway).await;
+    for key in ["alpha", "beta", "gamma", "delta"] {
+        let event = v1::Event {
+            partition_key: key.into(),
+            ..text_event(key)
+        };
+        client
+            .send_event(v1::SendEventRequest {
+                event_hub: "eh2".into(),
+                event: Some(event),
+            })
+            .await
+            .unwrap();
+    }
+    for (partition, message) in stored_events(gateway.emulator().unwrap(), "eh2", 4) {
+        let key = partition_key(&message).unwrap().unwrap();
+        assert_eq!(partition, partition_for_key(&key, 4).to_string(), "{key}");
+    }
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_carry_code_reason_and_field() {
+    let gateway = start_gateway(|_| {}).await;
+    let mut client = gateway_client(&gateway).await;
+    let send = |event: v1::Event, hub: &str| v1::SendEventRequest {
+        event_hub: hub.into(),
+        event: Some(event),
+    };
+    let cases: Vec<(v1::SendEventRequest, Code, &str, Option<&str>)> = vec![
+        (
+            send(text_event("x"), "nope"),
+            Code::NotFound,
+            "UNKNOWN_EVENT_HUB",
+            None,
+        ),
+        (
+            send(v1::Event::default(), ""),
+            Code::InvalidArgument,
+            "INVALID_EVENT",
+            Some("event.body"),
+        ),
+        (
+            send(
+                v1::Event {
+                    partition_key: "k".into(),
+                    partition_id: "1".into(),
+                    ..text_event("x")
+                },
+                "",
+            ),
+            Code::InvalidArgument,
+            "INVALID_EVENT",
+            Some("event.partition_key"),
+        ),
+        (
+            send(
+                v1::Event {
+                    partition_id: "7".into(),
+                    ..text_event("x")
+                },
+                "",
+            ),
+            Code::InvalidArgument,
+            "INVALID_EVENT",
+            Some("event.partition_id"),
+        ),
+        (
+            send(
+                v1::Event {
+                    body: Some(v1::event::Body::Binary(vec![0; 1_100_000])),
+                    ..Default::default()
+                },
+                "",
+            ),
+            Code::InvalidArgument,
+            "EVENT_TOO_LARGE",
+            Some("event"),
+        ),
+    ];
+    for (request, code, reason, field) in cases {
+        let status = client.send_event(request).await.unwrap_err();
+        let rich = rich_status(&status);
+        assert_eq!(status.code(), code, "{status:?}");
+        assert_eq!(error_reason(&rich), reason, "{status:?}");
+        if let Some(field) = field {
+            assert_eq!(violated_fields(&rich), [field], "{status:?}");
+        }
+    }
+    assert!(stored_events(gateway.emulator().unwrap(), "eh1", 4).is_empty());
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_events_answers_each_event_in_order_and_bad_ones_fail_alone() {
+    let gateway = start_gateway(|config| config.limits.max_events_per_request = 50).await;
+    let mut client = gateway_client(&gateway).await;
+    let mut events: Vec<v1::Event> = (0..20).map(|i| text_event(&format!("e-{i}"))).collect();
+    events[3] = v1::Event::default();
+    events[7].partition_id = "99".into();
+    let results = client
+        .send_events(v1::SendEventsRequest {
+            event_hub: "eh1".into(),
+            events,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 20);
+    for (index, result) in results.iter().enumerate() {
+        let status = result.status.as_ref().unwrap();
+        match index {
+            3 => assert_eq!(violated_fields(status), ["events[3].body"]),
+            7 => assert_eq!(violated_fields(status), ["events[7].partition_id"]),
+            _ => assert_eq!(status.code, 0, "event {index}: {status:?}"),
+        }
+    }
+    assert_eq!(
+        stored_events(gateway.emulator().unwrap(), "eh1", 4).len(),
+        18
+    );
+    let too_many = client
+        .send_events(v1::SendEventsRequest {
+            event_hub: String::new(),
+            events: (0..51).map(|i| text_event(&i.to_string())).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&rich_status(&too_many)), ["events"]);
+    gateway.shutdown().await.unwrap();
+}
+
+/// Streams `count` events (keys `k0..k9`, body = sequence) and returns every ack by sequence.
+async fn stream_events(
+    client: &mut v1::event_hub_gateway_client::EventHubGatewayClient<tonic::transport::Channel>,
+    requests: Vec<v1::SendStreamRequest>,
+) -> (HashMap<u64, v1::StreamAck>, Result<(), tonic::Status>) {
+    let (sender, receiver) = mpsc::channel(64);
+    let feeder = tokio::spawn(async move {
+        for request in requests {
+            if sender.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut acks = HashMap::new();
+    let mut responses = client
+        .send_stream(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = loop {
+        match responses.message().await {
+            Ok(Some(response)) => {
+                for ack in response.acks {
+                    assert!(
+                        acks.insert(ack.sequence, ack).is_none(),
+                        "a sequence acked twice"
+                    );
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    feeder.await.unwrap();
+    (acks, ended)
+}
+
+#[tokio::test]
+async fn a_stream_acks_every_sequence_once_keeps_key_order_and_ends_ok_after_half_close() {
+    let gateway = start_gateway(|config| config.limits.max_unacked_per_stream = 500).await;
+    let mut client = gateway_client(&gateway).await;
+    let count = 5000u64;
+    let requests = (1..=count)
+        .map(|sequence| v1::SendStreamRequest {
+            event_hub: String::new(),
+            sequence,
+            event: Some(if sequence % 1000 == 0 {
+                v1::Event::default() // no body: nacked, the stream goes on
+            } else {
+                v1::Event {
+                    partition_key: format!("k{}", sequence % 10),
+                    ..text_event(&sequence.to_string())
+                }
+            }),
+        })
+        .collect();
+    let (acks, ended) = stream_events(&mut client, requests).await;
+    ended.unwrap();
+    assert_eq!(acks.len() as u64, count);
+    for (sequence, ack) in &acks {
+        let code = ack.status.as_ref().unwrap().code;
+        if sequence % 1000 == 0 {
+            assert_eq!(code, Code::InvalidArgument as i32);
+        } else {
+            assert_eq!(code, 0, "sequence {sequence}");
+        }
+    }
+    let stored = stored_events(gateway.emulator().unwrap(), "eh1", 4);
+    assert_eq!(stored.len() as u64, count - 5);
+    let mut last_by_key: HashMap<String, u64> = HashMap::new();
+    for (_, message) in &stored {
+        let key = partition_key(message).unwrap().unwrap();
+        let sequence: u64 = body_text(message).parse().unwrap();
+        if let Some(previous) = last_by_key.insert(key.clone(), sequence) {
+            assert!(
+                previous < sequence,
+                "{key}: {previous} stored before {sequence}"
+            );
+        }
+    }
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_stops_reading_at_its_unacked_limit() {
+    let gateway = start_gateway(|config| config.limits.max_unacked_per_stream = 8).await;
+    let emulator = gateway.emulator().unwrap();
+    let mut client = gateway_client(&gateway).await;
+    // Warm the route so the hub's size limit is known, then make every send take a while.
+    client
+        .send_event(v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(text_event("warm")),
+        })
+        .await
+        .unwrap();
+    emulator
+        .faults()
+        .delay_dispositions(Duration::from_millis(300));
+    let (sender, receiver) = mpsc::channel(1);
+    let mut responses = client
+        .send_stream(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let body = "x".repeat(1000);
+    let feeder = tokio::spawn(async move {
+        for sequence in 1..=200u64 {
+            let request = v1::SendStreamRequest {
+                event_hub: String::new(),
+                sequence,
+                event: Some(text_event(&body)),
+            };
+            if sender.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut most_buffered = 0;
+    let mut acked = 0;
+    while acked < 200 {
+        let buffered = gateway.state().producer().stats().buffered_bytes;
+        most_buffered = most_buffered.max(buffered);
+        match tokio::time::timeout(Duration::from_millis(20), responses.message()).await {
+            Ok(Ok(Some(response))) => acked += response.acks.len(),
+            Ok(other) => panic!("the stream ended early: {other:?}"),
+            Err(_) => {}
+        }
+    }
+    feeder.await.unwrap();
+    // At most 8 events of ~1 KiB are in the producer at once; 200 would be ~200 KiB.
+    assert!(most_buffered > 0);
+    assert!(most_buffered <= 8 * 1100, "{most_buffered} bytes buffered");
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn per_client_and_global_rate_limits_answer_resource_exhausted_with_retry_info() {
+    let gateway = start_gateway(|config| config.limits.client_events_per_second = Some(50)).await;
+    let mut client = gateway_client(&gateway).await;
+    let batch = |n: usize| v1::SendEventsRequest {
+        event_hub: String::new(),
+        events: (0..n).map(|i| text_event(&i.to_string())).collect(),
+    };
+    client
+        .send_events(with_client_id(batch(40), "a"))
+        .await
+        .unwrap();
+    let refused = client
+        .send_events(with_client_id(batch(40), "a"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let rich = rich_status(&refused);
+    assert_eq!(error_reason(&rich), "RATE_LIMITED");
+    assert!(
+        rich.details
+            .iter()
+            .any(|any| any.type_url.ends_with("/google.rpc.RetryInfo"))
+    );
+    assert!(
+        refused.message().contains("client:a"),
+        "{}",
+        refused.message()
+    );
+    // Another client has its own budget.
+    client
+        .send_events(with_client_id(batch(40), "b"))
+        .await
+        .unwrap();
+    gateway.shutdown().await.unwrap();
+
+    let gateway = start_gateway(|config| config.limits.global_events_per_second = Some(50)).await;
+    let mut client = gateway_client(&gateway).await;
+    client
+        .send_events(with_client_id(batch(40), "a"))
+        .await
+        .unwrap();
+    let refused = client
+        .send_events(with_client_id(batch(40), "b"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("global"),
+        "{}",
+        refused.message()
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn calls_beyond_the_concurrency_limit_are_shed() {
+    let gateway = start_gateway(|config| config.limits.max_concurrent_calls = 1).await;
+    let mut client = gateway_client(&gateway).await;
+    let (sender, receiver) = mpsc::channel(1);
+    let open_stream = client
+        .send_stream(ReceiverStream::new(receiver))
+        .await
+        .unwrap();
+    let shed = client
+        .send_event(v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(text_event("x")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+    assert_eq!(error_reason(&rich_status(&shed)), "OVERLOADED");
+    drop(sender);
+    drop(open_stream);
+    // Once the stream is over, calls pass again.
+    let mut passed = false;
+    for _ in 0..50 {
+        let outcome = client
+            .send_event(v1::SendEventRequest {
+                event_hub: String::new(),
+                event: Some(text_event("y")),
+            })
+            .await;
+        if outcome.is_ok() {
+            passed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(passed);
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_callers_deadline_is_answered_by_the_gateway() {
+    let gateway = start_gateway(|_| {}).await;
+    let mut client = gateway_client(&gateway).await;
+    client
+        .send_event(v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(text_event("warm")),
+        })
+        .await
+        .unwrap();
+    gateway
+        .emulator()
+        .unwrap()
+        .faults()
+        .delay_dispositions(Duration::from_millis(1500));
+    let mut request = tonic::Request::new(v1::SendEventRequest {
+        event_hub: String::new(),
+        event: Some(text_event("late")),
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.send_event(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(error_reason(&rich_status(&status)), "DEADLINE_EXCEEDED");
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn hub_properties_come_from_management() {
+    let gateway = start_gateway(|_| {}).await;
+    let mut client = gateway_client(&gateway).await;
+    let properties = client
+        .get_event_hub_properties(v1::GetEventHubPropertiesRequest {
+            event_hub: "eh2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(properties.name, "eh2");
+    assert_eq!(properties.partition_ids, ["0", "1", "2", "3"]);
+    assert!(properties.created_at.unwrap().seconds > 1_600_000_000);
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn draining_ends_open_streams_after_their_acks_and_refuses_new_calls() {
+    let gateway = start_gateway(|_| {}).await;
+    let mut client = gateway_client(&gateway).await;
+    let (sender, receiver) = mpsc::channel(16);
+    let mut responses = client
+        .send_stream(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    for sequence in 1..=100u64 {
+        sender
+            .send(v1::SendStreamRequest {
+                event_hub: String::new(),
+                sequence,
+                event: Some(text_event(&sequence.to_string())),
+            })
+            .await
+            .unwrap();
+    }
+    // Wait for the first ack so the events are surely read, then drain with the stream still open.
+    let mut acked: Vec<u64> = responses
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .acks
+        .iter()
+        .map(|ack| ack.sequence)
+        .collect();
+    let state = std::sync::Arc::clone(gateway.state());
+    let emulator_events = {
+        let shutdown = tokio::spawn(gateway.shutdown());
+        let ended = loop {
+            match responses.message().await {
+                Ok(Some(response)) => acked.extend(response.acks.iter().map(|ack| ack.sequence)),
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        };
+        let status = ended.expect("a draining stream ends with a status");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(error_reason(&rich_status(&status)), "DRAINING");
+        assert!(shutdown.await.unwrap().unwrap(), "drained in time");
+        state.is_draining()
+    };
+    assert!(emulator_events);
+    acked.sort_unstable();
+    acked.dedup();
+    assert_eq!(
+        acked,
+        (1..=100).collect::<Vec<_>>(),
+        "every event read was acked"
+    );
+}
+
+#[tokio::test]
+async fn tls_and_mutual_tls_listeners_serve_only_trusted_peers() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let pki = TestPki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let tls = eventhub_gateway::config::ServerTls {
+        cert: write("server.pem", &pki.server_cert_pem),
+        key: write("server.key", &pki.server_key_pem),
+        client_ca: Some(write("ca.pem", &pki.ca_pem)),
+    };
+    let gateway = start_gateway(|config| config.tls = Some(tls)).await;
+    let url = format!("https://localhost:{}", gateway.local_addr().port());
+    let connect = |identity: Option<Identity>| {
+        let url = url.clone();
+        let ca = pki.ca_pem.clone();
+        async move {
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost");
+            if let Some(identity) = identity {
+                tls = tls.identity(identity);
+            }
+            let channel = Channel::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await?;
+            let mut client = v1::event_hub_gateway_client::EventHubGatewayClient::new(channel);
+            client
+                .send_event(v1::SendEventRequest {
+                    event_hub: String::new(),
+                    event: Some(text_event("secure")),
+                })
+                .await
+                .map_err(|status| format!("{status:?}"))?;
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        }
+    };
+    connect(Some(Identity::from_pem(
+        &pki.client_cert_pem,
+        &pki.client_key_pem,
+    )))
+    .await
+    .unwrap();
+    assert!(
+        connect(None).await.is_err(),
+        "a client without a certificate is refused"
+    );
+    assert_eq!(
+        stored_events(gateway.emulator().unwrap(), "eh1", 4).len(),
+        1
+    );
+    gateway.shutdown().await.unwrap();
+}
