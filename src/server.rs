@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -194,7 +195,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
 
     let gateway = EventHubGatewayServer::new(Gateway::new(Arc::clone(&state)))
         .max_decoding_message_size(config.limits.max_request_bytes)
-        .max_encoding_message_size(config.limits.max_request_bytes);
+        .max_encoding_message_size(config.limits.max_request_bytes)
+        .accept_compressed(CompressionEncoding::Gzip);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -600,3 +600,32 @@ async fn tls_and_mutual_tls_listeners_serve_only_trusted_peers() {
     );
     gateway.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn requests_beyond_the_size_limit_are_refused_and_gzip_is_accepted() {
+    let gateway = start_gateway(|config| config.limits.max_request_bytes = 1088 * 1024).await;
+    let mut client = gateway_client(&gateway).await;
+    let big = v1::SendEventRequest {
+        event_hub: String::new(),
+        event: Some(v1::Event {
+            body: Some(v1::event::Body::Binary(vec![7; 1200 * 1024])),
+            ..Default::default()
+        }),
+    };
+    let refused = client.send_event(big).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().contains("1114112"), "names the limit: {refused:?}");
+    // A compressible event that is small once compressed is sent gzip-compressed.
+    let mut compressing = gateway_client(&gateway)
+        .await
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    compressing
+        .send_event(v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(text_event(&"z".repeat(100_000))),
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored_events(gateway.emulator().unwrap(), "eh1", 4).len(), 1);
+    gateway.shutdown().await.unwrap();
+}
