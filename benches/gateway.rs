@@ -56,7 +56,7 @@ async fn direct(producer: &Producer, size: usize) -> f64 {
 
 /// `streams` SendStream calls, each on its own connection, fed as fast as flow control allows.
 async fn stream(addr: SocketAddr, streams: usize, size: usize) -> f64 {
-    let body = vec![b'x'; size];
+    let body = bytes::Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     let tasks: Vec<_> = (0..streams)
         .map(|_| {

@@ -146,7 +146,7 @@ async fn errors_carry_code_reason_and_field() {
         (
             send(
                 v1::Event {
-                    body: Some(v1::event::Body::Binary(vec![0; 1_100_000])),
+                    body: Some(v1::event::Body::Binary(vec![0; 1_100_000].into())),
                     ..Default::default()
                 },
                 "",
@@ -608,7 +608,7 @@ async fn requests_beyond_the_size_limit_are_refused_and_gzip_is_accepted() {
     let big = v1::SendEventRequest {
         event_hub: String::new(),
         event: Some(v1::Event {
-            body: Some(v1::event::Body::Binary(vec![7; 1200 * 1024])),
+            body: Some(v1::event::Body::Binary(vec![7; 1200 * 1024].into())),
             ..Default::default()
         }),
     };
