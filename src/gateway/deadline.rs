@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
 
 /// How much earlier than the caller's deadline the gateway answers, at most.
-const ANSWER_MARGIN: Duration = Duration::from_millis(5);
+const ANSWER_MARGIN: Duration = Duration::from_millis(50);
 
 /// The timeout a call carries in `grpc-timeout`, if a valid one: 1 to 8 digits and a unit (H, M, S, m, u, n).
 pub fn from_metadata(metadata: &MetadataMap) -> Option<Duration> {
