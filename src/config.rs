@@ -86,6 +86,11 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Most calls (unary or streaming) served at once; more are shed with RESOURCE_EXHAUSTED.
     pub max_concurrent_calls: usize,
+    /// HTTP/2 flow-control window of one call, bytes: what a client may send beyond what the gateway read.
+    pub http2_stream_window_bytes: u32,
+    /// HTTP/2 flow-control window of one connection, bytes. h2 drops a connection whose unread small DATA
+    /// frames cost more than half of it (its flood guard), so it must stay well above the stream window.
+    pub http2_connection_window_bytes: u32,
     /// Events per second across all clients; unlimited when unset.
     pub global_events_per_second: Option<u32>,
     /// Events per second per client (`x-client-id`, else the peer address); unlimited when unset.
@@ -99,6 +104,8 @@ impl Default for Limits {
             max_unacked_per_stream: 10_000,
             max_request_bytes: 16 * 1024 * 1024,
             max_concurrent_calls: 10_000,
+            http2_stream_window_bytes: 128 * 1024,
+            http2_connection_window_bytes: 32 * 1024 * 1024,
             global_events_per_second: None,
             client_events_per_second: None,
         }
@@ -292,6 +299,22 @@ impl GatewayConfig {
         if limits.max_concurrent_calls == 0 {
             return invalid("limits.max_concurrent_calls", "must be at least 1");
         }
+        if !(64 * 1024..=16 * 1024 * 1024).contains(&limits.http2_stream_window_bytes) {
+            return invalid(
+                "limits.http2_stream_window_bytes",
+                "must be between 64 KiB and 16 MiB",
+            );
+        }
+        // Small messages cost h2's flood guard up to ~25 times their size while unread: a stalled stream
+        // must fit many times in half the connection window.
+        if limits.http2_connection_window_bytes / 64 < limits.http2_stream_window_bytes
+            || limits.http2_connection_window_bytes > 1024 * 1024 * 1024
+        {
+            return invalid(
+                "limits.http2_connection_window_bytes",
+                "must be at least 64 times http2_stream_window_bytes and at most 1 GiB",
+            );
+        }
         if limits.global_events_per_second == Some(0) {
             return invalid(
                 "limits.global_events_per_second",
@@ -438,6 +461,13 @@ mod tests {
             (
                 flags(&[("emulator", true.into()), ("producer.max_size", 0.into())]),
                 "producer.max_size",
+            ),
+            (
+                flags(&[
+                    ("emulator", true.into()),
+                    ("limits.http2_connection_window_bytes", (1024 * 1024).into()),
+                ]),
+                "limits.http2_connection_window_bytes",
             ),
         ];
         for (overrides, field) in cases {

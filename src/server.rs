@@ -210,7 +210,9 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
     })?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .initial_stream_window_size(config.limits.http2_stream_window_bytes)
+        .initial_connection_window_size(config.limits.http2_connection_window_bytes);
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(server_tls(tls)?)

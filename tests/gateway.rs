@@ -442,7 +442,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed() {
 
 #[tokio::test]
 async fn the_callers_deadline_is_answered_by_the_gateway() {
-    let gateway = start_gateway(|_| {}).await;
+    let gateway = start_gateway(|config| config.producer.send_timeout = 0.8).await;
     let mut client = gateway_client(&gateway).await;
     client
         .send_event(v1::SendEventRequest {
@@ -464,6 +464,14 @@ async fn the_callers_deadline_is_answered_by_the_gateway() {
     let status = client.send_event(request).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(error_reason(&rich_status(&status)), "DEADLINE_EXCEEDED");
+    // A caller willing to wait longer than the gateway's send timeout still gets it.
+    let mut patient = tonic::Request::new(v1::SendEventRequest {
+        event_hub: String::new(),
+        event: Some(text_event("later")),
+    });
+    patient.set_timeout(Duration::from_secs(30));
+    let status = client.send_event(patient).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     gateway.shutdown().await.unwrap();
 }
 

@@ -119,9 +119,10 @@ impl GatewayState {
             .cloned()
             .unwrap_or_else(ClientId::unknown);
         let trace_context = request.extensions().get::<TraceContext>().cloned();
+        // The caller's deadline, but never beyond the gateway's own send timeout.
+        let own = Instant::now() + self.send_timeout;
         let deadline = deadline::from_metadata(request.metadata())
-            .map(deadline::answer_before)
-            .unwrap_or_else(|| Instant::now() + self.send_timeout);
+            .map_or(own, |timeout| deadline::answer_before(timeout).min(own));
         Ok(CallContext {
             client,
             trace_context,

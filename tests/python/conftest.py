@@ -118,3 +118,45 @@ def wait_for(condition, timeout=10):
             return True
         time.sleep(0.05)
     return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The gRPC gateway (`serve`); its helpers live in gateway_client.py, imported here lazily so that the SDK-only
+# tests need no gRPC packages at import time.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def api(tmp_path_factory):
+    """The Python stubs of proto/, generated once per session with grpcio-tools into a temp dir."""
+    from gateway_client import generate_stubs
+
+    return generate_stubs(tmp_path_factory.mktemp("stubs"))
+
+
+@pytest.fixture(scope="session")
+def gateway(api):
+    """One gateway for the suite, against its in-process emulator: eh1 (the default) and eh2, 4 partitions."""
+    from gateway_client import GatewayProcess
+
+    running = GatewayProcess(
+        api, "--emulator", "--event-hub", "eh1", "--event-hub", "eh2", "--emulator-partitions", "4"
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def start_gateway(api):
+    """Starts gateways with special flags or environment (`env=`); all are stopped after the test."""
+    from gateway_client import GatewayProcess
+
+    started = []
+
+    def start(*args, env=None):
+        started.append(GatewayProcess(api, *args, env=env))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
