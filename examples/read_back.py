@@ -1,10 +1,9 @@
 """Reads every event stored in an Event Hub with the official Python SDK and prints a summary.
 
 Usage: python read_back.py CONNECTION_STRING HUB
-Stops when no event has arrived for two seconds.
+Reads each partition from its start until no event has arrived for a second.
 """
 
-import collections
 import sys
 import threading
 import time
@@ -12,36 +11,43 @@ import time
 from azure.eventhub import EventHubConsumerClient
 
 
-def main(connection_string: str, hub: str) -> None:
-    per_partition = collections.Counter()
-    samples = []
+def read_partition(connection_string: str, hub: str, partition_id: str) -> list:
+    events = []
     last_event = [time.monotonic()]
     consumer = EventHubConsumerClient.from_connection_string(
         connection_string, consumer_group="$Default", eventhub_name=hub
     )
 
-    def on_event(partition_context, event):
-        if event is None:
-            return
-        last_event[0] = time.monotonic()
-        per_partition[partition_context.partition_id] += 1
-        if len(samples) < 3:
-            samples.append(event.body_as_str())
+    def on_event(_context, event):
+        if event is not None:
+            last_event[0] = time.monotonic()
+            events.append(event.body_as_str())
 
     worker = threading.Thread(
         target=consumer.receive,
-        kwargs={"on_event": on_event, "starting_position": "-1", "max_wait_time": 0.5},
+        kwargs={"on_event": on_event, "partition_id": partition_id, "starting_position": "-1"},
         daemon=True,
     )
     worker.start()
-    while time.monotonic() - last_event[0] < 2:
-        time.sleep(0.2)
+    while time.monotonic() - last_event[0] < 1:
+        time.sleep(0.1)
     consumer.close()
-    print(f"{sum(per_partition.values())} events in {hub}: " + ", ".join(
-        f"partition {partition}: {count}" for partition, count in sorted(per_partition.items())
+    return events
+
+
+def main(connection_string: str, hub: str) -> None:
+    with EventHubConsumerClient.from_connection_string(
+        connection_string, consumer_group="$Default", eventhub_name=hub
+    ) as client:
+        partition_ids = client.get_partition_ids()
+    per_partition = {partition: read_partition(connection_string, hub, partition) for partition in partition_ids}
+    total = sum(len(events) for events in per_partition.values())
+    print(f"{total} events in {hub}: " + ", ".join(
+        f"partition {partition}: {len(events)}" for partition, events in per_partition.items()
     ))
-    for body in samples:
-        print(f"  e.g. {body!r}")
+    for partition, events in per_partition.items():
+        if events:
+            print(f"  partition {partition} starts with {events[0]!r}")
 
 
 if __name__ == "__main__":
