@@ -180,11 +180,54 @@ pub enum EventHubsSource {
     },
 }
 
+/// The top-level keys of [`GatewayConfig`], as they appear in files and (upper-cased) in the environment.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "event_hubs",
+    "connection_string",
+    "connection_string_file",
+    "namespace",
+    "credential",
+    "websockets",
+    "emulator",
+    "emulator_partitions",
+    "drain_timeout_seconds",
+    "tls",
+    "limits",
+    "producer",
+];
+
+/// Whether an environment key (any case, `.` between levels) names a setting: its first level does.
+fn is_setting(key: &str) -> bool {
+    let first = key.split('.').next().unwrap_or_default();
+    TOP_LEVEL_KEYS
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(first))
+}
+
 impl GatewayConfig {
     /// Loads defaults, then `file` (TOML, or YAML by its `.yaml`/`.yml` extension), then the environment, then
     /// `overrides` (the flags that were given), and validates the result.
     pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
-        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__"), overrides)
+        Self::load_with_env(file, Self::environment(), overrides)
+    }
+
+    /// The `EVENTHUB_GATEWAY_*` variables that are settings. Others are left alone: Kubernetes injects
+    /// `EVENTHUB_GATEWAY_SERVICE_HOST`, `EVENTHUB_GATEWAY_PORT`, ... for a Service of that name.
+    fn environment() -> Env {
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .filter(|key| is_setting(key.as_str()))
+    }
+
+    /// The `EVENTHUB_GATEWAY_*` variables that are not settings (worth a warning: maybe a typo).
+    pub fn ignored_environment() -> Vec<String> {
+        std::env::vars()
+            .filter_map(|(name, _)| {
+                let key = name.strip_prefix(ENV_PREFIX)?.replace("__", ".");
+                (!is_setting(&key)).then_some(name)
+            })
+            .collect()
     }
 
     fn load_with_env(
@@ -411,6 +454,41 @@ mod tests {
             assert_eq!(config.producer.max_size, 6, "environment over file");
             assert_eq!(config.producer.linger_ms, 7.0, "file over defaults");
             assert_eq!(config.limits.max_unacked_per_stream, 11, "flags over all");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_top_level_keys_are_the_fields() {
+        let serialized = serde_json::to_value(GatewayConfig::default()).unwrap();
+        let mut fields: Vec<&str> = serialized
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut known = TOP_LEVEL_KEYS.to_vec();
+        fields.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(fields, known);
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own error type
+    fn foreign_variables_with_the_prefix_are_ignored_but_typos_in_sections_are_not() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("EVENTHUB_GATEWAY_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("EVENTHUB_GATEWAY_PORT", "tcp://10.0.0.1:50051");
+            jail.set_env("EVENTHUB_GATEWAY_EMULATOR", "true");
+            let config = GatewayConfig::load(None, Figment::new()).unwrap();
+            assert!(config.emulator);
+            assert!(
+                GatewayConfig::ignored_environment()
+                    .contains(&"EVENTHUB_GATEWAY_SERVICE_HOST".to_owned())
+            );
+            jail.set_env("EVENTHUB_GATEWAY_LIMITS__MAX_EVNETS", "3");
+            let error = GatewayConfig::load(None, Figment::new()).unwrap_err();
+            assert!(error.to_string().contains("max_evnets"), "{error}");
             Ok(())
         });
     }

@@ -241,6 +241,9 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
     let config = GatewayConfig::load(args.config.as_deref(), args.overrides())?;
+    for name in GatewayConfig::ignored_environment() {
+        tracing::warn!(variable = %name, "ignored: not a setting of the gateway");
+    }
     if args.check_config {
         config.source()?;
         eprintln!(

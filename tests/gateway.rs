@@ -299,13 +299,7 @@ async fn a_stream_stops_reading_at_its_unacked_limit() {
     let emulator = gateway.emulator().unwrap();
     let mut client = gateway_client(&gateway).await;
     // Warm the route so the hub's size limit is known, then make every send take a while.
-    client
-        .send_event(v1::SendEventRequest {
-            event_hub: String::new(),
-            event: Some(text_event("warm")),
-        })
-        .await
-        .unwrap();
+    send_text(&mut client, "warm").await.unwrap();
     emulator
         .faults()
         .delay_dispositions(Duration::from_millis(300));
@@ -410,13 +404,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed() {
         .send_stream(ReceiverStream::new(receiver))
         .await
         .unwrap();
-    let shed = client
-        .send_event(v1::SendEventRequest {
-            event_hub: String::new(),
-            event: Some(text_event("x")),
-        })
-        .await
-        .unwrap_err();
+    let shed = send_text(&mut client, "x").await.unwrap_err();
     assert_eq!(shed.code(), Code::ResourceExhausted);
     assert_eq!(error_reason(&rich_status(&shed)), "OVERLOADED");
     drop(sender);
@@ -424,12 +412,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed() {
     // Once the stream is over, calls pass again.
     let mut passed = false;
     for _ in 0..50 {
-        let outcome = client
-            .send_event(v1::SendEventRequest {
-                event_hub: String::new(),
-                event: Some(text_event("y")),
-            })
-            .await;
+        let outcome = send_text(&mut client, "y").await;
         if outcome.is_ok() {
             passed = true;
             break;
@@ -444,13 +427,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed() {
 async fn the_callers_deadline_is_answered_by_the_gateway() {
     let gateway = start_gateway(|config| config.producer.send_timeout = 0.8).await;
     let mut client = gateway_client(&gateway).await;
-    client
-        .send_event(v1::SendEventRequest {
-            event_hub: String::new(),
-            event: Some(text_event("warm")),
-        })
-        .await
-        .unwrap();
+    send_text(&mut client, "warm").await.unwrap();
     gateway
         .emulator()
         .unwrap()
@@ -522,23 +499,22 @@ async fn draining_ends_open_streams_after_their_acks_and_refuses_new_calls() {
         .iter()
         .map(|ack| ack.sequence)
         .collect();
-    let state = std::sync::Arc::clone(gateway.state());
-    let emulator_events = {
-        let shutdown = tokio::spawn(gateway.shutdown());
-        let ended = loop {
-            match responses.message().await {
-                Ok(Some(response)) => acked.extend(response.acks.iter().map(|ack| ack.sequence)),
-                Ok(None) => break None,
-                Err(status) => break Some(status),
-            }
-        };
-        let status = ended.expect("a draining stream ends with a status");
-        assert_eq!(status.code(), Code::Unavailable);
-        assert_eq!(error_reason(&rich_status(&status)), "DRAINING");
-        assert!(shutdown.await.unwrap().unwrap(), "drained in time");
-        state.is_draining()
+    gateway.state().start_draining();
+    let refused = send_text(&mut client, "too late").await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert_eq!(error_reason(&rich_status(&refused)), "DRAINING");
+    let shutdown = tokio::spawn(gateway.shutdown());
+    let ended = loop {
+        match responses.message().await {
+            Ok(Some(response)) => acked.extend(response.acks.iter().map(|ack| ack.sequence)),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
     };
-    assert!(emulator_events);
+    let status = ended.expect("a draining stream ends with a status");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(error_reason(&rich_status(&status)), "DRAINING");
+    assert!(shutdown.await.unwrap().unwrap(), "drained in time");
     acked.sort_unstable();
     acked.dedup();
     assert_eq!(
@@ -582,11 +558,7 @@ async fn tls_and_mutual_tls_listeners_serve_only_trusted_peers() {
                 .connect()
                 .await?;
             let mut client = v1::event_hub_gateway_client::EventHubGatewayClient::new(channel);
-            client
-                .send_event(v1::SendEventRequest {
-                    event_hub: String::new(),
-                    event: Some(text_event("secure")),
-                })
+            send_text(&mut client, "secure")
                 .await
                 .map_err(|status| format!("{status:?}"))?;
             Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
@@ -622,18 +594,20 @@ async fn requests_beyond_the_size_limit_are_refused_and_gzip_is_accepted() {
     };
     let refused = client.send_event(big).await.unwrap_err();
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
-    assert!(refused.message().contains("1114112"), "names the limit: {refused:?}");
+    assert!(
+        refused.message().contains("1114112"),
+        "names the limit: {refused:?}"
+    );
     // A compressible event that is small once compressed is sent gzip-compressed.
     let mut compressing = gateway_client(&gateway)
         .await
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
-    compressing
-        .send_event(v1::SendEventRequest {
-            event_hub: String::new(),
-            event: Some(text_event(&"z".repeat(100_000))),
-        })
+    send_text(&mut compressing, &"z".repeat(100_000))
         .await
         .unwrap();
-    assert_eq!(stored_events(gateway.emulator().unwrap(), "eh1", 4).len(), 1);
+    assert_eq!(
+        stored_events(gateway.emulator().unwrap(), "eh1", 4).len(),
+        1
+    );
     gateway.shutdown().await.unwrap();
 }

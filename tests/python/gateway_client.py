@@ -186,7 +186,8 @@ class GatewayProcess:
             raise RuntimeError(f"`{' '.join(self.args)}` did not print its JSON line: {line}; stderr: {self.logs()}")
         self.channel = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(self.channel).result(timeout=10)
-        self.stub = api.grpc.EventHubGatewayStub(self.channel)
+        # Without stubs (`api` None) the process is driven by other clients (grpcurl).
+        self.stub = api.grpc.EventHubGatewayStub(self.channel) if api is not None else None
 
     def logs(self):
         return "".join(self.stderr)

@@ -5,12 +5,11 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 
 import pytest
 
-from conftest import BINARY, producer, read_partition, stop_process
+from gateway_client import GatewayProcess, properties, read_since
 
 SERVICE = "eventhub.gateway.v1.EventHubGateway"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -33,36 +32,10 @@ def find_grpcurl():
     return found
 
 
-class Gateway:
-    """A running `eventhub-gateway serve --emulator` process and the JSON line it printed."""
-
-    def __init__(self, *args):
-        self.process = subprocess.Popen(
-            [BINARY, "serve", "--emulator", "--listen", "127.0.0.1:0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        line = []
-        reader = threading.Thread(target=lambda: line.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=20)
-        try:
-            announced = json.loads(line[0])
-        except (IndexError, ValueError):
-            self.stop()
-            raise RuntimeError(f"the gateway did not print its JSON line: {line}") from None
-        self.address = announced["grpc"]
-        self.connection_string = announced["emulator"]
-
-    def stop(self):
-        stop_process(self.process)
-
-
 @pytest.fixture(scope="module")
 def reflected():
-    """This module's own gateway (independent of conftest's `gateway`, so it needs no generated stubs)."""
-    running = Gateway("--event-hub", "eh1", "--event-hub", "eh2")
+    """This module's own gateway, driven by grpcurl alone (no generated stubs)."""
+    running = GatewayProcess(None, "--emulator", "--event-hub", "eh1", "--event-hub", "eh2")
     yield running
     running.stop()
 
@@ -97,23 +70,9 @@ def wait_serving(gateway, service, timeout=10):
 
 
 def stored_events(gateway, hub):
-    """Every event stored in every partition of `hub` now, read with the official consumer."""
-    with producer(gateway.connection_string, hub) as client:
-        ends = {pid: client.get_partition_properties(pid)["last_enqueued_sequence_number"] for pid in client.get_partition_ids()}
-    events = []
-    for pid, last in ends.items():
-        if last >= 0:
-            got = read_partition(gateway.connection_string, hub, pid, last + 1)
-            assert len(got) == last + 1, f"{hub}/{pid}: read {len(got)} of {last + 1} events"
-            events += [(pid, event) for event in got]
-    return events
-
-
-def text_properties(event):
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in (event.properties or {}).items()
-    }
+    """Every event stored in every partition of `hub` now, read with the official consumer: [(partition, event)]."""
+    stored = read_since(gateway.connection_string, hub, {})
+    return [(partition, event) for partition, events in stored.items() for event in events]
 
 
 def test_the_grpcurl_binary_is_real():
@@ -170,7 +129,7 @@ def test_send_event_by_reflection_is_read_back_by_the_official_consumer(reflecte
     pid, event = found[0]
     assert response.get("partitionId", pid) == pid
     assert event.content_type is None
-    assert text_properties(event) == {}
+    assert properties(event) == {}
 
 
 def test_send_with_trace_context_properties_and_a_json_body(reflected):
@@ -191,7 +150,7 @@ def test_send_with_trace_context_properties_and_a_json_body(reflected):
     assert pid == "3"
     assert event.body_as_json() == {"greeting": "hello", "n": 2, "tags": ["a", "b"]}
     assert event.content_type == "application/json"
-    assert text_properties(event) == {"source": "grpcurl", "Diagnostic-Id": TRACEPARENT, "traceparent": TRACEPARENT}
+    assert properties(event) == {"source": "grpcurl", "Diagnostic-Id": TRACEPARENT, "traceparent": TRACEPARENT}
 
 
 def test_an_unknown_hub_is_not_found_with_its_error_info(reflected):

@@ -525,6 +525,22 @@ pub async fn gateway_client(
     .expect("connects to the gateway")
 }
 
+/// Sends one text event to the gateway's default hub.
+pub async fn send_text(
+    client: &mut eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
+        tonic::transport::Channel,
+    >,
+    text: &str,
+) -> Result<eventhub_gateway::proto::v1::SendEventResponse, tonic::Status> {
+    client
+        .send_event(eventhub_gateway::proto::v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(text_event(text)),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// A protobuf event with a text body.
 pub fn text_event(text: &str) -> eventhub_gateway::proto::v1::Event {
     eventhub_gateway::proto::v1::Event {
