@@ -197,6 +197,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "producer",
 ];
 
+/// `EVENTHUB_GATEWAY_*` variables read by the command line rather than the config (no warning for them).
+const COMMAND_LINE_VARIABLES: &[&str] = &["log_format"];
+
 /// Whether an environment key (any case, `.` between levels) names a setting: its first level does.
 fn is_setting(key: &str) -> bool {
     let first = key.split('.').next().unwrap_or_default();
@@ -225,7 +228,10 @@ impl GatewayConfig {
         std::env::vars()
             .filter_map(|(name, _)| {
                 let key = name.strip_prefix(ENV_PREFIX)?.replace("__", ".");
-                (!is_setting(&key)).then_some(name)
+                let read_elsewhere = COMMAND_LINE_VARIABLES
+                    .iter()
+                    .any(|known| known.eq_ignore_ascii_case(&key));
+                (!is_setting(&key) && !read_elsewhere).then_some(name)
             })
             .collect()
     }

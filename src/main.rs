@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use eventhub_gateway::config::{CredentialKind, GatewayConfig};
 use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig, PemSource, TlsConfig};
 use eventhub_gateway::server;
+use eventhub_gateway::telemetry::logging::{self, LogFormat};
+use eventhub_gateway::telemetry::otel::OtlpSettings;
 use figment::Figment;
 use figment::providers::Serialized;
 
@@ -17,6 +19,9 @@ use figment::providers::Serialized;
     about = "Publish events to Azure Event Hubs through gRPC"
 )]
 struct Cli {
+    /// How logs are written to stderr (RUST_LOG filters them).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EVENTHUB_GATEWAY_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -219,24 +224,29 @@ impl EmulatorArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,fe2o3_amqp=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::Emulator(args) => run_emulator(args.into_config()?).await,
+    let cli = Cli::parse();
+    let otlp = OtlpSettings::from_env()?;
+    let telemetry = logging::init(cli.log_format, otlp.as_ref())?;
+    let outcome = match cli.command {
+        Command::Emulator(args) => match args.into_config() {
+            Ok(config) => run_emulator(config).await,
+            Err(error) => Err(error),
+        },
         Command::Serve(args) => run_gateway(*args).await,
-        Command::Send(args) => {
-            let all_sent = eventhub_gateway::client::run(args).await?;
-            if !all_sent {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
-    }
+        Command::Send(args) => eventhub_gateway::client::run(args)
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|all_sent| {
+                if all_sent {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("not every event was accepted"))
+                }
+            }),
+    };
+    // Spans are flushed whatever the outcome; the exporter needs the runtime while this thread blocks.
+    tokio::task::block_in_place(|| telemetry.shutdown());
+    outcome
 }
 
 async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
@@ -262,18 +272,18 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({ "grpc": gateway.local_addr().to_string(), "emulator": emulator })
     );
-    match &emulator {
-        Some(connection_string) => eprintln!(
-            "eventhub-gateway listening on {} against its in-process Event Hubs emulator ({connection_string})",
-            gateway.local_addr()
+    match gateway.emulator() {
+        Some(emulator) => tracing::info!(
+            grpc = %gateway.local_addr(),
+            emulator = %emulator.local_addr(),
+            "serving against the in-process Event Hubs emulator"
         ),
-        None => eprintln!("eventhub-gateway listening on {}", gateway.local_addr()),
+        None => tracing::info!(grpc = %gateway.local_addr(), "serving"),
     }
     shutdown_signal().await;
-    eprintln!("draining: finishing open calls and streams, flushing the producer");
+    tracing::info!("draining: finishing open calls and streams, flushing the producer");
     if !gateway.shutdown().await? {
-        eprintln!("the drain timeout passed before every call was answered");
-        std::process::exit(1);
+        anyhow::bail!("the drain timeout passed before every call was answered");
     }
     Ok(())
 }

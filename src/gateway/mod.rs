@@ -18,6 +18,7 @@ use crate::config::Limits;
 use crate::middleware::{ClientId, RateLimits};
 use crate::producer::{Producer, TraceContext};
 use crate::proto::v1;
+use crate::telemetry::otel;
 use convert::event_from_proto;
 pub use status::GatewayError;
 
@@ -139,6 +140,25 @@ pub struct CallContext {
     deadline: Instant,
 }
 
+impl CallContext {
+    /// The trace context written onto one event for `hub`. With spans exported, it is the event's own span
+    /// (a child of the call's, as the Azure SDKs make one per message); without, the caller's context as is.
+    fn event_trace_context(&self, hub: &str) -> Option<TraceContext> {
+        if !otel::is_exporting() {
+            return self.trace_context.clone();
+        }
+        let span = tracing::info_span!(
+            "event",
+            otel.name = %format!("create {hub}"),
+            otel.kind = "producer",
+            messaging.system = "eventhubs",
+            messaging.operation.type = "create",
+            messaging.destination.name = %hub,
+        );
+        otel::trace_context_of(&span).or_else(|| self.trace_context.clone())
+    }
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct Gateway {
@@ -180,7 +200,7 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
             reason: "is required".into(),
         })?;
         state.charge(&call, 1)?;
-        let event = event_from_proto(proto, call.trace_context.as_ref())
+        let event = event_from_proto(proto, call.event_trace_context(&hub).as_ref())
             .map_err(|error| GatewayError::event("event", error))?;
         let receipt = state
             .producer
@@ -216,7 +236,7 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         // Enqueued one by one, in request order, so each key keeps that order; then awaited together.
         let mut tickets = Vec::with_capacity(body.events.len());
         for (index, proto) in body.events.into_iter().enumerate() {
-            let enqueued = match event_from_proto(proto, call.trace_context.as_ref()) {
+            let enqueued = match event_from_proto(proto, call.event_trace_context(&hub).as_ref()) {
                 Ok(event) => state.producer.enqueue(&hub, event, call.deadline).await,
                 Err(error) => Err(error),
             };

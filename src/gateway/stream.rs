@@ -11,6 +11,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
 use super::convert::event_from_proto;
 use super::status::{self, GatewayError};
@@ -46,19 +47,24 @@ pub fn start(
     inbound: Streaming<v1::SendStreamRequest>,
 ) -> AckStream {
     let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
-    tokio::spawn(async move {
-        let (pending_tx, pending_rx) = mpsc::unbounded_channel();
-        let acker = tokio::spawn(acknowledge(pending_rx, responses.clone()));
-        let end = read(&state, &call, inbound, pending_tx).await;
-        // The reader dropped its sender: the acker answers what is pending, then ends.
-        let _ = acker.await;
-        if let ReadEnd::Draining = end {
-            let _ = responses
-                .send(Err(GatewayError::Draining.to_status()))
-                .await;
+    // The stream's tasks run in the call's span, so its events' spans are children of it.
+    let span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+            let acker = tokio::spawn(acknowledge(pending_rx, responses.clone()).in_current_span());
+            let end = read(&state, &call, inbound, pending_tx).await;
+            // The reader dropped its sender: the acker answers what is pending, then ends.
+            let _ = acker.await;
+            if let ReadEnd::Draining = end {
+                let _ = responses
+                    .send(Err(GatewayError::Draining.to_status()))
+                    .await;
+            }
+            // Dropping `responses` ends the stream with OK.
         }
-        // Dropping `responses` ends the stream with OK.
-    });
+        .instrument(span),
+    );
     ReceiverStream::new(outbound)
 }
 
@@ -124,7 +130,7 @@ async fn admit(
             reason: "is required".into(),
         });
     };
-    let event = match event_from_proto(proto, call.trace_context.as_ref()) {
+    let event = match event_from_proto(proto, call.event_trace_context(&hub).as_ref()) {
         Ok(event) => event,
         Err(error) => return nack(GatewayError::event("event", error)),
     };

@@ -61,12 +61,23 @@ where
             .as_ref()
             .and_then(|context| context.traceparent.get(3..35))
             .unwrap_or("");
+        let path = request.uri().path();
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((path, ""));
+        // OpenTelemetry's RPC conventions: a server span named `service/method`.
         let span = tracing::info_span!(
             "grpc",
-            rpc.method = %request.uri().path(),
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
             trace_id = %trace_id,
         );
         if let Some(context) = context {
+            crate::telemetry::otel::set_remote_parent(&span, &context);
             request.extensions_mut().insert(context);
         }
         // Services may do work (and log) in `call` itself, before their future is first polled.
@@ -309,7 +320,8 @@ mod tests {
         assert_eq!(
             *spans.lock().unwrap(),
             vec![
-                "grpc rpc.method=/eventhub.gateway.v1.Gateway/SendEvent \
+                "grpc otel.name=eventhub.gateway.v1.Gateway/SendEvent otel.kind=\"server\" \
+                 rpc.system=\"grpc\" rpc.service=eventhub.gateway.v1.Gateway rpc.method=SendEvent \
                  trace_id=0af7651916cd43dd8448eb211c80319c"
                     .to_owned()
             ]
@@ -334,7 +346,12 @@ mod tests {
             .unwrap();
         assert_eq!(
             *spans.lock().unwrap(),
-            vec!["grpc rpc.method=/eventhub.gateway.v1.Gateway/SendEvent trace_id=".to_owned()]
+            vec![
+                "grpc otel.name=eventhub.gateway.v1.Gateway/SendEvent otel.kind=\"server\" \
+                 rpc.system=\"grpc\" rpc.service=eventhub.gateway.v1.Gateway rpc.method=SendEvent \
+                 trace_id="
+                    .to_owned()
+            ]
         );
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::eventhubs::sas::{SasToken, sign_token};
 use crate::eventhubs::{JWT_TOKEN_TYPE, SAS_TOKEN_TYPE};
@@ -302,7 +302,15 @@ impl TokenCache {
         let mut backoff = self.policy.initial_backoff;
         let mut previous: Option<Arc<AccessToken>> = None;
         loop {
-            let pause = match self.credential.fetch(&audience).await {
+            let fetch = self
+                .credential
+                .fetch(&audience)
+                .instrument(tracing::info_span!(
+                    "token refresh",
+                    otel.name = "token refresh",
+                    %audience
+                ));
+            let pause = match fetch.await {
                 Ok(token) => {
                     self.refreshes.fetch_add(1, Relaxed);
                     debug!(%audience, expires_at = ?token.expires_at, "token obtained");

@@ -195,6 +195,23 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// A short, stable name of the failure (the AMQP condition for service errors), for `error.type`.
+    pub fn error_type(&self) -> String {
+        match self {
+            Self::Service(error) => error.condition.to_string(),
+            Self::InvalidEvent { .. } => "invalid_event".into(),
+            Self::TooLarge { .. } => "too_large".into(),
+            Self::UnknownPartition { .. } => "unknown_partition".into(),
+            Self::Overloaded { .. } => "overloaded".into(),
+            Self::PoolTimeout { .. } => "pool_timeout".into(),
+            Self::DeadlineExceeded { .. } => "deadline_exceeded".into(),
+            Self::NotProcessed(_) => "not_processed".into(),
+            Self::Connection(_) => "connection_lost".into(),
+            Self::Auth(_) => "unauthorized".into(),
+            Self::Closed => "closed".into(),
+        }
+    }
+
     /// Whether sending the same batch again, after a pause, can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

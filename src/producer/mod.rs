@@ -91,6 +91,7 @@ struct Inner {
     tokens: Arc<TokenCache>,
     routes: Mutex<HashMap<RouteKey, mpsc::Sender<Pending>>>,
     route_settings: RouteSettings,
+    server_address: Arc<str>,
     tasks: TaskTracker,
     buffer: Arc<Semaphore>,
     hubs: Mutex<HashMap<String, Arc<OnceCell<Arc<HubProperties>>>>>,
@@ -153,6 +154,7 @@ impl Producer {
             },
             stop.clone(),
         );
+        let server_address: Arc<str> = Arc::from(endpoint.host.as_str());
         let context = ConnectionContext {
             endpoint,
             tls,
@@ -189,6 +191,7 @@ impl Producer {
                 tokens,
                 routes: Mutex::new(HashMap::new()),
                 route_settings,
+                server_address,
                 tasks: TaskTracker::new(),
                 hubs: Mutex::new(HashMap::new()),
                 limits: Mutex::new(HashMap::new()),
@@ -285,6 +288,7 @@ impl Producer {
             reply,
             deadline,
             permit,
+            trace_context: event.trace_context,
         };
         loop {
             let route = self.route(&key)?;
@@ -430,6 +434,10 @@ impl Future for Ticket {
 impl RouteHost for Inner {
     fn stack(&self) -> SendStack {
         self.stack.clone()
+    }
+
+    fn server_address(&self) -> &str {
+        &self.server_address
     }
 
     fn max_message_size(

@@ -18,8 +18,11 @@ use tower::{ServiceBuilder, ServiceExt};
 
 use super::batch::{BatchBuilder, Transfer};
 use super::error::SendError;
+use super::event::TraceContext;
 use super::pool::Pool;
 use super::throttle::{RateLimit, RateLimitLayer, Throttle};
+use crate::telemetry::otel;
+use tracing::Instrument;
 
 /// Where a route's batches go within a hub.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -76,6 +79,8 @@ pub struct Pending {
     pub deadline: Instant,
     /// Its share of the global buffer bound, released with its outcome.
     pub permit: OwnedSemaphorePermit,
+    /// The event's trace context, linked from the span of the batch that carries it.
+    pub trace_context: Option<TraceContext>,
 }
 
 /// How routes batch and retry.
@@ -199,7 +204,8 @@ impl Policy<BatchRequest, (), SendError> for RetryPolicy {
             });
             return None;
         }
-        tracing::debug!(hub = %request.hub, attempt = self.attempts, %error, ?pause, "retrying a batch");
+        // Inside the batch's send span, so each retry is a span event there too.
+        tracing::info!(hub = %request.hub, attempt = self.attempts, %error, ?pause, "retrying a batch");
         Some(tokio::time::sleep(pause))
     }
 
@@ -231,10 +237,8 @@ pub fn send_stack(
 
 struct OpenBatch {
     builder: BatchBuilder,
-    waiters: Vec<(
-        oneshot::Sender<Result<Receipt, SendError>>,
-        OwnedSemaphorePermit,
-    )>,
+    waiters: Waiters,
+    traces: Vec<TraceContext>,
     deadline: Instant,
     seal_at: Instant,
 }
@@ -248,6 +252,8 @@ type Waiters = Vec<(
 pub trait RouteHost: Send + Sync + 'static {
     /// The send stack.
     fn stack(&self) -> SendStack;
+    /// The Event Hubs host, for spans.
+    fn server_address(&self) -> &str;
     /// The `max-message-size` of the route's link (attaching one to learn it).
     fn max_message_size(
         &self,
@@ -313,6 +319,7 @@ pub async fn run_route<H: RouteHost>(
                         let batch = open.get_or_insert_with(|| OpenBatch {
                             builder: BatchBuilder::new(partition_key.clone(), event_limit),
                             waiters: Vec::new(),
+                            traces: Vec::new(),
                             deadline: event.deadline,
                             seal_at: Instant::now() + settings.linger,
                         });
@@ -329,6 +336,7 @@ pub async fn run_route<H: RouteHost>(
                     if let Some(batch) = open.as_mut() {
                         batch.deadline = batch.deadline.min(event.deadline);
                         batch.waiters.push((event.reply, event.permit));
+                        batch.traces.extend(event.trace_context);
                         if batch.builder.len() >= settings.max_batch_events
                             && let Some(full) = open.take()
                         {
@@ -356,10 +364,29 @@ pub async fn run_route<H: RouteHost>(
             ready.push_back(seal(batch, &hub, &partition)); // closing: no lingering
         }
         while in_flight.len() < settings.max_in_flight
-            && let Some(Sealed { request, waiters }) = ready.pop_front()
+            && let Some(Sealed {
+                request,
+                waiters,
+                traces,
+            }) = ready.pop_front()
         {
+            let span = send_span(&request, host.server_address(), &traces);
             let stack = host.stack();
-            in_flight.push(async move { (stack.oneshot(request).await, waiters) });
+            in_flight.push(
+                async move {
+                    let events = request.events;
+                    let result = stack.oneshot(request).await;
+                    if let Err(error) = &result {
+                        let span = tracing::Span::current();
+                        span.record("error.type", error.error_type());
+                        span.record("otel.status_code", "ERROR");
+                        // Logged once, here, where the outcome is decided (in the span: hub and partition).
+                        tracing::warn!(%error, events, "batch failed");
+                    }
+                    (result, waiters)
+                }
+                .instrument(span),
+            );
         }
         if closed && open.is_none() && ready.is_empty() && in_flight.is_empty() {
             return;
@@ -367,10 +394,11 @@ pub async fn run_route<H: RouteHost>(
     }
 }
 
-/// A batch ready to go: its request and its callers.
+/// A batch ready to go: its request, its callers and their events' trace contexts.
 struct Sealed {
     request: BatchRequest,
     waiters: Waiters,
+    traces: Vec<TraceContext>,
 }
 
 fn seal(batch: OpenBatch, hub: &Arc<str>, partition: &Option<Arc<str>>) -> Sealed {
@@ -386,7 +414,35 @@ fn seal(batch: OpenBatch, hub: &Arc<str>, partition: &Option<Arc<str>>) -> Seale
             deadline: batch.deadline,
         },
         waiters: batch.waiters,
+        traces: batch.traces,
     }
+}
+
+/// The span of one batch's send, with OpenTelemetry's messaging conventions and a link to each event's span
+/// (a batch serves many calls, so it is no one call's child).
+fn send_span(
+    request: &BatchRequest,
+    server_address: &str,
+    traces: &[TraceContext],
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "send",
+        otel.name = %format!("send {}", request.hub),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "eventhubs",
+        messaging.operation.type = "send",
+        messaging.destination.name = %request.hub,
+        messaging.destination.partition.id = tracing::field::Empty,
+        messaging.batch.message_count = request.events,
+        server.address = %server_address,
+        error.type = tracing::field::Empty,
+    );
+    if let Some(partition) = &request.partition {
+        span.record("messaging.destination.partition.id", partition.as_ref());
+    }
+    otel::link_to(&span, traces);
+    span
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

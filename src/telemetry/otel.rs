@@ -1,0 +1,204 @@
+//! OpenTelemetry traces: an OTLP span exporter configured by the standard `OTEL_*` variables, and the
+//! conversions between the W3C [`TraceContext`] events carry and OpenTelemetry span contexts.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::producer::TraceContext;
+
+/// The service name when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` gives one.
+pub const DEFAULT_SERVICE_NAME: &str = "eventhub-gateway";
+
+/// Whether spans are exported (set once at start-up): without an exporter, events keep the caller's context.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether an OTLP exporter is installed.
+pub fn is_exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Why tracing could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OtelError {
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` names a protocol this build does not speak.
+    #[error("OTEL_EXPORTER_OTLP_PROTOCOL={0}: supported are grpc and http/protobuf")]
+    UnsupportedProtocol(String),
+    /// The exporter could not be built.
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// Where spans go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtlpSettings {
+    /// The collector's URL; `None` lets the exporter read `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
+    pub endpoint: Option<String>,
+    /// gRPC (default) or HTTP with protobuf bodies.
+    pub protocol: OtlpProtocol,
+}
+
+/// The OTLP transports this build speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (tonic), port 4317 by convention.
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies, port 4318 by convention.
+    HttpProtobuf,
+}
+
+impl OtlpSettings {
+    /// Settings from the standard variables: exporting is on when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (and `OTEL_TRACES_EXPORTER` is not `none`).
+    pub fn from_env() -> Result<Option<Self>, OtelError> {
+        let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        if variable("OTEL_TRACES_EXPORTER").as_deref() == Some("none")
+            || (variable("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+                && variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none())
+        {
+            return Ok(None);
+        }
+        let protocol = variable("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| variable("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        let protocol = match protocol.as_deref() {
+            None | Some("grpc") => OtlpProtocol::Grpc,
+            Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some(other) => return Err(OtelError::UnsupportedProtocol(other.to_owned())),
+        };
+        Ok(Some(Self {
+            endpoint: None,
+            protocol,
+        }))
+    }
+}
+
+/// A tracer provider exporting in batches (`OTEL_BSP_*`), sampled per `OTEL_TRACES_SAMPLER`, with the resource
+/// of `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`. Must be called inside the Tokio runtime.
+pub fn tracer_provider(settings: &OtlpSettings) -> Result<SdkTracerProvider, OtelError> {
+    let failed =
+        |error: opentelemetry_otlp::ExporterBuildError| OtelError::Exporter(error.to_string());
+    let exporter = match settings.protocol {
+        OtlpProtocol::Grpc => {
+            let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(endpoint) = &settings.endpoint {
+                builder = builder.with_endpoint(endpoint);
+            }
+            builder.build().map_err(failed)?
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary);
+            if let Some(endpoint) = &settings.endpoint {
+                builder = builder.with_endpoint(endpoint);
+            }
+            builder.build().map_err(failed)?
+        }
+    };
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+            .is_ok_and(|value| value.contains("service.name="));
+    let mut resource = Resource::builder();
+    if !named {
+        resource = resource.with_service_name(DEFAULT_SERVICE_NAME);
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    EXPORTING.store(true, Ordering::Relaxed);
+    Ok(provider)
+}
+
+/// The tracer spans are recorded with.
+pub fn tracer(provider: &SdkTracerProvider) -> SdkTracer {
+    provider.tracer("eventhub-gateway")
+}
+
+/// The span context a W3C trace context names, as a remote parent.
+pub fn span_context(context: &TraceContext) -> Option<SpanContext> {
+    let mut parts = context.traceparent.split('-');
+    let (_version, trace_id, span_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let state = context
+        .tracestate
+        .as_deref()
+        .and_then(|state| TraceState::from_str(state).ok())
+        .unwrap_or_default();
+    let span_context = SpanContext::new(
+        TraceId::from_hex(trace_id).ok()?,
+        SpanId::from_hex(span_id).ok()?,
+        TraceFlags::new(u8::from_str_radix(flags, 16).ok()?),
+        true,
+        state,
+    );
+    span_context.is_valid().then_some(span_context)
+}
+
+/// Makes `span` a child of the caller's context.
+pub fn set_remote_parent(span: &tracing::Span, context: &TraceContext) {
+    if let Some(parent) = span_context(context) {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
+    }
+}
+
+/// The W3C trace context of `span` (what goes onto an event), if it is recorded by OpenTelemetry.
+pub fn trace_context_of(span: &tracing::Span) -> Option<TraceContext> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if !span_context.is_valid() {
+        return None;
+    }
+    let traceparent = format!(
+        "00-{}-{}-{:02x}",
+        span_context.trace_id(),
+        span_context.span_id(),
+        span_context.trace_flags().to_u8()
+    );
+    let tracestate = Some(span_context.trace_state().header()).filter(|state| !state.is_empty());
+    TraceContext::parse(&traceparent, tracestate.as_deref()).ok()
+}
+
+/// Adds a link from `span` to each valid context (a batch's send span to its events' spans).
+pub fn link_to<'a>(span: &tracing::Span, contexts: impl IntoIterator<Item = &'a TraceContext>) {
+    for context in contexts {
+        if let Some(linked) = span_context(context) {
+            span.add_link(linked);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_w3c_context_becomes_a_remote_span_context_with_its_state() {
+        let context = TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some("congo=t61rcWkgMzE"),
+        )
+        .unwrap();
+        let span_context = span_context(&context).unwrap();
+        assert_eq!(
+            span_context.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(span_context.span_id().to_string(), "b7ad6b7169203331");
+        assert!(span_context.is_sampled());
+        assert!(span_context.is_remote());
+        assert_eq!(span_context.trace_state().get("congo"), Some("t61rcWkgMzE"));
+    }
+
+    #[test]
+    fn spans_without_an_exporter_have_no_context_to_give() {
+        assert_eq!(trace_context_of(&tracing::info_span!("nothing")), None);
+    }
+}

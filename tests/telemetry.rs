@@ -1,0 +1,170 @@
+//! Traces from the client to Event Hubs: a real OTLP/gRPC receiver in this test gets the gateway's spans; the
+//! server span continues the client's trace, each event has its own span whose context is stored on the event,
+//! and each batch's send span carries the messaging attributes and links to its events.
+//! (One test in its own binary: the tracing subscriber and exporter are process-wide.)
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use eventhub_gateway::proto::v1;
+use eventhub_gateway::telemetry::logging::{self, LogFormat};
+use eventhub_gateway::telemetry::otel::{OtlpProtocol, OtlpSettings};
+use fe2o3_amqp_types::primitives::SimpleValue;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use parking_lot::Mutex;
+use support::*;
+
+/// An OTLP trace receiver keeping every span it is sent.
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn start_receiver() -> (Receiver, SocketAddr) {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(receiver.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (receiver, addr)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        .map(|value| match value {
+            Value::StringValue(text) => text.clone(),
+            Value::IntValue(number) => number.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_trace_continues_through_the_gateway_onto_the_stored_event() {
+    let (receiver, addr) = start_receiver().await;
+    let telemetry = logging::init(
+        LogFormat::Text,
+        Some(&OtlpSettings {
+            endpoint: Some(format!("http://{addr}")),
+            protocol: OtlpProtocol::Grpc,
+        }),
+    )
+    .unwrap();
+    let gateway = start_gateway(|_| {}).await;
+    let mut client = gateway_client(&gateway).await;
+    let mut request = tonic::Request::new(v1::SendEventRequest {
+        event_hub: String::new(),
+        event: Some(v1::Event {
+            partition_id: "1".into(),
+            ..text_event("traced")
+        }),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+            .parse()
+            .unwrap(),
+    );
+    request
+        .metadata_mut()
+        .insert("tracestate", "vendor=value".parse().unwrap());
+    client.send_event(request).await.unwrap();
+    let stored = stored_events(gateway.emulator().unwrap(), "eh1", 4);
+    gateway.shutdown().await.unwrap();
+    tokio::task::spawn_blocking(move || telemetry.shutdown())
+        .await
+        .unwrap();
+
+    let spans = receiver.spans.lock().clone();
+    let by_name: HashMap<&str, &Span> = spans.iter().map(|s| (s.name.as_str(), s)).collect();
+    let server = by_name
+        .get("eventhub.gateway.v1.EventHubGateway/SendEvent")
+        .unwrap_or_else(|| panic!("no server span in {:?}", by_name.keys()));
+    assert_eq!(server.kind, SpanKind::Server as i32);
+    assert_eq!(hex(&server.trace_id), CLIENT_TRACE);
+    assert_eq!(hex(&server.parent_span_id), CLIENT_SPAN);
+    assert_eq!(attribute(server, "rpc.system").as_deref(), Some("grpc"));
+
+    let event = by_name.get("create eh1").expect("an event span");
+    assert_eq!(hex(&event.trace_id), CLIENT_TRACE);
+    assert_eq!(
+        event.parent_span_id, server.span_id,
+        "the event's parent is the call"
+    );
+    assert_eq!(event.kind, SpanKind::Producer as i32);
+
+    let send = by_name.get("send eh1").expect("a send span");
+    assert_eq!(send.kind, SpanKind::Producer as i32);
+    for (key, value) in [
+        ("messaging.system", "eventhubs"),
+        ("messaging.destination.name", "eh1"),
+        ("messaging.destination.partition.id", "1"),
+        ("messaging.operation.type", "send"),
+        ("messaging.batch.message_count", "1"),
+        ("server.address", "localhost"),
+    ] {
+        assert_eq!(attribute(send, key).as_deref(), Some(value), "{key}");
+    }
+    assert!(
+        send.links
+            .iter()
+            .any(|link| link.trace_id == event.trace_id && link.span_id == event.span_id),
+        "the send span links to the event's span"
+    );
+
+    // The stored event carries the event span's context, as the Azure SDKs write it.
+    assert_eq!(stored.len(), 1);
+    let properties = &stored[0].1.application_properties.as_ref().unwrap().0;
+    let expected = format!("00-{CLIENT_TRACE}-{}-01", hex(&event.span_id));
+    for name in ["Diagnostic-Id", "traceparent"] {
+        assert_eq!(
+            properties.get(name),
+            Some(&SimpleValue::String(expected.clone())),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        properties.get("tracestate"),
+        Some(&SimpleValue::String("vendor=value".into()))
+    );
+}
