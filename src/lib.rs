@@ -9,3 +9,4 @@ pub mod middleware;
 pub mod producer;
 pub mod proto;
 pub mod server;
+pub mod telemetry;

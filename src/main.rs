@@ -76,6 +76,9 @@ struct ServeArgs {
     /// The gRPC listener [default: 127.0.0.1:50051].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// The HTTP listener of /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// An Event Hubs connection string (prefer --connection-string-file or EVENTHUB_GATEWAY_CONNECTION_STRING).
     #[arg(long, conflicts_with_all = ["connection_string_file", "namespace", "emulator"])]
     connection_string: Option<String>,
@@ -129,6 +132,9 @@ impl ServeArgs {
         };
         if let Some(listen) = self.listen {
             set("listen", listen.to_string().into());
+        }
+        if let Some(addr) = self.metrics_listen {
+            set("metrics_listen", addr.to_string().into());
         }
         if let Some(text) = &self.connection_string {
             set("connection_string", text.clone().into());
@@ -260,7 +266,11 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
         .map(|emulator| emulator.connection_string());
     println!(
         "{}",
-        serde_json::json!({ "grpc": gateway.local_addr().to_string(), "emulator": emulator })
+        serde_json::json!({
+            "grpc": gateway.local_addr().to_string(),
+            "metrics": gateway.metrics_addr().to_string(),
+            "emulator": emulator,
+        })
     );
     match &emulator {
         Some(connection_string) => eprintln!(
@@ -269,6 +279,10 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => eprintln!("eventhub-gateway listening on {}", gateway.local_addr()),
     }
+    eprintln!(
+        "metrics on http://{0}/metrics, probes on http://{0}/healthz and /readyz",
+        gateway.metrics_addr()
+    );
     shutdown_signal().await;
     eprintln!("draining: finishing open calls and streams, flushing the producer");
     if !gateway.shutdown().await? {

@@ -200,6 +200,7 @@ impl Policy<BatchRequest, (), SendError> for RetryPolicy {
             return None;
         }
         tracing::debug!(hub = %request.hub, attempt = self.attempts, %error, ?pause, "retrying a batch");
+        crate::telemetry::metrics::retry_scheduled(&request.hub);
         Some(tokio::time::sleep(pause))
     }
 
@@ -359,7 +360,12 @@ pub async fn run_route<H: RouteHost>(
             && let Some(Sealed { request, waiters }) = ready.pop_front()
         {
             let stack = host.stack();
-            in_flight.push(async move { (stack.oneshot(request).await, waiters) });
+            let (hub, events, bytes) = (Arc::clone(&request.hub), request.events, request.bytes);
+            in_flight.push(async move {
+                let sent = stack.oneshot(request);
+                let result = crate::telemetry::metrics::time_batch(&hub, events, bytes, sent).await;
+                (result, waiters)
+            });
         }
         if closed && open.is_none() && ready.is_empty() && in_flight.is_empty() {
             return;
