@@ -19,6 +19,7 @@ const DIRECT_SENDERS: usize = 4096;
 fn config() -> GatewayConfig {
     GatewayConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         emulator: true,
         event_hubs: vec!["bench".into()],
         emulator_partitions: 8,

@@ -19,6 +19,8 @@ pub const ENV_PREFIX: &str = "EVENTHUB_GATEWAY_";
 pub struct GatewayConfig {
     /// The gRPC listener (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// The HTTP listener of `/metrics`, `/healthz` and `/readyz` (port 0 picks a free port).
+    pub metrics_listen: SocketAddr,
     /// The Event Hubs the gateway forwards to; the first is the default of requests that name none.
     pub event_hubs: Vec<String>,
     /// A connection string (SAS key or signature). Prefer `connection_string_file` or the environment.
@@ -116,6 +118,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             event_hubs: Vec::new(),
             connection_string: None,
             connection_string_file: None,
@@ -183,6 +186,7 @@ pub enum EventHubsSource {
 /// The top-level keys of [`GatewayConfig`], as they appear in files and (upper-cased) in the environment.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
+    "metrics_listen",
     "event_hubs",
     "connection_string",
     "connection_string_file",
@@ -318,6 +322,12 @@ impl GatewayConfig {
             return invalid(
                 "namespace",
                 "must be a host name such as my-namespace.servicebus.windows.net",
+            );
+        }
+        if self.metrics_listen == self.listen && self.listen.port() != 0 {
+            return invalid(
+                "metrics_listen",
+                "must differ from listen (the gRPC listener)",
             );
         }
         if !(1..=1024).contains(&self.emulator_partitions) {
@@ -460,6 +470,22 @@ mod tests {
             assert_eq!(config.producer.max_size, 6, "environment over file");
             assert_eq!(config.producer.linger_ms, 7.0, "file over defaults");
             assert_eq!(config.limits.max_unacked_per_stream, 11, "flags over all");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own error type
+    fn the_metrics_listener_comes_from_the_environment_and_must_not_be_the_grpc_one() {
+        figment::Jail::expect_with(|jail| {
+            let config = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap();
+            assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9464");
+            jail.set_env("EVENTHUB_GATEWAY_METRICS_LISTEN", "0.0.0.0:0");
+            let config = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap();
+            assert_eq!(config.metrics_listen.to_string(), "0.0.0.0:0");
+            jail.set_env("EVENTHUB_GATEWAY_METRICS_LISTEN", "127.0.0.1:50051");
+            let error = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap_err();
+            assert!(error.to_string().contains("metrics_listen"), "{error}");
             Ok(())
         });
     }

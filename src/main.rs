@@ -81,6 +81,9 @@ struct ServeArgs {
     /// The gRPC listener [default: 127.0.0.1:50051].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// The HTTP listener of /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// An Event Hubs connection string (prefer --connection-string-file or EVENTHUB_GATEWAY_CONNECTION_STRING).
     #[arg(long, conflicts_with_all = ["connection_string_file", "namespace", "emulator"])]
     connection_string: Option<String>,
@@ -134,6 +137,9 @@ impl ServeArgs {
         };
         if let Some(listen) = self.listen {
             set("listen", listen.to_string().into());
+        }
+        if let Some(addr) = self.metrics_listen {
+            set("metrics_listen", addr.to_string().into());
         }
         if let Some(text) = &self.connection_string {
             set("connection_string", text.clone().into());
@@ -270,7 +276,11 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
         .map(|emulator| emulator.connection_string());
     println!(
         "{}",
-        serde_json::json!({ "grpc": gateway.local_addr().to_string(), "emulator": emulator })
+        serde_json::json!({
+            "grpc": gateway.local_addr().to_string(),
+            "metrics": gateway.metrics_addr().to_string(),
+            "emulator": emulator,
+        })
     );
     match gateway.emulator() {
         Some(emulator) => tracing::info!(
@@ -280,6 +290,10 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => tracing::info!(grpc = %gateway.local_addr(), "serving"),
     }
+    eprintln!(
+        "metrics on http://{0}/metrics, probes on http://{0}/healthz and /readyz",
+        gateway.metrics_addr()
+    );
     shutdown_signal().await;
     tracing::info!("draining: finishing open calls and streams, flushing the producer");
     if !gateway.shutdown().await? {

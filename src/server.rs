@@ -19,6 +19,8 @@ use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, TraceContextLayer};
 use crate::producer::{Credential, Endpoint, Producer, ProducerError, TlsOptions, Transport};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
+use crate::telemetry::http::{HttpError, MetricsListener, MetricsServer};
+use crate::telemetry::metrics::{Metrics, MetricsError, ScrapeSource};
 
 /// How often health follows the producer's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
@@ -54,6 +56,12 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics recorder could not be installed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// The metrics and probes listener could not start.
+    #[error(transparent)]
+    MetricsListener(#[from] HttpError),
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -69,6 +77,7 @@ pub struct RunningGateway {
     stop: CancellationToken,
     server: JoinHandle<Result<(), ServeError>>,
     emulator: Option<Emulator>,
+    metrics: MetricsServer,
     drain_timeout: Duration,
 }
 
@@ -76,6 +85,11 @@ impl RunningGateway {
     /// Where the gRPC listener is.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.local_addr()
     }
 
     /// The service's shared state (producer, limits).
@@ -88,9 +102,9 @@ impl RunningGateway {
         self.emulator.as_ref()
     }
 
-    /// Drains: health goes NOT_SERVING, new calls are refused, streams get their remaining acks, the producer
-    /// flushes and every accepted event is answered; bounded by the drain timeout. Returns whether the drain
-    /// finished in time.
+    /// Drains: health goes NOT_SERVING (and `/readyz` 503), new calls are refused, streams get their remaining
+    /// acks, the producer flushes and every accepted event is answered; bounded by the drain timeout. Then the
+    /// metrics listener stops. Returns whether the drain finished in time.
     pub async fn shutdown(self) -> Result<bool, ServeError> {
         self.state.start_draining();
         self.stop.cancel();
@@ -100,6 +114,8 @@ impl RunningGateway {
             served
         })
         .await;
+        // Kept to the end of the drain, so probes and scrapes see it happen.
+        self.metrics.shutdown().await;
         if let Some(emulator) = self.emulator {
             emulator.shutdown(Duration::from_secs(1)).await;
         }
@@ -114,6 +130,8 @@ impl RunningGateway {
 /// Starts the gateway described by `config` and returns once it listens.
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> {
     config.validate()?;
+    // Before any event can be counted: handles resolved earlier would be no-ops.
+    let metrics = Metrics::install()?;
     let hubs = config.hubs();
     let (producer, emulator) = match config.source()? {
         EventHubsSource::Emulator => {
@@ -209,6 +227,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
         source,
     })?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let metrics_listener = MetricsListener::bind(config.metrics_listen).await?;
 
     let mut builder = Server::builder()
         .initial_stream_window_size(config.limits.http2_stream_window_bytes)
@@ -230,11 +249,12 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
         // The first layer is outermost: shed calls are still traced and attributed.
         .layer(TraceContextLayer::new())
         .layer(ClientIdLayer::new())
-        .layer(shed)
+        .layer(shed.clone())
         .add_service(gateway)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    let metrics = metrics_listener.serve(metrics, ScrapeSource::new(Arc::clone(&state), shed));
     let shutdown = stop.clone();
     let server = tokio::spawn(async move {
         router
@@ -249,6 +269,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
         stop,
         server,
         emulator,
+        metrics,
         drain_timeout: config.drain_timeout(),
     })
 }

@@ -210,43 +210,6 @@ async fn send_events_answers_each_event_in_order_and_bad_ones_fail_alone() {
     gateway.shutdown().await.unwrap();
 }
 
-/// Streams `count` events (keys `k0..k9`, body = sequence) and returns every ack by sequence.
-async fn stream_events(
-    client: &mut v1::event_hub_gateway_client::EventHubGatewayClient<tonic::transport::Channel>,
-    requests: Vec<v1::SendStreamRequest>,
-) -> (HashMap<u64, v1::StreamAck>, Result<(), tonic::Status>) {
-    let (sender, receiver) = mpsc::channel(64);
-    let feeder = tokio::spawn(async move {
-        for request in requests {
-            if sender.send(request).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut acks = HashMap::new();
-    let mut responses = client
-        .send_stream(ReceiverStream::new(receiver))
-        .await
-        .unwrap()
-        .into_inner();
-    let ended = loop {
-        match responses.message().await {
-            Ok(Some(response)) => {
-                for ack in response.acks {
-                    assert!(
-                        acks.insert(ack.sequence, ack).is_none(),
-                        "a sequence acked twice"
-                    );
-                }
-            }
-            Ok(None) => break Ok(()),
-            Err(status) => break Err(status),
-        }
-    };
-    feeder.await.unwrap();
-    (acks, ended)
-}
-
 #[tokio::test]
 async fn a_stream_acks_every_sequence_once_keeps_key_order_and_ends_ok_after_half_close() {
     let gateway = start_gateway(|config| config.limits.max_unacked_per_stream = 500).await;

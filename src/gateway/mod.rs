@@ -18,6 +18,7 @@ use crate::config::Limits;
 use crate::middleware::{ClientId, RateLimits};
 use crate::producer::{Producer, TraceContext};
 use crate::proto::v1;
+use crate::telemetry::metrics::{HubEvents, Rpc};
 use crate::telemetry::otel;
 use convert::event_from_proto;
 pub use status::GatewayError;
@@ -172,6 +173,27 @@ impl Gateway {
     }
 }
 
+/// `SendEvent`'s one event, from the request's `event` field to its outcome.
+async fn send_one(
+    state: &GatewayState,
+    call: &CallContext,
+    hub: &str,
+    proto: Option<v1::Event>,
+) -> Result<crate::producer::Receipt, GatewayError> {
+    let proto = proto.ok_or_else(|| GatewayError::InvalidRequest {
+        field: "event".into(),
+        reason: "is required".into(),
+    })?;
+    state.charge(call, 1)?;
+    let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
+        .map_err(|error| GatewayError::event("event", error))?;
+    state
+        .producer
+        .send_with_deadline(hub, event, call.deadline)
+        .await
+        .map_err(|error| GatewayError::event("event", error))
+}
+
 fn event_result(outcome: Result<crate::producer::Receipt, GatewayError>) -> v1::EventResult {
     match outcome {
         Ok(receipt) => v1::EventResult {
@@ -195,18 +217,14 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         let call = state.call(&request)?;
         let body = request.into_inner();
         let hub = state.hub(&body.event_hub)?;
-        let proto = body.event.ok_or_else(|| GatewayError::InvalidRequest {
-            field: "event".into(),
-            reason: "is required".into(),
-        })?;
-        state.charge(&call, 1)?;
-        let event = event_from_proto(proto, call.event_trace_context(&hub).as_ref())
-            .map_err(|error| GatewayError::event("event", error))?;
-        let receipt = state
-            .producer
-            .send_with_deadline(&hub, event, call.deadline)
-            .await
-            .map_err(|error| GatewayError::event("event", error))?;
+        // Counted from here on: an unknown hub's name is the caller's text, never a label.
+        let mut outcome = HubEvents::new(&hub, Rpc::SendEvent).receive(1);
+        let sent = send_one(state, &call, &hub, body.event).await;
+        match &sent {
+            Ok(_) => outcome.ok(1),
+            Err(error) => outcome.failed(error.reason(), 1),
+        }
+        let receipt = sent?;
         Ok(Response::new(v1::SendEventResponse {
             event_hub: hub,
             partition_id: receipt.partition_id.unwrap_or_default(),
@@ -221,18 +239,23 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         let call = state.call(&request)?;
         let body = request.into_inner();
         let hub = state.hub(&body.event_hub)?;
+        let mut outcomes = HubEvents::new(&hub, Rpc::SendEvents).receive(body.events.len() as u64);
         let max = state.limits.max_events_per_request;
         if body.events.len() > max {
-            return Err(GatewayError::InvalidRequest {
+            let error = GatewayError::InvalidRequest {
                 field: "events".into(),
                 reason: format!(
                     "at most {max} events per request (max_events_per_request); got {}",
                     body.events.len()
                 ),
-            }
-            .into());
+            };
+            outcomes.fail_remaining(error.reason());
+            return Err(error.into());
         }
-        state.charge(&call, body.events.len())?;
+        if let Err(error) = state.charge(&call, body.events.len()) {
+            outcomes.fail_remaining(error.reason());
+            return Err(error.into());
+        }
         // Enqueued one by one, in request order, so each key keeps that order; then awaited together.
         let mut tickets = Vec::with_capacity(body.events.len());
         for (index, proto) in body.events.into_iter().enumerate() {
@@ -242,16 +265,20 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
             };
             tickets.push((index, enqueued));
         }
-        let results = join_all(tickets.into_iter().map(|(index, enqueued)| async move {
+        let answered = join_all(tickets.into_iter().map(|(index, enqueued)| async move {
             let outcome = match enqueued {
                 Ok(ticket) => ticket.await,
                 Err(error) => Err(error),
             };
-            event_result(
-                outcome.map_err(|error| GatewayError::event(format!("events[{index}]"), error)),
-            )
+            outcome.map_err(|error| GatewayError::event(format!("events[{index}]"), error))
         }))
         .await;
+        let accepted = answered.iter().filter(|outcome| outcome.is_ok()).count();
+        outcomes.ok(accepted as u64);
+        for error in answered.iter().filter_map(|outcome| outcome.as_ref().err()) {
+            outcomes.failed(error.reason(), 1);
+        }
+        let results = answered.into_iter().map(event_result).collect();
         Ok(Response::new(v1::SendEventsResponse { results }))
     }
 

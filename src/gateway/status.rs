@@ -171,6 +171,26 @@ impl GatewayError {
         }
     }
 
+    /// The `ErrorInfo` reason in lower case (`invalid_event`, `event_hubs_busy`, ...): the `outcome` label of
+    /// an event that failed with this error.
+    pub fn reason(&self) -> &'static str {
+        match self.build().reason {
+            reason::INVALID_EVENT => "invalid_event",
+            reason::EVENT_TOO_LARGE => "event_too_large",
+            reason::UNKNOWN_EVENT_HUB => "unknown_event_hub",
+            reason::RATE_LIMITED => "rate_limited",
+            reason::OVERLOADED => "overloaded",
+            reason::EVENT_HUBS_BUSY => "event_hubs_busy",
+            reason::EVENT_HUBS_UNAVAILABLE => "event_hubs_unavailable",
+            reason::DRAINING => "draining",
+            reason::DEADLINE_EXCEEDED => "deadline_exceeded",
+            reason::EVENT_HUBS_UNAUTHORIZED => "event_hubs_unauthorized",
+            reason::EVENT_HUBS_REJECTED => "event_hubs_rejected",
+            // Every reason is listed above (a test checks each); a new one shows as this until it is added.
+            _ => "other",
+        }
+    }
+
     /// The `google.rpc.Status` of this error (for `EventResult.status` and `StreamAck.status`).
     pub fn to_rpc_status(&self) -> rpc::Status {
         let built = self.build();
@@ -423,6 +443,7 @@ mod tests {
             let status = error.to_rpc_status();
             assert_eq!(status.code, code as i32, "{error}");
             assert_eq!(reason_of(&status), reason, "{error}");
+            assert_eq!(error.reason(), reason.to_ascii_lowercase(), "{error}");
             let retryable = matches!(code, Code::ResourceExhausted | Code::Unavailable);
             let retry = decode_detail::<rpc::RetryInfo>(&status, "google.rpc.RetryInfo");
             assert_eq!(retry.is_some(), retryable, "RetryInfo on {error}");

@@ -17,6 +17,7 @@ use super::convert::event_from_proto;
 use super::status::{self, GatewayError};
 use super::{CallContext, GatewayState};
 use crate::proto::v1;
+use crate::telemetry::metrics::{HubEventsCache, OpenStream, Outcomes, Rpc};
 
 /// The responses of a stream, as tonic sends them.
 pub type AckStream = ReceiverStream<Result<v1::SendStreamResponse, Status>>;
@@ -51,6 +52,7 @@ pub fn start(
     let span = tracing::Span::current();
     tokio::spawn(
         async move {
+            let _open = OpenStream::open();
             let (pending_tx, pending_rx) = mpsc::unbounded_channel();
             let acker = tokio::spawn(acknowledge(pending_rx, responses.clone()).in_current_span());
             let end = read(&state, &call, inbound, pending_tx).await;
@@ -75,6 +77,7 @@ async fn read(
     pending: mpsc::UnboundedSender<PendingAck>,
 ) -> ReadEnd {
     let unacked = Arc::new(Semaphore::new(state.limits.max_unacked_per_stream));
+    let mut counters = HubEventsCache::new(Rpc::SendStream);
     loop {
         // A permit before every read: with none left the stream is not read, and HTTP/2 pushes back.
         let permit = tokio::select! {
@@ -93,7 +96,7 @@ async fn read(
             Ok(None) => return ReadEnd::HalfClosed,
             Err(_) => return ReadEnd::ClientGone,
         };
-        let ack = admit(state, call, request, permit).await;
+        let ack = admit(state, call, request, permit, &mut counters).await;
         if pending.send(ack).is_err() {
             return ReadEnd::ClientGone;
         }
@@ -106,6 +109,7 @@ async fn admit(
     call: &CallContext,
     request: v1::SendStreamRequest,
     permit: OwnedSemaphorePermit,
+    counters: &mut HubEventsCache,
 ) -> PendingAck {
     let sequence = request.sequence;
     // A refused event's permit is released on return: its ack is ready at once.
@@ -121,18 +125,27 @@ async fn admit(
         Ok(hub) => hub,
         Err(error) => return nack(error),
     };
+    // Counted from here on: an unknown hub's name is the caller's text, never a label.
+    let mut counted = counters.get(&hub).receive(1);
+    let refuse = |mut counted: Outcomes, error: GatewayError| {
+        counted.failed(error.reason(), 1);
+        nack(error)
+    };
     if let Err(error) = state.charge(call, 1) {
-        return nack(error);
+        return refuse(counted, error);
     }
     let Some(proto) = request.event else {
-        return nack(GatewayError::InvalidRequest {
-            field: "event".into(),
-            reason: "is required".into(),
-        });
+        return refuse(
+            counted,
+            GatewayError::InvalidRequest {
+                field: "event".into(),
+                reason: "is required".into(),
+            },
+        );
     };
     let event = match event_from_proto(proto, call.event_trace_context(&hub).as_ref()) {
         Ok(event) => event,
-        Err(error) => return nack(GatewayError::event("event", error)),
+        Err(error) => return refuse(counted, GatewayError::event("event", error)),
     };
     let deadline = Instant::now() + state.send_timeout;
     match state.producer.enqueue(&hub, event, deadline).await {
@@ -140,20 +153,27 @@ async fn admit(
             let outcome = ticket.await;
             drop(permit);
             match outcome {
-                Ok(receipt) => v1::StreamAck {
-                    sequence,
-                    status: Some(status::ok()),
-                    partition_id: receipt.partition_id.unwrap_or_default(),
-                },
-                Err(error) => v1::StreamAck {
-                    sequence,
-                    status: Some(GatewayError::event("event", error).to_rpc_status()),
-                    partition_id: String::new(),
-                },
+                Ok(receipt) => {
+                    counted.ok(1);
+                    v1::StreamAck {
+                        sequence,
+                        status: Some(status::ok()),
+                        partition_id: receipt.partition_id.unwrap_or_default(),
+                    }
+                }
+                Err(error) => {
+                    let error = GatewayError::event("event", error);
+                    counted.failed(error.reason(), 1);
+                    v1::StreamAck {
+                        sequence,
+                        status: Some(error.to_rpc_status()),
+                        partition_id: String::new(),
+                    }
+                }
             }
         }
         .boxed(),
-        Err(error) => nack(GatewayError::event("event", error)),
+        Err(error) => refuse(counted, GatewayError::event("event", error)),
     }
 }
 

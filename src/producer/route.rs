@@ -206,6 +206,7 @@ impl Policy<BatchRequest, (), SendError> for RetryPolicy {
         }
         // Inside the batch's send span, so each retry is a span event there too.
         tracing::info!(hub = %request.hub, attempt = self.attempts, %error, ?pause, "retrying a batch");
+        crate::telemetry::metrics::retry_scheduled(&request.hub);
         Some(tokio::time::sleep(pause))
     }
 
@@ -372,10 +373,12 @@ pub async fn run_route<H: RouteHost>(
         {
             let span = send_span(&request, host.server_address(), &traces);
             let stack = host.stack();
+            let (hub, events, bytes) = (Arc::clone(&request.hub), request.events, request.bytes);
             in_flight.push(
                 async move {
-                    let events = request.events;
-                    let result = stack.oneshot(request).await;
+                    let sent = stack.oneshot(request);
+                    let result =
+                        crate::telemetry::metrics::time_batch(&hub, events, bytes, sent).await;
                     if let Err(error) = &result {
                         let span = tracing::Span::current();
                         span.record("error.type", error.error_type());

@@ -40,11 +40,14 @@ process.on("exit", () => {
 
 /**
  * Starts `eventhub-gateway serve` with `args` and reads the one JSON line it prints on stdout:
- * `{grpc, emulator}`. Returns `{child, grpc, emulator, stderr(), stop()}`; `stop()` sends SIGTERM and resolves
+ * `{grpc, metrics, emulator}`. Returns `{child, grpc, metrics, emulator, stderr(), stop()}`; `stop()` sends SIGTERM and resolves
  * with the exit code (SIGKILL after `ms`, then resolving with null).
  */
 export async function startGateway(args, ms = 20000) {
-  const child = spawn(binary, ["serve", ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  // A free metrics port too, so parallel gateways never race for the default 9464.
+  const child = spawn(binary, ["serve", "--metrics-listen", "127.0.0.1:0", ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   started.add(child);
   let stderr = "";
   child.stderr.on("data", (chunk) => {
@@ -76,6 +79,7 @@ export async function startGateway(args, ms = 20000) {
   return {
     child,
     grpc: announced.grpc,
+    metrics: announced.metrics,
     emulator: announced.emulator,
     stderr: () => stderr,
     async stop(ms = 15000) {

@@ -24,11 +24,11 @@ def stop_process(process):
 
 
 class Emulator:
-    """A running `eventhub-gateway emulator` process."""
+    """A running `eventhub-gateway emulator` process, on a free loopback port unless `listen` names one."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, listen="127.0.0.1:0"):
         self.process = subprocess.Popen(
-            [BINARY, "emulator", "--listen", "127.0.0.1:0", *args],
+            [BINARY, "emulator", "--listen", listen, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -62,8 +62,8 @@ def start_emulator():
     """Starts emulators with special flags; all are stopped after the test."""
     started = []
 
-    def start(*args):
-        started.append(Emulator(*args))
+    def start(*args, listen="127.0.0.1:0"):
+        started.append(Emulator(*args, listen=listen))
         return started[-1]
 
     yield start

@@ -156,12 +156,13 @@ def result_status(api, status):
 
 
 class GatewayProcess:
-    """A running `eventhub-gateway serve` on a free loopback port. `args` are extra flags (`--emulator ...` or
-    `--connection-string ...`), `env` extra environment (`EVENTHUB_GATEWAY_LIMITS__...`)."""
+    """A running `eventhub-gateway serve` on free loopback ports (gRPC, and `metrics`: the HTTP listener of
+    /metrics and the probes). `args` are extra flags (`--emulator ...` or `--connection-string ...`), `env` extra
+    environment (`EVENTHUB_GATEWAY_LIMITS__...`)."""
 
     def __init__(self, api, *args, env=None, startup_timeout=20):
         self.api = api
-        self.args = [BINARY, "serve", "--listen", "127.0.0.1:0", *args]
+        self.args = [BINARY, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *args]
         self.process = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -180,6 +181,7 @@ class GatewayProcess:
         try:
             announced = json.loads(line[0])
             self.address = announced["grpc"]
+            self.metrics = announced["metrics"]
             self.connection_string = announced.get("emulator")
         except (IndexError, ValueError, KeyError, TypeError):
             self.stop()
@@ -206,6 +208,48 @@ class GatewayProcess:
             self.channel = None
         if self.process.poll() is None:
             stop_process(self.process)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The metrics listener
+# --------------------------------------------------------------------------------------------------------------
+
+
+def http_get(address, path, timeout=10):
+    """`GET http://address/path` on loopback, never through a proxy from the environment: (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    host = address.rsplit(":", 1)[0]
+    assert host in ("127.0.0.1", "localhost", "[::1]"), f"tests reach loopback only, not {address}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{address}{path}", timeout=timeout) as response:
+            return response.status, response.read().decode(), response.headers.get("Content-Type")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), error.headers.get("Content-Type")
+
+
+def scrape(gateway):
+    """The gateway's /metrics page through the Prometheus text parser: {(sample name, sorted label pairs): value},
+    and the families by name (with their type)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text, content_type = http_get(gateway.metrics, "/metrics")
+    assert status == 200, text
+    assert content_type.startswith("text/plain; version=0.0.4"), content_type
+    samples = {}
+    families = {}
+    for family in text_string_to_metric_families(text):
+        families[family.name] = family
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples, families
+
+
+def sample(samples, name, **labels):
+    """The value of the sample with exactly this name and these labels (None if absent)."""
+    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -499,6 +499,7 @@ pub async fn start_gateway(
         .try_init();
     let mut config = eventhub_gateway::config::GatewayConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         emulator: true,
         event_hubs: vec!["eh1".into(), "eh2".into()],
         ..Default::default()
@@ -587,4 +588,204 @@ pub fn violated_fields(status: &eventhub_gateway::proto::google::rpc::Status) ->
         })
         .map(|violation| violation.field)
         .collect()
+}
+
+/// Streams `requests` through `SendStream` (half-closing after the last) and returns every ack by sequence,
+/// and how the call ended.
+pub async fn stream_events(
+    client: &mut eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
+        tonic::transport::Channel,
+    >,
+    requests: Vec<eventhub_gateway::proto::v1::SendStreamRequest>,
+) -> (
+    std::collections::HashMap<u64, eventhub_gateway::proto::v1::StreamAck>,
+    Result<(), tonic::Status>,
+) {
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    let feeder = tokio::spawn(async move {
+        for request in requests {
+            if sender.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut acks = std::collections::HashMap::new();
+    let mut responses = client
+        .send_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = loop {
+        match responses.message().await {
+            Ok(Some(response)) => {
+                for ack in response.acks {
+                    assert!(
+                        acks.insert(ack.sequence, ack).is_none(),
+                        "a sequence acked twice"
+                    );
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    feeder.await.unwrap();
+    (acks, ended)
+}
+
+/// An HTTP response read by [`http_get`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header names (lower case) and values.
+    pub headers: Vec<(String, String)>,
+    /// The body, as text.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of a header, by its lower-case name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// `GET path` over HTTP/1.1 on a loopback address (a plain socket: one request, `Connection: close`).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    assert!(
+        addr.ip().is_loopback(),
+        "tests reach loopback only, not {addr}"
+    );
+    let exchange = async {
+        let mut socket = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        socket.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        socket.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP answer"))??;
+    let text = String::from_utf8(raw)
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// One sample of a Prometheus text page: `name{label="value",...} value`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// The sample's name (`_bucket`, `_sum`, `_count` included for histograms).
+    pub name: String,
+    /// Its labels, sorted by name.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// The samples of a Prometheus text-format page (comments skipped; label values without escapes, as the
+/// gateway's are).
+pub fn prometheus_samples(page: &str) -> Vec<Sample> {
+    page.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a sample line has a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, labels)) => (name, labels.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').expect("label=\"value\"");
+                    (key.to_owned(), value.trim_matches('"').to_owned())
+                })
+                .collect();
+            Sample {
+                name: name.to_owned(),
+                labels,
+                value: value.parse().expect("a numeric sample value"),
+            }
+        })
+        .collect()
+}
+
+/// The value of the sample with exactly this name and these labels, if the page has it.
+pub fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: std::collections::BTreeMap<String, String> = labels
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+        .collect();
+    samples
+        .iter()
+        .find(|sample| sample.name == name && sample.labels == wanted)
+        .map(|sample| sample.value)
+}
+
+/// The gateway's `/metrics` page, parsed.
+pub async fn scrape(gateway: &eventhub_gateway::server::RunningGateway) -> Vec<Sample> {
+    let response = http_get(gateway.metrics_addr(), "/metrics")
+        .await
+        .expect("the metrics page answers");
+    assert_eq!(response.status, 200, "{}", response.body);
+    prometheus_samples(&response.body)
+}
+
+/// Polls `condition` every 50 ms until it holds or [`TIMEOUT`] passes; returns whether it held.
+pub async fn eventually<F, Fut>(mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }

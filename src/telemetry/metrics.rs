@@ -1,0 +1,586 @@
+//! Prometheus metrics: the process-wide recorder (installed once), every metric's name and description, the
+//! recording helpers the handlers and the producer call, and the scrape, which copies the gateway's gauges and
+//! totals into the registry just before rendering it.
+//!
+//! The recorder is global to the process (the `metrics` facade has one). Counters and histograms recorded by
+//! handlers and routes are therefore process-wide sums: in a process running several gateways (in-process
+//! tests) they add up across them. The values copied at scrape time (pool, buffers, calls, streams' sources)
+//! describe the gateway whose listener was scraped; the copied totals (`*_total` from [`ProducerStats`]-style
+//! counts) only move up, so with several gateways they show the largest one's.
+//!
+//! [`ProducerStats`]: crate::producer::ProducerStats
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ::metrics::{
+    Counter, Gauge, SharedString, Unit, counter, describe_counter, describe_gauge,
+    describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
+
+use crate::gateway::GatewayState;
+use crate::middleware::LoadShedLayer;
+
+/// Events taken from requests, by hub and RPC (`send_event`, `send_events`, `send_stream`).
+pub const EVENTS_RECEIVED: &str = "eventhub_gateway_events_received_total";
+/// Events answered, by hub and outcome (`ok`, an `ErrorInfo` reason in lower case, or `cancelled`).
+pub const EVENTS_SENT: &str = "eventhub_gateway_events_sent_total";
+/// Events received and not answered yet, by hub.
+pub const EVENTS_IN_FLIGHT: &str = "eventhub_gateway_events_in_flight";
+/// Events per AMQP batch sent (histogram), by hub.
+pub const BATCH_EVENTS: &str = "eventhub_gateway_batch_events";
+/// Encoded bytes per AMQP batch sent (histogram), by hub.
+pub const BATCH_BYTES: &str = "eventhub_gateway_batch_bytes";
+/// One batch through the send stack, rate limit and retries included (histogram), by hub and outcome.
+pub const SEND_DURATION: &str = "eventhub_gateway_send_duration_seconds";
+/// Batch retries scheduled, by hub.
+pub const RETRIES: &str = "eventhub_gateway_retries_total";
+/// Pooled connections, by state (`ready`, `retiring`, `opening`).
+pub const POOL_CONNECTIONS: &str = "eventhub_gateway_pool_connections";
+/// Sender links across the pool's connections.
+pub const POOL_LINKS: &str = "eventhub_gateway_pool_links";
+/// Batches queued on or in flight over the pool's links.
+pub const BATCHES_IN_FLIGHT: &str = "eventhub_gateway_batches_in_flight";
+/// Callers waiting for a link with room.
+pub const POOL_WAITERS: &str = "eventhub_gateway_pool_waiters";
+/// Encoded event bytes buffered or in flight (bounded by `producer.max_buffered_bytes`).
+pub const BUFFERED_BYTES: &str = "eventhub_gateway_buffered_bytes";
+/// Routes (hub + key, hub + partition, hub) with a batcher running.
+pub const PRODUCER_ROUTES: &str = "eventhub_gateway_producer_routes";
+/// Connections to Event Hubs opened since start.
+pub const CONNECTIONS_OPENED: &str = "eventhub_gateway_connections_opened_total";
+/// Tokens obtained from the credential since start.
+pub const TOKEN_REFRESHES: &str = "eventhub_gateway_token_refreshes_total";
+/// Token fetches that failed since start.
+pub const TOKEN_REFRESH_FAILURES: &str = "eventhub_gateway_token_refresh_failures_total";
+/// Batches that waited for the producer's own rate limit toward Event Hubs.
+pub const PRODUCER_RATE_LIMITED_BATCHES: &str =
+    "eventhub_gateway_producer_rate_limited_batches_total";
+/// Events refused by the gateway's per-client or global rate limit.
+pub const RATE_LIMITED_EVENTS: &str = "eventhub_gateway_rate_limited_events_total";
+/// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls`.
+pub const SHED_CALLS: &str = "eventhub_gateway_shed_calls_total";
+/// gRPC calls in flight.
+pub const CALLS_IN_FLIGHT: &str = "eventhub_gateway_calls_in_flight";
+/// `SendStream` calls open.
+pub const STREAMS_OPEN: &str = "eventhub_gateway_streams_open";
+/// 1 when `/readyz` answers ready, else 0.
+pub const READY: &str = "eventhub_gateway_ready";
+
+/// The `outcome` of an event Event Hubs accepted, and of a batch sent.
+pub const OUTCOME_OK: &str = "ok";
+/// The `outcome` of an event whose caller went away before its answer (it may still have been stored).
+pub const OUTCOME_CANCELLED: &str = "cancelled";
+/// The `outcome` of a batch that failed (its events' reasons are in [`EVENTS_SENT`]).
+pub const OUTCOME_ERROR: &str = "error";
+
+/// Upper bounds of the events-per-batch buckets.
+const BATCH_EVENTS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+/// Upper bounds of the bytes-per-batch buckets, up to Event Hubs' 1 MiB message limit (Standard).
+const BATCH_BYTES_BUCKETS: &[f64] = &[
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    524_288.0,
+    1_048_576.0,
+];
+/// Upper bounds of the send-duration buckets, seconds (a millisecond to the longest `send_timeout`s).
+const SEND_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// How often histograms are drained into their buckets between scrapes (the exporter keeps raw samples until
+/// then, so without upkeep an unscraped gateway would grow them without bound).
+const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+
+/// Why the metrics could not be set up.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetricsError {
+    /// The Prometheus recorder could not be built or installed (another recorder owns the process).
+    #[error("the Prometheus recorder: {0}")]
+    Install(String),
+}
+
+/// The process's one Prometheus recorder; cloning shares it.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+}
+
+static INSTALLED: OnceLock<Result<Metrics, MetricsError>> = OnceLock::new();
+
+/// Scrapes of different gateways in one process copy their values into the same registry: one at a time, so
+/// each renders its own.
+static SCRAPE: Mutex<()> = Mutex::new(());
+
+impl Metrics {
+    /// Installs the recorder on first use and returns it; later calls (more gateways in one process) share it.
+    pub fn install() -> Result<Self, MetricsError> {
+        INSTALLED.get_or_init(install_once).clone()
+    }
+
+    /// Copies `source`'s gauges and totals into the registry, then renders everything in the Prometheus text
+    /// format (0.0.4).
+    pub fn scrape(&self, source: &ScrapeSource) -> String {
+        let _one_at_a_time = SCRAPE.lock();
+        source.copy_into_registry();
+        self.handle.render()
+    }
+}
+
+fn install_once() -> Result<Metrics, MetricsError> {
+    let failed =
+        |error: metrics_exporter_prometheus::BuildError| MetricsError::Install(error.to_string());
+    // Buckets make these true Prometheus histograms (the exporter renders summaries without them).
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), BATCH_EVENTS_BUCKETS)
+        .map_err(failed)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_BYTES.into()), BATCH_BYTES_BUCKETS)
+        .map_err(failed)?
+        .set_buckets_for_metric(Matcher::Full(SEND_DURATION.into()), SEND_DURATION_BUCKETS)
+        .map_err(failed)?
+        .install_recorder()
+        .map_err(failed)?;
+    describe();
+    let upkeep = handle.clone();
+    // A thread, not a task: the recorder outlives any one runtime (tests start a runtime per test).
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_PERIOD);
+                upkeep.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        // Rendering drains histograms too; only an unscraped gateway would hold samples longer.
+        tracing::warn!(%error, "no metrics upkeep thread; histograms are drained at scrape time only");
+    }
+    Ok(Metrics { handle })
+}
+
+fn describe() {
+    describe_counter!(
+        EVENTS_RECEIVED,
+        Unit::Count,
+        "Events taken from requests for a served hub, by hub and RPC."
+    );
+    describe_counter!(
+        EVENTS_SENT,
+        Unit::Count,
+        "Events answered, by hub and outcome: ok (accepted by Event Hubs), the ErrorInfo reason in lower case, \
+         or cancelled (the caller went away first)."
+    );
+    describe_gauge!(
+        EVENTS_IN_FLIGHT,
+        Unit::Count,
+        "Events received and not answered yet, by hub."
+    );
+    describe_histogram!(
+        BATCH_EVENTS,
+        Unit::Count,
+        "Events per AMQP batch sent to Event Hubs, by hub."
+    );
+    describe_histogram!(
+        BATCH_BYTES,
+        Unit::Bytes,
+        "Encoded bytes per AMQP batch sent to Event Hubs, by hub."
+    );
+    describe_histogram!(
+        SEND_DURATION,
+        Unit::Seconds,
+        "Time of one AMQP batch through the send stack (rate limit, link, disposition, retries), by hub and \
+         outcome (ok or error)."
+    );
+    describe_counter!(RETRIES, Unit::Count, "Batch retries scheduled, by hub.");
+    describe_gauge!(
+        POOL_CONNECTIONS,
+        Unit::Count,
+        "Connections to Event Hubs by state: ready (taking work), retiring (being replaced), opening."
+    );
+    describe_gauge!(
+        POOL_LINKS,
+        Unit::Count,
+        "Sender links across the pool's connections."
+    );
+    describe_gauge!(
+        BATCHES_IN_FLIGHT,
+        Unit::Count,
+        "Batches queued on or in flight over the pool's links."
+    );
+    describe_gauge!(
+        POOL_WAITERS,
+        Unit::Count,
+        "Sends waiting for a link with room in its window."
+    );
+    describe_gauge!(
+        BUFFERED_BYTES,
+        Unit::Bytes,
+        "Encoded event bytes buffered or in flight (at most producer.max_buffered_bytes)."
+    );
+    describe_gauge!(
+        PRODUCER_ROUTES,
+        Unit::Count,
+        "Routes (hub and key, hub and partition, or hub) with a batcher running."
+    );
+    describe_counter!(
+        CONNECTIONS_OPENED,
+        Unit::Count,
+        "Connections to Event Hubs opened since start."
+    );
+    describe_counter!(
+        TOKEN_REFRESHES,
+        Unit::Count,
+        "Tokens obtained from the credential since start."
+    );
+    describe_counter!(
+        TOKEN_REFRESH_FAILURES,
+        Unit::Count,
+        "Token fetches that failed since start (retried with backoff)."
+    );
+    describe_counter!(
+        PRODUCER_RATE_LIMITED_BATCHES,
+        Unit::Count,
+        "Batches that waited for the producer's rate limit toward Event Hubs."
+    );
+    describe_counter!(
+        RATE_LIMITED_EVENTS,
+        Unit::Count,
+        "Events refused with RATE_LIMITED by the per-client or global limit."
+    );
+    describe_counter!(
+        SHED_CALLS,
+        Unit::Count,
+        "Calls answered OVERLOADED at once because limits.max_concurrent_calls were in flight."
+    );
+    describe_gauge!(CALLS_IN_FLIGHT, Unit::Count, "gRPC calls in flight.");
+    describe_gauge!(STREAMS_OPEN, Unit::Count, "SendStream calls open.");
+    describe_gauge!(
+        READY,
+        Unit::Count,
+        "1 when the gateway is ready (a ready connection to Event Hubs, not draining), else 0."
+    );
+}
+
+/// Which RPC took an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rpc {
+    /// `SendEvent`.
+    SendEvent,
+    /// `SendEvents`.
+    SendEvents,
+    /// `SendStream`.
+    SendStream,
+}
+
+impl Rpc {
+    /// The `rpc` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SendEvent => "send_event",
+            Self::SendEvents => "send_events",
+            Self::SendStream => "send_stream",
+        }
+    }
+}
+
+/// One served hub's event counters for one RPC: resolved in the registry once, then shared by every event
+/// (a stream counts each event, so a lookup per event would cost more than the count).
+#[derive(Clone)]
+pub struct HubEvents {
+    inner: Arc<HubEventsInner>,
+}
+
+struct HubEventsInner {
+    hub: SharedString,
+    received: Counter,
+    ok: Counter,
+    in_flight: Gauge,
+}
+
+impl HubEvents {
+    /// The counters of `hub` (a served hub: its name is a label) for `rpc`.
+    pub fn new(hub: &str, rpc: Rpc) -> Self {
+        let hub: SharedString = SharedString::from(Arc::<str>::from(hub));
+        Self {
+            inner: Arc::new(HubEventsInner {
+                received: counter!(EVENTS_RECEIVED, "event_hub" => hub.clone(), "rpc" => rpc.as_str()),
+                ok: counter!(EVENTS_SENT, "event_hub" => hub.clone(), "outcome" => OUTCOME_OK),
+                in_flight: gauge!(EVENTS_IN_FLIGHT, "event_hub" => hub.clone()),
+                hub,
+            }),
+        }
+    }
+
+    /// Counts `count` events as received; the guard records each one's outcome.
+    pub fn receive(&self, count: u64) -> Outcomes {
+        let inner = &self.inner;
+        inner.received.increment(count);
+        inner.in_flight.increment(count as f64);
+        Outcomes {
+            events: self.clone(),
+            pending: count,
+        }
+    }
+
+    fn sent(&self, outcome: &'static str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let inner = &self.inner;
+        if outcome == OUTCOME_OK {
+            inner.ok.increment(count);
+        } else {
+            counter!(EVENTS_SENT, "event_hub" => inner.hub.clone(), "outcome" => outcome)
+                .increment(count);
+        }
+        inner.in_flight.decrement(count as f64);
+    }
+}
+
+/// The outcomes still to record of events received; what is left when it is dropped (the caller went away
+/// and its call was dropped) is counted [`OUTCOME_CANCELLED`], so every received event is counted sent once.
+#[must_use = "dropping it counts its events as cancelled"]
+pub struct Outcomes {
+    events: HubEvents,
+    pending: u64,
+}
+
+impl Outcomes {
+    /// `count` events were accepted by Event Hubs.
+    pub fn ok(&mut self, count: u64) {
+        self.record(OUTCOME_OK, count);
+    }
+
+    /// `count` events failed with this reason (`GatewayError::reason`).
+    pub fn failed(&mut self, reason: &'static str, count: u64) {
+        self.record(reason, count);
+    }
+
+    /// Every event not answered yet failed with this reason (a refusal of the whole request).
+    pub fn fail_remaining(&mut self, reason: &'static str) {
+        self.record(reason, self.pending);
+    }
+
+    fn record(&mut self, outcome: &'static str, count: u64) {
+        // Never more than were received: a caller's slip must not make the counters disagree.
+        let count = count.min(self.pending);
+        self.pending -= count;
+        self.events.sent(outcome, count);
+    }
+}
+
+impl Drop for Outcomes {
+    fn drop(&mut self) {
+        let pending = self.pending;
+        self.record(OUTCOME_CANCELLED, pending);
+    }
+}
+
+/// A stream's [`HubEvents`] per hub, so each event of a stream costs no registry lookup.
+pub struct HubEventsCache {
+    rpc: Rpc,
+    hubs: Vec<(String, HubEvents)>,
+}
+
+impl HubEventsCache {
+    /// An empty cache for `rpc`.
+    pub fn new(rpc: Rpc) -> Self {
+        Self {
+            rpc,
+            hubs: Vec::new(),
+        }
+    }
+
+    /// The counters of `hub` (a served hub), resolved on first use.
+    pub fn get(&mut self, hub: &str) -> &HubEvents {
+        // Served hubs are few (the configured list): a scan beats hashing.
+        let index = match self.hubs.iter().position(|(name, _)| name == hub) {
+            Some(index) => index,
+            None => {
+                self.hubs
+                    .push((hub.to_owned(), HubEvents::new(hub, self.rpc)));
+                self.hubs.len() - 1
+            }
+        };
+        &self.hubs[index].1
+    }
+}
+
+/// An open `SendStream`, counted in [`STREAMS_OPEN`] until dropped.
+pub struct OpenStream {
+    gauge: Gauge,
+}
+
+impl OpenStream {
+    /// Counts one more open stream.
+    pub fn open() -> Self {
+        let gauge = gauge!(STREAMS_OPEN);
+        gauge.increment(1.0);
+        Self { gauge }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// Awaits one batch's `send` through the send stack and records its size, duration and outcome.
+pub async fn time_batch<T, E>(
+    hub: &Arc<str>,
+    events: u64,
+    bytes: u64,
+    send: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let result = send.await;
+    let elapsed = started.elapsed();
+    let label = || SharedString::from(Arc::clone(hub));
+    let outcome = if result.is_ok() {
+        OUTCOME_OK
+    } else {
+        OUTCOME_ERROR
+    };
+    histogram!(BATCH_EVENTS, "event_hub" => label()).record(events as f64);
+    histogram!(BATCH_BYTES, "event_hub" => label()).record(bytes as f64);
+    histogram!(SEND_DURATION, "event_hub" => label(), "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
+    result
+}
+
+/// Counts a batch retry scheduled for `hub`.
+pub fn retry_scheduled(hub: &Arc<str>) {
+    counter!(RETRIES, "event_hub" => SharedString::from(Arc::clone(hub))).increment(1);
+}
+
+/// Why the gateway is not ready (the one-line body of a 503 from `/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// The gateway is shutting down.
+    #[error("draining")]
+    Draining,
+    /// The pool has no open, authorized connection.
+    #[error("no ready connection to Event Hubs")]
+    NoConnection,
+}
+
+/// What a scrape and the readiness probe read from one gateway: its state and its load-shedding layer.
+#[derive(Clone)]
+pub struct ScrapeSource {
+    state: Arc<GatewayState>,
+    shed: LoadShedLayer,
+}
+
+impl ScrapeSource {
+    /// The source of a gateway; `shed` is a clone of the layer its server uses (clones share counters).
+    pub fn new(state: Arc<GatewayState>, shed: LoadShedLayer) -> Self {
+        Self { state, shed }
+    }
+
+    /// Ready when not draining and the producer has a ready connection.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if self.state.is_draining() {
+            return Err(NotReady::Draining);
+        }
+        if !self.state.producer().is_ready() {
+            return Err(NotReady::NoConnection);
+        }
+        Ok(())
+    }
+
+    fn copy_into_registry(&self) {
+        let stats = self.state.producer().stats();
+        let pool = stats.pool;
+        gauge!(POOL_CONNECTIONS, "state" => "ready").set(pool.ready as f64);
+        gauge!(POOL_CONNECTIONS, "state" => "retiring").set(pool.retiring as f64);
+        gauge!(POOL_CONNECTIONS, "state" => "opening").set(pool.opening as f64);
+        gauge!(POOL_LINKS).set(pool.links as f64);
+        gauge!(BATCHES_IN_FLIGHT).set(pool.in_flight as f64);
+        gauge!(POOL_WAITERS).set(pool.waiters as f64);
+        gauge!(BUFFERED_BYTES).set(stats.buffered_bytes as f64);
+        gauge!(PRODUCER_ROUTES).set(stats.routes as f64);
+        counter!(CONNECTIONS_OPENED).absolute(pool.opened_total);
+        counter!(TOKEN_REFRESHES).absolute(stats.token_refreshes);
+        counter!(TOKEN_REFRESH_FAILURES).absolute(stats.token_failures);
+        counter!(PRODUCER_RATE_LIMITED_BATCHES).absolute(stats.rate_limited_batches);
+        counter!(RATE_LIMITED_EVENTS).absolute(self.state.rate_limits().refused());
+        counter!(SHED_CALLS).absolute(self.shed.shed_total());
+        gauge!(CALLS_IN_FLIGHT).set(self.shed.in_flight() as f64);
+        gauge!(READY).set(if self.readiness().is_ok() { 1.0 } else { 0.0 });
+        // Registered here so the page lists it before the first stream opens.
+        gauge!(STREAMS_OPEN).increment(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_labels_are_the_method_names_in_snake_case() {
+        assert_eq!(Rpc::SendEvent.as_str(), "send_event");
+        assert_eq!(Rpc::SendEvents.as_str(), "send_events");
+        assert_eq!(Rpc::SendStream.as_str(), "send_stream");
+    }
+
+    #[test]
+    fn every_received_event_is_counted_sent_once_even_when_its_caller_goes_away() {
+        let metrics = Metrics::install().unwrap();
+        let events = HubEvents::new("unit-outcomes", Rpc::SendEvents);
+        {
+            let mut outcomes = events.receive(5);
+            outcomes.ok(2);
+            outcomes.failed("deadline_exceeded", 1);
+            outcomes.ok(9); // more than pending: clipped to the 2 left
+        }
+        drop(events.receive(3)); // a call dropped before any answer
+        let page = metrics.handle.render();
+        let sample = |line: &str| {
+            page.lines()
+                .find_map(|l| l.strip_prefix(line))
+                .map(str::trim)
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            sample(
+                "eventhub_gateway_events_received_total{event_hub=\"unit-outcomes\",rpc=\"send_events\"}"
+            )
+            .as_deref(),
+            Some("8")
+        );
+        assert_eq!(
+            sample(
+                "eventhub_gateway_events_sent_total{event_hub=\"unit-outcomes\",outcome=\"ok\"}"
+            )
+            .as_deref(),
+            Some("4")
+        );
+        assert_eq!(
+            sample(
+                "eventhub_gateway_events_sent_total{event_hub=\"unit-outcomes\",outcome=\"deadline_exceeded\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                "eventhub_gateway_events_sent_total{event_hub=\"unit-outcomes\",outcome=\"cancelled\"}"
+            )
+            .as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            sample("eventhub_gateway_events_in_flight{event_hub=\"unit-outcomes\"}").as_deref(),
+            Some("0")
+        );
+    }
+}
