@@ -914,3 +914,66 @@ async fn the_rate_limit_paces_batches_and_every_event_still_arrives() {
     producer.close().await;
     emulator.shutdown(TIMEOUT).await;
 }
+
+/// Every log line written on this thread, at every level.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn entra_tokens_and_payloads_never_reach_the_logs_even_at_trace_level() {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    // This test's runtime has one thread, so every task of the producer logs into the capture.
+    let _capture = tracing::subscriber::set_default(subscriber);
+    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
+        accept_jwt: true,
+        ..support::config(&["eh1:1"])
+    })
+    .await;
+    let credential = Arc::new(FakeEntraCredential {
+        lifetime: 3600,
+        issued: Default::default(),
+    });
+    let endpoint = eventhub_gateway::producer::Endpoint {
+        host: "localhost".into(),
+        port: emulator.local_addr().port(),
+        transport: eventhub_gateway::producer::Transport::Amqp,
+    };
+    let producer = Producer::new(
+        endpoint,
+        eventhub_gateway::producer::Credential::Entra(credential.clone()),
+        Default::default(),
+        base(),
+    )
+    .unwrap();
+    producer
+        .send("eh1", Event::text("PAYLOAD-MARKER-entra"))
+        .await
+        .unwrap();
+    emulator.faults().throttle_next_sends(1);
+    producer
+        .send("eh1", Event::binary(b"PAYLOAD-MARKER-retried".to_vec()))
+        .await
+        .unwrap();
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+    let text = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    assert!(text.contains("retrying a batch"), "the capture works: {text}");
+    for secret in ["c2lnbmF0dXJl", "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9", "PAYLOAD-MARKER"] {
+        assert!(!text.contains(secret), "{secret} in the logs:\n{text}");
+    }
+}

@@ -160,7 +160,7 @@ class GatewayProcess:
     /metrics and the probes). `args` are extra flags (`--emulator ...` or `--connection-string ...`), `env` extra
     environment (`EVENTHUB_GATEWAY_LIMITS__...`)."""
 
-    def __init__(self, api, *args, env=None, startup_timeout=20):
+    def __init__(self, api, *args, env=None, startup_timeout=20, log_lines=300):
         self.api = api
         self.args = [BINARY, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *args]
         self.process = subprocess.Popen(
@@ -171,7 +171,7 @@ class GatewayProcess:
             # Plain logs (no ANSI colours), so they read well in assertion messages.
             env={**os.environ, "NO_COLOR": "1", **(env or {})},
         )
-        self.stderr = collections.deque(maxlen=300)
+        self.stderr = collections.deque(maxlen=log_lines)
         # Drained for the process's whole life, so its logging never blocks on a full pipe.
         threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True).start()
         line = []
