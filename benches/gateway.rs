@@ -1,5 +1,6 @@
 //! Micro-benchmark (not a test): events/s streamed through the gRPC gateway (`SendStream`, tonic clients on
 //! loopback) against the producer core alone, both into an in-process emulator, for 100 B and 1 KiB events.
+//! Then the same with every span exported over OTLP/gRPC to a receiver on loopback, for the cost of tracing.
 //! Run: `cargo bench --bench gateway`. `BENCH_STREAMS` sets the number of streams (default 8).
 
 use std::net::SocketAddr;
@@ -10,6 +11,13 @@ use eventhub_gateway::config::GatewayConfig;
 use eventhub_gateway::producer::{Event, Producer};
 use eventhub_gateway::proto::v1;
 use eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient;
+use eventhub_gateway::telemetry::otel::{OtlpProtocol, OtlpSettings};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -108,6 +116,63 @@ async fn stream(addr: SocketAddr, streams: usize, size: usize) -> f64 {
     total as f64 / started.elapsed().as_secs_f64()
 }
 
+/// An OTLP/gRPC receiver that counts the spans it is sent and drops them.
+#[derive(Clone, Default)]
+struct SpanCounter(Arc<std::sync::atomic::AtomicU64>);
+
+#[tonic::async_trait]
+impl TraceService for SpanCounter {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans: usize = request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|resource| &resource.scope_spans)
+            .map(|scope| scope.spans.len())
+            .sum();
+        self.0
+            .fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Starts a span counter on loopback and exports every span to it from now on.
+async fn export_spans() -> (SpanCounter, eventhub_gateway::telemetry::logging::Telemetry) {
+    let counter = SpanCounter::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(counter.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let telemetry = eventhub_gateway::telemetry::logging::init(
+        eventhub_gateway::telemetry::logging::LogFormat::Text,
+        Some(&OtlpSettings {
+            endpoint: Some(format!("http://{addr}")),
+            protocol: OtlpProtocol::Grpc,
+        }),
+    )
+    .expect("telemetry");
+    (counter, telemetry)
+}
+
+/// (direct, stream) events/s for one event size, on a fresh gateway.
+async fn measure(streams: usize, size: usize) -> (f64, f64) {
+    let gateway = eventhub_gateway::server::start(config())
+        .await
+        .expect("gateway starts");
+    let direct_rate = direct(gateway.state().producer(), size).await;
+    let stream_rate = stream(gateway.local_addr(), streams, size).await;
+    gateway.shutdown().await.expect("drains");
+    (direct_rate, stream_rate)
+}
+
 #[tokio::main]
 async fn main() {
     let streams = std::env::var("BENCH_STREAMS")
@@ -117,21 +182,36 @@ async fn main() {
     println!(
         "{RUN_FOR:?} per scenario; direct: {DIRECT_SENDERS} closed-loop senders; stream: {streams} SendStream calls"
     );
-    println!(
-        "{:<8} {:>16} {:>16} {:>8}",
-        "size", "direct events/s", "stream events/s", "ratio"
-    );
+    // Without an exporter first: once installed, the tracing subscriber stays for the process.
+    let mut plain = Vec::new();
     for size in [100, 1024] {
-        let gateway = eventhub_gateway::server::start(config())
-            .await
-            .expect("gateway starts");
-        let direct_rate = direct(gateway.state().producer(), size).await;
-        let stream_rate = stream(gateway.local_addr(), streams, size).await;
-        println!(
-            "{:<8} {direct_rate:>16.0} {stream_rate:>16.0} {:>8.2}",
-            format!("{size} B"),
-            stream_rate / direct_rate
-        );
-        gateway.shutdown().await.expect("drains");
+        plain.push((size, measure(streams, size).await));
     }
+    let (spans, telemetry) = export_spans().await;
+    let mut traced = Vec::new();
+    for size in [100, 1024] {
+        traced.push(measure(streams, size).await);
+    }
+    tokio::task::block_in_place(|| telemetry.shutdown());
+    println!(
+        "{:<8} {:>16} {:>16} {:>13} {:>22} {:>14}",
+        "size",
+        "direct events/s",
+        "stream events/s",
+        "stream/direct",
+        "stream+OTLP events/s",
+        "OTLP/no OTLP"
+    );
+    for ((size, (direct_rate, stream_rate)), (_, traced_stream)) in plain.iter().zip(&traced) {
+        println!(
+            "{:<8} {direct_rate:>16.0} {stream_rate:>16.0} {:>13.2} {traced_stream:>22.0} {:>14.2}",
+            format!("{size} B"),
+            stream_rate / direct_rate,
+            traced_stream / stream_rate
+        );
+    }
+    println!(
+        "{} spans exported",
+        spans.0.load(std::sync::atomic::Ordering::Relaxed)
+    );
 }

@@ -972,8 +972,15 @@ async fn entra_tokens_and_payloads_never_reach_the_logs_even_at_trace_level() {
     producer.close().await;
     emulator.shutdown(TIMEOUT).await;
     let text = String::from_utf8_lossy(&logs.0.lock()).into_owned();
-    assert!(text.contains("retrying a batch"), "the capture works: {text}");
-    for secret in ["c2lnbmF0dXJl", "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9", "PAYLOAD-MARKER"] {
+    assert!(
+        text.contains("retrying a batch"),
+        "the capture works: {text}"
+    );
+    for secret in [
+        "c2lnbmF0dXJl",
+        "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9",
+        "PAYLOAD-MARKER",
+    ] {
         assert!(!text.contains(secret), "{secret} in the logs:\n{text}");
     }
 }

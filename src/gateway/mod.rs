@@ -125,9 +125,12 @@ impl GatewayState {
         let own = Instant::now() + self.send_timeout;
         let deadline = deadline::from_metadata(request.metadata())
             .map_or(own, |timeout| deadline::answer_before(timeout).min(own));
+        // Taken once per call: the parent of every event span of the call (streams included).
+        let span_parent = otel::is_exporting().then(otel::current_context);
         Ok(CallContext {
             client,
             trace_context,
+            span_parent,
             deadline,
         })
     }
@@ -138,6 +141,7 @@ impl GatewayState {
 pub struct CallContext {
     client: ClientId,
     trace_context: Option<TraceContext>,
+    span_parent: Option<opentelemetry::Context>,
     deadline: Instant,
 }
 
@@ -145,18 +149,10 @@ impl CallContext {
     /// The trace context written onto one event for `hub`. With spans exported, it is the event's own span
     /// (a child of the call's, as the Azure SDKs make one per message); without, the caller's context as is.
     fn event_trace_context(&self, hub: &str) -> Option<TraceContext> {
-        if !otel::is_exporting() {
-            return self.trace_context.clone();
+        match &self.span_parent {
+            Some(parent) => otel::event_span(parent, hub).or_else(|| self.trace_context.clone()),
+            None => self.trace_context.clone(),
         }
-        let span = tracing::info_span!(
-            "event",
-            otel.name = %format!("create {hub}"),
-            otel.kind = "producer",
-            messaging.system = "eventhubs",
-            messaging.operation.type = "create",
-            messaging.destination.name = %hub,
-        );
-        otel::trace_context_of(&span).or_else(|| self.trace_context.clone())
     }
 }
 

@@ -113,6 +113,8 @@ pub fn tracer_provider(settings: &OtlpSettings) -> Result<SdkTracerProvider, Ote
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build();
+    // Event spans are made through the global provider (see `event_span`).
+    opentelemetry::global::set_tracer_provider(provider.clone());
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(provider)
 }
@@ -149,10 +151,38 @@ pub fn set_remote_parent(span: &tracing::Span, context: &TraceContext) {
     }
 }
 
+/// The OpenTelemetry context of the current `tracing` span.
+pub fn current_context() -> opentelemetry::Context {
+    tracing::Span::current().context()
+}
+
+/// Records one event's span, `create <hub>` (kind producer), as a child of `parent`, and returns its W3C
+/// context for the event. Made with the OpenTelemetry API directly: a `tracing` span per event costs more.
+pub fn event_span(parent: &opentelemetry::Context, hub: &str) -> Option<TraceContext> {
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
+    let tracer = opentelemetry::global::tracer("eventhub-gateway");
+    let mut span = tracer
+        .span_builder(format!("create {hub}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes([
+            KeyValue::new("messaging.system", "eventhubs"),
+            KeyValue::new("messaging.operation.type", "create"),
+            KeyValue::new("messaging.destination.name", hub.to_owned()),
+        ])
+        .start_with_context(&tracer, parent);
+    let context = w3c(span.span_context());
+    span.end();
+    context
+}
+
 /// The W3C trace context of `span` (what goes onto an event), if it is recorded by OpenTelemetry.
 pub fn trace_context_of(span: &tracing::Span) -> Option<TraceContext> {
     let context = span.context();
-    let span_context = context.span().span_context().clone();
+    w3c(context.span().span_context())
+}
+
+fn w3c(span_context: &SpanContext) -> Option<TraceContext> {
     if !span_context.is_valid() {
         return None;
     }
