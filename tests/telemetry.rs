@@ -109,6 +109,14 @@ async fn the_clients_trace_continues_through_the_gateway_onto_the_stored_event()
         .metadata_mut()
         .insert("tracestate", "vendor=value".parse().unwrap());
     client.send_event(request).await.unwrap();
+    let refused = client
+        .send_event(v1::SendEventRequest {
+            event_hub: "nope".into(),
+            event: Some(text_event("refused")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound);
     let stored = stored_events(gateway.emulator().unwrap(), "eh1", 4);
     gateway.shutdown().await.unwrap();
     tokio::task::spawn_blocking(move || telemetry.shutdown())
@@ -116,10 +124,18 @@ async fn the_clients_trace_continues_through_the_gateway_onto_the_stored_event()
         .unwrap();
 
     let spans = receiver.spans.lock().clone();
+    let calls: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "eventhub.gateway.v1.EventHubGateway/SendEvent")
+        .collect();
+    assert_eq!(calls.len(), 2, "a server span per call");
+    let failed = calls
+        .iter()
+        .find(|s| attribute(s, "rpc.grpc.status_code").as_deref() == Some("5"))
+        .expect("the refused call's span has its status code");
+    assert_eq!(failed.status.as_ref().map(|s| s.code), Some(2), "ERROR");
+    let server = *calls.iter().find(|s| s.span_id != failed.span_id).unwrap();
     let by_name: HashMap<&str, &Span> = spans.iter().map(|s| (s.name.as_str(), s)).collect();
-    let server = by_name
-        .get("eventhub.gateway.v1.EventHubGateway/SendEvent")
-        .unwrap_or_else(|| panic!("no server span in {:?}", by_name.keys()));
     assert_eq!(server.kind, SpanKind::Server as i32);
     assert_eq!(hex(&server.trace_id), CLIENT_TRACE);
     assert_eq!(hex(&server.parent_span_id), CLIENT_SPAN);

@@ -74,6 +74,8 @@ where
             rpc.system = "grpc",
             rpc.service = %service,
             rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
             trace_id = %trace_id,
         );
         if let Some(context) = context {
@@ -125,6 +127,18 @@ where
         let this = self.project();
         let _entered = this.span.enter();
         let response = ready!(this.inner.poll(cx))?;
+        // A failed call answers trailers-only: its status is in these headers (an OK one comes in trailers).
+        if let Some(code) = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<i64>().ok())
+        {
+            this.span.record("rpc.grpc.status_code", code);
+            if code != 0 {
+                this.span.record("otel.status_code", "ERROR");
+            }
+        }
         // Streaming calls do most of their work while the body is polled, after this future is done.
         let span = this.span.clone();
         Poll::Ready(Ok(response.map(|inner| TracedBody { inner, span })))
