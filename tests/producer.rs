@@ -715,15 +715,22 @@ impl azure_core::credentials::TokenCredential for FakeEntraCredential {
     }
 }
 
-#[tokio::test]
-async fn entra_id_tokens_authorize_and_are_refreshed() {
+/// An emulator accepting JWTs and a producer authenticated by a fake Entra credential whose tokens live
+/// `lifetime` seconds.
+async fn entra_producer(
+    lifetime: i64,
+) -> (
+    eventhub_gateway::emulator::Emulator,
+    Producer,
+    Arc<FakeEntraCredential>,
+) {
     let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
         accept_jwt: true,
         ..support::config(&["eh1:1"])
     })
     .await;
     let credential = Arc::new(FakeEntraCredential {
-        lifetime: 3,
+        lifetime,
         issued: Default::default(),
     });
     let endpoint = eventhub_gateway::producer::Endpoint {
@@ -738,6 +745,12 @@ async fn entra_id_tokens_authorize_and_are_refreshed() {
         base(),
     )
     .unwrap();
+    (emulator, producer, credential)
+}
+
+#[tokio::test]
+async fn entra_id_tokens_authorize_and_are_refreshed() {
+    let (emulator, producer, credential) = entra_producer(3).await;
     let started = Instant::now();
     let mut sent = 0;
     while started.elapsed() < Duration::from_secs(5) {
@@ -939,27 +952,7 @@ async fn entra_tokens_and_payloads_never_reach_the_logs_even_at_trace_level() {
         .finish();
     // This test's runtime has one thread, so every task of the producer logs into the capture.
     let _capture = tracing::subscriber::set_default(subscriber);
-    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
-        accept_jwt: true,
-        ..support::config(&["eh1:1"])
-    })
-    .await;
-    let credential = Arc::new(FakeEntraCredential {
-        lifetime: 3600,
-        issued: Default::default(),
-    });
-    let endpoint = eventhub_gateway::producer::Endpoint {
-        host: "localhost".into(),
-        port: emulator.local_addr().port(),
-        transport: eventhub_gateway::producer::Transport::Amqp,
-    };
-    let producer = Producer::new(
-        endpoint,
-        eventhub_gateway::producer::Credential::Entra(credential.clone()),
-        Default::default(),
-        base(),
-    )
-    .unwrap();
+    let (emulator, producer, _credential) = entra_producer(3600).await;
     producer
         .send("eh1", Event::text("PAYLOAD-MARKER-entra"))
         .await
