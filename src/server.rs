@@ -200,16 +200,16 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
     let (health, health_service) = tonic_health::server::health_reporter();
     let stop = CancellationToken::new();
     tokio::spawn(follow_readiness(health, Arc::clone(&state), stop.clone()));
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| ServeError::Reflection(error.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|error| ServeError::Reflection(error.to_string()))?;
+    // The same descriptors for both reflection versions (grpcurl speaks v1alpha, newer clients v1).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error =
+        |error: tonic_reflection::server::Error| ServeError::Reflection(error.to_string());
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
     let gateway = EventHubGatewayServer::new(Gateway::new(Arc::clone(&state)))
         .max_decoding_message_size(config.limits.max_request_bytes)

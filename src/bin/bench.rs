@@ -146,13 +146,18 @@ async fn direct(
             })
         })
         .collect();
-    let (mut ok, mut failed) = (0, 0);
-    for task in tasks {
-        let (o, f) = task.await.unwrap_or_default();
-        ok += o;
-        failed += f;
-    }
+    let (ok, failed) = sum_counts(tasks).await;
     (ok, failed, started.elapsed().as_secs_f64())
+}
+
+/// The (ok, failed) counts of worker tasks, added up; a worker that panicked counts nothing.
+async fn sum_counts(tasks: Vec<tokio::task::JoinHandle<(u64, u64)>>) -> (u64, u64) {
+    let mut total = (0, 0);
+    for task in tasks {
+        let (ok, failed) = task.await.unwrap_or_default();
+        total = (total.0 + ok, total.1 + failed);
+    }
+    total
 }
 
 async fn connect(addr: SocketAddr) -> EventHubGatewayClient<Channel> {
@@ -207,12 +212,7 @@ async fn stream(addr: SocketAddr, size: usize, budget: Budget) -> (u64, u64, f64
             })
         })
         .collect();
-    let (mut ok, mut failed) = (0, 0);
-    for task in tasks {
-        let (o, f) = task.await.unwrap_or_default();
-        ok += o;
-        failed += f;
-    }
+    let (ok, failed) = sum_counts(tasks).await;
     (ok, failed, started.elapsed().as_secs_f64())
 }
 
