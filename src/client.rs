@@ -306,6 +306,7 @@ async fn stream_lines(
             };
             let request = v1::SendStreamRequest {
                 event_hub: hub.clone(),
+                events: Vec::new(),
                 sequence: index as u64 + 1,
                 event: Some(v1::Event {
                     body: Some(body),

@@ -218,6 +218,7 @@ async fn a_stream_acks_every_sequence_once_keeps_key_order_and_ends_ok_after_hal
     let requests = (1..=count)
         .map(|sequence| v1::SendStreamRequest {
             event_hub: String::new(),
+            events: Vec::new(),
             sequence,
             event: Some(if sequence % 1000 == 0 {
                 v1::Event::default() // no body: nacked, the stream goes on
@@ -257,6 +258,86 @@ async fn a_stream_acks_every_sequence_once_keeps_key_order_and_ends_ok_after_hal
 }
 
 #[tokio::test]
+async fn stream_messages_carrying_several_events_ack_each_event_on_its_own_sequence() {
+    let gateway = start_gateway(|config| {
+        config.limits.max_unacked_per_stream = 64;
+        config.limits.max_events_per_request = 100;
+    })
+    .await;
+    let mut client = gateway_client(&gateway).await;
+    let message = |sequence: u64, events: Vec<v1::Event>| v1::SendStreamRequest {
+        event_hub: String::new(),
+        sequence,
+        event: None,
+        events,
+    };
+    let keyed = |key: &str, text: String| v1::Event {
+        partition_key: key.into(),
+        ..text_event(&text)
+    };
+    // 30 messages of 100 events over 7 keys, each body its own sequence number; 100 events is above the
+    // unacked budget of 64, so a message may use all of it.
+    let mut requests: Vec<_> = (0..30u64)
+        .map(|m| {
+            let first = 1 + m * 100;
+            let events = (first..first + 100)
+                .map(|s| keyed(&format!("k{}", s % 7), s.to_string()))
+                .collect();
+            message(first, events)
+        })
+        .collect();
+    // Event 3 of this message has no body: only it is nacked, naming `events[3].body`.
+    let mut with_bad = (10_001..10_006)
+        .map(|s| text_event(&s.to_string()))
+        .collect::<Vec<_>>();
+    with_bad[3] = v1::Event::default();
+    requests.push(message(10_001, with_bad));
+    // Too many events, and both fields at once: every sequence of the message is nacked on `events`.
+    requests.push(message(
+        20_001,
+        (0..101).map(|i| text_event(&i.to_string())).collect(),
+    ));
+    requests.push(v1::SendStreamRequest {
+        event: Some(text_event("single")),
+        ..message(30_001, vec![text_event("a"), text_event("b")])
+    });
+    // A single event still works beside them.
+    requests.push(v1::SendStreamRequest {
+        event: Some(text_event("40001")),
+        ..message(40_001, Vec::new())
+    });
+    let (acks, ended) = stream_events(&mut client, requests).await;
+    ended.unwrap();
+    assert_eq!(acks.len(), 3000 + 5 + 101 + 2 + 1);
+    let code = |sequence: u64| acks[&sequence].status.as_ref().unwrap().code;
+    for sequence in (1..=3000).chain([10_001, 10_002, 10_003, 10_005, 40_001]) {
+        assert_eq!(code(sequence), 0, "sequence {sequence}");
+    }
+    let bad = acks[&10_004].status.as_ref().unwrap();
+    assert_eq!(bad.code, Code::InvalidArgument as i32);
+    assert_eq!(violated_fields(bad), ["events[3].body"]);
+    for sequence in (20_001..=20_101).chain([30_001, 30_002]) {
+        let status = acks[&sequence].status.as_ref().unwrap();
+        assert_eq!(status.code, Code::InvalidArgument as i32, "{sequence}");
+        assert_eq!(violated_fields(status), ["events"]);
+    }
+    let stored = stored_events(gateway.emulator().unwrap(), "eh1", 4);
+    assert_eq!(stored.len(), 3000 + 4 + 1);
+    let mut last_by_key: HashMap<String, u64> = HashMap::new();
+    for (_, message) in &stored {
+        let Ok(Some(key)) = partition_key(message) else {
+            continue;
+        };
+        let sequence: u64 = body_text(message).parse().unwrap();
+        if let Some(previous) = last_by_key.insert(key.clone(), sequence) {
+            assert!(previous < sequence, "{key}: {previous} before {sequence}");
+        }
+    }
+    assert_eq!(last_by_key.len(), 7);
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_stream_stops_reading_at_its_unacked_limit() {
     let gateway = start_gateway(|config| config.limits.max_unacked_per_stream = 8).await;
     let emulator = gateway.emulator().unwrap();
@@ -277,6 +358,7 @@ async fn a_stream_stops_reading_at_its_unacked_limit() {
         for sequence in 1..=200u64 {
             let request = v1::SendStreamRequest {
                 event_hub: String::new(),
+                events: Vec::new(),
                 sequence,
                 event: Some(text_event(&body)),
             };
@@ -446,6 +528,7 @@ async fn draining_ends_open_streams_after_their_acks_and_refuses_new_calls() {
         sender
             .send(v1::SendStreamRequest {
                 event_hub: String::new(),
+                events: Vec::new(),
                 sequence,
                 event: Some(text_event(&sequence.to_string())),
             })

@@ -13,6 +13,7 @@ use tonic::Code;
 fn stream_request(sequence: u64, event: v1::Event) -> v1::SendStreamRequest {
     v1::SendStreamRequest {
         event_hub: String::new(),
+        events: Vec::new(),
         sequence,
         event: Some(event),
     }

@@ -13,7 +13,8 @@ Scenarios:
                       each with its own client.
   python-gateway      a Python `grpcio` client streaming through the gateway: --streams (4) bidirectional
                       `SendStream` calls, each on its own channel (its own HTTP/2 connection), each fed by a
-                      generator as fast as flow control allows; acks with status code 0 count as ok.
+                      generator as fast as flow control allows, --events-per-message (100) events per message
+                      (1: each in its own message); acks with status code 0 count as ok.
 
 Every scenario sends bodies of --size bytes (b"x" * size, as the Rust benches do) to --hub with no partition key
 or id (the service or the gateway picks the partition), for --duration seconds or until --max-events events were
@@ -436,6 +437,7 @@ class Stream:
         self.hub = args.hub
         self.body = body
         self.index = index
+        self.events_per_message = args.events_per_message
         # sent_at[sequence - 1]: the clock when the generator yielded that sequence; answered: one flag each.
         self.sent_at = array("d")
         self.answered = bytearray()
@@ -444,15 +446,25 @@ class Stream:
     def requests(self):
         pb, hub, body, run = self.pb, self.hub, self.body, self.run
         sent_at, answered = self.sent_at, self.answered
+        per_message = self.events_per_message
+        event = pb.Event(binary=body)
         sequence = 0
         while True:
             now = clock()
             if not run.sending(now):
                 return  # half-close: the gateway sends the remaining acks, then ends the call OK
-            sequence += 1
-            sent_at.append(now)
-            answered.append(0)
-            yield pb.SendStreamRequest(event_hub=hub, sequence=sequence, event=pb.Event(binary=body))
+            first = sequence + 1
+            count = 1
+            while count < per_message and run.sending(now):
+                count += 1
+            sequence += count
+            for _ in range(count):
+                sent_at.append(now)
+                answered.append(0)
+            if per_message == 1:
+                yield pb.SendStreamRequest(event_hub=hub, sequence=first, event=event)
+            else:
+                yield pb.SendStreamRequest(event_hub=hub, sequence=first, events=[event] * count)
 
     def read(self, timeout):
         """The stream's reader thread: starts the call once the clock started, records every ack."""
@@ -607,6 +619,8 @@ def parse_args(argv):
     gateway.add_argument("--gateway", required=True, metavar="HOST:PORT")
     gateway.add_argument("--streams", type=positive_int, default=4,
                          help="concurrent streams, one channel each (default 4)")
+    gateway.add_argument("--events-per-message", type=positive_int, default=100,
+                         help="events per SendStream message (`events`; 1 sends each in `event`) (default 100)")
     gateway.add_argument("--proto-dir", default=str(REPO / "proto"),
                          help="the proto root (default the repo's proto/)")
     return parser.parse_args(argv)

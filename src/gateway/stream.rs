@@ -76,11 +76,12 @@ async fn read(
     mut inbound: Streaming<v1::SendStreamRequest>,
     pending: mpsc::UnboundedSender<PendingAck>,
 ) -> ReadEnd {
-    let unacked = Arc::new(Semaphore::new(state.limits.max_unacked_per_stream));
+    let budget = state.limits.max_unacked_per_stream;
+    let unacked = Arc::new(Semaphore::new(budget));
     let mut counters = HubEventsCache::new(Rpc::SendStream);
     loop {
         // A permit before every read: with none left the stream is not read, and HTTP/2 pushes back.
-        let permit = tokio::select! {
+        let mut permits = tokio::select! {
             permit = Arc::clone(&unacked).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return ReadEnd::ClientGone,
@@ -91,61 +92,135 @@ async fn read(
             message = inbound.message() => message,
             () = state.draining.cancelled() => return ReadEnd::Draining,
         };
-        let request = match message {
+        let mut request = match message {
             Ok(Some(request)) => request,
             Ok(None) => return ReadEnd::HalfClosed,
             Err(_) => return ReadEnd::ClientGone,
         };
-        let ack = admit(state, call, request, permit, &mut counters).await;
-        if pending.send(ack).is_err() {
-            return ReadEnd::ClientGone;
+        let (sequence, hub) = (request.sequence, std::mem::take(&mut request.event_hub));
+        let events = match message_events(request, state.limits.max_events_per_request) {
+            Ok(events) => events,
+            Err((count, error)) => {
+                for offset in 0..count {
+                    let ack = nack(sequence.wrapping_add(offset), error.clone());
+                    if pending.send(ack).is_err() {
+                        return ReadEnd::ClientGone;
+                    }
+                }
+                continue;
+            }
+        };
+        // A message of n events counts n toward the budget (all of it, if n is larger).
+        let wanted = events.len().min(budget);
+        if wanted > 1 {
+            let more = tokio::select! {
+                more = Arc::clone(&unacked).acquire_many_owned(wanted as u32 - 1) => match more {
+                    Ok(more) => more,
+                    Err(_) => return ReadEnd::ClientGone,
+                },
+                () = state.draining.cancelled() => return ReadEnd::Draining,
+            };
+            permits.merge(more);
+        }
+        for (offset, (field, proto)) in events.into_iter().enumerate() {
+            let sequence = sequence.wrapping_add(offset as u64);
+            let permit = permits.split(1);
+            let ack = admit(
+                state,
+                call,
+                &hub,
+                sequence,
+                field,
+                proto,
+                permit,
+                &mut counters,
+            )
+            .await;
+            if pending.send(ack).is_err() {
+                return ReadEnd::ClientGone;
+            }
         }
     }
 }
 
+/// The events of one stream message with the field path each is reported under: `event`, or `events[i]`.
+/// A malformed message is refused whole, with the number of sequences its nacks cover.
+fn message_events(
+    request: v1::SendStreamRequest,
+    max_events: usize,
+) -> Result<Vec<(String, v1::Event)>, (u64, GatewayError)> {
+    let invalid = |field: &str, reason: String| GatewayError::InvalidRequest {
+        field: field.into(),
+        reason,
+    };
+    match (request.event, request.events) {
+        (Some(event), events) if events.is_empty() => Ok(vec![("event".into(), event)]),
+        (None, events) if events.is_empty() => Err((1, invalid("event", "is required".into()))),
+        (Some(_), events) => Err((
+            events.len() as u64,
+            invalid(
+                "events",
+                "cannot be set together with `event`: send one or the other".into(),
+            ),
+        )),
+        (None, events) if events.len() > max_events => Err((
+            events.len() as u64,
+            invalid(
+                "events",
+                format!(
+                    "at most {max_events} events per message (max_events_per_request); got {}",
+                    events.len()
+                ),
+            ),
+        )),
+        (None, events) => Ok(events
+            .into_iter()
+            .enumerate()
+            .map(|(index, event)| (format!("events[{index}]"), event))
+            .collect()),
+    }
+}
+
+/// An ack that is ready at once: the event was refused before it was enqueued.
+fn nack(sequence: u64, error: GatewayError) -> PendingAck {
+    let ack = v1::StreamAck {
+        sequence,
+        status: Some(error.to_rpc_status()),
+        partition_id: String::new(),
+    };
+    futures_util::future::ready(ack).boxed()
+}
+
 /// Checks and enqueues one event (in arrival order, so each key keeps it); the ack resolves with its outcome.
+/// The event's share of the unacked budget (`permit`; none once a message has used all of it) is released
+/// when its outcome is known.
+#[allow(clippy::too_many_arguments)]
 async fn admit(
     state: &Arc<GatewayState>,
     call: &CallContext,
-    request: v1::SendStreamRequest,
-    permit: OwnedSemaphorePermit,
+    hub: &str,
+    sequence: u64,
+    field: String,
+    proto: v1::Event,
+    permit: Option<OwnedSemaphorePermit>,
     counters: &mut HubEventsCache,
 ) -> PendingAck {
-    let sequence = request.sequence;
-    // A refused event's permit is released on return: its ack is ready at once.
-    let nack = |error: GatewayError| -> PendingAck {
-        let ack = v1::StreamAck {
-            sequence,
-            status: Some(error.to_rpc_status()),
-            partition_id: String::new(),
-        };
-        futures_util::future::ready(ack).boxed()
-    };
-    let hub = match state.hub(&request.event_hub) {
+    let hub = match state.hub(hub) {
         Ok(hub) => hub,
-        Err(error) => return nack(error),
+        Err(error) => return nack(sequence, error),
     };
     // Counted from here on: an unknown hub's name is the caller's text, never a label.
     let mut counted = counters.get(&hub).receive(1);
     let refuse = |mut counted: Outcomes, error: GatewayError| {
         counted.failed(error.reason(), 1);
-        nack(error)
+        nack(sequence, error)
     };
     if let Err(error) = state.charge(call, 1) {
         return refuse(counted, error);
     }
-    let Some(proto) = request.event else {
-        return refuse(
-            counted,
-            GatewayError::InvalidRequest {
-                field: "event".into(),
-                reason: "is required".into(),
-            },
-        );
-    };
     let event = match event_from_proto(proto, call.event_trace_context(&hub).as_ref()) {
         Ok(event) => event,
-        Err(error) => return refuse(counted, GatewayError::event("event", error)),
+        Err(error) => return refuse(counted, GatewayError::event(field, error)),
     };
     let deadline = Instant::now() + state.send_timeout;
     match state.producer.enqueue(&hub, event, deadline).await {
@@ -162,7 +237,7 @@ async fn admit(
                     }
                 }
                 Err(error) => {
-                    let error = GatewayError::event("event", error);
+                    let error = GatewayError::event(field, error);
                     counted.failed(error.reason(), 1);
                     v1::StreamAck {
                         sequence,
@@ -173,7 +248,7 @@ async fn admit(
             }
         }
         .boxed(),
-        Err(error) => refuse(counted, GatewayError::event("event", error)),
+        Err(error) => refuse(counted, GatewayError::event(field, error)),
     }
 }
 
