@@ -30,6 +30,8 @@ pub struct Report {
     /// Events refused with RESOURCE_EXHAUSTED that were stored anyway.
     pub refused_but_stored: u64,
     pub refused: u64,
+    /// Calls offered beyond the saturation rate over the run.
+    pub backlog: u64,
     pub peak_rss_mib: f64,
 }
 
@@ -194,8 +196,12 @@ pub async fn run(emulator: &Emulator, size: usize, budget: Budget) -> anyhow::Re
         codes.len(),
         stored.len(),
     ));
+    // Calls beyond what the gateway could answer in the time: once they are more than the gateway lets wait
+    // at once (`max_concurrent_calls`), some must have been refused.
+    let backlog = (codes.len() as f64 - saturation * offered_seconds).max(0.0) as u64;
     Ok(Report {
         outcome,
+        backlog,
         lost,
         refused_but_stored,
         refused,
