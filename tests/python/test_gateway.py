@@ -439,6 +439,46 @@ def test_each_stream_message_names_its_hub_and_bad_messages_are_nacked_alone(api
     assert sum(len(v) for v in stored.values()) == 2
 
 
+def test_stream_messages_may_carry_many_events_each_acked_on_its_own_sequence(api, gateway):
+    """`events` (several per message, what fast Python clients send): consecutive sequences, one ack each,
+    per-key order across messages; a bad event names `events[i]` and is nacked alone."""
+    run = run_id()
+    pb = api.pb
+    per_message, messages = 250, 12
+    before = partition_positions(gateway.connection_string, "eh1")
+    requests = []
+    for m in range(messages):
+        first = 1000 + m * per_message
+        events = [
+            pb.Event(text=f"{run}:k{s % 3}:{s}", partition_key=f"k{s % 3}") for s in range(first, first + per_message)
+        ]
+        if m == 5:
+            events[7] = pb.Event(partition_key="k0")  # no body
+        requests.append(pb.SendStreamRequest(sequence=first, events=events))
+    call = gateway.stub.SendStream(iter(requests), timeout=CALL_TIMEOUT)
+    acks, error = collect_acks(call)
+    assert error is None, describe(api, error)
+    sequences = sorted(a.sequence for a in acks)
+    assert sequences == list(range(1000, 1000 + messages * per_message)), "one ack per event, no more"
+    bad_sequence = 1000 + 5 * per_message + 7
+    for ack in acks:
+        if ack.sequence == bad_sequence:
+            rich = check_error(result_status(api, ack.status), Code.INVALID_ARGUMENT, "INVALID_EVENT")
+            assert rich.fields == ["events[7].body"], rich
+        else:
+            assert ack.status.code == 0, (ack.sequence, result_status(api, ack.status))
+    stored = read_since(gateway.connection_string, "eh1", before, timeout=60)
+    per_key = collections.defaultdict(list)
+    for partition_events in stored.values():
+        for event in partition_events:
+            event_run, key, s = body(event).decode().split(":")
+            assert event_run == run
+            per_key[key].append(int(s))
+    assert sum(len(v) for v in per_key.values()) == messages * per_message - 1
+    for key, landed in per_key.items():
+        assert landed == sorted(landed), f"{key} stored out of order"
+
+
 def test_a_stream_longer_than_its_unacked_window_completes(api, start_gateway):
     gateway = start_gateway(
         "--emulator", "--event-hub", "eh1", env={"EVENTHUB_GATEWAY_LIMITS__MAX_UNACKED_PER_STREAM": "8"}
