@@ -391,7 +391,7 @@ test("SendStream: 3000 keyed events are each acked once, keep per-key order, and
   }
 });
 
-test("SendStream: bad events are nacked alone and the stream goes on", { timeout: 45000 }, async () => {
+test("SendStream: bad events are nacked alone, also inside a message of several events, and the stream goes on", { timeout: 45000 }, async () => {
   const run = randomUUID();
   const ends = await partitionEnds(gateway.emulator, "eh1");
   const { acks, status } = await stream([
@@ -400,11 +400,16 @@ test("SendStream: bad events are nacked alone and the stream goes on", { timeout
     { sequence: 3, event: { partition_id: "0" } },
     { sequence: 4 },
     { sequence: 5, event: { text: "good five", partition_id: "1", properties: { run } } },
+    // Several events in one message take sequences 6, 7, 8; only the one without a body is nacked.
+    { sequence: 6, events: [{ text: "six", partition_id: "1", properties: { run } }, { partition_id: "1" }, { text: "eight", partition_id: "1", properties: { run } }] },
   ]);
   assert.equal(status.code, grpc.status.OK);
   const bySequence = new Map(acks.map((a) => [Number(a.sequence), a]));
-  assert.equal(acks.length, 5);
-  assert.deepEqual([...bySequence.keys()].sort(), [1, 2, 3, 4, 5]);
+  assert.equal(acks.length, 8);
+  assert.deepEqual([...bySequence.keys()].sort(), [1, 2, 3, 4, 5, 6, 7, 8]);
+  assert.equal(bySequence.get(6).status.code, 0);
+  assert.equal(bySequence.get(8).status.code, 0);
+  assertInvalidEvent(unpackStatus(bySequence.get(7).status), "events[1].body");
   assert.equal(bySequence.get(1).status.code, 0);
   assert.equal(bySequence.get(1).partition_id, "0");
   assert.equal(bySequence.get(5).status.code, 0);
@@ -414,8 +419,8 @@ test("SendStream: bad events are nacked alone and the stream goes on", { timeout
   assertInvalidEvent(unpackStatus(bySequence.get(3).status), "event.body");
   assertInvalidEvent(unpackStatus(bySequence.get(4).status), "event");
   // The default hub (eh1) got "good five" on partition 1, eh2 got "good one" on partition 0.
-  const [five] = await readAfter("eh1", "1", ends["1"], 1);
-  assert.equal(five.body.toString(), "good five");
+  const partitionOne = await readAfter("eh1", "1", ends["1"], 3);
+  assert.deepEqual(partitionOne.map((e) => e.body.toString()), ["good five", "six", "eight"]);
   const eh2 = await readPartition(gateway.emulator, "eh2", "0", (await lastSequence("eh2", "0")) + 1);
   assert.ok(eh2.some((e) => e.properties?.run === run && e.body.toString() === "good one"));
 });
