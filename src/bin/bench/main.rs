@@ -58,7 +58,24 @@ struct Args {
     /// A few hundred events per scenario, checking correctness and loss only (what CI runs).
     #[arg(long)]
     smoke: bool,
+    /// At most this many events per scenario (a fixed amount of work, for profiles).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Send the gateway scenarios to this gateway instead of one in this process (for example a gateway
+    /// under a profiler); the events cannot be read back then, so the loss check is left out.
+    #[arg(long, value_name = "HOST:PORT")]
+    gateway: Option<SocketAddr>,
 }
+
+/// The scenarios that only need a gateway's gRPC address.
+const GATEWAY_SCENARIOS: &[&str] = &[
+    "stream",
+    "stream-batched",
+    "unary",
+    "batch-rpc",
+    "python-gateway",
+    "python-gateway-single",
+];
 
 /// Every scenario, in the order the table shows them.
 const SCENARIOS: &[&str] = &[
@@ -148,6 +165,15 @@ async fn run_one(
         scenario,
         "emulator-ceiling" | "overload" | "python-seed" | "python-sdk-batched" | "rust-sdk"
     );
+    if let Some(external) = budget.external_gateway {
+        anyhow::ensure!(
+            GATEWAY_SCENARIOS.contains(&scenario),
+            "needs a gateway and emulator in this process (--gateway serves {GATEWAY_SCENARIOS:?})"
+        );
+        let mut result = gateway_scenario(scenario, size, external, budget).await?;
+        result.latency_ms = latency;
+        return Ok(result);
+    }
     let (gateway, own_emulator) = if standalone {
         (None, Some(start_emulator().await?))
     } else {
@@ -181,30 +207,8 @@ async fn run_one(
                 scenarios::direct(producer, size, None, budget).await,
             )
         }
-        "stream" | "stream-batched" => {
-            let per_message = if scenario == "stream" { 1 } else { 100 };
-            let counts = scenarios::stream(gateway_addr()?, size, per_message, budget).await;
-            Outcome::new(scenario, size, counts)
-        }
-        "unary" => {
-            let callers = if smoke { 8 } else { 512 };
-            let saturated =
-                scenarios::unary(gateway_addr()?, size, 1, callers, None, budget).await?;
-            let (ok, _, seconds) = saturated.counts;
-            let half = ok as f64 / seconds / 2.0;
-            let mut result = Outcome::new(scenario, size, saturated.counts);
-            let at_half =
-                scenarios::unary(gateway_addr()?, size, 1, callers, Some(half), budget).await?;
-            result.events_ok += at_half.counts.0;
-            result.events_failed += at_half.counts.1;
-            result.percentiles_ms = scenarios::percentiles(at_half.latencies);
-            result.note = Some(format!("latency at {half:.0} calls/s (half of saturation)"));
-            result
-        }
-        "batch-rpc" => {
-            let callers = if smoke { 2 } else { 64 };
-            let calls = scenarios::unary(gateway_addr()?, size, 100, callers, None, budget).await?;
-            Outcome::new(scenario, size, calls.counts)
+        scenario if GATEWAY_SCENARIOS.contains(&scenario) => {
+            gateway_scenario(scenario, size, gateway_addr()?, budget).await?
         }
         "keys-service" | "keys-local" => {
             let producer = Producer::from_connection_string(
@@ -245,10 +249,6 @@ async fn run_one(
             }
             report.outcome
         }
-        "python-gateway" | "python-gateway-single" => {
-            contenders::run(scenario, size, budget, Target::Gateway(gateway_addr()?))
-                .map_err(anyhow::Error::msg)?
-        }
         contender => contenders::run(
             contender,
             size,
@@ -285,6 +285,43 @@ async fn run_one(
     Ok(result)
 }
 
+/// A scenario that only talks gRPC to a gateway at `addr`.
+async fn gateway_scenario(
+    scenario: &str,
+    size: usize,
+    addr: SocketAddr,
+    budget: Budget,
+) -> anyhow::Result<Outcome> {
+    let smoke = budget.is_smoke();
+    Ok(match scenario {
+        "stream" | "stream-batched" => {
+            let per_message = if scenario == "stream" { 1 } else { 100 };
+            let counts = scenarios::stream(addr, size, per_message, budget).await;
+            Outcome::new(scenario, size, counts)
+        }
+        "unary" => {
+            let callers = if smoke { 8 } else { 512 };
+            let saturated = scenarios::unary(addr, size, 1, callers, None, budget).await?;
+            let (ok, _, seconds) = saturated.counts;
+            let half = ok as f64 / seconds / 2.0;
+            let mut result = Outcome::new(scenario, size, saturated.counts);
+            let at_half = scenarios::unary(addr, size, 1, callers, Some(half), budget).await?;
+            result.events_ok += at_half.counts.0;
+            result.events_failed += at_half.counts.1;
+            result.percentiles_ms = scenarios::percentiles(at_half.latencies);
+            result.note = Some(format!("latency at {half:.0} calls/s (half of saturation)"));
+            result
+        }
+        "batch-rpc" => {
+            let callers = if smoke { 2 } else { 64 };
+            let calls = scenarios::unary(addr, size, 100, callers, None, budget).await?;
+            Outcome::new(scenario, size, calls.counts)
+        }
+        python => contenders::run(python, size, budget, Target::Gateway(addr))
+            .map_err(anyhow::Error::msg)?,
+    })
+}
+
 fn print_table(outcomes: &[Outcome]) {
     println!(
         "{:<22} {:>6} {:>6} {:>12} {:>10} {:>22}",
@@ -317,7 +354,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let budget = Budget {
         duration: Duration::from_secs_f64(if args.smoke { 30.0 } else { args.duration }),
-        max_events: args.smoke.then_some(300),
+        max_events: args.events.or(args.smoke.then_some(300)),
+        smoke: args.smoke,
+        external_gateway: args.gateway,
     };
     let unknown: Vec<&String> = args
         .only

@@ -104,6 +104,7 @@ pub async fn run(emulator: &Emulator, size: usize, budget: Budget) -> anyhow::Re
     let warmup = Budget {
         duration: budget.duration.min(Duration::from_secs(3)),
         max_events: budget.max_events.map(|m| m / 2),
+        ..budget
     };
     let saturated = scenarios::unary(gateway.addr, size, 1, callers, None, warmup).await?;
     let (saturated_ok, _, saturated_seconds) = saturated.counts;

@@ -64,8 +64,12 @@ pub type Counts = (u64, u64, f64);
 #[derive(Clone, Copy)]
 pub struct Budget {
     pub duration: Duration,
-    /// Most events per scenario (smoke runs).
+    /// Most events per scenario (smoke runs, profiles).
     pub max_events: Option<u64>,
+    /// A smoke run: few workers, every failure a problem.
+    pub smoke: bool,
+    /// The gateway scenarios go to this gateway (in another process) instead of one of their own.
+    pub external_gateway: Option<SocketAddr>,
 }
 
 impl Budget {
@@ -81,9 +85,9 @@ impl Budget {
                 .is_some_and(|max| sent.fetch_add(count, Ordering::Relaxed) + count > max)
     }
 
-    /// Whether this is a smoke run (a bounded number of events, few workers).
+    /// Whether this is a smoke run (a few hundred events, few workers).
     pub fn is_smoke(&self) -> bool {
-        self.max_events.is_some()
+        self.smoke
     }
 }
 
