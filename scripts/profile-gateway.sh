@@ -41,7 +41,7 @@ wait "$gateway_pid" || true
 
 sent=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sum(o["events_ok"]+o["events_failed"] for o in r))' \
     "$out/$scenario-$size.json")
-total=$(callgrind_annotate "$profile" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+total=$(callgrind_annotate "$profile" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
 echo "$scenario, $size B: $sent events, $total instructions in the gateway, $((total / sent)) per event"
 callgrind_annotate --inclusive=yes "$profile" 2>/dev/null | sed -n '1,80p' > "$out/$scenario-$size.summary"
 echo "profile: $profile (callgrind_annotate --inclusive=yes $profile); summary: $out/$scenario-$size.summary"

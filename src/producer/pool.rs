@@ -105,7 +105,7 @@ impl Pool {
             match self.decide(&address) {
                 Decision::Use(link) => return Ok(link),
                 Decision::Attach(connection) => {
-                    match connection.attach_link(hub, partition).await {
+                    match Box::pin(connection.attach_link(hub, partition)).await {
                         Ok(link) => return Ok(link),
                         Err(error) => {
                             self.capacity.notify_waiters();
@@ -116,7 +116,7 @@ impl Pool {
                 Decision::Open => {
                     let opened = self.open_connection().await?;
                     opened.reserve_link();
-                    return opened.attach_link(hub, partition).await;
+                    return Box::pin(opened.attach_link(hub, partition)).await;
                 }
                 Decision::Wait => {
                     self.waiters.fetch_add(1, Ordering::Relaxed);
@@ -173,9 +173,11 @@ impl Pool {
     async fn open_connection(&self) -> Result<Arc<PooledConnection>, SendError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let timeout = self.config.create_timeout();
+        // Boxed, as every slow path of the pool: opening a connection is a large future, and inline it would
+        // make every send's future as large (moving those cost a tenth of the gateway's instructions).
         let opened = tokio::time::timeout(
             timeout,
-            PooledConnection::open(id, Arc::clone(&self.context)),
+            Box::pin(PooledConnection::open(id, Arc::clone(&self.context))),
         )
         .await
         .unwrap_or_else(|_| {
