@@ -144,6 +144,16 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- if le (float64 $v.terminationGracePeriodSeconds) (float64 $budget) }}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.drain_timeout_seconds + preStopPauseSeconds (%v), or pods are killed mid-drain" $v.terminationGracePeriodSeconds $budget) }}
 {{- end }}
+{{- $producer := $v.config.producer }}
+{{- if gt (int $producer.min_size) (int $producer.max_size) }}
+{{- fail "config.producer.min_size must not exceed config.producer.max_size" }}
+{{- end }}
+{{- if lt (float64 $producer.retry_max_backoff_ms) (float64 $producer.retry_initial_backoff_ms) }}
+{{- fail "config.producer.retry_max_backoff_ms must be at least retry_initial_backoff_ms" }}
+{{- end }}
+{{- if lt (float64 $v.config.limits.http2_connection_window_bytes) (mulf $v.config.limits.http2_stream_window_bytes 64) }}
+{{- fail "config.limits.http2_connection_window_bytes must be at least 64 times http2_stream_window_bytes" }}
+{{- end }}
 {{- if eq (int $v.service.grpcPort) (int $v.service.metricsPort) }}
 {{- fail "service.grpcPort and service.metricsPort must differ" }}
 {{- end }}
