@@ -599,7 +599,8 @@ mod tests {
     fn the_helm_charts_config_values_are_the_gateways_settings_with_its_defaults() {
         // helm/eventhub-gateway/values.yaml writes `config.limits` and `config.producer` into the ConfigMap as
         // they are: every key must be a setting, every setting a key, each default the gateway's own.
-        let values = Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/eventhub-gateway/values.yaml");
+        let values =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/eventhub-gateway/values.yaml");
         let chart = Figment::from(Yaml::file_exact(values));
         let keys = |value: serde_json::Value| -> Vec<String> {
             let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
@@ -609,7 +610,10 @@ mod tests {
         let defaults = GatewayConfig::default();
         for (section, expected) in [
             ("limits", serde_json::to_value(&defaults.limits).unwrap()),
-            ("producer", serde_json::to_value(&defaults.producer).unwrap()),
+            (
+                "producer",
+                serde_json::to_value(&defaults.producer).unwrap(),
+            ),
         ] {
             let path = format!("config.{section}");
             let found: serde_json::Value = chart.extract_inner(&path).unwrap();
