@@ -244,6 +244,16 @@ def test_the_default_values_install(tmp_path, monkeypatch):
     assert sorted(kinds) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
 
 
+def test_the_packaged_chart_renders_the_same(tmp_path):
+    """`helm package` (.helmignore drops ci/) keeps everything the chart needs."""
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        names = {template["name"] for template in packaged.templates}
+        assert "templates/tests/test-health.yaml" in names and packaged.schema is not None
+        assert not any(file["name"].startswith("ci/") for file in packaged.files)
+        assert packaged.render(name="demo", namespace="teams") == chart().render(name="demo", namespace="teams")
+
+
 def test_the_app_version_is_the_crate_version():
     crate = tomllib.loads((REPO / "Cargo.toml").read_text())["package"]["version"]
     assert chart().metadata["appVersion"] == crate
