@@ -1,9 +1,11 @@
 //! `eventhub-gateway send`: a gRPC client for people and shell scripts: one event with `SendEvent`, or one per
-//! line of a file or stdin through `SendStream` with a progress bar; prints every outcome.
+//! line of a file or stdin through `SendStream` with a progress bar; prints every outcome. `eventhub-gateway
+//! health`: one `grpc.health.v1` check, for probes and `helm test` in an image without a shell or grpcurl.
 
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -144,18 +146,23 @@ fn describe_rpc(status: &rpc::Status) -> String {
     format!("{text}: {}", status.message)
 }
 
-async fn connect(args: &SendArgs) -> Result<EventHubGatewayClient<Channel>, ClientError> {
+/// An endpoint for `url`; https:// trusts the web roots plus `ca_cert`, and presents `client` for mTLS.
+fn endpoint(
+    url: &str,
+    ca_cert: Option<&PathBuf>,
+    client: Option<(&PathBuf, &PathBuf)>,
+) -> Result<Endpoint, ClientError> {
     let connect_error = |source| ClientError::Connect {
-        url: args.gateway.clone(),
+        url: url.to_owned(),
         source,
     };
-    let mut endpoint = Endpoint::from_shared(args.gateway.clone()).map_err(connect_error)?;
-    if args.gateway.starts_with("https://") {
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(connect_error)?;
+    if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
-        if let Some(path) = &args.ca_cert {
+        if let Some(path) = ca_cert {
             tls = tls.ca_certificate(Certificate::from_pem(read(path)?));
         }
-        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+        if let Some((cert, key)) = client {
             tls = tls.identity(tonic::transport::Identity::from_pem(
                 read(cert)?,
                 read(key)?,
@@ -163,7 +170,18 @@ async fn connect(args: &SendArgs) -> Result<EventHubGatewayClient<Channel>, Clie
         }
         endpoint = endpoint.tls_config(tls).map_err(connect_error)?;
     }
-    let channel = endpoint.connect().await.map_err(connect_error)?;
+    Ok(endpoint)
+}
+
+async fn connect(args: &SendArgs) -> Result<EventHubGatewayClient<Channel>, ClientError> {
+    let client = args.client_cert.as_ref().zip(args.client_key.as_ref());
+    let channel = endpoint(&args.gateway, args.ca_cert.as_ref(), client)?
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            url: args.gateway.clone(),
+            source,
+        })?;
     Ok(EventHubGatewayClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
@@ -362,4 +380,72 @@ async fn stream_lines(
         return Ok(false);
     }
     Ok(failures.is_empty() && refused.is_empty() && acknowledged == sent)
+}
+
+/// What `health` takes.
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// The gateway's gRPC address: HOST:PORT (plain text), or an http:// or https:// URL.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub address: String,
+    /// The service to ask about: "" (the default) is the whole gateway, as kubelet's gRPC probe asks.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Bound on connecting and the check together, seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub timeout: f64,
+    /// PEM CA bundle trusted for an https:// gateway.
+    #[arg(long, value_name = "PEM_FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM certificate and key presented to a gateway that requires mTLS.
+    #[arg(long, value_name = "PEM_FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, value_name = "PEM_FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+/// Asks the gateway's `grpc.health.v1.Health/Check` once; returns the status name (`SERVING`,
+/// `NOT_SERVING`, ...). An unreachable gateway, an unknown service or the timeout are errors.
+pub async fn health(args: &HealthArgs) -> Result<String, ClientError> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    if !(args.timeout > 0.0 && args.timeout <= 3600.0) {
+        return Err(ClientError::Input(
+            "--timeout: must be above 0 and at most 3600 seconds".into(),
+        ));
+    }
+    let url = if args.address.contains("://") {
+        args.address.clone()
+    } else {
+        format!("http://{}", args.address)
+    };
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let client = args.client_cert.as_ref().zip(args.client_key.as_ref());
+    let endpoint = endpoint(&url, args.ca_cert.as_ref(), client)?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let check = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: url.clone(),
+                source,
+            })?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: args.service.clone(),
+            })
+            .await
+            .map_err(ClientError::Call)
+    };
+    let response = tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| ClientError::Input(format!("{url}: no answer within {timeout:?}")))??;
+    let status = response.into_inner().status;
+    Ok(ServingStatus::try_from(status)
+        .map(|status| status.as_str_name().to_owned())
+        .unwrap_or_else(|_| format!("status {status}")))
 }

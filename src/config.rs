@@ -596,6 +596,40 @@ mod tests {
     }
 
     #[test]
+    fn the_helm_charts_config_values_are_the_gateways_settings_with_its_defaults() {
+        // helm/eventhub-gateway/values.yaml writes `config.limits` and `config.producer` into the ConfigMap as
+        // they are: every key must be a setting, every setting a key, each default the gateway's own.
+        let values =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/eventhub-gateway/values.yaml");
+        let chart = Figment::from(Yaml::file_exact(values));
+        let keys = |value: serde_json::Value| -> Vec<String> {
+            let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        let defaults = GatewayConfig::default();
+        for (section, expected) in [
+            ("limits", serde_json::to_value(&defaults.limits).unwrap()),
+            (
+                "producer",
+                serde_json::to_value(&defaults.producer).unwrap(),
+            ),
+        ] {
+            let path = format!("config.{section}");
+            let found: serde_json::Value = chart.extract_inner(&path).unwrap();
+            assert_eq!(keys(found), keys(expected), "{path}");
+        }
+        let limits: Limits = chart.extract_inner("config.limits").unwrap();
+        assert_eq!(limits, defaults.limits);
+        let producer: ProducerConfig = chart.extract_inner("config.producer").unwrap();
+        assert_eq!(producer, defaults.producer);
+        let drain: f64 = chart.extract_inner("config.drain_timeout_seconds").unwrap();
+        assert_eq!(drain, defaults.drain_timeout_seconds);
+        let partitions: u32 = chart.extract_inner("emulator.partitions").unwrap();
+        assert_eq!(partitions, defaults.emulator_partitions);
+    }
+
+    #[test]
     fn the_connection_string_file_is_read_and_trimmed() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cs");

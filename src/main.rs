@@ -34,6 +34,14 @@ enum Command {
     Send(eventhub_gateway::client::SendArgs),
     /// Run a local Event Hubs (plain AMQP; AMQPS and WebSockets optional) that the official SDKs can use unchanged.
     Emulator(EmulatorArgs),
+    /// Check a running gateway's gRPC health (grpc.health.v1): exit 0 when SERVING, 1 otherwise.
+    Health(eventhub_gateway::client::HealthArgs),
+    /// Wait, then exit 0: a preStop pause in an image that has no shell or `sleep`.
+    Pause {
+        /// How long, seconds.
+        #[arg(long, value_name = "SECONDS")]
+        seconds: f64,
+    },
 }
 
 #[derive(Args)]
@@ -239,6 +247,22 @@ async fn main() -> anyhow::Result<()> {
             Err(error) => Err(error),
         },
         Command::Serve(args) => run_gateway(*args).await,
+        Command::Health(args) => match eventhub_gateway::client::health(&args).await {
+            Ok(status) if status == "SERVING" => {
+                println!("{status}");
+                Ok(())
+            }
+            Ok(status) => Err(anyhow::anyhow!("{}: {status}", args.address)),
+            Err(error) => Err(error.into()),
+        },
+        Command::Pause { seconds } => {
+            if !(0.0..=3600.0).contains(&seconds) {
+                Err(anyhow::anyhow!("--seconds: must be between 0 and 3600"))
+            } else {
+                tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+                Ok(())
+            }
+        }
         Command::Send(args) => eventhub_gateway::client::run(args)
             .await
             .map_err(anyhow::Error::from)

@@ -657,3 +657,72 @@ async fn requests_beyond_the_size_limit_are_refused_and_gzip_is_accepted() {
     );
     gateway.shutdown().await.unwrap();
 }
+
+/// Runs `eventhub-gateway health ARGS...`; returns its exit code and what it printed.
+async fn health_command(args: &[&str]) -> (Option<i32>, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventhub-gateway"))
+        .arg("health")
+        .args(args)
+        .output()
+        .await
+        .expect("the binary runs");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), printed)
+}
+
+#[tokio::test]
+async fn the_health_command_exits_0_when_serving_and_1_otherwise() {
+    let gateway = start_gateway(|_| {}).await;
+    let address = gateway.local_addr().to_string();
+    // SERVING once the producer's first connection is ready.
+    let args = eventhub_gateway::client::HealthArgs {
+        address: address.clone(),
+        service: String::new(),
+        timeout: 5.0,
+        ca_cert: None,
+        client_cert: None,
+        client_key: None,
+    };
+    assert!(
+        eventually(|| async {
+            eventhub_gateway::client::health(&args)
+                .await
+                .ok()
+                .as_deref()
+                == Some("SERVING")
+        })
+        .await
+    );
+    let (code, printed) = health_command(&["--address", &address, "--timeout", "5"]).await;
+    assert_eq!((code, printed.trim()), (Some(0), "SERVING"));
+    let (code, printed) = health_command(&[
+        "--address",
+        &format!("http://{address}"),
+        "--service",
+        "eventhub.gateway.v1.EventHubGateway",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{printed}");
+    // A service the gateway does not report on is an error, not a pass.
+    let (code, printed) =
+        health_command(&["--address", &address, "--service", "no.such.Service"]).await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(printed.contains("NotFound"), "{printed}");
+    gateway.shutdown().await.unwrap();
+
+    // Nothing listens on a port just released: the command fails fast, naming the address.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let started = std::time::Instant::now();
+    let (code, printed) = health_command(&["--address", &closed, "--timeout", "5"]).await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(printed.contains(&closed), "{printed}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
