@@ -41,5 +41,8 @@ step "Official Python SDK against the emulator"
 step "Official JavaScript SDK against the emulator"
 (cd tests/node && npm test --silent)
 
+step "The official Rust SDK contender of the benchmarks (benches/rust-sdk, its own lockfile)"
+scripts/build-rust-sdk.sh debug >/dev/null
+
 step "Benchmark harness smoke: every scenario, a few hundred events each; correctness and zero loss, not speed"
 "$root/target/debug/bench" --smoke --latency-ms 0 --sizes 100 --json "$root/target/bench/smoke.json"
