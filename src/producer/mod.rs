@@ -343,9 +343,8 @@ impl Producer {
     ) -> Result<Arc<HubProperties>, SendError> {
         let cell = Arc::clone(self.inner.hubs.lock().entry(hub.to_owned()).or_default());
         // Boxed: the first read is a large future, and this one is part of every send's.
-        let fetch = cell.get_or_try_init(|| async {
-            Box::pin(self.hub_properties(hub)).await.map(Arc::new)
-        });
+        let fetch = cell
+            .get_or_try_init(|| async { Box::pin(self.hub_properties(hub)).await.map(Arc::new) });
         tokio::time::timeout_at(deadline.into(), fetch)
             .await
             .unwrap_or(Err(SendError::DeadlineExceeded {
