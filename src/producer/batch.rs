@@ -7,7 +7,7 @@ use fe2o3_amqp_types::primitives::{Binary, Symbol};
 use serde_amqp::Value;
 
 use super::error::SendError;
-use crate::eventhubs::message::{AmqpMessage, encode};
+use crate::eventhubs::message::AmqpMessage;
 use crate::eventhubs::{BATCH_MESSAGE_FORMAT, annotations};
 
 /// The transfer a batch becomes, built once and sent (and resent) by reference.
@@ -135,6 +135,7 @@ impl BatchBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eventhubs::message::encode;
 
     fn encoded_size(transfer: &Transfer) -> u64 {
         encode(&transfer.message).unwrap().len() as u64
