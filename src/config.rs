@@ -89,6 +89,9 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Most calls (unary or streaming) served at once; more are shed with RESOURCE_EXHAUSTED.
     pub max_concurrent_calls: usize,
+    /// Most calls open at once on one HTTP/2 connection; a client's further calls wait on its side. Without
+    /// it, a client faster than the gateway makes it hold every call it cannot even refuse yet.
+    pub http2_max_concurrent_streams: u32,
     /// HTTP/2 flow-control window of one call, bytes: what a client may send beyond what the gateway read.
     pub http2_stream_window_bytes: u32,
     /// HTTP/2 flow-control window of one connection, bytes. h2 drops a connection whose unread small DATA
@@ -107,6 +110,7 @@ impl Default for Limits {
             max_unacked_per_stream: 10_000,
             max_request_bytes: 16 * 1024 * 1024,
             max_concurrent_calls: 10_000,
+            http2_max_concurrent_streams: 1000,
             http2_stream_window_bytes: 128 * 1024,
             http2_connection_window_bytes: 32 * 1024 * 1024,
             global_events_per_second: None,
@@ -349,6 +353,12 @@ impl GatewayConfig {
         if limits.max_concurrent_calls == 0 {
             return invalid("limits.max_concurrent_calls", "must be at least 1");
         }
+        if !(1..=1_000_000).contains(&limits.http2_max_concurrent_streams) {
+            return invalid(
+                "limits.http2_max_concurrent_streams",
+                "must be between 1 and 1000000",
+            );
+        }
         if !(64 * 1024..=16 * 1024 * 1024).contains(&limits.http2_stream_window_bytes) {
             return invalid(
                 "limits.http2_stream_window_bytes",
@@ -570,6 +580,13 @@ mod tests {
                     ("limits.http2_connection_window_bytes", (1024 * 1024).into()),
                 ]),
                 "limits.http2_connection_window_bytes",
+            ),
+            (
+                flags(&[
+                    ("emulator", true.into()),
+                    ("limits.http2_max_concurrent_streams", 0.into()),
+                ]),
+                "limits.http2_max_concurrent_streams",
             ),
         ];
         for (overrides, field) in cases {

@@ -230,6 +230,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
     let metrics_listener = MetricsListener::bind(config.metrics_listen).await?;
 
     let mut builder = Server::builder()
+        .max_concurrent_streams(config.limits.http2_max_concurrent_streams)
         .initial_stream_window_size(config.limits.http2_stream_window_bytes)
         .initial_connection_window_size(config.limits.http2_connection_window_bytes);
     if let Some(tls) = &config.tls {

@@ -726,3 +726,34 @@ async fn the_health_command_exits_0_when_serving_and_1_otherwise() {
     assert!(printed.contains(&closed), "{printed}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_connection_gets_at_most_http2_max_concurrent_streams_calls_at_once() {
+    let gateway = start_gateway(|config| config.limits.http2_max_concurrent_streams = 1).await;
+    let mut client = gateway_client(&gateway).await;
+    // Learn the server's SETTINGS first, so the client holds further calls back rather than racing them.
+    send_text(&mut client, "first").await.unwrap();
+    let (sender, receiver) = mpsc::channel(1);
+    let mut open = client
+        .send_stream(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    // The stream holds the connection's one call: a second call on it waits...
+    let mut second = client.clone();
+    let waiting = tokio::spawn(async move { send_text(&mut second, "second").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second call ran beside the open stream"
+    );
+    // ...and goes once the stream ends.
+    drop(sender);
+    while open.message().await.unwrap().is_some() {}
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting call went once the stream ended")
+        .unwrap()
+        .unwrap();
+    gateway.shutdown().await.unwrap();
+}

@@ -28,6 +28,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use contenders::Target;
 use scenarios::{Budget, Outcome};
 
+/// mimalloc: the gateway makes about ten small allocations per event, and glibc's malloc and free took a
+/// quarter of its instructions under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const HUB: &str = "bench";
 const PARTITIONS: u32 = 8;
 

@@ -106,11 +106,6 @@ pub async fn run(emulator: &Emulator, size: usize, budget: Budget) -> anyhow::Re
         max_events: budget.max_events.map(|m| m / 2),
         ..budget
     };
-    let saturated = scenarios::unary(gateway.addr, size, 1, callers, None, warmup).await?;
-    let (saturated_ok, _, saturated_seconds) = saturated.counts;
-    let saturation = saturated_ok as f64 / saturated_seconds;
-    let offered = 2.0 * saturation;
-
     let peak_rss_kib = Arc::new(AtomicU64::new(0));
     let sampler = {
         let (peak, pid) = (Arc::clone(&peak_rss_kib), gateway.child.id());
@@ -121,6 +116,12 @@ pub async fn run(emulator: &Emulator, size: usize, budget: Budget) -> anyhow::Re
             }
         })
     };
+
+    let saturated = scenarios::unary(gateway.addr, size, 1, callers, None, warmup).await?;
+    let (saturated_ok, _, saturated_seconds) = saturated.counts;
+    let saturation = saturated_ok as f64 / saturated_seconds;
+    let offered = 2.0 * saturation;
+    let saturated_rss_mib = peak_rss_kib.load(Ordering::Relaxed) as f64 / 1024.0;
 
     let mut clients = Vec::new();
     for _ in 0..16 {
@@ -187,12 +188,20 @@ pub async fn run(emulator: &Emulator, size: usize, budget: Budget) -> anyhow::Re
     let ok = answered_ok.count() as u64;
     let refused = refused.count() as u64;
     let other = codes.len() as u64 - ok - refused;
+    let mut other_codes = std::collections::BTreeMap::<String, u64>::new();
+    for code in codes
+        .iter()
+        .filter(|c| !matches!(c, Code::Ok | Code::ResourceExhausted))
+    {
+        *other_codes.entry(format!("{code:?}")).or_default() += 1;
+    }
     let peak_rss_mib = peak_rss_kib.load(Ordering::Relaxed) as f64 / 1024.0;
     let mut outcome = Outcome::new("overload", size, (ok, refused + other, seconds));
     outcome.note = Some(format!(
         "saturation {saturation:.0}/s; offered {:.0} calls/s for {offered_seconds:.1} s ({} calls); \
-         {ok} OK, {refused} RESOURCE_EXHAUSTED, {other} other errors; {} stored; {lost} lost; \
-         {refused_but_stored} refused but stored; peak RSS {peak_rss_mib:.0} MiB",
+         {ok} OK, {refused} RESOURCE_EXHAUSTED, {other} other errors {other_codes:?}; {} stored; {lost} lost; \
+         {refused_but_stored} refused but stored; peak RSS {peak_rss_mib:.0} MiB \
+         ({saturated_rss_mib:.0} MiB at saturation)",
         codes.len() as f64 / offered_seconds,
         codes.len(),
         stored.len(),
