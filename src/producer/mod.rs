@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -267,34 +267,61 @@ impl Producer {
             BatchBuilder::check_fits_alone(key.target.partition_key(), encoded.len(), limit)?;
         }
         let weight = u32::try_from(encoded.len()).unwrap_or(u32::MAX).max(1);
-        let permit = match tokio::time::timeout_at(
-            deadline.into(),
-            Arc::clone(&inner.buffer).acquire_many_owned(weight),
-        )
-        .await
-        {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(SendError::Closed),
-            Err(_) => {
-                return Err(SendError::Overloaded {
-                    what: "max_buffered_bytes",
-                    retry_after: OVERLOAD_RETRY_AFTER,
-                });
+        // Waiting is the exception: try without it first, and keep the waiting futures boxed, out of the
+        // common path's (every event's) future.
+        let permit = match Arc::clone(&inner.buffer).try_acquire_many_owned(weight) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(SendError::Closed),
+            Err(TryAcquireError::NoPermits) => {
+                Box::pin(self.wait_for_buffer(weight, deadline)).await?
             }
         };
         let (reply, outcome) = oneshot::channel();
-        let mut pending = Pending {
+        let pending = Pending {
             encoded,
             reply,
             deadline,
             permit,
             trace_context: event.trace_context,
         };
+        match self.route(&key)?.try_send(pending) {
+            Ok(()) => {}
+            Err(
+                mpsc::error::TrySendError::Full(pending)
+                | mpsc::error::TrySendError::Closed(pending),
+            ) => Box::pin(self.wait_for_route(&key, pending)).await?,
+        }
+        Ok(Ticket {
+            outcome,
+            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+        })
+    }
+
+    /// Waits (until `deadline`) for room in `max_buffered_bytes`.
+    async fn wait_for_buffer(
+        &self,
+        weight: u32,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, SendError> {
+        let acquire = Arc::clone(&self.inner.buffer).acquire_many_owned(weight);
+        match tokio::time::timeout_at(deadline.into(), acquire).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(SendError::Closed),
+            Err(_) => Err(SendError::Overloaded {
+                what: "max_buffered_bytes",
+                retry_after: OVERLOAD_RETRY_AFTER,
+            }),
+        }
+    }
+
+    /// Waits (until the event's deadline) for room in its route's queue, looking the route up again if it
+    /// idled out meanwhile.
+    async fn wait_for_route(&self, key: &RouteKey, mut pending: Pending) -> Result<(), SendError> {
+        let deadline = pending.deadline;
         loop {
-            let route = self.route(&key)?;
+            let route = self.route(key)?;
             match tokio::time::timeout_at(deadline.into(), route.send(pending)).await {
-                Ok(Ok(())) => break,
-                // The route idled out between lookup and send: look it up again.
+                Ok(Ok(())) => return Ok(()),
                 Ok(Err(mpsc::error::SendError(back))) => pending = back,
                 Err(_) => {
                     return Err(SendError::Overloaded {
@@ -304,10 +331,6 @@ impl Producer {
                 }
             }
         }
-        Ok(Ticket {
-            outcome,
-            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
-        })
     }
 
     fn route(&self, key: &RouteKey) -> Result<mpsc::Sender<Pending>, SendError> {
@@ -342,6 +365,9 @@ impl Producer {
         deadline: Instant,
     ) -> Result<Arc<HubProperties>, SendError> {
         let cell = Arc::clone(self.inner.hubs.lock().entry(hub.to_owned()).or_default());
+        if let Some(known) = cell.get() {
+            return Ok(Arc::clone(known));
+        }
         // Boxed: the first read is a large future, and this one is part of every send's.
         let fetch = cell
             .get_or_try_init(|| async { Box::pin(self.hub_properties(hub)).await.map(Arc::new) });
