@@ -110,7 +110,7 @@ fn throughput(path: &Path, rtt: u64, outcomes: &[&Outcome]) -> anyhow::Result<()
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
@@ -128,6 +128,8 @@ fn latency(path: &Path, rtt: u64, outcomes: &[&Outcome]) -> anyhow::Result<()> {
         .iter()
         .flat_map(|(_, p)| p.iter().copied())
         .fold(1.0, f64::max);
+    // Log scale: a few seconds of tail next to a few milliseconds of median.
+    let least = 0.1;
     let width = 200 + 150 * measured.len() as u32;
     let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -139,7 +141,7 @@ fn latency(path: &Path, rtt: u64, outcomes: &[&Outcome]) -> anyhow::Result<()> {
         .margin(10)
         .x_label_area_size(50)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..measured.len() as f64, 0f64..most * 1.15)?;
+        .build_cartesian_2d(0f64..measured.len() as f64, (least..most * 2.0).log_scale())?;
     let labels: Vec<String> = measured.iter().map(|(label, _)| label.clone()).collect();
     chart
         .configure_mesh()
@@ -153,7 +155,7 @@ fn latency(path: &Path, rtt: u64, outcomes: &[&Outcome]) -> anyhow::Result<()> {
                 String::new()
             }
         })
-        .y_desc("milliseconds")
+        .y_desc("milliseconds (log scale)")
         .draw()?;
     let names = ["p50", "p99", "p999"];
     for (which, name) in names.iter().enumerate() {
@@ -161,7 +163,10 @@ fn latency(path: &Path, rtt: u64, outcomes: &[&Outcome]) -> anyhow::Result<()> {
         chart
             .draw_series(measured.iter().enumerate().map(|(index, (_, p))| {
                 let left = index as f64 + 0.1 + 0.27 * which as f64;
-                Rectangle::new([(left, 0.0), (left + 0.25, p[which])], colour.filled())
+                Rectangle::new(
+                    [(left, least), (left + 0.25, p[which].max(least))],
+                    colour.filled(),
+                )
             }))?
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));

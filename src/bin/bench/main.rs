@@ -63,6 +63,9 @@ struct Args {
     /// A few hundred events per scenario, checking correctness and loss only (what CI runs).
     #[arg(long)]
     smoke: bool,
+    /// Only draw the charts of an earlier run's JSON (beside it), then stop.
+    #[arg(long, value_name = "JSON")]
+    replot: Option<PathBuf>,
     /// At most this many events per scenario (a fixed amount of work, for profiles).
     #[arg(long)]
     events: Option<u64>,
@@ -357,6 +360,14 @@ fn print_table(outcomes: &[Outcome]) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(results) = &args.replot {
+        let outcomes: Vec<Outcome> = serde_json::from_slice(&std::fs::read(results)?)?;
+        let directory = results.parent().unwrap_or(std::path::Path::new("."));
+        for path in chart::write(directory, &outcomes)? {
+            println!("chart: {}", path.display());
+        }
+        return Ok(());
+    }
     let budget = Budget {
         duration: Duration::from_secs_f64(if args.smoke { 30.0 } else { args.duration }),
         max_events: args.events.or(args.smoke.then_some(300)),

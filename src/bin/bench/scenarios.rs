@@ -18,7 +18,7 @@ use eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient
 use fe2o3_amqp::{Connection, Sender, Session};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use crate::{HUB, PARTITIONS};
 
 /// One scenario's result.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Outcome {
     pub scenario: String,
     pub size: usize,
