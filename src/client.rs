@@ -57,15 +57,9 @@ pub struct SendArgs {
     /// Names this client for the gateway's per-client rate limit (`x-client-id`).
     #[arg(long)]
     pub client_id: Option<String>,
-    /// PEM CA bundle trusted for an https:// gateway.
-    #[arg(long, value_name = "PEM_FILE")]
-    pub ca_cert: Option<PathBuf>,
-    /// PEM certificate and key presented to a gateway that requires mTLS.
-    #[arg(long, value_name = "PEM_FILE", requires = "client_key")]
-    pub client_cert: Option<PathBuf>,
-    /// PEM key of --client-cert.
-    #[arg(long, value_name = "PEM_FILE", requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
+    /// TLS toward an https:// gateway.
+    #[command(flatten)]
+    pub tls: ClientTls,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -146,12 +140,23 @@ fn describe_rpc(status: &rpc::Status) -> String {
     format!("{text}: {}", status.message)
 }
 
-/// An endpoint for `url`; https:// trusts the web roots plus `ca_cert`, and presents `client` for mTLS.
-fn endpoint(
-    url: &str,
-    ca_cert: Option<&PathBuf>,
-    client: Option<(&PathBuf, &PathBuf)>,
-) -> Result<Endpoint, ClientError> {
+/// How `send` and `health` trust and authenticate to an https:// gateway.
+#[derive(Args, Debug, Default)]
+pub struct ClientTls {
+    /// PEM CA bundle trusted for an https:// gateway.
+    #[arg(long, value_name = "PEM_FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM certificate and key presented to a gateway that requires mTLS.
+    #[arg(long, value_name = "PEM_FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, value_name = "PEM_FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+/// An endpoint for `url`; https:// trusts the web roots plus `ca_cert`, and presents the client
+/// certificate for mTLS.
+fn endpoint(url: &str, tls_settings: &ClientTls) -> Result<Endpoint, ClientError> {
     let connect_error = |source| ClientError::Connect {
         url: url.to_owned(),
         source,
@@ -159,10 +164,10 @@ fn endpoint(
     let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(connect_error)?;
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
-        if let Some(path) = ca_cert {
+        if let Some(path) = &tls_settings.ca_cert {
             tls = tls.ca_certificate(Certificate::from_pem(read(path)?));
         }
-        if let Some((cert, key)) = client {
+        if let (Some(cert), Some(key)) = (&tls_settings.client_cert, &tls_settings.client_key) {
             tls = tls.identity(tonic::transport::Identity::from_pem(
                 read(cert)?,
                 read(key)?,
@@ -174,8 +179,7 @@ fn endpoint(
 }
 
 async fn connect(args: &SendArgs) -> Result<EventHubGatewayClient<Channel>, ClientError> {
-    let client = args.client_cert.as_ref().zip(args.client_key.as_ref());
-    let channel = endpoint(&args.gateway, args.ca_cert.as_ref(), client)?
+    let channel = endpoint(&args.gateway, &args.tls)?
         .connect()
         .await
         .map_err(|source| ClientError::Connect {
@@ -394,15 +398,9 @@ pub struct HealthArgs {
     /// Bound on connecting and the check together, seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     pub timeout: f64,
-    /// PEM CA bundle trusted for an https:// gateway.
-    #[arg(long, value_name = "PEM_FILE")]
-    pub ca_cert: Option<PathBuf>,
-    /// PEM certificate and key presented to a gateway that requires mTLS.
-    #[arg(long, value_name = "PEM_FILE", requires = "client_key")]
-    pub client_cert: Option<PathBuf>,
-    /// PEM key of --client-cert.
-    #[arg(long, value_name = "PEM_FILE", requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
+    /// TLS toward an https:// gateway.
+    #[command(flatten)]
+    pub tls: ClientTls,
 }
 
 /// Asks the gateway's `grpc.health.v1.Health/Check` once; returns the status name (`SERVING`,
@@ -422,8 +420,7 @@ pub async fn health(args: &HealthArgs) -> Result<String, ClientError> {
         format!("http://{}", args.address)
     };
     let timeout = Duration::from_secs_f64(args.timeout);
-    let client = args.client_cert.as_ref().zip(args.client_key.as_ref());
-    let endpoint = endpoint(&url, args.ca_cert.as_ref(), client)?
+    let endpoint = endpoint(&url, &args.tls)?
         .connect_timeout(timeout)
         .timeout(timeout);
     let check = async {

@@ -683,9 +683,7 @@ async fn the_health_command_exits_0_when_serving_and_1_otherwise() {
         address: address.clone(),
         service: String::new(),
         timeout: 5.0,
-        ca_cert: None,
-        client_cert: None,
-        client_key: None,
+        tls: Default::default(),
     };
     assert!(
         eventually(|| async {
