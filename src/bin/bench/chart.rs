@@ -66,7 +66,7 @@ fn throughput(path: &Path, rtt: u64, outcomes: &[&Outcome]) -> anyhow::Result<()
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(170)
-        .build_cartesian_2d((100f64..most * 2.0).log_scale(), 0f64..rows as f64)?;
+        .build_cartesian_2d((100f64..most * 8.0).log_scale(), 0f64..rows as f64)?;
     chart
         .configure_mesh()
         .disable_y_mesh()
