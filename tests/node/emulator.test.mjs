@@ -6,7 +6,8 @@ import { spawn } from "node:child_process";
 import { createRequire } from "node:module";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { EventHubProducerClient, EventHubConsumerClient, earliestEventPosition, latestEventPosition } from "@azure/event-hubs";
+import { EventHubProducerClient, earliestEventPosition, latestEventPosition } from "@azure/event-hubs";
+import { readPartition as readPartitionOf } from "./support.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const binary = process.env.EVENTHUB_GATEWAY_BIN ?? path.join(here, "..", "..", "target", "debug", "eventhub-gateway");
@@ -42,33 +43,9 @@ after(() => emulator?.kill("SIGTERM"));
 
 const retryOptions = { maxRetries: 0, timeoutInMs: 10000 };
 
-/** Reads `expected` events of one partition from `position`, or fails after `ms`. */
-async function readPartition(hub, partitionId, expected, position = earliestEventPosition, ms = 20000) {
-  const consumer = new EventHubConsumerClient("$Default", connectionString, hub, { retryOptions });
-  const events = [];
-  try {
-    await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`only ${events.length} of ${expected} events in time`)), ms);
-      consumer.subscribe(
-        partitionId,
-        {
-          processEvents: async (batch) => {
-            events.push(...batch);
-            if (events.length >= expected) {
-              clearTimeout(timer);
-              resolve();
-            }
-          },
-          processError: async () => {},
-        },
-        { startPosition: position, maxWaitTimeInSeconds: 1 },
-      );
-    });
-  } finally {
-    await consumer.close();
-  }
-  return events;
-}
+/** Reads `expected` events of one partition from `position`, bodies parsed as the SDK does by default. */
+const readPartition = (hub, partitionId, expected, position = earliestEventPosition) =>
+  readPartitionOf(connectionString, hub, partitionId, expected, position, 20000, { parseJsonBodies: true });
 
 test("hub and partition properties", async () => {
   const producer = new EventHubProducerClient(connectionString, "eh1", { retryOptions });

@@ -246,10 +246,18 @@ export async function partitionEnds(connectionString, hub) {
 }
 
 /**
- * Reads `expected` events of one partition from `position` with the official consumer, bodies as raw bytes
- * (`skipParsingBodyAsJson`), or fails after `ms`.
+ * Reads `expected` events of one partition from `position` with the official consumer, or fails after `ms`.
+ * Bodies come as raw bytes (`skipParsingBodyAsJson`) unless `parseJsonBodies`, as the SDK does by default.
  */
-export async function readPartition(connectionString, hub, partitionId, expected, position = earliestEventPosition, ms = 30000) {
+export async function readPartition(
+  connectionString,
+  hub,
+  partitionId,
+  expected,
+  position = earliestEventPosition,
+  ms = 30000,
+  { parseJsonBodies = false } = {},
+) {
   const consumer = new EventHubConsumerClient("$Default", connectionString, hub, { retryOptions });
   const events = [];
   if (expected === 0) return events;
@@ -269,7 +277,7 @@ export async function readPartition(connectionString, hub, partitionId, expected
           },
           processError: async () => {},
         },
-        { startPosition: position, maxWaitTimeInSeconds: 1, maxBatchSize: 500, skipParsingBodyAsJson: true },
+        { startPosition: position, maxWaitTimeInSeconds: 1, maxBatchSize: 500, skipParsingBodyAsJson: !parseJsonBodies },
       );
     });
   } finally {
