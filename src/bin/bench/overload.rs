@@ -177,24 +177,24 @@ pub async fn run(emulator: &Emulator, size: usize, budget: Budget) -> anyhow::Re
             std::str::from_utf8(first.get(..20)?).ok()?.parse().ok()
         })
         .collect();
-    let is_stored = |(id, _): &(usize, &Code)| stored.contains(&(*id as u64));
-    let answered_ok = codes.iter().enumerate().filter(|(_, c)| **c == Code::Ok);
-    let lost = answered_ok.clone().filter(|c| !is_stored(c)).count() as u64;
-    let refused = codes
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| **c == Code::ResourceExhausted);
-    let refused_but_stored = refused.clone().filter(|c| is_stored(c)).count() as u64;
-    let ok = answered_ok.count() as u64;
-    let refused = refused.count() as u64;
-    let other = codes.len() as u64 - ok - refused;
+    // One pass over the answers: event `id` is the call's index.
+    let (mut ok, mut refused, mut lost, mut refused_but_stored) = (0u64, 0u64, 0u64, 0u64);
     let mut other_codes = std::collections::BTreeMap::<String, u64>::new();
-    for code in codes
-        .iter()
-        .filter(|c| !matches!(c, Code::Ok | Code::ResourceExhausted))
-    {
-        *other_codes.entry(format!("{code:?}")).or_default() += 1;
+    for (id, code) in codes.iter().enumerate() {
+        let is_stored = stored.contains(&(id as u64));
+        match code {
+            Code::Ok => {
+                ok += 1;
+                lost += u64::from(!is_stored);
+            }
+            Code::ResourceExhausted => {
+                refused += 1;
+                refused_but_stored += u64::from(is_stored);
+            }
+            other => *other_codes.entry(format!("{other:?}")).or_default() += 1,
+        }
     }
+    let other = codes.len() as u64 - ok - refused;
     let peak_rss_mib = peak_rss_kib.load(Ordering::Relaxed) as f64 / 1024.0;
     let mut outcome = Outcome::new("overload", size, (ok, refused + other, seconds));
     outcome.note = Some(format!(
