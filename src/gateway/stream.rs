@@ -122,20 +122,9 @@ async fn read(
             };
             permits.merge(more);
         }
-        for (offset, (field, proto)) in events.into_iter().enumerate() {
-            let sequence = sequence.wrapping_add(offset as u64);
+        for event in events {
             let permit = permits.split(1);
-            let ack = admit(
-                state,
-                call,
-                &hub,
-                sequence,
-                field,
-                proto,
-                permit,
-                &mut counters,
-            )
-            .await;
+            let ack = admit(state, call, &hub, event, permit, &mut counters).await;
             if pending.send(ack).is_err() {
                 return ReadEnd::ClientGone;
             }
@@ -143,18 +132,36 @@ async fn read(
     }
 }
 
-/// The events of one stream message with the field path each is reported under: `event`, or `events[i]`.
-/// A malformed message is refused whole, with the number of sequences its nacks cover.
+/// One event read from a stream.
+struct StreamEvent {
+    sequence: u64,
+    /// Its place in the message's `events`; `None` when it came in `event`.
+    index: Option<usize>,
+    proto: v1::Event,
+}
+
+/// The field path of a stream event: `event`, or `events[i]`.
+fn field_path(index: Option<usize>) -> String {
+    index.map_or_else(|| "event".into(), |index| format!("events[{index}]"))
+}
+
+/// The events of one stream message, on consecutive sequences from the message's. A malformed message is
+/// refused whole, with the number of sequences its nacks cover.
 fn message_events(
     request: v1::SendStreamRequest,
     max_events: usize,
-) -> Result<Vec<(String, v1::Event)>, (u64, GatewayError)> {
+) -> Result<Vec<StreamEvent>, (u64, GatewayError)> {
+    let first = request.sequence;
     let invalid = |field: &str, reason: String| GatewayError::InvalidRequest {
         field: field.into(),
         reason,
     };
     match (request.event, request.events) {
-        (Some(event), events) if events.is_empty() => Ok(vec![("event".into(), event)]),
+        (Some(proto), events) if events.is_empty() => Ok(vec![StreamEvent {
+            sequence: first,
+            index: None,
+            proto,
+        }]),
         (None, events) if events.is_empty() => Err((1, invalid("event", "is required".into()))),
         (Some(_), events) => Err((
             events.len() as u64,
@@ -176,7 +183,11 @@ fn message_events(
         (None, events) => Ok(events
             .into_iter()
             .enumerate()
-            .map(|(index, event)| (format!("events[{index}]"), event))
+            .map(|(index, proto)| StreamEvent {
+                sequence: first.wrapping_add(index as u64),
+                index: Some(index),
+                proto,
+            })
             .collect()),
     }
 }
@@ -194,17 +205,21 @@ fn nack(sequence: u64, error: GatewayError) -> PendingAck {
 /// Checks and enqueues one event (in arrival order, so each key keeps it); the ack resolves with its outcome.
 /// The event's share of the unacked budget (`permit`; none once a message has used all of it) is released
 /// when its outcome is known.
-#[allow(clippy::too_many_arguments)]
 async fn admit(
     state: &Arc<GatewayState>,
     call: &CallContext,
     hub: &str,
-    sequence: u64,
-    field: String,
-    proto: v1::Event,
+    event: StreamEvent,
     permit: Option<OwnedSemaphorePermit>,
     counters: &mut HubEventsCache,
 ) -> PendingAck {
+    let StreamEvent {
+        sequence,
+        index,
+        proto,
+    } = event;
+    // The field path its errors name, built only for an error.
+    let field = move || field_path(index);
     let hub = match state.hub(hub) {
         Ok(hub) => hub,
         Err(error) => return nack(sequence, error),
@@ -220,7 +235,7 @@ async fn admit(
     }
     let event = match event_from_proto(proto, call.event_trace_context(&hub).as_ref()) {
         Ok(event) => event,
-        Err(error) => return refuse(counted, GatewayError::event(field, error)),
+        Err(error) => return refuse(counted, GatewayError::event(field(), error)),
     };
     let deadline = Instant::now() + state.send_timeout;
     match state.producer.enqueue(&hub, event, deadline).await {
@@ -237,7 +252,7 @@ async fn admit(
                     }
                 }
                 Err(error) => {
-                    let error = GatewayError::event(field, error);
+                    let error = GatewayError::event(field(), error);
                     counted.failed(error.reason(), 1);
                     v1::StreamAck {
                         sequence,
@@ -248,7 +263,7 @@ async fn admit(
             }
         }
         .boxed(),
-        Err(error) => refuse(counted, GatewayError::event(field, error)),
+        Err(error) => refuse(counted, GatewayError::event(field(), error)),
     }
 }
 
