@@ -196,8 +196,6 @@ async fn run_one(
         .delay_dispositions(Duration::from_millis(latency));
     let connection_string = emulator.connection_string();
     let before = stored(emulator);
-    let addr = gateway.as_ref().map(|g| g.local_addr());
-    let gateway_addr = || addr.ok_or_else(|| anyhow::anyhow!("no gateway"));
     let mut result = match scenario {
         "emulator-ceiling" => Outcome::new(
             scenario,
@@ -216,7 +214,9 @@ async fn run_one(
             )
         }
         scenario if GATEWAY_SCENARIOS.contains(&scenario) => {
-            gateway_scenario(scenario, size, gateway_addr()?, budget).await?
+            let addr = gateway.as_ref().map(|g| g.local_addr());
+            let addr = addr.ok_or_else(|| anyhow::anyhow!("no gateway"))?;
+            gateway_scenario(scenario, size, addr, budget).await?
         }
         "keys-service" | "keys-local" => {
             let producer = Producer::from_connection_string(
