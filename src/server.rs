@@ -70,6 +70,9 @@ pub enum ServeError {
     Serve(String),
 }
 
+/// How long connections stay open after the last stream's status, so clients read it before the close.
+const STREAM_LINGER: Duration = Duration::from_millis(500);
+
 /// A running gateway.
 pub struct RunningGateway {
     local_addr: SocketAddr,
@@ -107,8 +110,19 @@ impl RunningGateway {
     /// metrics listener stops. Returns whether the drain finished in time.
     pub async fn shutdown(self) -> Result<bool, ServeError> {
         self.state.start_draining();
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        // A lingering close: streams first send their remaining acks and DRAINING, and their connections stay
+        // open a moment longer, so each client reads that status and stops writing before the socket closes.
+        // Closed under a client's writes, the kernel answers them with a reset that drops the unread status.
+        let streams_were_open = tokio::time::timeout_at(deadline, self.state.streams_ended())
+            .await
+            .unwrap_or(true);
+        if streams_were_open {
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + STREAM_LINGER))
+                .await;
+        }
         self.stop.cancel();
-        let drained = tokio::time::timeout(self.drain_timeout, async {
+        let drained = tokio::time::timeout_at(deadline, async {
             let served = self.server.await;
             self.state.producer().close().await;
             served

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
@@ -31,6 +32,8 @@ pub struct GatewayState {
     rate_limits: RateLimits,
     draining: CancellationToken,
     send_timeout: Duration,
+    /// The `SendStream` tasks, so a drain can wait for every stream to have sent its last status.
+    streams: TaskTracker,
 }
 
 impl GatewayState {
@@ -52,6 +55,7 @@ impl GatewayState {
             rate_limits,
             draining: CancellationToken::new(),
             send_timeout,
+            streams: TaskTracker::new(),
         }
     }
 
@@ -68,6 +72,15 @@ impl GatewayState {
     /// Stops taking new work: calls are refused with DRAINING and streams stop reading.
     pub fn start_draining(&self) {
         self.draining.cancel();
+    }
+
+    /// Waits (call it once draining) until every stream has sent its last ack and status; returns whether
+    /// any stream was still open.
+    pub async fn streams_ended(&self) -> bool {
+        self.streams.close();
+        let were_open = !self.streams.is_empty();
+        self.streams.wait().await;
+        were_open
     }
 
     /// Whether the gateway is draining.

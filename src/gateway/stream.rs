@@ -50,7 +50,8 @@ pub fn start(
     let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
     // The stream's tasks run in the call's span, so its events' spans are children of it.
     let span = tracing::Span::current();
-    tokio::spawn(
+    let streams = state.streams.clone();
+    streams.spawn(
         async move {
             let _open = OpenStream::open();
             let (pending_tx, pending_rx) = mpsc::unbounded_channel();
