@@ -639,14 +639,18 @@ def test_hadolint_finds_nothing_in_the_dockerfile():
 def test_the_dockerfile_builds_as_ci_does_and_runs_as_the_chart_expects():
     text = dockerfile()
     stages = re.findall(r"^FROM (\S+)", text, re.M)
-    assert len(stages) == 2 and stages[-1].startswith("gcr.io/distroless/cc-") and stages[-1].endswith(":nonroot")
+    # build, debug-symbols, then the runtime (the default target, so it must be last).
+    assert len(stages) == 3 and stages[-1].startswith("gcr.io/distroless/cc-") and stages[-1].endswith(":nonroot")
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert code.count("cargo build --release --locked") == 2, "dependency layer, then the build"
+    assert code.count("cargo build --release --locked --bin eventhub-gateway") == 2, "dependency layer, then the build"
     # The dependency layer stands in for every target the manifest names (else cargo refuses the manifest).
     manifest = tomllib.loads((REPO / "Cargo.toml").read_text())
     for target in manifest.get("bench", []):
         assert f"> benches/{target['name']}.rs" in text, target["name"]
     assert "> src/main.rs" in text and "touch src/lib.rs" in text
+    # The shipped binary carries no debug info; the runtime copies the stripped one.
+    assert "objcopy --strip-all" in code
+    assert "COPY --from=build /out/eventhub-gateway /usr/local/bin/eventhub-gateway" in code
     assert re.search(r"^USER 65532:65532$", text, re.M)
     assert render().pod["spec"]["securityContext"]["runAsUser"] == 65532
     (exposed,) = re.findall(r"^EXPOSE (.+)$", text, re.M)
