@@ -47,7 +47,7 @@ for _ in $(seq 150); do
     if ! kill -0 "$server" 2>/dev/null; then
         # The gateway says which listener failed (gRPC or metrics) and why: show its words, not a guess.
         echo "the gateway did not start:" >&2
-        tail -n 5 "$logs" >&2
+        grep -m 3 -i -E '^(error|caused by)|error:' "$logs" >&2 || tail -n 3 "$logs" >&2
         echo "(choose other ports with DEMO_LISTEN=127.0.0.1:PORT and DEMO_METRICS_LISTEN=127.0.0.1:PORT)" >&2
         exit 1
     fi
