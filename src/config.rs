@@ -868,6 +868,193 @@ mod tests {
     }
 
     #[test]
+    fn proxy_urls_parse_with_credentials_ports_and_ipv6_and_errors_never_echo_them() {
+        let proxy = parse_proxy_url("http://us%40er:p%3Ass@proxy.corp:3128/").unwrap();
+        assert_eq!((proxy.host.as_str(), proxy.port), ("proxy.corp", 3128));
+        let credentials = proxy.credentials.unwrap();
+        assert_eq!(
+            (credentials.username.as_str(), credentials.password.as_str()),
+            ("us@er", "p:ss")
+        );
+        let bare = parse_proxy_url("proxy.corp").unwrap();
+        assert_eq!((bare.port, bare.credentials), (80, None));
+        let v6 = parse_proxy_url("http://[::1]:8080").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 8080));
+        assert_eq!(v6.address(), "http://[::1]:8080");
+        for bad in [
+            "https://u:SECRET@proxy:443",
+            "socks5://u:SECRET@proxy:1080",
+            "http://u:SECRET@proxy:99999",
+            "http://u:SECRET@proxy:3128/path",
+            "http://u:SECRET@:3128",
+        ] {
+            let reason = parse_proxy_url(bad).unwrap_err();
+            assert!(!reason.contains("SECRET"), "{bad}: {reason}");
+        }
+    }
+
+    #[test]
+    fn no_proxy_matches_hosts_domains_ports_and_star() {
+        for (list, host, port, covered) in [
+            ("localhost", "localhost", 443, true),
+            ("example.com", "ns.example.com", 443, true),
+            (
+                ".servicebus.windows.net",
+                "ns.servicebus.windows.net",
+                443,
+                true,
+            ),
+            (
+                "*.servicebus.windows.net",
+                "ns.servicebus.windows.net",
+                443,
+                true,
+            ),
+            (
+                "servicebus.windows.net:5671",
+                "ns.servicebus.windows.net",
+                443,
+                false,
+            ),
+            (
+                "servicebus.windows.net:443",
+                "ns.servicebus.windows.net",
+                443,
+                true,
+            ),
+            ("ample.com", "example.com", 443, false),
+            ("a.com, *", "b.org", 1, true),
+            ("", "localhost", 443, false),
+            ("::1,[::2]:443", "::2", 443, true),
+        ] {
+            assert_eq!(
+                no_proxy_covers(list, host, port),
+                covered,
+                "{list:?} {host}:{port}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_configured_proxy_beats_https_proxy_which_no_proxy_can_bypass() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| (*value).to_owned())
+            }
+        };
+        let config = GatewayConfig::default();
+        let host = "ns.servicebus.windows.net";
+        assert_eq!(config.proxy_for(host, 443, env(&[])).unwrap(), None);
+        let from_env = config
+            .proxy_for(host, 443, env(&[("https_proxy", "http://p:1")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((from_env.host.as_str(), from_env.port), ("p", 1));
+        let bypassed = config
+            .proxy_for(
+                host,
+                443,
+                env(&[("HTTPS_PROXY", "http://p:1"), ("NO_PROXY", ".windows.net")]),
+            )
+            .unwrap();
+        assert_eq!(bypassed, None);
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, "pa ss\n").unwrap();
+        let configured = GatewayConfig {
+            event_hubs_proxy: Some(ProxySettings {
+                url: "http://configured:3128".into(),
+                username: Some("user".into()),
+                password: None,
+                password_file: Some(password_file),
+            }),
+            ..GatewayConfig::default()
+        };
+        let proxy = configured
+            .proxy_for(
+                host,
+                443,
+                env(&[("HTTPS_PROXY", "http://p:1"), ("NO_PROXY", "*")]),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(proxy.host, "configured");
+        assert_eq!(proxy.credentials.unwrap().password, "pa ss");
+        let error = config
+            .proxy_for(host, 443, env(&[("HTTPS_PROXY", "ftp://u:SECRET@p")]))
+            .unwrap_err();
+        assert!(error.to_string().contains("HTTPS_PROXY"), "{error}");
+        assert!(!error.to_string().contains("SECRET"), "{error}");
+        assert!(!format!("{configured:?}").contains("pa ss"));
+    }
+
+    #[test]
+    fn proxy_settings_are_checked_with_their_names() {
+        let with_proxy = |proxy: ProxySettings, websockets: bool| GatewayConfig {
+            event_hubs: vec!["eh1".into()],
+            connection_string: Some(
+                "Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=k".into(),
+            ),
+            websockets,
+            event_hubs_proxy: Some(proxy),
+            ..GatewayConfig::default()
+        };
+        let proxy = ProxySettings {
+            url: "http://proxy:3128".into(),
+            username: None,
+            password: None,
+            password_file: None,
+        };
+        with_proxy(proxy.clone(), true).validate().unwrap();
+        let cases = [
+            (with_proxy(proxy.clone(), false), "event_hubs_proxy"),
+            (
+                with_proxy(
+                    ProxySettings {
+                        url: "http://u:SECRET@proxy:3128".into(),
+                        ..proxy.clone()
+                    },
+                    true,
+                ),
+                "event_hubs_proxy.url",
+            ),
+            (
+                with_proxy(
+                    ProxySettings {
+                        password: Some("SECRET".into()),
+                        ..proxy.clone()
+                    },
+                    true,
+                ),
+                "event_hubs_proxy.username",
+            ),
+            (
+                with_proxy(
+                    ProxySettings {
+                        username: Some("u".into()),
+                        password: Some("SECRET".into()),
+                        password_file: Some("/p".into()),
+                        ..proxy.clone()
+                    },
+                    true,
+                ),
+                "event_hubs_proxy.password",
+            ),
+        ];
+        for (config, expected) in cases {
+            match config.validate() {
+                Err(ConfigError::Invalid { field, reason }) => {
+                    assert_eq!(field, expected, "{reason}");
+                    assert!(!reason.contains("SECRET"));
+                }
+                other => panic!("{expected}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn the_connection_string_file_is_read_and_trimmed() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cs");

@@ -630,6 +630,78 @@ mod tests {
         assert!(server_name("127.0.0.1").is_ok());
     }
 
+    /// A one-shot proxy on loopback that answers `answer` and hands back the request head it read.
+    async fn answering_proxy(answer: &'static str) -> (HttpProxy, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let read = socket.read(&mut buffer).await.unwrap();
+                head.extend_from_slice(&buffer[..read]);
+            }
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let proxy = HttpProxy {
+            host: "127.0.0.1".into(),
+            port,
+            credentials: Some(ProxyCredentials {
+                username: "user".into(),
+                password: "SECRET".into(),
+            }),
+        };
+        (proxy, task)
+    }
+
+    #[tokio::test]
+    async fn proxy_answers_other_than_200_are_named_without_the_credentials() {
+        for (answer, expected) in [
+            (
+                "HTTP/1.1 502 Bad Gateway\r\n\r\n",
+                "with HTTP 502 Bad Gateway",
+            ),
+            (
+                "HTTP/1.1 407 Proxy Authentication Required\r\n\r\n",
+                "HTTP 407 Proxy Authentication Required: its user name or password is wrong",
+            ),
+            ("SSH-2.0-OpenSSH\r\n\r\n", "no valid HTTP response"),
+        ] {
+            let (proxy, request) = answering_proxy(answer).await;
+            let endpoint = Endpoint {
+                proxy: Some(proxy.clone()),
+                ..Endpoint::direct("ns.servicebus.windows.net", 443, Transport::WebSockets)
+            };
+            let error = connect_tcp(&endpoint).await.unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+            assert!(error.contains(&proxy.address()), "{error}");
+            assert!(!error.contains("SECRET"), "{error}");
+            let request = request.await.unwrap();
+            assert!(
+                request.starts_with(
+                    "CONNECT ns.servicebus.windows.net:443 HTTP/1.1\r\nHost: ns.servicebus.windows.net:443\r\n"
+                ),
+                "{request}"
+            );
+            // base64("user:SECRET")
+            assert!(
+                request.contains("Proxy-Authorization: Basic dXNlcjpTRUNSRVQ=\r\n"),
+                "{request}"
+            );
+        }
+        let proxy = HttpProxy {
+            host: "p".into(),
+            port: 1,
+            credentials: Some(ProxyCredentials {
+                username: "user".into(),
+                password: "SECRET".into(),
+            }),
+        };
+        assert!(!format!("{proxy:?}").contains("SECRET"));
+    }
+
     #[tokio::test]
     async fn a_closed_port_is_a_connect_error() {
         // Bind then drop a listener so the port is very likely closed.
