@@ -9,7 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml, Yaml};
 use serde::{Deserialize, Serialize};
 
-use crate::producer::ProducerConfig;
+use crate::producer::{HttpProxy, ProducerConfig, ProxyCredentials};
 
 /// Prefix of the environment variables the gateway reads.
 pub const ENV_PREFIX: &str = "EVENTHUB_GATEWAY_";
@@ -34,6 +34,11 @@ pub struct GatewayConfig {
     pub credential: CredentialKind,
     /// Reach Event Hubs over AMQP on WebSockets (port 443) instead of AMQPS (5671).
     pub websockets: bool,
+    /// A PEM CA bundle trusted for Event Hubs besides the webpki roots and the OS store (a TLS-inspecting
+    /// proxy's CA, a private endpoint's, an emulator's).
+    pub event_hubs_ca_file: Option<PathBuf>,
+    /// An HTTP CONNECT proxy for AMQP over WebSockets; without it `HTTPS_PROXY` and `NO_PROXY` apply.
+    pub event_hubs_proxy: Option<ProxySettings>,
     /// Serve against an Event Hubs emulator started in-process (no Azure needed).
     pub emulator: bool,
     /// Partitions of each hub of the in-process emulator.
@@ -63,6 +68,30 @@ pub enum CredentialKind {
     AzureCli,
     /// A service principal secret: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`.
     ClientSecret,
+}
+
+/// An HTTP proxy toward Event Hubs (the Azure SDKs' `http_proxy`), with optional basic authentication.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// `http://host:port` (credentials go in `username` and `password_file`, not here).
+    pub url: String,
+    /// Basic-auth user name.
+    pub username: Option<String>,
+    /// Basic-auth password (prefer `password_file` or `EVENTHUB_GATEWAY_EVENT_HUBS_PROXY__PASSWORD`).
+    pub password: Option<String>,
+    /// A file holding the basic-auth password (a mounted Secret).
+    pub password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxySettings")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Certificate files of the gRPC listener.
@@ -130,6 +159,8 @@ impl Default for GatewayConfig {
             namespace: None,
             credential: CredentialKind::Auto,
             websockets: false,
+            event_hubs_ca_file: None,
+            event_hubs_proxy: None,
             emulator: false,
             emulator_partitions: 4,
             drain_timeout_seconds: 30.0,
@@ -319,6 +350,39 @@ impl GatewayConfig {
                 "must be a host name such as my-namespace.servicebus.windows.net",
             );
         }
+        if let Some(proxy) = &self.event_hubs_proxy {
+            let parsed = parse_proxy_url(&proxy.url).map_err(|reason| ConfigError::Invalid {
+                field: "event_hubs_proxy.url".into(),
+                reason,
+            })?;
+            if parsed.credentials.is_some() {
+                return invalid(
+                    "event_hubs_proxy.url",
+                    "must not hold credentials: set event_hubs_proxy.username and password_file",
+                );
+            }
+            if proxy.password.is_some() && proxy.password_file.is_some() {
+                return invalid(
+                    "event_hubs_proxy.password",
+                    "give password or password_file, not both",
+                );
+            }
+            if proxy.username.is_none()
+                && (proxy.password.is_some() || proxy.password_file.is_some())
+            {
+                return invalid(
+                    "event_hubs_proxy.username",
+                    "needed with a password (basic authentication)",
+                );
+            }
+            if self.emulator || !self.websockets {
+                return invalid(
+                    "event_hubs_proxy",
+                    "needs websockets = true: a proxy carries AMQP over WebSockets (port 443), as with the \
+                     Azure SDKs' http_proxy",
+                );
+            }
+        }
         if self.metrics_listen == self.listen && self.listen.port() != 0 {
             return invalid(
                 "metrics_listen",
@@ -427,10 +491,167 @@ impl GatewayConfig {
         }
     }
 
+    /// The proxy toward `host:port` over WebSockets: `event_hubs_proxy` (its password file read), else
+    /// `HTTPS_PROXY` unless `NO_PROXY` covers the host (lower-case names too), as curl and the Azure SDKs do.
+    /// `env` reads a variable (the process environment in `serve`).
+    pub fn proxy_for(
+        &self,
+        host: &str,
+        port: u16,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<HttpProxy>, ConfigError> {
+        if let Some(settings) = &self.event_hubs_proxy {
+            let mut proxy =
+                parse_proxy_url(&settings.url).map_err(|reason| ConfigError::Invalid {
+                    field: "event_hubs_proxy.url".into(),
+                    reason,
+                })?;
+            let password = match (&settings.password, &settings.password_file) {
+                (Some(password), _) => Some(password.clone()),
+                (None, Some(path)) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|source| ConfigError::Unreadable {
+                            field: "event_hubs_proxy.password_file",
+                            path: path.clone(),
+                            source,
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
+            proxy.credentials = settings.username.clone().map(|username| ProxyCredentials {
+                username,
+                password: password.unwrap_or_default(),
+            });
+            return Ok(Some(proxy));
+        }
+        let variable = |name: &str| {
+            env(name)
+                .or_else(|| env(&name.to_ascii_lowercase()))
+                .filter(|value| !value.trim().is_empty())
+        };
+        let Some(url) = variable("HTTPS_PROXY") else {
+            return Ok(None);
+        };
+        if let Some(list) = variable("NO_PROXY")
+            && no_proxy_covers(&list, host, port)
+        {
+            return Ok(None);
+        }
+        parse_proxy_url(&url)
+            .map(Some)
+            .map_err(|reason| ConfigError::Invalid {
+                field: "HTTPS_PROXY".into(),
+                reason,
+            })
+    }
+
     /// The drain timeout as a duration.
     pub fn drain_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.drain_timeout_seconds)
     }
+}
+
+/// Parses `[http://][user:password@]host[:port][/]`; the port defaults to 80. Errors never echo the URL,
+/// which may hold a password.
+fn parse_proxy_url(url: &str) -> Result<HttpProxy, String> {
+    let url = url.trim();
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+            return Err(
+                "https:// proxies are not supported: use http:// (the tunnel itself still \
+                        carries TLS end to end)"
+                    .into(),
+            );
+        }
+        Some(_) => return Err("the scheme must be http://".into()),
+        None => url,
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains('/') || authority.contains('?') || authority.contains('#') {
+        return Err("must be http://host:port with no path".into());
+    }
+    let (credentials, host_port) = match authority.rsplit_once('@') {
+        Some((userinfo, host_port)) => {
+            let decode = |text: &str| {
+                percent_encoding::percent_decode_str(text)
+                    .decode_utf8()
+                    .map(|text| text.into_owned())
+                    .map_err(|_| "its user name or password is not UTF-8 once decoded".to_owned())
+            };
+            let (username, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (
+                Some(ProxyCredentials {
+                    username: decode(username)?,
+                    password: decode(password)?,
+                }),
+                host_port,
+            )
+        }
+        None => (None, authority),
+    };
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| "an IPv6 address must end with ']'".to_owned())?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err("has no host".into());
+    }
+    let port = match port {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| "its port must be a number from 1 to 65535".to_owned())?,
+        None => 80,
+    };
+    Ok(HttpProxy {
+        host: host.to_owned(),
+        port,
+        credentials,
+    })
+}
+
+/// Whether a `NO_PROXY` list (comma-separated: `*`, `host`, `.domain`, `domain` (covers its subdomains), each
+/// with an optional `:port`) covers `host:port`.
+fn no_proxy_covers(list: &str, host: &str, port: u16) -> bool {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            let (name, entry_port) = match entry.rsplit_once(':') {
+                Some((name, entry_port)) if !name.contains(':') || name.ends_with(']') => {
+                    (name, entry_port.parse::<u16>().ok())
+                }
+                _ => (entry, None),
+            };
+            if entry_port.is_some_and(|entry_port| entry_port != port) {
+                return false;
+            }
+            let name = name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .trim_start_matches('*')
+                .trim_start_matches('.')
+                .to_ascii_lowercase();
+            !name.is_empty() && (host == name || host.ends_with(&format!(".{name}")))
+        })
 }
 
 #[cfg(test)]
@@ -644,6 +865,193 @@ mod tests {
         assert_eq!(drain, defaults.drain_timeout_seconds);
         let partitions: u32 = chart.extract_inner("emulator.partitions").unwrap();
         assert_eq!(partitions, defaults.emulator_partitions);
+    }
+
+    #[test]
+    fn proxy_urls_parse_with_credentials_ports_and_ipv6_and_errors_never_echo_them() {
+        let proxy = parse_proxy_url("http://us%40er:p%3Ass@proxy.corp:3128/").unwrap();
+        assert_eq!((proxy.host.as_str(), proxy.port), ("proxy.corp", 3128));
+        let credentials = proxy.credentials.unwrap();
+        assert_eq!(
+            (credentials.username.as_str(), credentials.password.as_str()),
+            ("us@er", "p:ss")
+        );
+        let bare = parse_proxy_url("proxy.corp").unwrap();
+        assert_eq!((bare.port, bare.credentials), (80, None));
+        let v6 = parse_proxy_url("http://[::1]:8080").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 8080));
+        assert_eq!(v6.address(), "http://[::1]:8080");
+        for bad in [
+            "https://u:SECRET@proxy:443",
+            "socks5://u:SECRET@proxy:1080",
+            "http://u:SECRET@proxy:99999",
+            "http://u:SECRET@proxy:3128/path",
+            "http://u:SECRET@:3128",
+        ] {
+            let reason = parse_proxy_url(bad).unwrap_err();
+            assert!(!reason.contains("SECRET"), "{bad}: {reason}");
+        }
+    }
+
+    #[test]
+    fn no_proxy_matches_hosts_domains_ports_and_star() {
+        for (list, host, port, covered) in [
+            ("localhost", "localhost", 443, true),
+            ("example.com", "ns.example.com", 443, true),
+            (
+                ".servicebus.windows.net",
+                "ns.servicebus.windows.net",
+                443,
+                true,
+            ),
+            (
+                "*.servicebus.windows.net",
+                "ns.servicebus.windows.net",
+                443,
+                true,
+            ),
+            (
+                "servicebus.windows.net:5671",
+                "ns.servicebus.windows.net",
+                443,
+                false,
+            ),
+            (
+                "servicebus.windows.net:443",
+                "ns.servicebus.windows.net",
+                443,
+                true,
+            ),
+            ("ample.com", "example.com", 443, false),
+            ("a.com, *", "b.org", 1, true),
+            ("", "localhost", 443, false),
+            ("::1,[::2]:443", "::2", 443, true),
+        ] {
+            assert_eq!(
+                no_proxy_covers(list, host, port),
+                covered,
+                "{list:?} {host}:{port}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_configured_proxy_beats_https_proxy_which_no_proxy_can_bypass() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| (*value).to_owned())
+            }
+        };
+        let config = GatewayConfig::default();
+        let host = "ns.servicebus.windows.net";
+        assert_eq!(config.proxy_for(host, 443, env(&[])).unwrap(), None);
+        let from_env = config
+            .proxy_for(host, 443, env(&[("https_proxy", "http://p:1")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((from_env.host.as_str(), from_env.port), ("p", 1));
+        let bypassed = config
+            .proxy_for(
+                host,
+                443,
+                env(&[("HTTPS_PROXY", "http://p:1"), ("NO_PROXY", ".windows.net")]),
+            )
+            .unwrap();
+        assert_eq!(bypassed, None);
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, "pa ss\n").unwrap();
+        let configured = GatewayConfig {
+            event_hubs_proxy: Some(ProxySettings {
+                url: "http://configured:3128".into(),
+                username: Some("user".into()),
+                password: None,
+                password_file: Some(password_file),
+            }),
+            ..GatewayConfig::default()
+        };
+        let proxy = configured
+            .proxy_for(
+                host,
+                443,
+                env(&[("HTTPS_PROXY", "http://p:1"), ("NO_PROXY", "*")]),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(proxy.host, "configured");
+        assert_eq!(proxy.credentials.unwrap().password, "pa ss");
+        let error = config
+            .proxy_for(host, 443, env(&[("HTTPS_PROXY", "ftp://u:SECRET@p")]))
+            .unwrap_err();
+        assert!(error.to_string().contains("HTTPS_PROXY"), "{error}");
+        assert!(!error.to_string().contains("SECRET"), "{error}");
+        assert!(!format!("{configured:?}").contains("pa ss"));
+    }
+
+    #[test]
+    fn proxy_settings_are_checked_with_their_names() {
+        let with_proxy = |proxy: ProxySettings, websockets: bool| GatewayConfig {
+            event_hubs: vec!["eh1".into()],
+            connection_string: Some(
+                "Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=k".into(),
+            ),
+            websockets,
+            event_hubs_proxy: Some(proxy),
+            ..GatewayConfig::default()
+        };
+        let proxy = ProxySettings {
+            url: "http://proxy:3128".into(),
+            username: None,
+            password: None,
+            password_file: None,
+        };
+        with_proxy(proxy.clone(), true).validate().unwrap();
+        let cases = [
+            (with_proxy(proxy.clone(), false), "event_hubs_proxy"),
+            (
+                with_proxy(
+                    ProxySettings {
+                        url: "http://u:SECRET@proxy:3128".into(),
+                        ..proxy.clone()
+                    },
+                    true,
+                ),
+                "event_hubs_proxy.url",
+            ),
+            (
+                with_proxy(
+                    ProxySettings {
+                        password: Some("SECRET".into()),
+                        ..proxy.clone()
+                    },
+                    true,
+                ),
+                "event_hubs_proxy.username",
+            ),
+            (
+                with_proxy(
+                    ProxySettings {
+                        username: Some("u".into()),
+                        password: Some("SECRET".into()),
+                        password_file: Some("/p".into()),
+                        ..proxy.clone()
+                    },
+                    true,
+                ),
+                "event_hubs_proxy.password",
+            ),
+        ];
+        for (config, expected) in cases {
+            match config.validate() {
+                Err(ConfigError::Invalid { field, reason }) => {
+                    assert_eq!(field, expected, "{reason}");
+                    assert!(!reason.contains("SECRET"));
+                }
+                other => panic!("{expected}: {other:?}"),
+            }
+        }
     }
 
     #[test]

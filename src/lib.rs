@@ -10,3 +10,4 @@ pub mod producer;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
+pub mod tls_material;

@@ -136,7 +136,8 @@ struct ServeArgs {
     /// Longest graceful shutdown, seconds [default: 30].
     #[arg(long, value_name = "SECONDS")]
     drain_timeout: Option<f64>,
-    /// Validate the configuration (file, environment, flags) and exit.
+    /// Check everything serve checks before it opens a socket (settings, connection string, TLS files, CA
+    /// bundles, proxy, credential kind), then exit; no connection is made and no token fetched.
     #[arg(long)]
     check_config: bool,
 }
@@ -289,16 +290,19 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
     for name in GatewayConfig::ignored_environment() {
         tracing::warn!(variable = %name, "ignored: not a setting of the gateway");
     }
+    // One preparation for both: --check-config passes exactly when serve would get as far as its sockets.
+    let prepared = server::prepare(config)?;
     if args.check_config {
-        config.source()?;
+        let config = prepared.config();
         eprintln!(
             "configuration is valid: hubs {}, listening on {}",
             config.hubs().join(", "),
             config.listen
         );
+        eprintln!("{}", prepared.describe_upstream());
         return Ok(());
     }
-    let gateway = server::start(config).await?;
+    let gateway = server::start_prepared(prepared).await?;
     // stdout carries exactly one JSON line, so scripts and tests can find the listeners.
     let emulator = gateway
         .emulator()

@@ -1,5 +1,6 @@
-//! `serve`: assembles the producer (or the in-process emulator and a producer for it), the gateway service,
-//! health, reflection, TLS and the middleware, runs them, and drains gracefully on request.
+//! `serve`: prepares everything that can be checked without a socket or a token ([`prepare`], which
+//! `serve --check-config` stops after), then assembles the producer (or the in-process emulator and a producer
+//! for it), the gateway service, health, reflection, TLS and the middleware, runs them, and drains on request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +18,15 @@ use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig}
 use crate::emulator::{Emulator, EmulatorConfig, HubConfig};
 use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, TraceContextLayer};
-use crate::producer::{Credential, Endpoint, Producer, ProducerError, TlsOptions, Transport};
+use crate::producer::transport::{client_config, native_roots};
+use crate::producer::{
+    ConnectionString, Credential, Endpoint, Producer, ProducerError, TlsOptions, Transport,
+    credential_for, endpoint_for,
+};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::telemetry::http::{HttpError, MetricsListener, MetricsServer};
 use crate::telemetry::metrics::{Metrics, MetricsError, ScrapeSource};
+use crate::tls_material::{self, TlsFileError};
 
 /// How often health follows the producer's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
@@ -46,6 +52,14 @@ pub enum ServeError {
         message: String,
     },
     /// A TLS file cannot be read or used.
+    #[error("{field}: {source}")]
+    TlsFile {
+        /// The setting naming the file (`tls.cert`, `event_hubs_ca_file`).
+        field: &'static str,
+        /// What is wrong with it.
+        source: TlsFileError,
+    },
+    /// The TLS material passed the checks but the server's TLS stack refused it.
     #[error("tls: {0}")]
     Tls(String),
     /// The listener could not bind.
@@ -141,14 +155,203 @@ impl RunningGateway {
     }
 }
 
+/// Where the producer goes, once everything about it is checked.
+#[derive(Debug)]
+pub enum Upstream {
+    /// The in-process emulator (started by `start`: its port is known only then).
+    Emulator,
+    /// Event Hubs (or an emulator's AMQPS or wss listener).
+    EventHubs(Box<EventHubsTarget>),
+}
+
+/// Event Hubs as the producer will reach it.
+#[derive(Debug)]
+pub struct EventHubsTarget {
+    /// Host, port, transport and proxy.
+    pub endpoint: Endpoint,
+    /// How the producer authenticates (no token fetched yet).
+    pub credential: Credential,
+    /// The roots the producer trusts.
+    pub tls: TlsOptions,
+}
+
+/// A configuration with everything `serve` checks before opening a socket done: the connection string
+/// parsed, the connection string and proxy password files read, the Entra ID credential built (no token
+/// fetched), the listener's certificate, key and client CA and the Event Hubs CA bundle read and checked,
+/// the proxy chosen.
+#[derive(Debug)]
+pub struct PreparedGateway {
+    config: GatewayConfig,
+    upstream: Upstream,
+    listener_tls: Option<ServerTlsConfig>,
+}
+
+/// Checks `config` as far as it can be without a socket or a token; `serve --check-config` stops here.
+pub fn prepare(config: GatewayConfig) -> Result<PreparedGateway, ServeError> {
+    config.validate()?;
+    let listener_tls = config.tls.as_ref().map(listener_tls).transpose()?;
+    let upstream = match config.source()? {
+        EventHubsSource::Emulator => Upstream::Emulator,
+        EventHubsSource::ConnectionString(text) => {
+            let parsed: ConnectionString = text.parse().map_err(ProducerError::from)?;
+            event_hubs_upstream(
+                &config,
+                endpoint_for(&parsed, config.websockets),
+                credential_for(&parsed, &config.producer),
+            )?
+        }
+        EventHubsSource::Namespace {
+            namespace,
+            credential,
+        } => {
+            let transport = if config.websockets {
+                Transport::WebSockets
+            } else {
+                Transport::Amqps
+            };
+            event_hubs_upstream(
+                &config,
+                Endpoint::direct(namespace, transport.default_port(), transport),
+                Credential::Entra(entra_credential(credential)?),
+            )?
+        }
+    };
+    config.producer.validate().map_err(ProducerError::from)?;
+    Ok(PreparedGateway {
+        config,
+        upstream,
+        listener_tls,
+    })
+}
+
+/// Event Hubs at `endpoint`: its proxy chosen, the roots it trusts read and checked.
+fn event_hubs_upstream(
+    config: &GatewayConfig,
+    endpoint: Endpoint,
+    credential: Credential,
+) -> Result<Upstream, ServeError> {
+    let endpoint = with_proxy(config, endpoint)?;
+    let mut tls = TlsOptions {
+        native_roots: endpoint.transport != Transport::Amqp,
+        ..TlsOptions::default()
+    };
+    if let Some(path) = &config.event_hubs_ca_file {
+        let bundle = tls_material::load_bundle(path).map_err(|source| ServeError::TlsFile {
+            field: "event_hubs_ca_file",
+            source,
+        })?;
+        tls.extra_root_certificates_pem
+            .push(String::from_utf8_lossy(&bundle.pem).into_owned());
+    }
+    if tls.native_roots {
+        for error in &native_roots().errors {
+            tracing::warn!(%error, "part of the operating system's certificate store is unreadable");
+        }
+    }
+    // Built once here, so a root the producer would refuse fails now rather than at the first connection.
+    client_config(&tls).map_err(|error| ServeError::Tls(error.to_string()))?;
+    Ok(Upstream::EventHubs(Box::new(EventHubsTarget {
+        endpoint,
+        credential,
+        tls,
+    })))
+}
+
+/// The endpoint with the proxy it goes through: only AMQP over WebSockets goes through one.
+fn with_proxy(config: &GatewayConfig, endpoint: Endpoint) -> Result<Endpoint, ServeError> {
+    let proxy = config.proxy_for(&endpoint.host, endpoint.port, |name| {
+        std::env::var(name).ok()
+    })?;
+    match (endpoint.transport, proxy) {
+        (Transport::WebSockets, proxy) => Ok(Endpoint { proxy, ..endpoint }),
+        (_, Some(_)) if config.event_hubs_proxy.is_some() => {
+            Err(ServeError::Config(ConfigError::Invalid {
+                field: "event_hubs_proxy".into(),
+                reason: "the connection string says UseDevelopmentEmulator (plain AMQP): no proxy applies"
+                    .into(),
+            }))
+        }
+        (transport, Some(proxy)) => {
+            tracing::warn!(
+                proxy = %proxy.address(),
+                ?transport,
+                "HTTPS_PROXY is ignored: only AMQP over WebSockets goes through a proxy (set websockets = true)"
+            );
+            Ok(endpoint)
+        }
+        (_, None) => Ok(endpoint),
+    }
+}
+
+impl PreparedGateway {
+    /// The configuration it was prepared from.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// Where the producer goes.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// One line on where Event Hubs is and how it is reached (no secret), for `--check-config`.
+    pub fn describe_upstream(&self) -> String {
+        match &self.upstream {
+            Upstream::Emulator => "event hubs: the in-process emulator".to_owned(),
+            Upstream::EventHubs(target) => {
+                let EventHubsTarget {
+                    endpoint,
+                    credential,
+                    tls,
+                } = target.as_ref();
+                let credential = match credential {
+                    Credential::SharedKey { .. } => "a shared access key",
+                    Credential::SharedAccessSignature(_) => "a shared access signature",
+                    Credential::Entra(_) => "Entra ID",
+                };
+                let mut line = format!(
+                    "event hubs: {}:{} over {:?} with {credential}",
+                    endpoint.host, endpoint.port, endpoint.transport
+                );
+                if endpoint.transport != Transport::Amqp {
+                    line.push_str(&format!(
+                        ", trusting the webpki roots, {} from the operating system",
+                        native_roots().certificates.len()
+                    ));
+                    if !tls.extra_root_certificates_pem.is_empty() {
+                        line.push_str(" and event_hubs_ca_file");
+                    }
+                }
+                if let Some(proxy) = &endpoint.proxy {
+                    line.push_str(&format!(", through the proxy {}", proxy.address()));
+                    if proxy.credentials.is_some() {
+                        line.push_str(" (basic auth)");
+                    }
+                }
+                line
+            }
+        }
+    }
+}
+
 /// Starts the gateway described by `config` and returns once it listens.
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> {
-    config.validate()?;
+    start_prepared(prepare(config)?).await
+}
+
+/// Starts a prepared gateway and returns once it listens.
+pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway, ServeError> {
+    let PreparedGateway {
+        config,
+        upstream,
+        listener_tls,
+        ..
+    } = prepared;
     // Before any event can be counted: handles resolved earlier would be no-ops.
     let metrics = Metrics::install()?;
     let hubs = config.hubs();
-    let (producer, emulator) = match config.source()? {
-        EventHubsSource::Emulator => {
+    let (producer, emulator) = match upstream {
+        Upstream::Emulator => {
             let emulator = Emulator::start(EmulatorConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 event_hubs: hubs
@@ -171,37 +374,16 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
             )?;
             (producer, Some(emulator))
         }
-        EventHubsSource::ConnectionString(text) => {
-            let producer = Producer::from_connection_string(
-                &text,
-                config.websockets,
-                TlsOptions::default(),
-                config.producer.clone(),
-            )?;
-            (producer, None)
-        }
-        EventHubsSource::Namespace {
-            namespace,
-            credential,
-        } => {
-            let transport = if config.websockets {
-                Transport::WebSockets
-            } else {
-                Transport::Amqps
-            };
-            let endpoint = Endpoint {
-                host: namespace,
-                port: transport.default_port(),
-                transport,
-            };
-            let credential = Credential::Entra(entra_credential(credential)?);
-            let producer = Producer::new(
+        Upstream::EventHubs(target) => {
+            let EventHubsTarget {
                 endpoint,
                 credential,
-                TlsOptions::default(),
-                config.producer.clone(),
-            )?;
-            (producer, None)
+                tls,
+            } = *target;
+            (
+                Producer::new(endpoint, credential, tls, config.producer.clone())?,
+                None,
+            )
         }
     };
     let state = Arc::new(GatewayState::new(
@@ -247,9 +429,9 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
         .max_concurrent_streams(config.limits.http2_max_concurrent_streams)
         .initial_stream_window_size(config.limits.http2_stream_window_bytes)
         .initial_connection_window_size(config.limits.http2_connection_window_bytes);
-    if let Some(tls) = &config.tls {
+    if let Some(tls) = listener_tls {
         builder = builder
-            .tls_config(server_tls(tls)?)
+            .tls_config(tls)
             .map_err(|error| ServeError::Tls(error.to_string()))?;
     }
     let shed = LoadShedLayer::new(
@@ -317,15 +499,36 @@ async fn follow_readiness(
     }
 }
 
-fn server_tls(tls: &crate::config::ServerTls) -> Result<ServerTlsConfig, ServeError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|error| ServeError::Tls(format!("{}: {error}", path.display())))
-    };
+/// The listener's TLS from checked files; tonic's own parse runs too, as `start` will run it.
+fn listener_tls(tls: &crate::config::ServerTls) -> Result<ServerTlsConfig, ServeError> {
+    let identity = tls_material::load_identity(&tls.cert, &tls.key).map_err(|source| {
+        let field = match &source {
+            TlsFileError::Unreadable { path, .. }
+            | TlsFileError::NotPem { path, .. }
+            | TlsFileError::BadPem { path, .. }
+            | TlsFileError::NoPrivateKey { path, .. }
+            | TlsFileError::UnusableKey { path, .. }
+                if *path == tls.key =>
+            {
+                "tls.key"
+            }
+            TlsFileError::KeyMismatch { .. } => "tls.key",
+            _ => "tls.cert",
+        };
+        ServeError::TlsFile { field, source }
+    })?;
     let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        ServerTlsConfig::new().identity(Identity::from_pem(identity.cert_pem, identity.key_pem));
     if let Some(ca) = &tls.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        let bundle = tls_material::load_bundle(ca).map_err(|source| ServeError::TlsFile {
+            field: "tls.client_ca",
+            source,
+        })?;
+        config = config.client_ca_root(Certificate::from_pem(bundle.pem));
     }
+    Server::builder()
+        .tls_config(config.clone())
+        .map_err(|error| ServeError::Tls(error.to_string()))?;
     Ok(config)
 }
 

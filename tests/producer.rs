@@ -733,11 +733,11 @@ async fn entra_producer(
         lifetime,
         issued: Default::default(),
     });
-    let endpoint = eventhub_gateway::producer::Endpoint {
-        host: "localhost".into(),
-        port: emulator.local_addr().port(),
-        transport: eventhub_gateway::producer::Transport::Amqp,
-    };
+    let endpoint = eventhub_gateway::producer::Endpoint::direct(
+        "localhost",
+        emulator.local_addr().port(),
+        eventhub_gateway::producer::Transport::Amqp,
+    );
     let producer = Producer::new(
         endpoint,
         eventhub_gateway::producer::Credential::Entra(credential.clone()),

@@ -34,7 +34,7 @@ pub use event::{Event, Routing, TraceContext};
 pub use pool::PoolStats;
 pub use properties::{HubProperties, PartitionProperties};
 pub use route::Receipt;
-pub use transport::{Endpoint, TlsOptions, Transport};
+pub use transport::{Endpoint, HttpProxy, ProxyCredentials, TlsOptions, Transport};
 
 use auth::{RefreshPolicy, TokenCache};
 use batch::BatchBuilder;
@@ -109,10 +109,22 @@ pub fn endpoint_for(connection: &ConnectionString, websockets: bool) -> Endpoint
     } else {
         Transport::Amqps
     };
-    Endpoint {
-        host: connection.host.clone(),
-        port: connection.port.unwrap_or(transport.default_port()),
+    Endpoint::direct(
+        connection.host.clone(),
+        connection.port.unwrap_or(transport.default_port()),
         transport,
+    )
+}
+
+/// The credential a connection string carries: a key (tokens signed locally) or a fixed signature.
+pub fn credential_for(connection: &ConnectionString, config: &ProducerConfig) -> Credential {
+    match connection.shared_access.clone() {
+        SharedAccess::Key { name, key } => Credential::SharedKey {
+            name,
+            key,
+            token_lifetime: config.sas_token_lifetime(),
+        },
+        SharedAccess::Signature(token) => Credential::SharedAccessSignature(token),
     }
 }
 
@@ -126,14 +138,7 @@ impl Producer {
         config: ProducerConfig,
     ) -> Result<Self, ProducerError> {
         let parsed: ConnectionString = text.parse()?;
-        let credential = match parsed.shared_access.clone() {
-            SharedAccess::Key { name, key } => Credential::SharedKey {
-                name,
-                key,
-                token_lifetime: config.sas_token_lifetime(),
-            },
-            SharedAccess::Signature(token) => Credential::SharedAccessSignature(token),
-        };
+        let credential = credential_for(&parsed, &config);
         Self::new(endpoint_for(&parsed, websockets), credential, tls, config)
     }
 

@@ -1,11 +1,12 @@
-//! How the producer reaches Event Hubs: plain AMQP, AMQPS (TLS on aws-lc rustls) or AMQP over WebSockets, always with TCP_NODELAY.
+//! How the producer reaches Event Hubs: plain AMQP, AMQPS (TLS on aws-lc rustls) or AMQP over WebSockets, always with TCP_NODELAY,
+//! directly or through an HTTP CONNECT proxy; which roots TLS trusts (webpki, the OS store, extra CAs).
 //!
 //! fe2o3 0.18 keeps its builder's type-state module private, so `Builder<'_, ConnectorWithId, ()>` cannot
 //! be written in a signature outside fe2o3: [`open_connection`] takes [`ConnectionOptions`] (what the
 //! builder would carry) and builds the builder itself.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
@@ -13,6 +14,7 @@ use fe2o3_amqp::sasl_profile::SaslProfile;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -50,9 +52,69 @@ pub struct Endpoint {
     pub port: u16,
     /// The transport.
     pub transport: Transport,
+    /// The HTTP CONNECT proxy the TCP connection goes through; direct when `None`.
+    pub proxy: Option<HttpProxy>,
+}
+
+/// An HTTP proxy that tunnels TCP with `CONNECT host:port` (the Azure SDKs' `http_proxy`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpProxy {
+    /// The proxy's host name or IP address.
+    pub host: String,
+    /// The proxy's port.
+    pub port: u16,
+    /// Basic authentication sent with the CONNECT request, if any.
+    pub credentials: Option<ProxyCredentials>,
+}
+
+/// A proxy's basic-auth user name and password; never formatted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyCredentials {
+    /// The user name.
+    pub username: String,
+    /// The password.
+    pub password: String,
+}
+
+impl HttpProxy {
+    /// `http://host:port`, never with credentials: safe for logs and errors.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("http://[{}]:{}", self.host, self.port)
+        } else {
+            format!("http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpProxy")
+            .field("address", &self.address())
+            .field("basic_auth", &self.credentials.is_some())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ProxyCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Endpoint {
+    /// A direct endpoint (no proxy).
+    pub fn direct(host: impl Into<String>, port: u16, transport: Transport) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            transport,
+            proxy: None,
+        }
+    }
+
     /// The WebSocket URL of this endpoint (meaningful for [`Transport::WebSockets`]).
     pub fn websocket_url(&self) -> String {
         let host = if self.host.contains(':') && !self.host.starts_with('[') {
@@ -64,11 +126,36 @@ impl Endpoint {
     }
 }
 
-/// Which certificate authorities the client trusts: the platform's/webpki roots by default; tests add their own CA.
+/// Which certificate authorities the client trusts: the webpki roots always, the operating system's store
+/// when asked (the gateway does), and extra CAs (an `event_hubs_ca_file`, a test's own CA).
 #[derive(Clone, Debug, Default)]
 pub struct TlsOptions {
     /// PEM text, each entry holding one or more CA certificates trusted besides the webpki roots.
     pub extra_root_certificates_pem: Vec<String>,
+    /// Also trust the operating system's store (read once per process; `SSL_CERT_FILE`/`SSL_CERT_DIR` apply).
+    pub native_roots: bool,
+}
+
+/// The operating system's trusted certificates, read once, and what could not be read.
+#[derive(Debug)]
+pub struct NativeRoots {
+    /// The certificates found.
+    pub certificates: Vec<CertificateDer<'static>>,
+    /// Why some (or all) could not be loaded, for a warning at start.
+    pub errors: Vec<String>,
+}
+
+static NATIVE_ROOTS: LazyLock<NativeRoots> = LazyLock::new(|| {
+    let found = rustls_native_certs::load_native_certs();
+    NativeRoots {
+        certificates: found.certs,
+        errors: found.errors.iter().map(ToString::to_string).collect(),
+    }
+});
+
+/// The operating system's store, read on first use.
+pub fn native_roots() -> &'static NativeRoots {
+    &NATIVE_ROOTS
 }
 
 /// What the AMQP open carries, whatever the transport.
@@ -99,6 +186,49 @@ impl ConnectionOptions {
 /// Why a connection could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// The proxy could not be reached.
+    #[error("cannot connect to the proxy {proxy}: {source}")]
+    ProxyConnect {
+        /// The proxy (`http://host:port`, never its credentials).
+        proxy: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The proxy asked for credentials or refused the ones sent (HTTP 407).
+    #[error(
+        "the proxy {proxy} refused CONNECT {target} with HTTP 407 Proxy Authentication Required: {}",
+        if *sent_credentials { "its user name or password is wrong" } else { "it wants a user name and password" }
+    )]
+    ProxyAuthentication {
+        /// The proxy.
+        proxy: String,
+        /// `host:port` asked for.
+        target: String,
+        /// Whether basic auth was sent.
+        sent_credentials: bool,
+    },
+    /// The proxy answered CONNECT with another status than 200.
+    #[error("the proxy {proxy} refused CONNECT {target} with HTTP {status} {reason}")]
+    ProxyRefused {
+        /// The proxy.
+        proxy: String,
+        /// `host:port` asked for.
+        target: String,
+        /// The HTTP status.
+        status: u16,
+        /// The status line's reason phrase.
+        reason: String,
+    },
+    /// The proxy's answer is not HTTP, too long, or the connection ended inside it.
+    #[error("the proxy {proxy} answered CONNECT {target} with no valid HTTP response: {reason}")]
+    ProxyProtocol {
+        /// The proxy.
+        proxy: String,
+        /// `host:port` asked for.
+        target: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The TCP connection could not be made.
     #[error("cannot connect to {addr}: {source}")]
     Connect {
@@ -166,10 +296,15 @@ pub enum TransportError {
     Open(#[source] OpenError),
 }
 
-/// The rustls client configuration on the aws-lc provider: webpki roots plus the extra CAs.
+/// The rustls client configuration on the aws-lc provider: webpki roots, the OS store if asked, the extra CAs.
 pub fn client_config(tls: &TlsOptions) -> Result<Arc<ClientConfig>, TransportError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if tls.native_roots {
+        // An OS store may hold certificates webpki cannot use as anchors (old, odd encodings): skip those
+        // rather than refuse every connection.
+        roots.add_parsable_certificates(native_roots().certificates.iter().cloned());
+    }
     for (index, pem) in tls.extra_root_certificates_pem.iter().enumerate() {
         let invalid = |reason: String| TransportError::RootCertificate { index, reason };
         let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -258,18 +393,112 @@ pub async fn open_connection(
     }
 }
 
+/// A TCP stream to the endpoint: direct, or a tunnel through its proxy.
 async fn connect_tcp(endpoint: &Endpoint) -> Result<TcpStream, TransportError> {
-    let addr = format!("{}:{}", endpoint.host, endpoint.port);
-    let stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+    let target = authority(&endpoint.host, endpoint.port);
+    let Some(proxy) = &endpoint.proxy else {
+        let stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|source| TransportError::Connect {
+                addr: target.clone(),
+                source,
+            })?;
+        return no_delay(stream, target);
+    };
+    let stream = TcpStream::connect((proxy.host.as_str(), proxy.port))
         .await
-        .map_err(|source| TransportError::Connect {
-            addr: addr.clone(),
+        .map_err(|source| TransportError::ProxyConnect {
+            proxy: proxy.address(),
             source,
         })?;
+    let mut stream = no_delay(stream, proxy.address())?;
+    tunnel(&mut stream, proxy, &target).await?;
+    Ok(stream)
+}
+
+fn no_delay(stream: TcpStream, addr: String) -> Result<TcpStream, TransportError> {
     stream
         .set_nodelay(true)
         .map_err(|source| TransportError::NoDelay { addr, source })?;
     Ok(stream)
+}
+
+/// `host:port`, brackets around an IPv6 literal.
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The longest CONNECT response head read; real proxies send a few hundred bytes.
+const MAX_PROXY_RESPONSE: usize = 16 * 1024;
+
+/// Asks the proxy for a tunnel to `target` and reads its answer up to the end of the head, no further: the
+/// bytes after it belong to the tunnel (TLS, which the client starts, so there are none yet).
+async fn tunnel(
+    stream: &mut TcpStream,
+    proxy: &HttpProxy,
+    target: &str,
+) -> Result<(), TransportError> {
+    use base64::Engine;
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(credentials) = &proxy.credentials {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", credentials.username, credentials.password));
+        request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    let protocol = |reason: String| TransportError::ProxyProtocol {
+        proxy: proxy.address(),
+        target: target.to_owned(),
+        reason,
+    };
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|error| protocol(format!("sending CONNECT: {error}")))?;
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_PROXY_RESPONSE {
+            return Err(protocol(format!(
+                "the response head is longer than {MAX_PROXY_RESPONSE} bytes"
+            )));
+        }
+        match stream.read(&mut byte).await {
+            Ok(0) => {
+                return Err(protocol(
+                    "the proxy closed the connection before the end of its response".into(),
+                ));
+            }
+            Ok(_) => head.push(byte[0]),
+            Err(error) => return Err(protocol(format!("reading its response: {error}"))),
+        }
+    }
+    let status_line = String::from_utf8_lossy(&head);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (version, status, reason) = (parts.next(), parts.next(), parts.next());
+    let status = match (version, status.and_then(|code| code.parse::<u16>().ok())) {
+        (Some(version), Some(status)) if version.starts_with("HTTP/1.") => status,
+        _ => return Err(protocol(format!("status line {status_line:?}"))),
+    };
+    match status {
+        200..=299 => Ok(()),
+        407 => Err(TransportError::ProxyAuthentication {
+            proxy: proxy.address(),
+            target: target.to_owned(),
+            sent_credentials: proxy.credentials.is_some(),
+        }),
+        _ => Err(TransportError::ProxyRefused {
+            proxy: proxy.address(),
+            target: target.to_owned(),
+            status,
+            reason: reason.unwrap_or_default().trim().to_owned(),
+        }),
+    }
 }
 
 fn server_name(host: &str) -> Result<ServerName<'static>, TransportError> {
@@ -340,11 +569,7 @@ mod tests {
 
     #[test]
     fn websocket_url_has_the_service_path() {
-        let endpoint = Endpoint {
-            host: "ns.servicebus.windows.net".into(),
-            port: 443,
-            transport: Transport::WebSockets,
-        };
+        let endpoint = Endpoint::direct("ns.servicebus.windows.net", 443, Transport::WebSockets);
         assert_eq!(
             endpoint.websocket_url(),
             "wss://ns.servicebus.windows.net:443/$servicebus/websocket"
@@ -360,6 +585,7 @@ mod tests {
     fn bad_extra_roots_are_named_by_position() {
         let options = TlsOptions {
             extra_root_certificates_pem: vec!["no pem here".into()],
+            ..TlsOptions::default()
         };
         match client_config(&options) {
             Err(TransportError::RootCertificate { index: 0, reason }) => {
@@ -404,6 +630,78 @@ mod tests {
         assert!(server_name("127.0.0.1").is_ok());
     }
 
+    /// A one-shot proxy on loopback that answers `answer` and hands back the request head it read.
+    async fn answering_proxy(answer: &'static str) -> (HttpProxy, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let read = socket.read(&mut buffer).await.unwrap();
+                head.extend_from_slice(&buffer[..read]);
+            }
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let proxy = HttpProxy {
+            host: "127.0.0.1".into(),
+            port,
+            credentials: Some(ProxyCredentials {
+                username: "user".into(),
+                password: "SECRET".into(),
+            }),
+        };
+        (proxy, task)
+    }
+
+    #[tokio::test]
+    async fn proxy_answers_other_than_200_are_named_without_the_credentials() {
+        for (answer, expected) in [
+            (
+                "HTTP/1.1 502 Bad Gateway\r\n\r\n",
+                "with HTTP 502 Bad Gateway",
+            ),
+            (
+                "HTTP/1.1 407 Proxy Authentication Required\r\n\r\n",
+                "HTTP 407 Proxy Authentication Required: its user name or password is wrong",
+            ),
+            ("SSH-2.0-OpenSSH\r\n\r\n", "no valid HTTP response"),
+        ] {
+            let (proxy, request) = answering_proxy(answer).await;
+            let endpoint = Endpoint {
+                proxy: Some(proxy.clone()),
+                ..Endpoint::direct("ns.servicebus.windows.net", 443, Transport::WebSockets)
+            };
+            let error = connect_tcp(&endpoint).await.unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+            assert!(error.contains(&proxy.address()), "{error}");
+            assert!(!error.contains("SECRET"), "{error}");
+            let request = request.await.unwrap();
+            assert!(
+                request.starts_with(
+                    "CONNECT ns.servicebus.windows.net:443 HTTP/1.1\r\nHost: ns.servicebus.windows.net:443\r\n"
+                ),
+                "{request}"
+            );
+            // base64("user:SECRET")
+            assert!(
+                request.contains("Proxy-Authorization: Basic dXNlcjpTRUNSRVQ=\r\n"),
+                "{request}"
+            );
+        }
+        let proxy = HttpProxy {
+            host: "p".into(),
+            port: 1,
+            credentials: Some(ProxyCredentials {
+                username: "user".into(),
+                password: "SECRET".into(),
+            }),
+        };
+        assert!(!format!("{proxy:?}").contains("SECRET"));
+    }
+
     #[tokio::test]
     async fn a_closed_port_is_a_connect_error() {
         // Bind then drop a listener so the port is very likely closed.
@@ -411,11 +709,7 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().port()
         };
-        let endpoint = Endpoint {
-            host: "127.0.0.1".into(),
-            port,
-            transport: Transport::Amqp,
-        };
+        let endpoint = Endpoint::direct("127.0.0.1", port, Transport::Amqp);
         let err = open_connection(
             &ConnectionOptions::new("t"),
             &endpoint,

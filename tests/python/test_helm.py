@@ -366,6 +366,18 @@ def test_the_config_map_passes_check_config(case, tmp_path):
         else:
             ref = variable["valueFrom"]["secretKeyRef"]
             env[variable["name"]] = secret_value(rendering, ref["name"], ref["key"])
+    if rendering.pod["metadata"]["labels"].get("azure.workload.identity/use") == "true":
+        # What the workload identity webhook injects at admission (the gateway builds its credential from it
+        # when it prepares, as `serve` does): ids from the ServiceAccount, a projected token file.
+        annotations = rendering.one("ServiceAccount")["metadata"]["annotations"]
+        token = tmp_path / "azure-identity-token"
+        token.write_text("fake.projected.token")
+        env["AZURE_CLIENT_ID"] = annotations["azure.workload.identity/client-id"]
+        env["AZURE_TENANT_ID"] = annotations.get(
+            "azure.workload.identity/tenant-id", "55555555-6666-7777-8888-999999999999"
+        )
+        env["AZURE_FEDERATED_TOKEN_FILE"] = str(token)
+        env["AZURE_AUTHORITY_HOST"] = "https://login.microsoftonline.com/"
     volumes = {volume["name"]: volume for volume in rendering.pod["spec"]["volumes"]}
     for mount in rendering.container["volumeMounts"]:
         secret = volumes[mount["name"]].get("secret")

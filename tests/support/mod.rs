@@ -474,17 +474,14 @@ pub fn endpoint(
         Transport::Amqps => emulator.tls_addr().expect("a TLS listener"),
         Transport::WebSockets => emulator.websocket_addr().expect("a WebSocket listener"),
     };
-    eventhub_gateway::producer::Endpoint {
-        host: "localhost".into(),
-        port: addr.port(),
-        transport,
-    }
+    eventhub_gateway::producer::Endpoint::direct("localhost", addr.port(), transport)
 }
 
 /// TLS options that trust `pki`'s CA.
 pub fn trusting(pki: &TestPki) -> eventhub_gateway::producer::TlsOptions {
     eventhub_gateway::producer::TlsOptions {
         extra_root_certificates_pem: vec![pki.ca_pem.clone()],
+        ..Default::default()
     }
 }
 
