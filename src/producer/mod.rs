@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod claim;
 pub mod config;
 pub mod connection;
 pub mod connection_string;
@@ -38,6 +39,7 @@ pub use transport::{Endpoint, TlsOptions, Transport};
 
 use auth::{RefreshPolicy, TokenCache};
 use batch::BatchBuilder;
+use claim::Claim;
 use connection::ConnectionContext;
 use link::LinkSettings;
 use pool::Pool;
@@ -178,6 +180,7 @@ impl Producer {
             max_batch_events: config
                 .rate_limit_events_per_second
                 .map_or(usize::MAX, |rate| rate as usize),
+            send_timeout: config.default_deadline(),
         };
         let throttle = config.throttle();
         let stack = route::send_stack(Arc::clone(&pool), throttle.clone(), &route_settings);
@@ -277,10 +280,12 @@ impl Producer {
             }
         };
         let (reply, outcome) = oneshot::channel();
+        let claim = Arc::new(Claim::new());
         let pending = Pending {
             encoded,
             reply,
             deadline,
+            claim: Arc::clone(&claim),
             permit,
             trace_context: event.trace_context,
         };
@@ -293,7 +298,8 @@ impl Producer {
         }
         Ok(Ticket {
             outcome,
-            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+            deadline: Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
+            claim,
         })
     }
 
@@ -435,10 +441,13 @@ impl Producer {
     }
 }
 
-/// The outcome of an enqueued event: resolves when Event Hubs settles its batch, or when its deadline passes.
+/// The outcome of an enqueued event: resolves when Event Hubs settles its batch, or with `DeadlineExceeded` when
+/// its deadline passes before its batch goes on the wire. Once on the wire it waits for the batch's real
+/// outcome, past its deadline if need be: an event is answered late rather than falsely.
 pub struct Ticket {
     outcome: oneshot::Receiver<Result<Receipt, SendError>>,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    claim: Arc<Claim>,
 }
 
 impl Future for Ticket {
@@ -452,9 +461,17 @@ impl Future for Ticket {
         if let Poll::Ready(result) = Pin::new(&mut self.outcome).poll(cx) {
             return Poll::Ready(result.unwrap_or(Err(SendError::Closed)));
         }
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(SendError::DeadlineExceeded { last_error: None })),
-            Poll::Pending => Poll::Pending,
+        let Some(deadline) = self.deadline.as_mut() else {
+            return Poll::Pending; // on the wire: the outcome wakes it
+        };
+        if deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.deadline = None;
+        if self.claim.expire() {
+            Poll::Ready(Err(SendError::DeadlineExceeded { last_error: None }))
+        } else {
+            Poll::Pending
         }
     }
 }
