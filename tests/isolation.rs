@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use eventhub_gateway::producer::{Event, ProducerConfig, SendError};
 use eventhub_gateway::proto::v1;
+use futures_util::StreamExt;
 use support::*;
 use tonic::Code;
 
@@ -223,4 +224,65 @@ async fn an_event_on_the_wire_gets_its_real_outcome_after_its_deadline() {
         .map(|(_, message)| body_text(message))
         .collect();
     assert!(!stored.contains(&"too late".to_owned()));
+}
+
+/// `SendEvents` requests of `per_request` events, each with a partition key never used before.
+async fn send_distinct_keys(
+    client: &v1::event_hub_gateway_client::EventHubGatewayClient<tonic::transport::Channel>,
+    prefix: &str,
+    requests: usize,
+    per_request: usize,
+) {
+    let calls = (0..requests).map(|request| {
+        let mut client = client.clone();
+        let events: Vec<_> = (0..per_request)
+            .map(|index| v1::Event {
+                partition_key: format!("{prefix}-{request}-{index}"),
+                ..text_event("k")
+            })
+            .collect();
+        async move {
+            let results = client
+                .send_events(v1::SendEventsRequest {
+                    event_hub: String::new(),
+                    events,
+                })
+                .await
+                .expect("the call succeeds")
+                .into_inner()
+                .results;
+            for result in results {
+                let status = result.status.expect("a status per event");
+                assert_eq!(status.code, 0, "{status:?}");
+            }
+        }
+    });
+    // Eight calls at a time.
+    let mut calls = futures_util::stream::iter(calls).buffer_unordered(8);
+    while calls.next().await.is_some() {}
+}
+
+#[tokio::test]
+async fn a_flood_of_distinct_keys_costs_batching_speed_not_memory() {
+    // The bound of the routes: 64 here, so that their cost cannot hide under the RSS bound below.
+    let gateway =
+        GatewayProcess::start_emulated(&[], &[("EVENTHUB_GATEWAY_PRODUCER__MAX_ROUTES", "64")]);
+    let client = gateway.client().await;
+    send_distinct_keys(&client, "warm", 4, 500).await;
+    let before = gateway.rss_bytes();
+    let keys = 40_000;
+    send_distinct_keys(&client, "flood", keys / 500, 500).await;
+    let grown = gateway.rss_bytes().saturating_sub(before);
+    println!(
+        "{keys} distinct keys: RSS {} MiB -> +{} MiB",
+        before >> 20,
+        grown >> 20
+    );
+    // Without the bound each key kept a route (about 8 KiB) until max_idle_seconds: +300 MiB here. What
+    // remains is the emulator's store of 40,000 small events and allocator slack.
+    assert!(
+        grown < 64 << 20,
+        "RSS grew {} MiB for {keys} keys",
+        grown >> 20
+    );
 }

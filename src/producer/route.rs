@@ -290,8 +290,16 @@ pub trait RouteHost: Send + Sync + 'static {
         key: &RouteKey,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send + '_>>;
-    /// Removes the route if `sender` is still its channel; returns whether it did.
-    fn retire_route(&self, key: &RouteKey, sender: &mpsc::Sender<Pending>) -> bool;
+    /// Signalled when a new route waits for a slot: one idle route closes early.
+    fn route_wanted(&self) -> &tokio::sync::Notify;
+    /// Removes the route if `sender` is still its channel, no one else holds a sender of it and `is_empty`
+    /// (its queue) holds; returns whether it did.
+    fn retire_route(
+        &self,
+        key: &RouteKey,
+        sender: &mpsc::Sender<Pending>,
+        is_empty: &dyn Fn() -> bool,
+    ) -> bool;
 }
 
 /// Runs a route until its channel closes (producer closing) or it idles out, answering every event it took.
@@ -394,13 +402,15 @@ pub async fn run_route<H: RouteHost>(
                     ready.push_back(seal(batch, &hub, &partition, &settings));
                 }
             }
-            () = tokio::time::sleep_until((last_activity + settings.idle_exit).into()),
+            () = idle_until(last_activity + settings.idle_exit, host.route_wanted()),
                 if !closed && open.is_none() && ready.is_empty() && in_flight.is_empty() =>
             {
                 if let Some(sender) = own_sender.upgrade()
-                    && host.retire_route(&key, &sender)
+                    && host.retire_route(&key, &sender, &|| events.is_empty())
                 {
                     events.close();
+                } else {
+                    last_activity = Instant::now();
                 }
             }
         }
@@ -496,6 +506,14 @@ fn send_span(
     }
     otel::link_to(&span, traces);
     span
+}
+
+/// Completes at `at`, or earlier when a new route wants this one's slot.
+async fn idle_until(at: Instant, route_wanted: &tokio::sync::Notify) {
+    tokio::select! {
+        () = tokio::time::sleep_until(at.into()) => {}
+        () = route_wanted.notified() => {}
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
