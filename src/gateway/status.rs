@@ -81,6 +81,7 @@ mod reason {
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const EVENT_HUBS_UNAUTHORIZED: &str = "EVENT_HUBS_UNAUTHORIZED";
     pub const EVENT_HUBS_REJECTED: &str = "EVENT_HUBS_REJECTED";
+    pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
 }
 
 /// A status under construction.
@@ -305,6 +306,7 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
         SendError::DeadlineExceeded { .. } => {
             Built::new(Code::DeadlineExceeded, reason::DEADLINE_EXCEEDED)
         }
+        SendError::OutcomeUnknown { .. } => Built::new(Code::Unknown, reason::OUTCOME_UNKNOWN),
         SendError::Auth(_) => Built::new(Code::PermissionDenied, reason::EVENT_HUBS_UNAUTHORIZED),
         SendError::Closed => {
             Built::new(Code::Unavailable, reason::DRAINING).retry(DEFAULT_RETRY_AFTER)

@@ -1,4 +1,9 @@
-//! A batch under construction: encoded events for one route, its exact encoded size, and the transfer it becomes.
+//! A batch under construction: encoded events for one route, its exact encoded size, and the transfer it becomes;
+//! then, sealed, the transfer made of the events still waiting when it first goes on the wire.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp_types::messaging::annotations::{Annotations, OwnedKey};
@@ -6,6 +11,7 @@ use fe2o3_amqp_types::messaging::{Body, Data, Message, MessageAnnotations};
 use fe2o3_amqp_types::primitives::{Binary, Symbol};
 use serde_amqp::Value;
 
+use super::claim::Claim;
 use super::error::SendError;
 use crate::eventhubs::message::AmqpMessage;
 use crate::eventhubs::{BATCH_MESSAGE_FORMAT, annotations};
@@ -123,12 +129,91 @@ impl BatchBuilder {
         self.size
     }
 
+    /// Keeps only the events whose index `keep` accepts, and the size that leaves.
+    fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        let mut index = 0;
+        self.sections.retain(|_| {
+            index += 1;
+            keep(index - 1)
+        });
+        self.size = envelope_size(self.partition_key.as_deref())
+            + self
+                .sections
+                .iter()
+                .map(|section| section_size(section.0.len()))
+                .sum::<u64>();
+    }
+
     /// The transfer: message format 0x80013700, one Data section per event.
     pub fn into_transfer(self) -> Transfer {
         Sendable::builder()
             .message(envelope(self.partition_key.as_deref(), self.sections))
             .message_format(BATCH_MESSAGE_FORMAT)
             .build()
+    }
+}
+
+/// A sealed batch on its way to Event Hubs. Its transfer is made when it first goes on the wire, of the events
+/// whose deadline had not passed by then (their claims decide it), and resent as it is on every retry.
+#[derive(Debug)]
+pub struct SealedBatch {
+    builder: parking_lot::Mutex<Option<BatchBuilder>>,
+    claims: Vec<Arc<Claim>>,
+    on_wire: OnceLock<Option<(Arc<Transfer>, Instant)>>,
+    in_doubt: AtomicBool,
+}
+
+impl SealedBatch {
+    /// A batch of the builder's events, the claim of each in the same order.
+    pub fn new(builder: BatchBuilder, claims: Vec<Arc<Claim>>) -> Self {
+        debug_assert_eq!(builder.len(), claims.len());
+        Self {
+            builder: parking_lot::Mutex::new(Some(builder)),
+            claims,
+            on_wire: OnceLock::new(),
+            in_doubt: AtomicBool::new(false),
+        }
+    }
+
+    /// The transfer to write now. The first call puts every event whose deadline has not passed on the wire and
+    /// leaves the others out; `None` when no event is left.
+    pub fn transfer_for_wire(&self) -> Option<Arc<Transfer>> {
+        let on_wire = self.on_wire.get_or_init(|| {
+            let mut builder = self.builder.lock().take()?;
+            let keep: Vec<bool> = self
+                .claims
+                .iter()
+                .map(|claim| claim.put_on_wire())
+                .collect();
+            if !keep.iter().all(|&kept| kept) {
+                builder.retain(|index| keep[index]);
+            }
+            (!builder.is_empty()).then(|| (Arc::new(builder.into_transfer()), Instant::now()))
+        });
+        on_wire.as_ref().map(|(transfer, _)| Arc::clone(transfer))
+    }
+
+    /// Makes sure it never goes on the wire: true unless it already has.
+    pub fn abandon(&self) -> bool {
+        self.on_wire.get_or_init(|| None).is_none()
+    }
+
+    /// When it first went on the wire, if it has.
+    pub fn on_wire_since(&self) -> Option<Instant> {
+        self.on_wire
+            .get()
+            .and_then(|on_wire| on_wire.as_ref().map(|&(_, at)| at))
+    }
+
+    /// An attempt went on the wire and ended without an outcome (the link or connection was lost, or no
+    /// disposition came): Event Hubs may have stored the batch.
+    pub fn mark_in_doubt(&self) {
+        self.in_doubt.store(true, Ordering::Release);
+    }
+
+    /// Whether an attempt may have been stored without the producer knowing.
+    pub fn is_in_doubt(&self) -> bool {
+        self.in_doubt.load(Ordering::Acquire)
     }
 }
 
@@ -186,6 +271,47 @@ mod tests {
             envelope_size(Some(&multibyte)),
             encoded_envelope_size(Some(&multibyte))
         );
+    }
+
+    fn sealed(lens: &[usize]) -> (SealedBatch, Vec<Arc<Claim>>) {
+        let mut builder = BatchBuilder::new(Some("key".into()), u64::MAX);
+        for (index, len) in lens.iter().enumerate() {
+            builder.try_push(vec![index as u8; *len]).unwrap();
+        }
+        let claims: Vec<_> = lens.iter().map(|_| Arc::new(Claim::new())).collect();
+        (SealedBatch::new(builder, claims.clone()), claims)
+    }
+
+    #[test]
+    fn events_whose_deadline_passed_first_are_left_out_of_the_transfer() {
+        let (batch, claims) = sealed(&[10, 300, 20]);
+        assert!(claims[1].expire());
+        assert_eq!(batch.on_wire_since(), None);
+        let transfer = batch.transfer_for_wire().unwrap();
+        let Body::Data(sections) = &transfer.message.body else {
+            panic!("a batch body is Data sections")
+        };
+        let kept: Vec<_> = sections.iter().map(|section| section.0.to_vec()).collect();
+        assert_eq!(kept, vec![vec![0u8; 10], vec![2u8; 20]]);
+        // The size predicted after leaving one out is still the encoded size.
+        let mut expected = BatchBuilder::new(Some("key".into()), u64::MAX);
+        expected.try_push(vec![0; 10]).unwrap();
+        expected.try_push(vec![2; 20]).unwrap();
+        assert_eq!(encoded_size(&transfer), expected.size());
+        // The others are on the wire: their deadline can no longer answer them.
+        assert!(!claims[0].expire() && !claims[2].expire());
+        assert!(batch.on_wire_since().is_some());
+        // A retry resends the same transfer.
+        assert!(Arc::ptr_eq(&transfer, &batch.transfer_for_wire().unwrap()));
+    }
+
+    #[test]
+    fn a_batch_whose_every_deadline_passed_is_never_sent() {
+        let (batch, claims) = sealed(&[5, 5]);
+        assert!(claims.iter().all(|claim| claim.expire()));
+        assert!(batch.transfer_for_wire().is_none());
+        assert!(batch.transfer_for_wire().is_none());
+        assert_eq!(batch.on_wire_since(), None);
     }
 
     #[test]

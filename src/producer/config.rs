@@ -51,6 +51,10 @@ pub struct ProducerConfig {
     pub max_buffered_bytes: u64,
     /// Events queued per route before senders wait.
     pub route_queue_capacity: usize,
+    /// Batching routes (hub + partition key, hub + partition id, hub) open at once. At the limit, an idle route
+    /// closes early to make room and a new key waits for one (until its deadline, then OVERLOADED): a flood
+    /// of distinct keys makes batching slower, never memory larger (a route costs about 8 KiB).
+    pub max_routes: usize,
     /// Lifetime of locally signed SAS tokens, seconds.
     pub sas_token_lifetime_seconds: f64,
     /// Fraction of a token's lifetime after which it is refreshed.
@@ -85,6 +89,7 @@ impl Default for ProducerConfig {
             retry_max_backoff_ms: 10_000.0,
             max_buffered_bytes: 256 * 1024 * 1024,
             route_queue_capacity: 16 * 1024,
+            max_routes: 4096,
             sas_token_lifetime_seconds: 3600.0,
             token_refresh_fraction: 0.9,
             idle_timeout_seconds: 120.0,
@@ -176,6 +181,9 @@ impl ProducerConfig {
         }
         if self.route_queue_capacity == 0 {
             return fail("route_queue_capacity", "must be at least 1");
+        }
+        if !(1..=1_000_000).contains(&self.max_routes) {
+            return fail("max_routes", "must be between 1 and 1000000");
         }
         if !(self.token_refresh_fraction > 0.0 && self.token_refresh_fraction < 1.0) {
             return fail(

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::auth::{AccessToken, TokenCache};
-use super::batch::BatchBuilder;
+use super::batch::{BatchBuilder, SealedBatch};
+use super::claim::Claim;
 use super::error::SendError;
 use super::event::Event;
 use super::link::{DecrementOnDrop, Link, LinkSettings};
@@ -333,7 +334,8 @@ impl PooledConnection {
             );
             return;
         }
-        match link.send(Arc::new(batch.into_transfer())).await {
+        let claims = vec![Arc::new(Claim::new())];
+        match link.send(Arc::new(SealedBatch::new(batch, claims))).await {
             Ok(()) => debug!(
                 connection = self.id,
                 address = link.address(),

@@ -177,6 +177,16 @@ pub enum SendError {
         /// The last retryable error seen, if any.
         last_error: Option<String>,
     },
+    /// The event went to Event Hubs with its batch, but no outcome came back before the producer's send timeout
+    /// or its last retry (the link or connection was lost with the batch on the wire): it may or may not be
+    /// stored, and sending it again may store it twice.
+    #[error(
+        "outcome unknown: the event was sent to Event Hubs but its outcome never came back, so it may have been stored (last error: {last_error})"
+    )]
+    OutcomeUnknown {
+        /// What ended the last attempt.
+        last_error: String,
+    },
     /// Event Hubs refused the batch (a rejected disposition or a link/connection error).
     #[error("Event Hubs refused the event: {0}")]
     Service(ServiceError),
@@ -205,6 +215,7 @@ impl SendError {
             Self::Overloaded { .. } => "overloaded".into(),
             Self::PoolTimeout { .. } => "pool_timeout".into(),
             Self::DeadlineExceeded { .. } => "deadline_exceeded".into(),
+            Self::OutcomeUnknown { .. } => "outcome_unknown".into(),
             Self::NotProcessed(_) => "not_processed".into(),
             Self::Connection(_) => "connection_lost".into(),
             Self::Auth(_) => "unauthorized".into(),
@@ -223,6 +234,7 @@ impl SendError {
             | Self::Overloaded { .. }
             | Self::PoolTimeout { .. }
             | Self::DeadlineExceeded { .. }
+            | Self::OutcomeUnknown { .. }
             | Self::Auth(_)
             | Self::Closed => false,
         }

@@ -17,14 +17,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::batch::Transfer;
+use super::batch::SealedBatch;
 use super::error::{AmqpCondition, SendError, ServiceError};
 
 /// How long a closing link waits to detach cleanly.
 const DETACH_WAIT: Duration = Duration::from_secs(2);
 
 struct Delivery {
-    transfer: Arc<Transfer>,
+    batch: Arc<SealedBatch>,
     reply: oneshot::Sender<Result<(), SendError>>,
 }
 
@@ -150,15 +150,17 @@ impl Link {
         self.ended.cancelled().await;
     }
 
-    /// Sends one batch and waits for its disposition.
-    pub async fn send(&self, transfer: Arc<Transfer>) -> Result<(), SendError> {
+    /// Sends one batch and waits for its disposition. The batch goes on the wire (its events' deadlines no
+    /// longer answer them) when the link's window takes it; if every event's deadline passed first, it is not
+    /// sent and the answer is `DeadlineExceeded`.
+    pub async fn send(&self, batch: Arc<SealedBatch>) -> Result<(), SendError> {
         self.load.fetch_add(1, Ordering::Relaxed);
         let _guard = DecrementOnDrop(&self.load);
         *self.last_used.lock() = Instant::now();
         let lost = || SendError::Connection(format!("the link to {} closed", self.address));
         let (reply, outcome) = oneshot::channel();
         self.requests
-            .send(Delivery { transfer, reply })
+            .send(Delivery { batch, reply })
             .await
             .map_err(|_| lost())?;
         outcome.await.unwrap_or_else(|_| Err(lost()))
@@ -181,8 +183,9 @@ async fn run(
     connection_lost: CancellationToken,
     link: Arc<Link>,
 ) {
-    // Replies live outside the disposition futures so that a link that ends can answer them at once.
-    let mut replies: HashMap<u64, oneshot::Sender<Result<(), SendError>>> = HashMap::new();
+    // Replies live outside the disposition futures so that a link that ends can answer them at once; each with
+    // its batch, which an answer without an outcome marks in doubt.
+    let mut replies: HashMap<u64, Delivery> = HashMap::new();
     let mut pending = FuturesUnordered::new();
     let mut next_id = 0u64;
     let mut stopping = false;
@@ -195,7 +198,10 @@ async fn run(
             Some((id, result)) = pending.next(), if !pending.is_empty() => {
                 let result: Result<(), SendError> = result;
                 let broken = matches!(result, Err(SendError::Connection(_)));
-                if let Some(reply) = replies.remove(&id) {
+                if let Some(Delivery { batch, reply }) = replies.remove(&id) {
+                    if broken {
+                        batch.mark_in_doubt();
+                    }
                     let _ = reply.send(result.clone());
                 }
                 if broken {
@@ -205,10 +211,15 @@ async fn run(
             request = requests.recv(), if !drained && pending.len() < settings.window => {
                 match request {
                     None => drained = true,
-                    Some(Delivery { transfer, reply }) => {
+                    Some(Delivery { batch, reply }) => {
+                let Some(transfer) = batch.transfer_for_wire() else {
+                    let _ = reply.send(Err(SendError::DeadlineExceeded { last_error: None }));
+                    continue;
+                };
                 let sent = tokio::select! {
                     sent = sender.send_batchable_ref(&*transfer) => sent,
                     () = connection_lost.cancelled() => {
+                        batch.mark_in_doubt();
                         let _ = reply.send(Err(lost()));
                         break lost();
                     }
@@ -217,7 +228,7 @@ async fn run(
                     Ok(delivery) => {
                         next_id += 1;
                         let id = next_id;
-                        replies.insert(id, reply);
+                        replies.insert(id, Delivery { batch, reply });
                         let wait = settings.disposition_wait;
                         pending.push(async move {
                             let result = match tokio::time::timeout(wait, delivery).await {
@@ -232,6 +243,9 @@ async fn run(
                     }
                     Err(error) => {
                         let error = link_error(error);
+                        if matches!(error, SendError::Connection(_)) {
+                            batch.mark_in_doubt(); // part of it may have been written
+                        }
                         let _ = reply.send(Err(error.clone()));
                         if !matches!(error, SendError::TooLarge { .. }) {
                             break error;
@@ -258,7 +272,8 @@ async fn run(
         SendError::Closed => SendError::Connection(format!("the link to {} closed", link.address)),
         other => other,
     };
-    for (_, reply) in replies.drain() {
+    for (_, Delivery { batch, reply }) in replies.drain() {
+        batch.mark_in_doubt();
         let _ = reply.send(Err(reason.clone()));
     }
     while let Ok(Delivery { reply, .. }) = requests.try_recv() {

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod claim;
 pub mod config;
 pub mod connection;
 pub mod connection_string;
@@ -22,7 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::sync::{
+    Notify, OnceCell, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +41,7 @@ pub use transport::{Endpoint, HttpProxy, ProxyCredentials, TlsOptions, Transport
 
 use auth::{RefreshPolicy, TokenCache};
 use batch::BatchBuilder;
+use claim::Claim;
 use connection::ConnectionContext;
 use link::LinkSettings;
 use pool::Pool;
@@ -48,6 +52,9 @@ use crate::eventhubs::partition::partition_for_key;
 
 /// The retry-after hint of an overload error.
 const OVERLOAD_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a new route waiting for a slot asks an idle route to close again.
+const ROUTE_SLOT_ASK_AGAIN: Duration = Duration::from_millis(50);
 
 /// Why a producer could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +97,10 @@ struct Inner {
     throttle: Option<Arc<Throttle>>,
     tokens: Arc<TokenCache>,
     routes: Mutex<HashMap<RouteKey, mpsc::Sender<Pending>>>,
+    /// One permit per open route (`max_routes`), held by the route's task.
+    route_slots: Arc<Semaphore>,
+    /// Asks one idle route to close early, for a new route waiting for a slot.
+    route_wanted: Notify,
     route_settings: RouteSettings,
     server_address: Arc<str>,
     tasks: TaskTracker,
@@ -183,18 +194,21 @@ impl Producer {
             max_batch_events: config
                 .rate_limit_events_per_second
                 .map_or(usize::MAX, |rate| rate as usize),
+            send_timeout: config.default_deadline(),
         };
         let throttle = config.throttle();
         let stack = route::send_stack(Arc::clone(&pool), throttle.clone(), &route_settings);
         Ok(Self {
             inner: Arc::new(Inner {
                 buffer: Arc::new(Semaphore::new(config.max_buffered_bytes as usize)),
+                route_slots: Arc::new(Semaphore::new(config.max_routes)),
                 config,
                 pool,
                 stack,
                 throttle,
                 tokens,
                 routes: Mutex::new(HashMap::new()),
+                route_wanted: Notify::new(),
                 route_settings,
                 server_address,
                 tasks: TaskTracker::new(),
@@ -282,23 +296,29 @@ impl Producer {
             }
         };
         let (reply, outcome) = oneshot::channel();
+        let claim = Arc::new(Claim::new());
         let pending = Pending {
             encoded,
             reply,
             deadline,
+            claim: Arc::clone(&claim),
             permit,
             trace_context: event.trace_context,
         };
-        match self.route(&key)?.try_send(pending) {
-            Ok(()) => {}
-            Err(
-                mpsc::error::TrySendError::Full(pending)
-                | mpsc::error::TrySendError::Closed(pending),
-            ) => Box::pin(self.wait_for_route(&key, pending)).await?,
+        match self.route(&key, None)? {
+            Some(route) => match route.try_send(pending) {
+                Ok(()) => {}
+                Err(
+                    mpsc::error::TrySendError::Full(pending)
+                    | mpsc::error::TrySendError::Closed(pending),
+                ) => Box::pin(self.wait_for_route(&key, pending)).await?,
+            },
+            None => Box::pin(self.wait_for_route(&key, pending)).await?,
         }
         Ok(Ticket {
             outcome,
-            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+            deadline: Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
+            claim,
         })
     }
 
@@ -319,12 +339,12 @@ impl Producer {
         }
     }
 
-    /// Waits (until the event's deadline) for room in its route's queue, looking the route up again if it
-    /// idled out meanwhile.
+    /// Waits (until the event's deadline) for its route (a slot under `max_routes`) and room in its queue,
+    /// looking the route up again if it idled out meanwhile.
     async fn wait_for_route(&self, key: &RouteKey, mut pending: Pending) -> Result<(), SendError> {
         let deadline = pending.deadline;
         loop {
-            let route = self.route(key)?;
+            let route = self.route_or_wait(key, deadline).await?;
             match tokio::time::timeout_at(deadline.into(), route.send(pending)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(mpsc::error::SendError(back))) => pending = back,
@@ -338,30 +358,79 @@ impl Producer {
         }
     }
 
-    fn route(&self, key: &RouteKey) -> Result<mpsc::Sender<Pending>, SendError> {
+    /// The route of `key`, opening it with a slot of `max_routes`; waits (until `deadline`) for a slot, asking
+    /// an idle route to make room, when every slot is taken.
+    async fn route_or_wait(
+        &self,
+        key: &RouteKey,
+        deadline: Instant,
+    ) -> Result<mpsc::Sender<Pending>, SendError> {
+        loop {
+            if let Some(route) = self.route(key, None)? {
+                return Ok(route);
+            }
+            if Instant::now() >= deadline {
+                return Err(SendError::Overloaded {
+                    what: "max_routes",
+                    retry_after: OVERLOAD_RETRY_AFTER,
+                });
+            }
+            // Ask again now and then: the route asked may have taken work meanwhile and stayed.
+            self.inner.route_wanted.notify_one();
+            let ask_again = deadline.min(Instant::now() + ROUTE_SLOT_ASK_AGAIN);
+            let slot = Arc::clone(&self.inner.route_slots).acquire_owned();
+            let slot = match tokio::time::timeout_at(ask_again.into(), slot).await {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(_)) => return Err(SendError::Closed),
+                Err(_) => continue,
+            };
+            if let Some(route) = self.route(key, Some(slot))? {
+                return Ok(route);
+            }
+        }
+    }
+
+    /// The route of `key`: the open one, or a new one if a slot of `max_routes` is free (or given); `None`
+    /// when every slot is taken.
+    fn route(
+        &self,
+        key: &RouteKey,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Option<mpsc::Sender<Pending>>, SendError> {
         let inner = &self.inner;
         let mut routes = inner.routes.lock();
         if inner.closing.is_cancelled() {
             return Err(SendError::Closed);
         }
         if let Some(route) = routes.get(key).filter(|route| !route.is_closed()) {
-            return Ok(route.clone());
+            return Ok(Some(route.clone()));
         }
+        let slot = match slot {
+            Some(slot) => slot,
+            None => match Arc::clone(&inner.route_slots).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => return Ok(None),
+            },
+        };
         let (sender, receiver) = mpsc::channel(inner.config.route_queue_capacity);
         let mut settings = inner.route_settings;
         if key.target == Target::Any {
             // Keyless events have no order to keep: let their batches overlap.
             settings.max_in_flight = inner.config.max_in_flight_unordered;
         }
-        inner.tasks.spawn(route::run_route(
+        let route = route::run_route(
             Arc::clone(inner),
             key.clone(),
             receiver,
             sender.downgrade(),
             settings,
-        ));
+        );
+        inner.tasks.spawn(async move {
+            route.await;
+            drop(slot); // the slot is free once the route has answered everything it took
+        });
         routes.insert(key.clone(), sender.clone());
-        Ok(sender)
+        Ok(Some(sender))
     }
 
     async fn cached_hub_properties(
@@ -440,10 +509,13 @@ impl Producer {
     }
 }
 
-/// The outcome of an enqueued event: resolves when Event Hubs settles its batch, or when its deadline passes.
+/// The outcome of an enqueued event: resolves when Event Hubs settles its batch, or with `DeadlineExceeded` when
+/// its deadline passes before its batch goes on the wire. Once on the wire it waits for the batch's real
+/// outcome, past its deadline if need be: an event is answered late rather than falsely.
 pub struct Ticket {
     outcome: oneshot::Receiver<Result<Receipt, SendError>>,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    claim: Arc<Claim>,
 }
 
 impl Future for Ticket {
@@ -457,9 +529,17 @@ impl Future for Ticket {
         if let Poll::Ready(result) = Pin::new(&mut self.outcome).poll(cx) {
             return Poll::Ready(result.unwrap_or(Err(SendError::Closed)));
         }
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(SendError::DeadlineExceeded { last_error: None })),
-            Poll::Pending => Poll::Pending,
+        let Some(deadline) = self.deadline.as_mut() else {
+            return Poll::Pending; // on the wire: the outcome wakes it
+        };
+        if deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.deadline = None;
+        if self.claim.expire() {
+            Poll::Ready(Err(SendError::DeadlineExceeded { last_error: None }))
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -493,10 +573,24 @@ impl RouteHost for Inner {
         })
     }
 
-    fn retire_route(&self, key: &RouteKey, sender: &mpsc::Sender<Pending>) -> bool {
+    fn route_wanted(&self) -> &Notify {
+        &self.route_wanted
+    }
+
+    fn retire_route(
+        &self,
+        key: &RouteKey,
+        sender: &mpsc::Sender<Pending>,
+        is_empty: &dyn Fn() -> bool,
+    ) -> bool {
         let mut routes = self.routes.lock();
         match routes.get(key) {
-            Some(current) if current.same_channel(sender) => {
+            // Every send starts from a clone of the table's sender taken under this lock: with no clone but the
+            // table's and the caller's, and nothing queued, nothing can arrive after the route ends (an event
+            // arriving in a route that is ending could overtake an earlier one of its key in the next route).
+            Some(current)
+                if current.same_channel(sender) && sender.strong_count() == 2 && is_empty() =>
+            {
                 routes.remove(key);
                 true
             }

@@ -1,6 +1,7 @@
 //! One route's batcher (hub + partition key, hub + partition id, or hub round-robin): events accumulate for at
 //! most `linger` or until the next would not fit, batches go out through the retrying send stack, and each
-//! event of a batch gets the batch's outcome.
+//! event that went on the wire with its batch gets the batch's outcome (one whose deadline passed first was
+//! left out and answered by its ticket).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -16,7 +17,8 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tower::retry::{Policy, Retry};
 use tower::{ServiceBuilder, ServiceExt};
 
-use super::batch::{BatchBuilder, Transfer};
+use super::batch::{BatchBuilder, SealedBatch};
+use super::claim::Claim;
 use super::error::SendError;
 use super::event::TraceContext;
 use super::pool::Pool;
@@ -75,8 +77,10 @@ pub struct Pending {
     pub encoded: Vec<u8>,
     /// Where its outcome goes.
     pub reply: oneshot::Sender<Result<Receipt, SendError>>,
-    /// When its caller stops waiting.
+    /// When its caller stops waiting, unless it is on the wire by then.
     pub deadline: Instant,
+    /// Decides between its deadline and its batch going on the wire.
+    pub claim: Arc<Claim>,
     /// Its share of the global buffer bound, released with its outcome.
     pub permit: OwnedSemaphorePermit,
     /// The event's trace context, linked from the span of the batch that carries it.
@@ -100,6 +104,8 @@ pub struct RouteSettings {
     pub max_backoff: Duration,
     /// Most events in one batch (the events-per-second rate limit, so one batch never outruns its bucket).
     pub max_batch_events: usize,
+    /// How long a batch on the wire is given (attempts and retries together) before its outcome is unknown.
+    pub send_timeout: Duration,
 }
 
 /// A batch request of the send stack; cloning it for a retry clones pointers, not events.
@@ -107,10 +113,11 @@ pub struct RouteSettings {
 pub struct BatchRequest {
     hub: Arc<str>,
     partition: Option<Arc<str>>,
-    transfer: Arc<Transfer>,
+    batch: Arc<SealedBatch>,
     events: u64,
     bytes: u64,
-    deadline: Instant,
+    latest_deadline: Instant,
+    send_timeout: Duration,
 }
 
 impl BatchRequest {
@@ -124,9 +131,14 @@ impl BatchRequest {
         self.bytes
     }
 
-    /// When the batch's most urgent caller stops waiting.
+    /// How long the batch is worth trying: until its last caller's deadline while it waits (no one is left to
+    /// answer after that), then, once on the wire, the producer's own send timeout: an event on the wire gets
+    /// its real outcome, never its caller's deadline (so one caller's short deadline fails no one else).
     pub fn deadline(&self) -> Instant {
-        self.deadline
+        match self.batch.on_wire_since() {
+            Some(since) => since + self.send_timeout,
+            None => self.latest_deadline,
+        }
     }
 }
 
@@ -148,15 +160,31 @@ impl tower::Service<BatchRequest> for LinkService {
     fn call(&mut self, request: BatchRequest) -> Self::Future {
         let pool = Arc::clone(&self.pool);
         Box::pin(async move {
-            let attempt = async {
-                let link = pool
-                    .link(&request.hub, request.partition.as_deref(), request.deadline)
-                    .await?;
-                link.send(request.transfer).await
-            };
-            tokio::time::timeout_at(request.deadline.into(), attempt)
-                .await
-                .unwrap_or(Err(SendError::DeadlineExceeded { last_error: None }))
+            let deadline = request.deadline();
+            let link = tokio::time::timeout_at(
+                deadline.into(),
+                pool.link(&request.hub, request.partition.as_deref(), deadline),
+            )
+            .await
+            .unwrap_or(Err(SendError::DeadlineExceeded { last_error: None }))?;
+            let send = link.send(Arc::clone(&request.batch));
+            tokio::pin!(send);
+            loop {
+                let deadline = request.deadline();
+                if let Ok(result) = tokio::time::timeout_at(deadline.into(), &mut send).await {
+                    return result;
+                }
+                if request.batch.abandon() {
+                    // Still queued on the link when its last caller's deadline passed: it never goes out.
+                    return Err(SendError::DeadlineExceeded { last_error: None });
+                }
+                if request.deadline() <= deadline {
+                    // On the wire past the producer's send timeout, with no outcome: it may be stored.
+                    request.batch.mark_in_doubt();
+                    return Err(SendError::DeadlineExceeded { last_error: None });
+                }
+                // It went on the wire meanwhile: the producer's own timeout applies from now on.
+            }
         })
     }
 }
@@ -198,7 +226,7 @@ impl Policy<BatchRequest, (), SendError> for RetryPolicy {
             return None;
         }
         let pause = self.backoff();
-        if Instant::now() + pause >= request.deadline {
+        if Instant::now() + pause >= request.deadline() {
             *result = Err(SendError::DeadlineExceeded {
                 last_error: Some(error.to_string()),
             });
@@ -239,8 +267,9 @@ pub fn send_stack(
 struct OpenBatch {
     builder: BatchBuilder,
     waiters: Waiters,
+    claims: Vec<Arc<Claim>>,
     traces: Vec<TraceContext>,
-    deadline: Instant,
+    latest_deadline: Instant,
     seal_at: Instant,
 }
 
@@ -261,8 +290,16 @@ pub trait RouteHost: Send + Sync + 'static {
         key: &RouteKey,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send + '_>>;
-    /// Removes the route if `sender` is still its channel; returns whether it did.
-    fn retire_route(&self, key: &RouteKey, sender: &mpsc::Sender<Pending>) -> bool;
+    /// Signalled when a new route waits for a slot: one idle route closes early.
+    fn route_wanted(&self) -> &tokio::sync::Notify;
+    /// Removes the route if `sender` is still its channel, no one else holds a sender of it and `is_empty`
+    /// (its queue) holds; returns whether it did.
+    fn retire_route(
+        &self,
+        key: &RouteKey,
+        sender: &mpsc::Sender<Pending>,
+        is_empty: &dyn Fn() -> bool,
+    ) -> bool;
 }
 
 /// Runs a route until its channel closes (producer closing) or it idles out, answering every event it took.
@@ -289,9 +326,17 @@ pub async fn run_route<H: RouteHost>(
         let accepting = !closed && ready.len() < 2;
         let seal_at = open.as_ref().map(|batch| batch.seal_at);
         tokio::select! {
-            Some((result, waiters)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((result, waiters, batch)) = in_flight.next(), if !in_flight.is_empty() => {
                 let result: Result<(), SendError> = result;
                 let waiters: Waiters = waiters;
+                let batch: Arc<SealedBatch> = batch;
+                let result = result.map_err(|error| {
+                    if batch.is_in_doubt() {
+                        SendError::OutcomeUnknown { last_error: error.to_string() }
+                    } else {
+                        error
+                    }
+                });
                 for (reply, _permit) in waiters {
                     let _ = reply.send(result.clone().map(|()| receipt.clone()));
                 }
@@ -299,6 +344,10 @@ pub async fn run_route<H: RouteHost>(
             }
             event = events.recv(), if accepting => match event {
                 None => closed = true,
+                Some(event) if event.claim.is_expired() => {
+                    // Its ticket answered it already: it takes no room in a batch.
+                    drop(event);
+                }
                 Some(event) => {
                     last_activity = Instant::now();
                     let event_limit = match limit {
@@ -320,8 +369,9 @@ pub async fn run_route<H: RouteHost>(
                         let batch = open.get_or_insert_with(|| OpenBatch {
                             builder: BatchBuilder::new(partition_key.clone(), event_limit),
                             waiters: Vec::new(),
+                            claims: Vec::new(),
                             traces: Vec::new(),
-                            deadline: event.deadline,
+                            latest_deadline: event.deadline,
                             seal_at: Instant::now() + settings.linger,
                         });
                         match batch.builder.try_push(encoded) {
@@ -329,40 +379,43 @@ pub async fn run_route<H: RouteHost>(
                             Err(back) => {
                                 encoded = back;
                                 if let Some(full) = open.take() {
-                                    ready.push_back(seal(full, &hub, &partition));
+                                    ready.push_back(seal(full, &hub, &partition, &settings));
                                 }
                             }
                         }
                     }
                     if let Some(batch) = open.as_mut() {
-                        batch.deadline = batch.deadline.min(event.deadline);
+                        batch.latest_deadline = batch.latest_deadline.max(event.deadline);
                         batch.waiters.push((event.reply, event.permit));
+                        batch.claims.push(event.claim);
                         batch.traces.extend(event.trace_context);
                         if batch.builder.len() >= settings.max_batch_events
                             && let Some(full) = open.take()
                         {
-                            ready.push_back(seal(full, &hub, &partition));
+                            ready.push_back(seal(full, &hub, &partition, &settings));
                         }
                     }
                 }
             },
             () = sleep_until_opt(seal_at), if seal_at.is_some() => {
                 if let Some(batch) = open.take() {
-                    ready.push_back(seal(batch, &hub, &partition));
+                    ready.push_back(seal(batch, &hub, &partition, &settings));
                 }
             }
-            () = tokio::time::sleep_until((last_activity + settings.idle_exit).into()),
+            () = idle_until(last_activity + settings.idle_exit, host.route_wanted()),
                 if !closed && open.is_none() && ready.is_empty() && in_flight.is_empty() =>
             {
                 if let Some(sender) = own_sender.upgrade()
-                    && host.retire_route(&key, &sender)
+                    && host.retire_route(&key, &sender, &|| events.is_empty())
                 {
                     events.close();
+                } else {
+                    last_activity = Instant::now();
                 }
             }
         }
         if closed && let Some(batch) = open.take() {
-            ready.push_back(seal(batch, &hub, &partition)); // closing: no lingering
+            ready.push_back(seal(batch, &hub, &partition, &settings)); // closing: no lingering
         }
         while in_flight.len() < settings.max_in_flight
             && let Some(Sealed {
@@ -374,6 +427,7 @@ pub async fn run_route<H: RouteHost>(
             let span = send_span(&request, host.server_address(), &traces);
             let stack = host.stack();
             let (hub, events, bytes) = (Arc::clone(&request.hub), request.events, request.bytes);
+            let batch = Arc::clone(&request.batch);
             in_flight.push(
                 async move {
                     let sent = stack.oneshot(request);
@@ -386,7 +440,7 @@ pub async fn run_route<H: RouteHost>(
                         // Logged once, here, where the outcome is decided (in the span: hub and partition).
                         tracing::warn!(%error, events, "batch failed");
                     }
-                    (result, waiters)
+                    (result, waiters, batch)
                 }
                 .instrument(span),
             );
@@ -404,17 +458,23 @@ struct Sealed {
     traces: Vec<TraceContext>,
 }
 
-fn seal(batch: OpenBatch, hub: &Arc<str>, partition: &Option<Arc<str>>) -> Sealed {
+fn seal(
+    batch: OpenBatch,
+    hub: &Arc<str>,
+    partition: &Option<Arc<str>>,
+    settings: &RouteSettings,
+) -> Sealed {
     let events = batch.builder.len() as u64;
     let bytes = batch.builder.size();
     Sealed {
         request: BatchRequest {
             hub: Arc::clone(hub),
             partition: partition.clone(),
-            transfer: Arc::new(batch.builder.into_transfer()),
+            batch: Arc::new(SealedBatch::new(batch.builder, batch.claims)),
             events,
             bytes,
-            deadline: batch.deadline,
+            latest_deadline: batch.latest_deadline,
+            send_timeout: settings.send_timeout,
         },
         waiters: batch.waiters,
         traces: batch.traces,
@@ -446,6 +506,14 @@ fn send_span(
     }
     otel::link_to(&span, traces);
     span
+}
+
+/// Completes at `at`, or earlier when a new route wants this one's slot.
+async fn idle_until(at: Instant, route_wanted: &tokio::sync::Notify) {
+    tokio::select! {
+        () = tokio::time::sleep_until(at.into()) => {}
+        () = route_wanted.notified() => {}
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

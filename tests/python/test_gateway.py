@@ -642,29 +642,58 @@ def test_more_events_than_max_events_per_request_are_refused_whole(api, start_ga
     assert stored_count(gateway.connection_string, "eh1") == 10
 
 
-def test_a_deadline_passing_before_event_hubs_answers_is_the_gateways_deadline_exceeded(
-    api, start_emulator, start_gateway
-):
+def test_deadlines_belong_to_events_and_an_event_on_the_wire_gets_its_real_outcome(api, start_emulator, start_gateway):
+    slow = start_emulator("--event-hub", "eh1:4", "--latency-ms", "1000")
+    gateway = start_gateway(
+        "--connection-string", slow.connection_string, "--event-hub", "eh1",
+        env={"EVENTHUB_GATEWAY_PRODUCER__SEND_TIMEOUT": "3"},
+    )
+    pb = api.pb
+    before = partition_positions(slow.connection_string, "eh1")
+    keyed = lambda text: pb.SendEventRequest(event=pb.Event(text=text, partition_key="one-key"))  # noqa: E731
+    # A key has one batch in flight: the second event waits behind the first, and its deadline passes first.
+    first = gateway.stub.SendEvent.future(keyed("first"), timeout=CALL_TIMEOUT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    rich = expect_error(
+        api, lambda: gateway.stub.SendEvent(keyed("never sent"), timeout=0.3), Code.DEADLINE_EXCEEDED,
+        "DEADLINE_EXCEEDED",
+    )
+    assert time.monotonic() - started < 0.9, "answered at the caller's deadline, not after Event Hubs"
+    assert rich.bad_request is None and rich.retry_info is None, rich
+    first.result()
+    # An event already on the wire is not answered at its caller's deadline: grpcio's own timer ends the call
+    # (no ErrorInfo), and the event is stored.
+    with pytest.raises(grpc.RpcError) as raised:
+        gateway.stub.SendEvent(pb.SendEventRequest(event=pb.Event(text="on the wire")), timeout=0.5)
+    assert raised.value.code() == Code.DEADLINE_EXCEEDED
+    assert call_status(api, raised.value) is None, "the gateway did not answer falsely"
+    time.sleep(1.5)
+    stored = [body(event) for events in read_since(slow.connection_string, "eh1", before).values() for event in events]
+    assert sorted(stored) == [b"first", b"on the wire"], stored
+
+
+def test_an_event_on_the_wire_past_the_send_timeout_is_outcome_unknown(api, start_emulator, start_gateway):
     slow = start_emulator("--event-hub", "eh1:4", "--latency-ms", "1000")
     gateway = start_gateway(
         "--connection-string", slow.connection_string, "--event-hub", "eh1",
         env={"EVENTHUB_GATEWAY_PRODUCER__SEND_TIMEOUT": "0.5"},
     )
     pb = api.pb
-    request = pb.SendEventRequest(event=pb.Event(text="late"))
-    started = time.monotonic()
-    rich = expect_error(
-        api, lambda: gateway.stub.SendEvent(request, timeout=0.3), Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"
-    )
-    assert time.monotonic() - started < 0.9, "answered at the caller's deadline, not after Event Hubs"
-    assert rich.bad_request is None and rich.retry_info is None, rich
-    # In a stream, the gateway's own send timeout bounds each event: nacked, the stream goes on and ends OK.
+    before = partition_positions(slow.connection_string, "eh1")
+    # In a stream, each event on the wire past the gateway's send timeout is acked OUTCOME_UNKNOWN, and the
+    # stream goes on and ends OK.
     acks, error = collect_acks(
-        gateway.stub.SendStream(stream_requests(api, [(1, pb.Event(text="late too"))]), timeout=CALL_TIMEOUT)
+        gateway.stub.SendStream(stream_requests(api, [(1, pb.Event(text="in doubt"))]), timeout=CALL_TIMEOUT)
     )
     assert error is None, describe(api, error)
     assert [a.sequence for a in acks] == [1]
-    check_error(result_status(api, acks[0].status), Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
+    rich = result_status(api, acks[0].status)
+    check_error(rich, Code.UNKNOWN, "OUTCOME_UNKNOWN")
+    assert "may have been stored" in rich.message
+    time.sleep(1)
+    stored = [body(event) for events in read_since(slow.connection_string, "eh1", before).values() for event in events]
+    assert stored == [b"in doubt"], "the disposition was only late"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -786,3 +786,70 @@ where
     }
     false
 }
+
+/// A `serve` process of the real binary on free loopback ports, killed when dropped.
+pub struct GatewayProcess {
+    child: std::process::Child,
+    /// Its gRPC address.
+    pub address: SocketAddr,
+}
+
+impl GatewayProcess {
+    /// Starts `eventhub-gateway serve --emulator` with these extra flags and environment variables, and waits
+    /// for the JSON line that names its listeners.
+    pub fn start_emulated(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eventhub-gateway"))
+            .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the gateway binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the gateway prints its listeners");
+        let listeners: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        let address = listeners["grpc"]
+            .as_str()
+            .and_then(|grpc| grpc.parse().ok())
+            .unwrap_or_else(|| panic!("no gRPC address in {line}"));
+        Self { child, address }
+    }
+
+    /// Its resident set size, bytes (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the gateway is running");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
+    }
+
+    /// A gRPC client of it.
+    pub async fn client(
+        &self,
+    ) -> eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
+        tonic::transport::Channel,
+    > {
+        eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::connect(
+            format!("http://{}", self.address),
+        )
+        .await
+        .expect("connects to the gateway process")
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
