@@ -27,6 +27,9 @@ struct Cli {
     /// How logs are written to stderr (RUST_LOG filters them).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EVENTHUB_GATEWAY_LOG_FORMAT")]
     log_format: LogFormat,
+    /// On failure, print the whole error with its causes and, when RUST_BACKTRACE is set, the backtrace.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -242,9 +245,38 @@ impl EmulatorArgs {
     }
 }
 
+/// Prints a failure for a person: one line, each cause once; everything (causes on their own lines and, with
+/// RUST_BACKTRACE, the backtrace) only with `-v` or `RUST_LOG=debug`.
+fn report(error: &anyhow::Error, verbose: bool) {
+    let debugging = std::env::var("RUST_LOG").is_ok_and(|filter| {
+        filter
+            .split(',')
+            .any(|directive| directive.ends_with("debug") || directive.ends_with("trace"))
+    });
+    if verbose || debugging {
+        eprintln!("error: {error:?}");
+    } else {
+        eprintln!(
+            "error: {}",
+            eventhub_gateway::client::one_line(error.as_ref())
+        );
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let verbose = cli.verbose;
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            report(&error, verbose);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let otlp = OtlpSettings::from_env()?;
     let telemetry = logging::init(cli.log_format, otlp.as_ref())?;
     let outcome = match cli.command {

@@ -726,3 +726,352 @@ async fn a_connection_gets_at_most_http2_max_concurrent_streams_calls_at_once() 
         .unwrap();
     gateway.shutdown().await.unwrap();
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// How a stream ends: every event read is acknowledged exactly once before any ending the client can hear.
+// ------------------------------------------------------------------------------------------------------------
+
+/// The `ErrorInfo.metadata` of a status.
+fn error_metadata(
+    status: &eventhub_gateway::proto::google::rpc::Status,
+) -> HashMap<String, String> {
+    use prost::Message;
+    status
+        .details
+        .iter()
+        .find(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
+        .map(|any| {
+            eventhub_gateway::proto::google::rpc::ErrorInfo::decode(any.value.as_slice())
+                .unwrap()
+                .metadata
+        })
+        .unwrap_or_default()
+}
+
+/// One gRPC frame: the compressed flag, the length and the bytes (`length` may lie, to cut a message short).
+fn grpc_frame(compressed: bool, length: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut frame = vec![u8::from(compressed)];
+    frame.extend_from_slice(&(length as u32).to_be_bytes());
+    frame.extend_from_slice(bytes);
+    frame
+}
+
+/// A stream message of one text event, encoded.
+fn encoded_message(sequence: u64, text: &str) -> Vec<u8> {
+    use prost::Message;
+    v1::SendStreamRequest {
+        sequence,
+        event: Some(text_event(text)),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A request body sent in one piece, then closed: a client that half-closes after its last bytes.
+struct RawBody(Option<bytes::Bytes>);
+
+impl http_body::Body for RawBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.take().map(|bytes| Ok(http_body::Frame::data(bytes))))
+    }
+}
+
+/// Calls SendStream with a hand-made body (bytes no gRPC library would send) and `grpc-encoding` if given;
+/// returns every ack and the call's final status.
+async fn raw_send_stream(
+    gateway: &eventhub_gateway::server::RunningGateway,
+    encoding: Option<&str>,
+    body: Vec<u8>,
+) -> (Vec<v1::StreamAck>, tonic::Status) {
+    use prost::Message;
+    use tower::ServiceExt;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", gateway.local_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri("/eventhub.gateway.v1.EventHubGateway/SendStream")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        request = request.header("grpc-encoding", encoding);
+    }
+    let request = request
+        .body(tonic::body::Body::new(RawBody(Some(body.into()))))
+        .unwrap();
+    let response = tokio::time::timeout(TIMEOUT, channel.oneshot(request))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    let (parts, mut body) = response.into_parts();
+    let mut data = Vec::new();
+    let mut trailers = parts.headers.clone();
+    loop {
+        let frame = tokio::time::timeout(
+            TIMEOUT,
+            std::future::poll_fn(|cx| {
+                http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+            }),
+        )
+        .await
+        .expect("the stream ends in time");
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers.extend(frame.into_trailers().unwrap()),
+            },
+            Some(Err(error)) => panic!("the response broke: {error}"),
+            None => break,
+        }
+    }
+    let mut acks = Vec::new();
+    let mut rest = data.as_slice();
+    while !rest.is_empty() {
+        let length = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        acks.extend(
+            v1::SendStreamResponse::decode(&rest[5..5 + length])
+                .unwrap()
+                .acks,
+        );
+        rest = &rest[5 + length..];
+    }
+    let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status trailer");
+    (acks, status)
+}
+
+/// Asserts the stream's events before the fault were acked once each, OK, and the call ended with `code` and
+/// the gateway's `reason`, saying how far it got; returns the status.
+fn assert_ended_after_acks(
+    acks: &[v1::StreamAck],
+    acked_before: &[u64],
+    status: &tonic::Status,
+    code: Code,
+    reason: &str,
+) -> eventhub_gateway::proto::google::rpc::Status {
+    let mut sequences: Vec<u64> = acks.iter().map(|ack| ack.sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(
+        sequences, acked_before,
+        "each event read is acked exactly once"
+    );
+    for ack in acks {
+        assert_eq!(ack.status.as_ref().unwrap().code, 0, "{ack:?}");
+    }
+    assert_eq!(status.code(), code, "{status:?}");
+    let rich = rich_status(status);
+    assert_eq!(error_reason(&rich), reason, "{status:?}");
+    let metadata = error_metadata(&rich);
+    assert_eq!(
+        metadata.get("messages_read").map(String::as_str),
+        Some(acked_before.len().to_string().as_str()),
+        "{status:?}"
+    );
+    if let Some(last) = acked_before.last() {
+        assert_eq!(metadata["last_sequence"], last.to_string(), "{status:?}");
+    }
+    rich
+}
+
+#[tokio::test]
+async fn a_stream_message_over_max_request_bytes_ends_the_stream_with_out_of_range_after_the_acks_before_it()
+ {
+    let gateway = start_gateway(|config| config.limits.max_request_bytes = 1088 * 1024).await;
+    let mut client = gateway_client(&gateway).await;
+    let message = |sequence: u64, event: v1::Event| v1::SendStreamRequest {
+        sequence,
+        event: Some(event),
+        ..Default::default()
+    };
+    let big = v1::Event {
+        body: Some(v1::event::Body::Binary(vec![7; 1200 * 1024].into())),
+        ..Default::default()
+    };
+    let requests = vec![
+        message(1, text_event("small")),
+        message(2, text_event("small too")),
+        message(3, big),
+        message(4, text_event("after the big one")),
+    ];
+    let (acks, ended) = stream_events(&mut client, requests).await;
+    let status = ended.expect_err("the stream ends with an error, not OK");
+    let acks: Vec<_> = acks.into_values().collect();
+    let rich = assert_ended_after_acks(
+        &acks,
+        &[1, 2],
+        &status,
+        Code::OutOfRange,
+        "REQUEST_TOO_LARGE",
+    );
+    assert_eq!(error_metadata(&rich)["limit"], (1088 * 1024).to_string());
+    assert!(
+        status
+            .message()
+            .contains("max_request_bytes (1114112 bytes)"),
+        "{status:?}"
+    );
+    assert_eq!(
+        stored_events(gateway.emulator().unwrap(), "eh1", 4).len(),
+        2
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_stream_messages_end_the_stream_with_invalid_argument_after_the_acks_before_them()
+ {
+    let gateway = start_gateway(|_| {}).await;
+    let first = encoded_message(1, "readable");
+    let second = encoded_message(2, "readable too");
+    let good = [
+        grpc_frame(false, first.len(), &first),
+        grpc_frame(false, second.len(), &second),
+    ]
+    .concat();
+    // Field 1 (event_hub) says 127 bytes follow; none do.
+    let undecodable = grpc_frame(false, 2, &[0x0a, 0x7f]);
+    // Flagged compressed in a gzip stream, but not gzip.
+    let not_gzip = grpc_frame(true, 4, b"nope");
+    // Announces 100 bytes, then the client half-closes after 3.
+    let cut_short = grpc_frame(false, 100, &second[..3]);
+    let cases = [
+        ("undecodable protobuf", None, undecodable),
+        ("bad compression", Some("gzip"), not_gzip),
+        ("a message cut short", None, cut_short),
+    ];
+    for (case, encoding, bad) in cases {
+        let (acks, status) =
+            raw_send_stream(&gateway, encoding, [good.clone(), bad].concat()).await;
+        let rich = assert_ended_after_acks(
+            &acks,
+            &[1, 2],
+            &status,
+            Code::InvalidArgument,
+            "MALFORMED_REQUEST",
+        );
+        assert!(
+            rich.message
+                .contains("after 2 messages read (the last with sequence 2) cannot be read"),
+            "{case}: {}",
+            rich.message
+        );
+    }
+    // Three streams of two readable events each.
+    assert_eq!(
+        stored_events(gateway.emulator().unwrap(), "eh1", 4).len(),
+        6
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_streams_deadline_ends_it_with_deadline_exceeded_after_acking_every_event_read() {
+    let gateway = start_gateway(|config| config.producer.send_timeout = 30.0).await;
+    let mut client = gateway_client(&gateway).await;
+    send_text(&mut client, "warm").await.unwrap();
+    let (sender, receiver) = mpsc::channel(16);
+    let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+    request.set_timeout(Duration::from_millis(1500));
+    let mut responses = client.send_stream(request).await.unwrap().into_inner();
+    let send = |sequence: u64| v1::SendStreamRequest {
+        sequence,
+        event: Some(text_event(&sequence.to_string())),
+        ..Default::default()
+    };
+    sender.send(send(1)).await.unwrap();
+    let first = responses.message().await.unwrap().unwrap().acks;
+    assert_eq!(
+        first.iter().map(|ack| ack.sequence).collect::<Vec<_>>(),
+        [1]
+    );
+    // Event Hubs now answers after the deadline: event 2 is in flight when it passes.
+    gateway
+        .emulator()
+        .unwrap()
+        .faults()
+        .delay_dispositions(Duration::from_secs(5));
+    sender.send(send(2)).await.unwrap();
+    let mut acks = first;
+    let ended = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match responses.message().await {
+                Ok(Some(response)) => acks.extend(response.acks),
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the gateway ends the stream at its deadline");
+    // The stream is still open on the client's side: only the deadline ended it.
+    drop(sender);
+    let status = ended.expect("the stream ends with an error, not OK");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let rich = rich_status(&status);
+    assert_eq!(error_reason(&rich), "DEADLINE_EXCEEDED");
+    assert_eq!(error_metadata(&rich)["messages_read"], "2");
+    let mut sequences: Vec<u64> = acks.iter().map(|ack| ack.sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, [1, 2], "every event read is acked exactly once");
+    // Event 2 was on the wire when the deadline passed: Event Hubs may store it, and its ack says so.
+    let late = acks.iter().find(|ack| ack.sequence == 2).unwrap();
+    let late = late.status.as_ref().unwrap();
+    assert_eq!(late.code, Code::Unknown as i32, "{late:?}");
+    assert_eq!(error_reason(late), "OUTCOME_UNKNOWN");
+    gateway.emulator().unwrap().faults().clear();
+}
+
+#[tokio::test]
+async fn a_cancelled_stream_stops_waiting_for_its_events_at_once() {
+    let gateway = start_gateway(|config| config.producer.send_timeout = 60.0).await;
+    let mut client = gateway_client(&gateway).await;
+    send_text(&mut client, "warm").await.unwrap();
+    let (sender, receiver) = mpsc::channel(16);
+    let mut responses = client
+        .send_stream(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let send = |sequence: u64| v1::SendStreamRequest {
+        sequence,
+        event: Some(text_event(&sequence.to_string())),
+        ..Default::default()
+    };
+    let mut acked = Vec::new();
+    for sequence in 1..=3 {
+        sender.send(send(sequence)).await.unwrap();
+        let response = responses.message().await.unwrap().unwrap();
+        acked.extend(response.acks.iter().map(|ack| ack.sequence));
+    }
+    assert_eq!(
+        acked,
+        [1, 2, 3],
+        "each acked exactly once, before the cancel"
+    );
+    // Event 4 waits on Event Hubs for 30 s when the client cancels (drops the call).
+    gateway
+        .emulator()
+        .unwrap()
+        .faults()
+        .delay_dispositions(Duration::from_secs(30));
+    sender.send(send(4)).await.unwrap();
+    assert!(
+        eventually(|| async { gateway.state().producer().stats().buffered_bytes > 0 }).await,
+        "event 4 reached the producer"
+    );
+    drop(responses);
+    drop(sender);
+    // The stream's task ends now, not when Event Hubs answers event 4.
+    tokio::time::timeout(Duration::from_secs(5), gateway.state().streams_ended())
+        .await
+        .expect("the cancelled stream stopped waiting for its events");
+    gateway.emulator().unwrap().faults().clear();
+}

@@ -196,9 +196,14 @@ async fn send_one(
     state.charge(call, 1)?;
     let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
         .map_err(|error| GatewayError::event("event", error))?;
-    state
+    let ticket = state
         .producer
-        .send_with_deadline(hub, event, call.deadline)
+        .enqueue(hub, event, call.deadline)
+        .await
+        .map_err(|error| GatewayError::event("event", error))?;
+    // Answered by the deadline: an event on the wire then is OUTCOME_UNKNOWN, not a transport timeout.
+    ticket
+        .outcome_by(call.deadline)
         .await
         .map_err(|error| GatewayError::event("event", error))
 }
@@ -274,9 +279,10 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
             };
             tickets.push((index, enqueued));
         }
+        let deadline = call.deadline;
         let answered = join_all(tickets.into_iter().map(|(index, enqueued)| async move {
             let outcome = match enqueued {
-                Ok(ticket) => ticket.await,
+                Ok(ticket) => ticket.outcome_by(deadline).await,
                 Err(error) => Err(error),
             };
             outcome.map_err(|error| GatewayError::event(format!("events[{index}]"), error))
@@ -298,7 +304,14 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         request: Request<Streaming<v1::SendStreamRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
         let call = self.state.call(&request)?;
-        let acks = stream::start(Arc::clone(&self.state), call, request.into_inner());
+        // A stream is bounded by the caller's deadline only: the send timeout bounds each of its events.
+        let deadline = deadline::from_metadata(request.metadata()).map(deadline::answer_before);
+        let acks = stream::start(
+            Arc::clone(&self.state),
+            call,
+            deadline,
+            request.into_inner(),
+        );
         Ok(Response::new(acks))
     }
 

@@ -66,6 +66,85 @@ pub enum GatewayError {
         /// The producer's outcome.
         error: SendError,
     },
+    /// `SendStream` could not read its next message: the stream ends there, once every event read before it
+    /// is acknowledged.
+    #[error(
+        "the stream message after {progress} {fault}: {detail}; the stream ends here: every event read before it \
+         is acknowledged, and neither it nor any later message was read"
+    )]
+    StreamMessageUnreadable {
+        /// What is wrong with the message.
+        fault: StreamFault,
+        /// The gRPC library's words about it.
+        detail: String,
+        /// What the stream had read before it.
+        progress: StreamProgress,
+    },
+    /// The stream's deadline (`grpc-timeout`) passed: it ends there, once every event read is acknowledged
+    /// (those Event Hubs had not answered by then with DEADLINE_EXCEEDED).
+    #[error(
+        "the stream's deadline (grpc-timeout) passed after {progress}; every event read is acknowledged, and no \
+         later message was read"
+    )]
+    StreamDeadlineExceeded {
+        /// What the stream had read.
+        progress: StreamProgress,
+    },
+}
+
+/// Why a `SendStream` message could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFault {
+    /// It is larger than `max_request_bytes` (as sent, or once decompressed).
+    TooLarge {
+        /// `max_request_bytes`.
+        limit: usize,
+    },
+    /// Its bytes are not a `SendStreamRequest`: undecodable protobuf, bad compression, cut short.
+    Malformed,
+}
+
+impl std::fmt::Display for StreamFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge { limit } => {
+                write!(f, "is larger than max_request_bytes ({limit} bytes)")
+            }
+            Self::Malformed => f.write_str("cannot be read"),
+        }
+    }
+}
+
+/// How far a stream got: the messages read and the sequence of the last one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamProgress {
+    /// Messages read.
+    pub messages: u64,
+    /// The `sequence` of the last message read.
+    pub last_sequence: Option<u64>,
+}
+
+impl StreamProgress {
+    /// Counts one more message read.
+    pub fn read(&mut self, sequence: u64) {
+        self.messages += 1;
+        self.last_sequence = Some(sequence);
+    }
+}
+
+impl std::fmt::Display for StreamProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.messages, self.last_sequence) {
+            (0, _) | (_, None) => f.write_str("no message read"),
+            (1, Some(last)) => write!(f, "1 message read (sequence {last})"),
+            (messages, Some(last)) => {
+                write!(
+                    f,
+                    "{messages} messages read (the last with sequence {last})"
+                )
+            }
+        }
+    }
 }
 
 /// The stable reasons of `ErrorInfo` (the `ErrorReason` enum of the proto, by name).
@@ -81,6 +160,8 @@ mod reason {
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const EVENT_HUBS_UNAUTHORIZED: &str = "EVENT_HUBS_UNAUTHORIZED";
     pub const EVENT_HUBS_REJECTED: &str = "EVENT_HUBS_REJECTED";
+    pub const REQUEST_TOO_LARGE: &str = "REQUEST_TOO_LARGE";
+    pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
     pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
 }
 
@@ -119,6 +200,15 @@ impl Built {
     fn meta(mut self, key: &str, value: impl Into<String>) -> Self {
         self.metadata.insert(key.to_owned(), value.into());
         self
+    }
+
+    /// A stream's ending says how far it got: `messages_read`, and `last_sequence` when any was read.
+    fn progress(self, progress: &StreamProgress) -> Self {
+        let built = self.meta("messages_read", progress.messages.to_string());
+        match progress.last_sequence {
+            Some(last) => built.meta("last_sequence", last.to_string()),
+            None => built,
+        }
     }
 }
 
@@ -169,6 +259,23 @@ impl GatewayError {
                 Built::new(Code::Unavailable, reason::DRAINING).retry(DEFAULT_RETRY_AFTER)
             }
             Self::Event { path, error } => build_send_error(path, error),
+            Self::StreamMessageUnreadable {
+                fault, progress, ..
+            } => {
+                let built = match fault {
+                    StreamFault::TooLarge { limit } => {
+                        Built::new(Code::OutOfRange, reason::REQUEST_TOO_LARGE)
+                            .meta("limit", limit.to_string())
+                    }
+                    StreamFault::Malformed => {
+                        Built::new(Code::InvalidArgument, reason::MALFORMED_REQUEST)
+                    }
+                };
+                built.progress(progress)
+            }
+            Self::StreamDeadlineExceeded { progress } => {
+                Built::new(Code::DeadlineExceeded, reason::DEADLINE_EXCEEDED).progress(progress)
+            }
         }
     }
 
@@ -187,6 +294,8 @@ impl GatewayError {
             reason::DEADLINE_EXCEEDED => "deadline_exceeded",
             reason::EVENT_HUBS_UNAUTHORIZED => "event_hubs_unauthorized",
             reason::EVENT_HUBS_REJECTED => "event_hubs_rejected",
+            reason::REQUEST_TOO_LARGE => "request_too_large",
+            reason::MALFORMED_REQUEST => "malformed_request",
             // Every reason is listed above (a test checks each); a new one shows as this until it is added.
             _ => "other",
         }
@@ -440,6 +549,31 @@ mod tests {
                 Code::Internal,
                 "EVENT_HUBS_REJECTED",
             ),
+            (
+                GatewayError::StreamMessageUnreadable {
+                    fault: StreamFault::TooLarge { limit: 10 },
+                    detail: "found 11 bytes".into(),
+                    progress: StreamProgress::default(),
+                },
+                Code::OutOfRange,
+                "REQUEST_TOO_LARGE",
+            ),
+            (
+                GatewayError::StreamMessageUnreadable {
+                    fault: StreamFault::Malformed,
+                    detail: "buffer underflow".into(),
+                    progress: StreamProgress::default(),
+                },
+                Code::InvalidArgument,
+                "MALFORMED_REQUEST",
+            ),
+            (
+                GatewayError::StreamDeadlineExceeded {
+                    progress: StreamProgress::default(),
+                },
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+            ),
         ];
         for (error, code, reason) in cases {
             let status = error.to_rpc_status();
@@ -450,6 +584,30 @@ mod tests {
             let retry = decode_detail::<rpc::RetryInfo>(&status, "google.rpc.RetryInfo");
             assert_eq!(retry.is_some(), retryable, "RetryInfo on {error}");
         }
+    }
+
+    #[test]
+    fn a_stream_ending_says_how_far_the_stream_got_and_the_limit() {
+        let mut progress = StreamProgress::default();
+        progress.read(7);
+        progress.read(9);
+        let error = GatewayError::StreamMessageUnreadable {
+            fault: StreamFault::TooLarge { limit: 1024 },
+            detail: "found 2048 bytes".into(),
+            progress,
+        };
+        let status = error.to_rpc_status();
+        let info = decode_detail::<rpc::ErrorInfo>(&status, "google.rpc.ErrorInfo").unwrap();
+        assert_eq!(info.metadata["messages_read"], "2");
+        assert_eq!(info.metadata["last_sequence"], "9");
+        assert_eq!(info.metadata["limit"], "1024");
+        assert!(
+            status
+                .message
+                .starts_with("the stream message after 2 messages read (the last with sequence 9) is larger than max_request_bytes (1024 bytes): found 2048 bytes;"),
+            "{}",
+            status.message
+        );
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! `SendStream`: reads events while fewer than `max_unacked_per_stream` are unacknowledged (beyond that it
 //! stops reading, so HTTP/2 flow control holds the client back), acknowledges every sequence exactly once
 //! with its real outcome, groups acks that are ready together, and on half-close sends every remaining ack.
+//! Every other ending (a message it cannot read, the stream's deadline, draining) also answers every event
+//! read first, then ends the call with a status that says why; only a client that went away gets nothing.
 
+use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,11 +13,11 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert::event_from_proto;
-use super::status::{self, GatewayError};
+use super::status::{self, GatewayError, StreamFault, StreamProgress};
 use super::{CallContext, GatewayState};
 use crate::proto::v1;
 use crate::telemetry::metrics::{HubEventsCache, OpenStream, Outcomes, Rpc};
@@ -37,14 +40,69 @@ enum ReadEnd {
     HalfClosed,
     /// The gateway is draining: answer everything read, then end with DRAINING.
     Draining,
-    /// The client went away or broke the stream: nobody is left to answer.
+    /// The stream cannot go on (a message it cannot read, its deadline): answer everything read, then end
+    /// with this error.
+    Failed(GatewayError),
+    /// The client went away (cancelled, reset the stream, lost the connection): nobody is left to answer.
     ClientGone,
 }
 
-/// Starts serving one stream; returns its responses.
+/// What interrupts reading besides the stream itself.
+enum Interruption {
+    Draining,
+    Deadline,
+}
+
+impl Interruption {
+    fn end(self, progress: StreamProgress) -> ReadEnd {
+        match self {
+            Self::Draining => ReadEnd::Draining,
+            Self::Deadline => ReadEnd::Failed(GatewayError::StreamDeadlineExceeded { progress }),
+        }
+    }
+}
+
+/// Resolves when the gateway starts draining or the stream's deadline passes.
+async fn interruption(state: &GatewayState, deadline: Option<Instant>) -> Interruption {
+    let deadline_passed = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = state.draining.cancelled() => Interruption::Draining,
+        () = deadline_passed => Interruption::Deadline,
+    }
+}
+
+/// How a read error ends the stream. The decoder's own errors (too large, undecodable, bad compression,
+/// truncated) carry no cause and the client is still there to hear why; transport errors (a reset stream, a
+/// broken connection) carry the h2 or hyper error that caused them, and nobody is left to answer.
+fn unreadable(status: &Status, progress: StreamProgress, max_request_bytes: usize) -> ReadEnd {
+    if status.source().is_some() {
+        return ReadEnd::ClientGone;
+    }
+    let fault = match status.code() {
+        // OUT_OF_RANGE: its length prefix is over the limit; RESOURCE_EXHAUSTED: it is once decompressed.
+        Code::OutOfRange | Code::ResourceExhausted => StreamFault::TooLarge {
+            limit: max_request_bytes,
+        },
+        _ => StreamFault::Malformed,
+    };
+    ReadEnd::Failed(GatewayError::StreamMessageUnreadable {
+        fault,
+        detail: status.message().to_owned(),
+        progress,
+    })
+}
+
+/// Starts serving one stream, which ends by `deadline` (the caller's `grpc-timeout`, if any); returns its
+/// responses.
 pub fn start(
     state: Arc<GatewayState>,
     call: CallContext,
+    deadline: Option<Instant>,
     inbound: Streaming<v1::SendStreamRequest>,
 ) -> AckStream {
     let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
@@ -56,15 +114,19 @@ pub fn start(
             let _open = OpenStream::open();
             let (pending_tx, pending_rx) = mpsc::unbounded_channel();
             let acker = tokio::spawn(acknowledge(pending_rx, responses.clone()).in_current_span());
-            let end = read(&state, &call, inbound, pending_tx).await;
+            let end = read(&state, &call, deadline, inbound, pending_tx).await;
             // The reader dropped its sender: the acker answers what is pending, then ends.
             let _ = acker.await;
-            if let ReadEnd::Draining = end {
-                let _ = responses
-                    .send(Err(GatewayError::Draining.to_status()))
-                    .await;
+            let error = match end {
+                ReadEnd::HalfClosed | ReadEnd::ClientGone => None,
+                ReadEnd::Draining => Some(GatewayError::Draining),
+                ReadEnd::Failed(error) => Some(error),
+            };
+            if let Some(error) = error {
+                tracing::info!(reason = error.reason(), %error, "a stream ended with an error");
+                let _ = responses.send(Err(error.to_status())).await;
             }
-            // Dropping `responses` ends the stream with OK.
+            // Dropping `responses` ends the stream: with OK unless an error was sent.
         }
         .instrument(span),
     );
@@ -74,12 +136,16 @@ pub fn start(
 async fn read(
     state: &Arc<GatewayState>,
     call: &CallContext,
+    deadline: Option<Instant>,
     mut inbound: Streaming<v1::SendStreamRequest>,
     pending: mpsc::UnboundedSender<PendingAck>,
 ) -> ReadEnd {
     let budget = state.limits.max_unacked_per_stream;
     let unacked = Arc::new(Semaphore::new(budget));
     let mut counters = HubEventsCache::new(Rpc::SendStream);
+    let mut progress = StreamProgress::default();
+    let interrupted = interruption(state, deadline);
+    tokio::pin!(interrupted);
     loop {
         // A permit before every read: with none left the stream is not read, and HTTP/2 pushes back.
         let mut permits = tokio::select! {
@@ -87,17 +153,18 @@ async fn read(
                 Ok(permit) => permit,
                 Err(_) => return ReadEnd::ClientGone,
             },
-            () = state.draining.cancelled() => return ReadEnd::Draining,
+            why = &mut interrupted => return why.end(progress),
         };
         let message = tokio::select! {
             message = inbound.message() => message,
-            () = state.draining.cancelled() => return ReadEnd::Draining,
+            why = &mut interrupted => return why.end(progress),
         };
         let mut request = match message {
             Ok(Some(request)) => request,
             Ok(None) => return ReadEnd::HalfClosed,
-            Err(_) => return ReadEnd::ClientGone,
+            Err(status) => return unreadable(&status, progress, state.limits.max_request_bytes),
         };
+        progress.read(request.sequence);
         let (sequence, hub) = (request.sequence, std::mem::take(&mut request.event_hub));
         let events = match message_events(request, state.limits.max_events_per_request) {
             Ok(events) => events,
@@ -119,13 +186,13 @@ async fn read(
                     Ok(more) => more,
                     Err(_) => return ReadEnd::ClientGone,
                 },
-                () = state.draining.cancelled() => return ReadEnd::Draining,
+                why = &mut interrupted => return why.end(progress),
             };
             permits.merge(more);
         }
         for event in events {
             let permit = permits.split(1);
-            let ack = admit(state, call, &hub, event, permit, &mut counters).await;
+            let ack = admit(state, call, deadline, &hub, event, permit, &mut counters).await;
             if pending.send(ack).is_err() {
                 return ReadEnd::ClientGone;
             }
@@ -203,12 +270,13 @@ fn nack(sequence: u64, error: GatewayError) -> PendingAck {
     futures_util::future::ready(ack).boxed()
 }
 
-/// Checks and enqueues one event (in arrival order, so each key keeps it); the ack resolves with its outcome.
-/// The event's share of the unacked budget (`permit`; none once a message has used all of it) is released
-/// when its outcome is known.
+/// Checks and enqueues one event (in arrival order, so each key keeps it); the ack resolves with its outcome,
+/// by the stream's deadline at the latest. The event's share of the unacked budget (`permit`; none once a
+/// message has used all of it) is released when its outcome is known.
 async fn admit(
     state: &Arc<GatewayState>,
     call: &CallContext,
+    stream_deadline: Option<Instant>,
     hub: &str,
     event: StreamEvent,
     permit: Option<OwnedSemaphorePermit>,
@@ -238,10 +306,11 @@ async fn admit(
         Ok(event) => event,
         Err(error) => return refuse(counted, GatewayError::event(field(), error)),
     };
-    let deadline = Instant::now() + state.send_timeout;
+    let own = Instant::now() + state.send_timeout;
+    let deadline = stream_deadline.map_or(own, |stream| stream.min(own));
     match state.producer.enqueue(&hub, event, deadline).await {
         Ok(ticket) => async move {
-            let outcome = ticket.await;
+            let outcome = ticket.outcome_by(deadline).await;
             drop(permit);
             match outcome {
                 Ok(receipt) => {
@@ -269,7 +338,7 @@ async fn admit(
 }
 
 /// Awaits pending acks and sends them, grouping those ready at the same time, until the reader is done and
-/// nothing is pending; stops early if the client is gone.
+/// nothing is pending; stops as soon as the client is gone (nobody reads the responses any more).
 async fn acknowledge(
     mut pending: mpsc::UnboundedReceiver<PendingAck>,
     responses: mpsc::Sender<Result<v1::SendStreamResponse, Status>>,
@@ -278,6 +347,7 @@ async fn acknowledge(
     let mut reading = true;
     while reading || !waiting.is_empty() {
         tokio::select! {
+            () = responses.closed() => return,
             next = pending.recv(), if reading => match next {
                 Some(ack) => waiting.push(ack),
                 None => reading = false,

@@ -518,6 +518,31 @@ pub struct Ticket {
     claim: Arc<Claim>,
 }
 
+impl Ticket {
+    /// The outcome by `at` at the latest, for a caller who must answer then: the real outcome if it came; else
+    /// `DeadlineExceeded` if the event had not gone on the wire (it never will), or `OutcomeUnknown` if it
+    /// had (Event Hubs may store it).
+    pub async fn outcome_by(mut self, at: Instant) -> Result<Receipt, SendError> {
+        match tokio::time::timeout_at(at.into(), &mut self).await {
+            Ok(outcome) => outcome,
+            Err(_) => self.outcome_now(),
+        }
+    }
+
+    fn outcome_now(&mut self) -> Result<Receipt, SendError> {
+        if let Ok(outcome) = self.outcome.try_recv() {
+            return outcome;
+        }
+        if self.claim.expire() {
+            Err(SendError::DeadlineExceeded { last_error: None })
+        } else {
+            Err(SendError::OutcomeUnknown {
+                last_error: "the caller's deadline passed while Event Hubs had it".into(),
+            })
+        }
+    }
+}
+
 impl Future for Ticket {
     type Output = Result<Receipt, SendError>;
 

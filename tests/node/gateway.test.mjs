@@ -13,11 +13,14 @@ import {
   mapPartitionKeyToId,
   metadata,
   partitionEnds,
+  rawSendStream,
   readHub,
   readPartition,
   sdkSendWithKey,
+  SendStreamRequest,
   startGateway,
   unary,
+  sleep,
   unpackStatus,
   waitServing,
   within,
@@ -423,6 +426,107 @@ test("SendStream: bad events are nacked alone, also inside a message of several 
   assert.deepEqual(partitionOne.map((e) => e.body.toString()), ["good five", "six", "eight"]);
   const eh2 = await readPartition(gateway.emulator, "eh2", "0", (await lastSequence("eh2", "0")) + 1);
   assert.ok(eh2.some((e) => e.properties?.run === run && e.body.toString() === "good one"));
+});
+
+/** Sequences of `acks`, as numbers, sorted. */
+const sequencesOf = (acks) => acks.map((a) => Number(a.sequence)).sort((a, b) => a - b);
+
+/** Asserts a stream's error is the gateway's `code`/`reason`, saying it read `messagesRead` messages; returns the status. */
+function assertStreamEnding(error, code, reason, messagesRead) {
+  assert.ok(error, "the stream ended OK");
+  const status = callStatus(error);
+  const info = assertErrorInfo(status, code, reason);
+  assert.equal(info.metadata.messages_read, String(messagesRead), JSON.stringify(info));
+  return status;
+}
+
+/**
+ * Opens a SendStream on `on` that stays open (not half-closed) until the test ends it; returns `{call, acks,
+ * ended}`, `ended` resolving with the call's error (null if it ended OK).
+ */
+function heldStream(on, options) {
+  const call = on.SendStream(metadata(), options);
+  const acks = [];
+  const ended = new Promise((resolve) => {
+    call.on("data", (response) => acks.push(...response.acks));
+    call.on("error", resolve);
+    call.on("status", (status) => {
+      if (status.code === grpc.status.OK) resolve(null);
+    });
+  });
+  return { call, acks, ended };
+}
+
+/** Resolves once `acks` holds `count` acks (or rejects after `ms`). */
+async function acksArrive(acks, count, ms = 10000) {
+  await within(ms, `${count} acks`, (async () => {
+    while (acks.length < count) await sleep(20);
+  })());
+}
+
+test("SendStream: a message over max_request_bytes ends the stream OUT_OF_RANGE / REQUEST_TOO_LARGE after the acks before it", { timeout: 45000 }, async () => {
+  const small = await startGateway(
+    ["--emulator", "--listen", "127.0.0.1:0", "--event-hub", "eh1"],
+    20000,
+    { EVENTHUB_GATEWAY_LIMITS__MAX_REQUEST_BYTES: String(1088 * 1024) },
+  );
+  const smallClient = gatewayClient(small.grpc);
+  try {
+    const { call, acks, ended } = heldStream(smallClient, deadline(30000));
+    call.write({ sequence: 1, event: { text: "small" } });
+    call.write({ sequence: 2, event: { text: "small too" } });
+    call.write({ sequence: 3, event: { binary: Buffer.alloc(1200 * 1024, 7) } });
+    call.write({ sequence: 4, event: { text: "never read" } });
+    call.end();
+    const error = await within(30000, "the stream's end", ended);
+    assert.deepEqual(sequencesOf(acks), [1, 2], "each event before the big one acked once");
+    assert.ok(acks.every((a) => a.status.code === 0), JSON.stringify(acks));
+    const status = assertStreamEnding(error, grpc.status.OUT_OF_RANGE, "REQUEST_TOO_LARGE", 2);
+    assert.equal(detail(status, "google.rpc.ErrorInfo").metadata.limit, String(1088 * 1024));
+    assert.match(status.message, /max_request_bytes \(1114112 bytes\)/);
+  } finally {
+    smallClient.close();
+    await small.stop(5000);
+  }
+});
+
+test("SendStream: an undecodable message ends the stream INVALID_ARGUMENT / MALFORMED_REQUEST after the acks before it", { timeout: 30000 }, async () => {
+  const good = [5, 6].map((sequence) =>
+    Buffer.from(SendStreamRequest.encode(SendStreamRequest.create({ sequence, event: { text: `readable ${sequence}` } })).finish()),
+  );
+  // Field 1 (event_hub) announces 127 bytes and none follow. (grpc-js cannot send broken compression; the
+  // Rust suite covers it.)
+  const { acks, error } = await rawSendStream(gateway.grpc, [...good, Buffer.from([0x0a, 0x7f]), good[0]]);
+  assert.deepEqual(sequencesOf(acks), [5, 6]);
+  assert.ok(acks.every((a) => a.status.code === 0), JSON.stringify(acks));
+  const status = assertStreamEnding(error, grpc.status.INVALID_ARGUMENT, "MALFORMED_REQUEST", 2);
+  assert.equal(detail(status, "google.rpc.ErrorInfo").metadata.last_sequence, "6");
+});
+
+test("SendStream: the call's deadline ends an open stream with the gateway's DEADLINE_EXCEEDED after its acks", { timeout: 30000 }, async () => {
+  const { call, acks, ended } = heldStream(client, deadline(1500));
+  call.write({ sequence: 1, event: { text: "before the deadline" } });
+  await acksArrive(acks, 1);
+  const error = await within(10000, "the stream's end", ended);
+  call.end();
+  assert.deepEqual(sequencesOf(acks), [1]);
+  assert.equal(acks[0].status.code, 0);
+  assertStreamEnding(error, grpc.status.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", 1);
+});
+
+test("SendStream: a cancelled stream gets each ack before the cancel once, then CANCELLED", { timeout: 30000 }, async () => {
+  const { call, acks, ended } = heldStream(client, deadline(20000));
+  call.write({ sequence: 1, event: { text: "one" } });
+  call.write({ sequence: 2, event_hub: "nope", event: { text: "two" } });
+  await acksArrive(acks, 2);
+  call.cancel();
+  const error = await within(10000, "the stream's end", ended);
+  assert.equal(error?.code, grpc.status.CANCELLED);
+  assert.deepEqual(sequencesOf(acks), [1, 2]);
+  // The gateway goes on serving streams.
+  const { acks: later, status } = await stream([{ sequence: 3, event: { text: "three" } }]);
+  assert.equal(status.code, grpc.status.OK);
+  assert.deepEqual(sequencesOf(later), [3]);
 });
 
 test("SIGTERM drains the gateway, which exits 0", { timeout: 30000 }, async () => {

@@ -39,14 +39,15 @@ process.on("exit", () => {
 });
 
 /**
- * Starts `eventhub-gateway serve` with `args` and reads the one JSON line it prints on stdout:
+ * Starts `eventhub-gateway serve` with `args` (and `env` added to the environment) and reads the one JSON line it prints on stdout:
  * `{grpc, metrics, emulator}`. Returns `{child, grpc, metrics, emulator, stderr(), stop()}`; `stop()` sends SIGTERM and resolves
  * with the exit code (SIGKILL after `ms`, then resolving with null).
  */
-export async function startGateway(args, ms = 20000) {
+export async function startGateway(args, ms = 20000, env = {}) {
   // A free metrics port too, so parallel gateways never race for the default 9464.
   const child = spawn(binary, ["serve", "--metrics-listen", "127.0.0.1:0", ...args], {
     stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...env },
   });
   started.add(child);
   let stderr = "";
@@ -151,6 +152,40 @@ export function unpackAny(any) {
 /** A `google.rpc.Status` (as proto-loader or protobufjs gives it) with its details unpacked. */
 export function unpackStatus(status) {
   return { code: status.code, message: status.message, details: (status.details ?? []).map(unpackAny) };
+}
+
+// The gateway's own messages with protobufjs, to send bytes proto-loader's stubs would not.
+const gatewayRoot = new protobuf.Root();
+gatewayRoot.resolvePath = rpcRoot.resolvePath;
+gatewayRoot.loadSync("eventhub/gateway/v1/gateway.proto", { keepCase: true });
+export const SendStreamRequest = gatewayRoot.lookupType("eventhub.gateway.v1.SendStreamRequest");
+const SendStreamResponse = gatewayRoot.lookupType("eventhub.gateway.v1.SendStreamResponse");
+
+/**
+ * Calls SendStream on `address` writing each of `messages` (Buffers) as one message, as is, then half-closing.
+ * Resolves with `{acks, error}`: the acks (plain objects, sequences as strings) and the call's error (null
+ * when it ended OK).
+ */
+export function rawSendStream(address, messages, ms = 15000) {
+  const raw = new grpc.Client(address, grpc.credentials.createInsecure());
+  const call = raw.makeBidiStreamRequest(
+    "/eventhub.gateway.v1.EventHubGateway/SendStream",
+    (bytes) => bytes,
+    (bytes) => SendStreamResponse.toObject(SendStreamResponse.decode(bytes), conversion),
+    new grpc.Metadata(),
+    deadline(ms),
+  );
+  const acks = [];
+  const ended = new Promise((resolve) => {
+    call.on("data", (response) => acks.push(...response.acks));
+    call.on("error", (error) => resolve({ acks, error }));
+    call.on("status", (status) => {
+      if (status.code === grpc.status.OK) resolve({ acks, error: null });
+    });
+  });
+  for (const message of messages) call.write(message);
+  call.end();
+  return within(ms + 5000, "raw SendStream", ended).finally(() => raw.close());
 }
 
 /** The `google.rpc.Status` of a failed call, from its `grpc-status-details-bin` trailer, details unpacked. */

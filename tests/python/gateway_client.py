@@ -338,3 +338,57 @@ def text(value):
 def properties(event):
     """Application properties with str names and, for str/bytes values, str values."""
     return {text(k): text(v) for k, v in (event.properties or {}).items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streams that end early
+# --------------------------------------------------------------------------------------------------------------
+
+SEND_STREAM = "/eventhub.gateway.v1.EventHubGateway/SendStream"
+
+
+def raw_send_stream(api, channel, messages, timeout=CALL_TIMEOUT):
+    """SendStream with `messages` sent as given (bytes no stub would send); returns (acks, RpcError or None)."""
+    call = channel.stream_stream(
+        SEND_STREAM, request_serializer=lambda raw: raw, response_deserializer=api.pb.SendStreamResponse.FromString
+    )
+    return collect_acks(call(iter(messages), timeout=timeout))
+
+
+class HeldStream:
+    """A SendStream whose requests the test hands over one by one (`send`) and which stays open, not
+    half-closed, until `close()`: for endings that come while the client is still there."""
+
+    def __init__(self, stub, **call_options):
+        import queue
+
+        self.requests = queue.Queue()
+        self.call = stub.SendStream(iter(self.requests.get, None), **call_options)
+        self.responses = iter(self.call)
+
+    def send(self, request):
+        self.requests.put(request)
+
+    def next_acks(self):
+        """The acks of the next response (raises the RpcError if the stream ended with one)."""
+        return list(next(self.responses).acks)
+
+    def rest(self):
+        """Every later ack and how the stream ended: (acks, RpcError or None)."""
+        return collect_acks(self.responses)
+
+    def close(self):
+        self.requests.put(None)
+
+
+def check_stream_ending(api, error, code, reason, messages_read, last_sequence=None):
+    """Asserts a stream ended with the gateway's status `code`/`reason`, saying how far it got; returns it."""
+    assert error is not None, "the stream ended OK"
+    rich = call_status(api, error)
+    assert rich is not None, f"the stream ended without the gateway's status: {describe(api, error)}"
+    check_error(rich, code, reason)
+    metadata = rich.error_info.metadata
+    assert metadata["messages_read"] == str(messages_read), rich
+    if last_sequence is not None:
+        assert metadata["last_sequence"] == str(last_sequence), rich
+    return rich

@@ -18,17 +18,22 @@ from azure.eventhub import EventData
 from conftest import producer, wait_for
 from gateway_client import (
     CALL_TIMEOUT,
+    HeldStream,
     body,
     call_status,
     check_error,
+    check_stream_ending,
     collect_acks,
     describe,
     expect_error,
     json_struct,
     partition_positions,
     properties,
+    raw_send_stream,
     read_since,
     result_status,
+    sample,
+    scrape,
     stream_requests,
 )
 
@@ -642,7 +647,7 @@ def test_more_events_than_max_events_per_request_are_refused_whole(api, start_ga
     assert stored_count(gateway.connection_string, "eh1") == 10
 
 
-def test_deadlines_belong_to_events_and_an_event_on_the_wire_gets_its_real_outcome(api, start_emulator, start_gateway):
+def test_deadlines_belong_to_events_and_an_event_on_the_wire_is_never_answered_as_failed(api, start_emulator, start_gateway):
     slow = start_emulator("--event-hub", "eh1:4", "--latency-ms", "1000")
     gateway = start_gateway(
         "--connection-string", slow.connection_string, "--event-hub", "eh1",
@@ -662,12 +667,12 @@ def test_deadlines_belong_to_events_and_an_event_on_the_wire_gets_its_real_outco
     assert time.monotonic() - started < 0.9, "answered at the caller's deadline, not after Event Hubs"
     assert rich.bad_request is None and rich.retry_info is None, rich
     first.result()
-    # An event already on the wire is not answered at its caller's deadline: grpcio's own timer ends the call
-    # (no ErrorInfo), and the event is stored.
-    with pytest.raises(grpc.RpcError) as raised:
-        gateway.stub.SendEvent(pb.SendEventRequest(event=pb.Event(text="on the wire")), timeout=0.5)
-    assert raised.value.code() == Code.DEADLINE_EXCEEDED
-    assert call_status(api, raised.value) is None, "the gateway did not answer falsely"
+    # An event already on the wire at its caller's deadline is not answered as failed: OUTCOME_UNKNOWN, before
+    # grpcio's own timer, and the event is stored.
+    expect_error(
+        api, lambda: gateway.stub.SendEvent(pb.SendEventRequest(event=pb.Event(text="on the wire")), timeout=0.5),
+        Code.UNKNOWN, "OUTCOME_UNKNOWN",
+    )
     time.sleep(1.5)
     stored = [body(event) for events in read_since(slow.connection_string, "eh1", before).values() for event in events]
     assert sorted(stored) == [b"first", b"on the wire"], stored
@@ -760,3 +765,103 @@ def test_sigterm_during_a_busy_stream_loses_nothing_and_leaves_nothing_unanswere
     assert not stored_set - ok, f"unanswered: stored but not acked OK: {sorted(stored_set - ok)[:20]}"
     assert not stored_set & set(nacked), "nacked but stored"
     assert len(ok) >= signal_after
+
+
+# ------------------------------------------------------------------------------------------------------------
+# How a stream ends: each event read is acked exactly once before any status the client can hear
+# ------------------------------------------------------------------------------------------------------------
+
+
+def acked_once_ok(acks, expected):
+    sequences = [a.sequence for a in acks]
+    assert sorted(sequences) == expected, f"acks {sequences}, expected each of {expected} once"
+    assert all(a.status.code == 0 for a in acks), acks
+
+
+def test_a_stream_message_over_max_request_bytes_ends_the_stream_out_of_range_after_the_acks_before_it(
+    api, start_gateway
+):
+    gateway = start_gateway(
+        "--emulator", "--event-hub", "eh1", env={"EVENTHUB_GATEWAY_LIMITS__MAX_REQUEST_BYTES": str(1088 * 1024)}
+    )
+    pb = api.pb
+    events = [
+        (1, pb.Event(text="small")),
+        (2, pb.Event(text="small too")),
+        (3, pb.Event(binary=b"x" * (1200 * 1024))),
+        (4, pb.Event(text="never read")),
+    ]
+    acks, error = collect_acks(gateway.stub.SendStream(stream_requests(api, events), timeout=CALL_TIMEOUT))
+    acked_once_ok(acks, [1, 2])
+    rich = check_stream_ending(api, error, Code.OUT_OF_RANGE, "REQUEST_TOO_LARGE", 2, 2)
+    assert rich.error_info.metadata["limit"] == str(1088 * 1024), rich
+    assert "max_request_bytes (1114112 bytes)" in rich.message, rich
+    assert stored_count(gateway.connection_string, "eh1") == 2
+
+
+def test_an_undecodable_stream_message_ends_the_stream_invalid_argument_after_the_acks_before_it(api, gateway):
+    pb = api.pb
+    good = [pb.SendStreamRequest(sequence=s, event=pb.Event(text=f"readable {s}")).SerializeToString() for s in (7, 8)]
+    # Field 1 (event_hub) announces 127 bytes and none follow. (grpcio cannot send broken compression; the
+    # Rust suite covers it.)
+    acks, error = raw_send_stream(api, gateway.channel, [*good, b"\x0a\x7f", good[0]])
+    acked_once_ok(acks, [7, 8])
+    rich = check_stream_ending(api, error, Code.INVALID_ARGUMENT, "MALFORMED_REQUEST", 2, 8)
+    assert "cannot be read" in rich.message, rich
+
+
+def test_a_streams_deadline_and_a_cancel_end_it_after_every_ack_the_client_can_still_hear(
+    api, start_emulator, start_gateway
+):
+    """Event Hubs answers in 10 s. Unknown-hub events are nacked at once, so each stream has acks before its
+    end; one real event is on the wire when the deadline passes (acked OUTCOME_UNKNOWN: Event Hubs may store
+    it), or when the client cancels (the gateway stops waiting for it at once)."""
+    slow = start_emulator("--event-hub", "eh1:4", "--latency-ms", "10000")
+    gateway = start_gateway("--connection-string", slow.connection_string, "--event-hub", "eh1")
+    pb = api.pb
+    nacked_at_once = [pb.SendStreamRequest(sequence=s, event_hub="nope", event=pb.Event(text="x")) for s in (1, 2)]
+    in_flight = pb.SendStreamRequest(sequence=3, event=pb.Event(text="slow"))
+
+    # The deadline: the gateway's DEADLINE_EXCEEDED, with its details, before grpcio's own timer.
+    stream = HeldStream(gateway.stub, timeout=2)
+    try:
+        for request in nacked_at_once:
+            stream.send(request)
+        acks = stream.next_acks()
+        while len(acks) < 2:
+            acks += stream.next_acks()
+        stream.send(in_flight)
+        more, error = stream.rest()
+    finally:
+        stream.close()
+    acks += more
+    assert sorted(a.sequence for a in acks) == [1, 2, 3], acks
+    for ack in acks:
+        reason = ("UNKNOWN_EVENT_HUB", Code.NOT_FOUND) if ack.sequence < 3 else ("OUTCOME_UNKNOWN", Code.UNKNOWN)
+        check_error(result_status(api, ack.status), reason[1], reason[0])
+    check_stream_ending(api, error, Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", 3, 3)
+
+    # The cancel: acks before it arrived once; the gateway's stream ends at once, not when Event Hubs answers.
+    wait_for(lambda: open_streams(gateway) == 0, timeout=15)
+    stream = HeldStream(gateway.stub, timeout=CALL_TIMEOUT)
+    try:
+        for request in nacked_at_once:
+            stream.send(request)
+        acks = stream.next_acks()
+        while len(acks) < 2:
+            acks += stream.next_acks()
+        stream.send(in_flight)
+        assert wait_for(lambda: open_streams(gateway) == 1, timeout=5)
+        time.sleep(0.2)  # event 3 read and handed to the producer
+        stream.call.cancel()
+        more, error = stream.rest()
+    finally:
+        stream.close()
+    assert sorted(a.sequence for a in acks + more) == [1, 2], "acked once each, before the cancel"
+    assert error is not None and error.code() == Code.CANCELLED, describe(api, error)
+    assert wait_for(lambda: open_streams(gateway) == 0, timeout=5), "the cancelled stream still waits on Event Hubs"
+
+
+def open_streams(gateway):
+    samples, _ = scrape(gateway)
+    return sample(samples, "eventhub_gateway_streams_open")
