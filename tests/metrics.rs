@@ -288,6 +288,82 @@ async fn readyz_is_503_while_event_hubs_cannot_be_reached() {
 }
 
 #[tokio::test]
+async fn connection_attempts_and_failures_are_counted_apart_from_connections_opened() {
+    let closed: SocketAddr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let gateway = start_gateway(|config| {
+        config.emulator = false;
+        config.event_hubs = vec!["metrics-attempts".into()];
+        config.connection_string = Some(format!(
+            "Endpoint=sb://127.0.0.1:{};SharedAccessKeyName=RootManageSharedAccessKey;\
+             SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;",
+            closed.port()
+        ));
+    })
+    .await;
+    let producer = gateway.state().producer().clone();
+    assert!(
+        eventually(|| async { producer.stats().pool.connect_attempts >= 2 }).await,
+        "{:?}",
+        producer.stats()
+    );
+    // A call fails with what happened: nothing ever connected, so nothing was "lost".
+    let mut client = gateway_client(&gateway).await;
+    let mut request = tonic::Request::new(v1::SendEventRequest {
+        event_hub: String::new(),
+        event: Some(text_event("x")),
+    });
+    request.set_timeout(std::time::Duration::from_millis(800));
+    let status = client.send_event(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .message()
+            .contains(&format!("could not connect to 127.0.0.1:{}", closed.port())),
+        "{status:?}"
+    );
+    assert!(!status.message().contains("lost"), "{status:?}");
+
+    let pool = producer.stats().pool;
+    assert_eq!(
+        pool.opened_total, 0,
+        "attempts are not connections: {pool:?}"
+    );
+    let samples = scrape(&gateway).await;
+    let value = |name: &str, labels: &[(&str, &str)]| sample_value(&samples, name, labels);
+    // Process-wide totals (other tests' gateways may share this process): at least this gateway's counts.
+    assert!(
+        value("eventhub_gateway_connection_attempts_total", &[]).unwrap() >= 2.0,
+        "{samples:?}"
+    );
+    assert!(
+        value(
+            "eventhub_gateway_connection_failures_total",
+            &[("reason", "tcp")]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    for reason in ["proxy", "tls", "websocket", "amqp", "timeout"] {
+        assert!(
+            value(
+                "eventhub_gateway_connection_failures_total",
+                &[("reason", reason)]
+            )
+            .is_some(),
+            "{reason}"
+        );
+    }
+    assert!(value("eventhub_gateway_connections_opened_total", &[]).is_some());
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_taken_metrics_port_stops_the_start_with_its_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();

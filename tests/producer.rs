@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use eventhub_gateway::emulator::EmulatorConfig;
 use eventhub_gateway::eventhubs::message::partition_key;
 use eventhub_gateway::eventhubs::partition::partition_for_key;
+use eventhub_gateway::producer::ConnectStage;
 use eventhub_gateway::producer::{
     AmqpCondition, Event, Producer, ProducerConfig, SendError, TraceContext,
 };
@@ -187,6 +189,19 @@ async fn keys_land_where_the_service_hashes_them_in_order() {
     assert!(outcomes.iter().all(Result::is_ok));
     let stored = stored_events(&emulator, "eh1", 8);
     assert_eq!(stored.len(), 400);
+    // Each keyed event's receipt names the partition it was stored in.
+    let stored_in: HashMap<String, String> = stored
+        .iter()
+        .map(|(partition, message)| (body_text(message), partition.clone()))
+        .collect();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let body = format!("{}:{i}", keys[i % keys.len()]);
+        assert_eq!(
+            outcome.as_ref().unwrap().partition_id.as_ref(),
+            Some(&stored_in[&body]),
+            "{body}"
+        );
+    }
     let mut last_index: HashMap<String, usize> = HashMap::new();
     for (partition, message) in &stored {
         let key = partition_key(message).unwrap().expect("keyed");
@@ -677,8 +692,127 @@ async fn connection_create_timeout_bounds_a_silent_peer() {
         error.to_string().contains("pool_connection_create_timeout"),
         "{error}"
     );
+    assert!(
+        error.to_string().contains("could not connect to"),
+        "a connection that never opened was not lost: {error}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(300));
+    let pool = producer.stats().pool;
+    assert_eq!(pool.opened_total, 0, "{pool:?}");
+    assert!(pool.connect_attempts >= 1, "{pool:?}");
+    assert!(
+        pool.connect_failures_at(ConnectStage::Timeout) >= 1,
+        "{pool:?}"
+    );
     producer.close().await;
+}
+
+/// A loopback port with nothing listening on it (bound, then released).
+fn closed_loopback_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+    listener.local_addr().expect("its address").port()
+}
+
+#[tokio::test]
+async fn an_unreachable_event_hubs_is_retried_with_backoff_then_recovers() {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // This test's runtime has one thread, so every task of the producer logs into the capture.
+    let _capture = tracing::subscriber::set_default(subscriber);
+    let port = closed_loopback_port();
+    let producer = Producer::from_connection_string(
+        &format!(
+            "Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName=RootManageSharedAccessKey;\
+             SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true"
+        ),
+        false,
+        Default::default(),
+        ProducerConfig {
+            min_size: 1, // the pool keeps trying on its own
+            reconnect_backoff_initial_seconds: 0.2,
+            reconnect_backoff_max_seconds: 2.0,
+            ..base()
+        },
+    )
+    .unwrap();
+    let outage = Instant::now();
+    // A send gives up at its own deadline with the real reason, however long the pool's next pause is.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    let error = producer
+        .send_with_deadline("eh1", Event::text("x"), asked + Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(
+        asked.elapsed() < Duration::from_millis(1500),
+        "waited {:?} past a 500 ms deadline",
+        asked.elapsed()
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("could not connect to 127.0.0.1:{port}")),
+        "{message}"
+    );
+    assert!(!message.contains("lost"), "{message}");
+    while outage.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pool = producer.stats().pool;
+    // A fixed 200 ms cadence makes 25 attempts in 5 s; this backoff's pauses average 1 s once capped at 2 s.
+    assert!(
+        (2..=15).contains(&pool.connect_attempts),
+        "attempts in 5 s: {pool:?}"
+    );
+    assert_eq!(pool.opened_total, 0, "nothing opened: {pool:?}");
+    assert!(
+        pool.connect_failures_at(ConnectStage::Tcp) + 1 >= pool.connect_attempts,
+        "every attempt but one under way failed at TCP: {pool:?}"
+    );
+    let text = || String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    let warnings = text()
+        .lines()
+        .filter(|line| line.contains(" WARN "))
+        .count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "{warnings} warnings in 5 s:\n{}",
+        text()
+    );
+    assert!(
+        text().contains("could not connect to Event Hubs"),
+        "{}",
+        text()
+    );
+
+    // Event Hubs comes up on that port: the pool finds it at its next attempt, and sends go through.
+    let emulator = start_with(EmulatorConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        ..config(&["eh1:4"])
+    })
+    .await;
+    assert!(
+        eventually(|| async { producer.is_ready() }).await,
+        "{:?}",
+        producer.stats()
+    );
+    producer
+        .send("eh1", Event::text("after the outage"))
+        .await
+        .expect("sent once Event Hubs is back");
+    let pool = producer.stats().pool;
+    assert!(pool.opened_total >= 1, "{pool:?}");
+    assert!(
+        text().contains("connected to Event Hubs again"),
+        "{}",
+        text()
+    );
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
 }
 
 /// A fake Entra ID credential: JWT-shaped tokens for Event Hubs, valid `lifetime`, counted. Never reaches a network.

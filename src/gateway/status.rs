@@ -409,7 +409,10 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
                 .retry(*retry_after)
                 .meta("bound", *what)
         }
-        SendError::PoolTimeout { .. } | SendError::NotProcessed(_) | SendError::Connection(_) => {
+        SendError::PoolTimeout { .. }
+        | SendError::NotProcessed(_)
+        | SendError::Connection(_)
+        | SendError::Unreachable { .. } => {
             Built::new(Code::Unavailable, reason::EVENT_HUBS_UNAVAILABLE).retry(DEFAULT_RETRY_AFTER)
         }
         SendError::DeadlineExceeded { .. } => {

@@ -27,6 +27,11 @@ pub struct ProducerConfig {
     pub ready_message: Option<String>,
     /// Bound on connect + TLS + SASL + CBS + attach of a new connection, seconds.
     pub pool_connection_create_timeout: f64,
+    /// First pause after a failed connection attempt, seconds; it doubles per failure (full jitter) up to
+    /// `reconnect_backoff_max_seconds`, and resets once a connection opens.
+    pub reconnect_backoff_initial_seconds: f64,
+    /// Longest pause between connection attempts to an unreachable Event Hubs, seconds.
+    pub reconnect_backoff_max_seconds: f64,
     /// How long a batch waits for a connection with room, seconds; then it fails with a pool timeout.
     pub pool_get_timeout: f64,
     /// How long an event waits for others to share its batch, milliseconds.
@@ -77,6 +82,8 @@ impl Default for ProducerConfig {
             max_lifespan_seconds: 3600.0,
             ready_message: None,
             pool_connection_create_timeout: 30.0,
+            reconnect_backoff_initial_seconds: 0.2,
+            reconnect_backoff_max_seconds: 30.0,
             pool_get_timeout: 60.0,
             linger_ms: 5.0,
             max_in_flight_per_link: 64,
@@ -129,6 +136,14 @@ impl ProducerConfig {
                 "pool_connection_create_timeout",
                 self.pool_connection_create_timeout,
             ),
+            (
+                "reconnect_backoff_initial_seconds",
+                self.reconnect_backoff_initial_seconds,
+            ),
+            (
+                "reconnect_backoff_max_seconds",
+                self.reconnect_backoff_max_seconds,
+            ),
             ("pool_get_timeout", self.pool_get_timeout),
             ("send_timeout", self.send_timeout),
             ("disposition_timeout", self.disposition_timeout),
@@ -174,6 +189,12 @@ impl ProducerConfig {
             return fail(
                 "retry_max_backoff_ms",
                 "must be at least retry_initial_backoff_ms",
+            );
+        }
+        if self.reconnect_backoff_max_seconds < self.reconnect_backoff_initial_seconds {
+            return fail(
+                "reconnect_backoff_max_seconds",
+                "must be at least reconnect_backoff_initial_seconds",
             );
         }
         if self.max_buffered_bytes < 1024 * 1024 || self.max_buffered_bytes > u32::MAX as u64 {
@@ -234,6 +255,14 @@ impl ProducerConfig {
     /// `pool_connection_create_timeout` as a duration.
     pub fn create_timeout(&self) -> Duration {
         seconds(self.pool_connection_create_timeout)
+    }
+    /// `reconnect_backoff_initial_seconds` as a duration.
+    pub fn reconnect_backoff_initial(&self) -> Duration {
+        seconds(self.reconnect_backoff_initial_seconds)
+    }
+    /// `reconnect_backoff_max_seconds` as a duration.
+    pub fn reconnect_backoff_max(&self) -> Duration {
+        seconds(self.reconnect_backoff_max_seconds)
     }
     /// `pool_get_timeout` as a duration.
     pub fn get_timeout(&self) -> Duration {
@@ -315,6 +344,28 @@ mod tests {
                     ..Default::default()
                 },
                 "pool_get_timeout",
+            ),
+            (
+                ProducerConfig {
+                    reconnect_backoff_initial_seconds: 0.0,
+                    ..Default::default()
+                },
+                "reconnect_backoff_initial_seconds",
+            ),
+            (
+                ProducerConfig {
+                    reconnect_backoff_max_seconds: -1.0,
+                    ..Default::default()
+                },
+                "reconnect_backoff_max_seconds",
+            ),
+            (
+                ProducerConfig {
+                    reconnect_backoff_initial_seconds: 5.0,
+                    reconnect_backoff_max_seconds: 1.0,
+                    ..Default::default()
+                },
+                "reconnect_backoff_max_seconds",
             ),
             (
                 ProducerConfig {

@@ -19,8 +19,97 @@ use super::error::SendError;
 use super::event::Event;
 use super::link::{DecrementOnDrop, Link, LinkSettings};
 use super::node::NodeClient;
-use super::transport::{ConnectionOptions, Endpoint, TlsOptions, open_connection};
+use super::transport::{ConnectionOptions, Endpoint, TlsOptions, TransportError, open_connection};
 use crate::eventhubs::{CBS_NODE, MANAGEMENT_NODE};
+
+/// Where a connection that never opened failed: the `reason` label of `connection_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectStage {
+    /// The HTTP CONNECT proxy (WebSockets through `event_hubs_proxy` or `HTTPS_PROXY`).
+    Proxy,
+    /// The TCP connect: refused, unreachable, or the name did not resolve.
+    Tcp,
+    /// TLS: the handshake, the certificate, or the client configuration.
+    Tls,
+    /// The WebSocket upgrade.
+    WebSocket,
+    /// The AMQP or SASL open, the session, or the `$cbs` links.
+    Amqp,
+    /// Nothing of the above finished within `pool_connection_create_timeout`.
+    Timeout,
+}
+
+impl ConnectStage {
+    /// Every stage, in the order of [`ConnectStage::index`].
+    pub const ALL: [Self; 6] = [
+        Self::Proxy,
+        Self::Tcp,
+        Self::Tls,
+        Self::WebSocket,
+        Self::Amqp,
+        Self::Timeout,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proxy => "proxy",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::WebSocket => "websocket",
+            Self::Amqp => "amqp",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    /// Its position in [`ConnectStage::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stage a transport error comes from, and the reason to report (the address is said elsewhere).
+    fn of_transport(error: &TransportError) -> (Self, String) {
+        match error {
+            TransportError::ProxyConnect { .. }
+            | TransportError::ProxyAuthentication { .. }
+            | TransportError::ProxyRefused { .. }
+            | TransportError::ProxyProtocol { .. } => (Self::Proxy, error.to_string()),
+            TransportError::Connect { source, .. } | TransportError::NoDelay { source, .. } => {
+                (Self::Tcp, source.to_string())
+            }
+            TransportError::RootCertificate { .. }
+            | TransportError::TlsConfig(_)
+            | TransportError::InvalidServerName(_)
+            | TransportError::Tls { .. }
+            | TransportError::TlsIo { .. } => (Self::Tls, error.to_string()),
+            TransportError::WebSocketRefused { .. } | TransportError::WebSocket { .. } => {
+                (Self::WebSocket, error.to_string())
+            }
+            TransportError::Open(_) => (Self::Amqp, error.to_string()),
+        }
+    }
+}
+
+/// A connection that never opened (as opposed to one lost after it opened).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("could not connect to {host}: {reason}")]
+pub struct ConnectError {
+    /// `host:port`.
+    pub host: String,
+    /// Where it failed.
+    pub stage: ConnectStage,
+    /// Why.
+    pub reason: String,
+}
+
+impl From<ConnectError> for SendError {
+    fn from(error: ConnectError) -> Self {
+        SendError::Unreachable {
+            host: error.host,
+            reason: error.reason,
+        }
+    }
+}
 
 /// What every connection of a pool shares.
 pub struct ConnectionContext {
@@ -78,29 +167,38 @@ impl std::fmt::Debug for PooledConnection {
 
 impl PooledConnection {
     /// Opens a connection (transport, SASL ANONYMOUS, session, CBS links) and starts watching its end.
-    pub async fn open(id: u64, context: Arc<ConnectionContext>) -> Result<Arc<Self>, SendError> {
+    pub async fn open(id: u64, context: Arc<ConnectionContext>) -> Result<Arc<Self>, ConnectError> {
         let host = context.endpoint.host.clone();
+        let never_opened = |stage, reason: String| ConnectError {
+            host: format!("{}:{}", context.endpoint.host, context.endpoint.port),
+            stage,
+            reason,
+        };
         let options = ConnectionOptions {
             idle_time_out: Some(context.idle_timeout),
             ..ConnectionOptions::new(format!("eventhub-gateway-{}", uuid::Uuid::new_v4()))
         };
         let mut connection = open_connection(&options, &context.endpoint, &context.tls)
             .await
-            .map_err(|e| SendError::Connection(e.to_string()))?;
+            .map_err(|error| {
+                let (stage, reason) = ConnectStage::of_transport(&error);
+                never_opened(stage, reason)
+            })?;
         let mut session = match Session::begin(&mut connection).await {
             Ok(session) => session,
             Err(error) => {
                 let _ = connection.close().await;
-                return Err(SendError::Connection(format!(
-                    "beginning a session: {error}"
-                )));
+                return Err(never_opened(
+                    ConnectStage::Amqp,
+                    format!("beginning a session: {error}"),
+                ));
             }
         };
         let cbs = match NodeClient::attach(&mut session, CBS_NODE).await {
             Ok(cbs) => cbs,
             Err(error) => {
                 let _ = connection.close().await;
-                return Err(error);
+                return Err(never_opened(ConnectStage::Amqp, error.to_string()));
             }
         };
         let this = Arc::new(Self {
@@ -126,6 +224,7 @@ impl PooledConnection {
                 result = connection.on_close() => {
                     match result {
                         Ok(()) => debug!(connection = id, "connection closed by the service"),
+                        // It was open: "lost", unlike a connection that never opened ("could not connect").
                         Err(error) => warn!(connection = id, %error, "connection lost"),
                     }
                 }

@@ -193,6 +193,14 @@ pub enum SendError {
     /// Event Hubs released or modified the delivery without processing it.
     #[error("Event Hubs did not process the event (delivery {0})")]
     NotProcessed(&'static str),
+    /// No connection to Event Hubs could be opened (it never opened, so nothing was sent over it).
+    #[error("could not connect to {host}: {reason}")]
+    Unreachable {
+        /// `host:port`.
+        host: String,
+        /// Why the last attempt failed.
+        reason: String,
+    },
     /// The connection or link was lost before the outcome was known.
     #[error("connection to Event Hubs lost: {0}")]
     Connection(String),
@@ -217,6 +225,7 @@ impl SendError {
             Self::DeadlineExceeded { .. } => "deadline_exceeded".into(),
             Self::OutcomeUnknown { .. } => "outcome_unknown".into(),
             Self::NotProcessed(_) => "not_processed".into(),
+            Self::Unreachable { .. } => "connect_failed".into(),
             Self::Connection(_) => "connection_lost".into(),
             Self::Auth(_) => "unauthorized".into(),
             Self::Closed => "closed".into(),
@@ -227,7 +236,7 @@ impl SendError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Service(error) => error.condition.is_retryable(),
-            Self::NotProcessed(_) | Self::Connection(_) => true,
+            Self::NotProcessed(_) | Self::Connection(_) | Self::Unreachable { .. } => true,
             Self::InvalidEvent { .. }
             | Self::TooLarge { .. }
             | Self::UnknownPartition { .. }

@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 
 pub use auth::Credential;
 pub use config::{ConfigError, ProducerConfig};
+pub use connection::ConnectStage;
 pub use connection_string::{ConnectionString, ConnectionStringError, SharedAccess};
 pub use error::{AmqpCondition, SendError, ServiceError};
 pub use event::{Event, Routing, TraceContext};
@@ -319,6 +320,7 @@ impl Producer {
             outcome,
             deadline: Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
             claim,
+            pool: Arc::clone(&inner.pool),
         })
     }
 
@@ -438,26 +440,13 @@ impl Producer {
         hub: &str,
         deadline: Instant,
     ) -> Result<Arc<HubProperties>, SendError> {
-        let cell = Arc::clone(self.inner.hubs.lock().entry(hub.to_owned()).or_default());
-        if let Some(known) = cell.get() {
-            return Ok(Arc::clone(known));
-        }
-        // Boxed: the first read is a large future, and this one is part of every send's.
-        let fetch = cell
-            .get_or_try_init(|| async { Box::pin(self.hub_properties(hub)).await.map(Arc::new) });
-        tokio::time::timeout_at(deadline.into(), fetch)
-            .await
-            .unwrap_or(Err(SendError::DeadlineExceeded {
-                last_error: Some("reading the hub's partitions".into()),
-            }))
-            .cloned()
+        self.inner.cached_hub_properties(hub, deadline).await
     }
 
     /// The hub's properties, through `$management`.
     pub async fn hub_properties(&self, hub: &str) -> Result<HubProperties, SendError> {
-        let connection = self.inner.pool.any_connection().await?;
-        let body = connection.management_read(hub, None).await?;
-        HubProperties::from_response(&body)
+        let deadline = Instant::now() + self.inner.config.default_deadline();
+        self.inner.hub_properties(hub, deadline).await
     }
 
     /// A partition's properties, through `$management`.
@@ -466,7 +455,8 @@ impl Producer {
         hub: &str,
         partition: &str,
     ) -> Result<PartitionProperties, SendError> {
-        let connection = self.inner.pool.any_connection().await?;
+        let deadline = Instant::now() + self.inner.config.default_deadline();
+        let connection = self.inner.pool.any_connection(deadline).await?;
         let body = connection.management_read(hub, Some(partition)).await?;
         PartitionProperties::from_response(&body)
     }
@@ -516,6 +506,8 @@ pub struct Ticket {
     outcome: oneshot::Receiver<Result<Receipt, SendError>>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     claim: Arc<Claim>,
+    /// Asked, at the deadline, whether Event Hubs is unreachable: the reason the event is late.
+    pool: Arc<Pool>,
 }
 
 impl Ticket {
@@ -562,10 +554,49 @@ impl Future for Ticket {
         }
         self.deadline = None;
         if self.claim.expire() {
-            Poll::Ready(Err(SendError::DeadlineExceeded { last_error: None }))
+            Poll::Ready(Err(SendError::DeadlineExceeded {
+                last_error: self.pool.unreachable(),
+            }))
         } else {
             Poll::Pending
         }
+    }
+}
+
+impl Inner {
+    /// The hub's properties, read once per hub (a failed read is tried again by the next caller).
+    async fn cached_hub_properties(
+        &self,
+        hub: &str,
+        deadline: Instant,
+    ) -> Result<Arc<HubProperties>, SendError> {
+        let cell = Arc::clone(self.hubs.lock().entry(hub.to_owned()).or_default());
+        if let Some(known) = cell.get() {
+            return Ok(Arc::clone(known));
+        }
+        // Boxed: the first read is a large future, and this one is part of every send's.
+        let fetch = cell.get_or_try_init(|| async {
+            Box::pin(self.hub_properties(hub, deadline))
+                .await
+                .map(Arc::new)
+        });
+        tokio::time::timeout_at(deadline.into(), fetch)
+            .await
+            .unwrap_or(Err(SendError::DeadlineExceeded {
+                last_error: Some("reading the hub's partitions".into()),
+            }))
+            .cloned()
+    }
+
+    /// The hub's properties, through `$management`, waiting for a connection until `deadline` at most.
+    async fn hub_properties(
+        &self,
+        hub: &str,
+        deadline: Instant,
+    ) -> Result<HubProperties, SendError> {
+        let connection = self.pool.any_connection(deadline).await?;
+        let body = connection.management_read(hub, None).await?;
+        HubProperties::from_response(&body)
     }
 }
 
@@ -595,6 +626,26 @@ impl RouteHost for Inner {
             let limit = link.max_message_size();
             self.limits.lock().insert(key.hub.clone(), limit);
             Ok(limit)
+        })
+    }
+
+    fn key_partition<'a>(
+        &'a self,
+        hub: &'a str,
+        key: &'a str,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + 'a>> {
+        Box::pin(async move {
+            let properties = self.cached_hub_properties(hub, deadline).await?;
+            let ids = &properties.partition_ids;
+            if ids.is_empty() {
+                return Err(SendError::Connection(format!(
+                    "{hub} reported no partitions"
+                )));
+            }
+            // The service's own hash over the hub's partitions, in the order it lists them.
+            let index = partition_for_key(key, ids.len() as u32) as usize;
+            Ok(ids[index].clone())
         })
     }
 

@@ -1,23 +1,31 @@
 //! The connection pool: picks a link with room for each batch, opens connections up to `max_size` with at most
 //! `client_limit` links each, waits `pool_get_timeout` for capacity, replaces connections past their lifespan
-//! before retiring them, closes idle ones down to `min_size`, and reports its gauges.
+//! before retiring them, closes idle ones down to `min_size`, backs off (exponentially, with jitter) from an
+//! Event Hubs it cannot reach, logs the outage's start, reminders and end, and reports its gauges and counts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::config::ProducerConfig;
-use super::connection::{ConnectionContext, PooledConnection, link_address};
+use super::connection::{
+    ConnectError, ConnectStage, ConnectionContext, PooledConnection, link_address,
+};
 use super::error::SendError;
 use super::link::Link;
 
 /// How often the pool looks for connections to retire, close or warm up.
 const MAINTENANCE_PERIOD: Duration = Duration::from_millis(200);
+
+/// While Event Hubs stays unreachable, how often the warning is repeated (each failed attempt is logged at
+/// debug level only).
+const OUTAGE_REMINDER_PERIOD: Duration = Duration::from_secs(60);
 
 /// A snapshot of the pool, for metrics and readiness.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,21 +42,231 @@ pub struct PoolStats {
     pub in_flight: usize,
     /// Callers waiting for capacity.
     pub waiters: usize,
-    /// Connections opened since start.
+    /// Connections that opened since start (attempts that failed are not counted here).
     pub opened_total: u64,
+    /// Connection attempts since start, whatever their outcome.
+    pub connect_attempts: u64,
+    /// Failed connection attempts since start, by [`ConnectStage::index`].
+    pub connect_failures: [u64; ConnectStage::ALL.len()],
 }
 
-#[derive(Default)]
+impl PoolStats {
+    /// Failed connection attempts that failed at `stage`.
+    pub fn connect_failures_at(&self, stage: ConnectStage) -> u64 {
+        self.connect_failures[stage.index()]
+    }
+
+    /// Failed connection attempts, every stage together.
+    pub fn connect_failures_total(&self) -> u64 {
+        self.connect_failures.iter().sum()
+    }
+}
+
+/// Exponential backoff with full jitter: after the n-th consecutive failure the pause is uniform in
+/// `[0, min(max, initial * 2^(n-1))]`, so many gateways that lost the same namespace do not retry in step.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `initial` and growing up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            failures: 0,
+        }
+    }
+
+    /// The longest pause the next failure can bring.
+    pub fn ceiling(&self) -> Duration {
+        // 2^30 times any initial pause is past every sane maximum: the shift stays small.
+        self.initial
+            .saturating_mul(1 << self.failures.min(30))
+            .min(self.max)
+    }
+
+    /// Counts a failure and draws the pause before the next attempt.
+    pub fn next_pause(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.failures = self.failures.saturating_add(1);
+        ceiling.mul_f64(rand::rng().random::<f64>())
+    }
+
+    /// Starts over (a connection opened).
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// An unbroken run of failed connection attempts.
+#[derive(Clone, Debug)]
+struct Outage {
+    since: tokio::time::Instant,
+    failed_attempts: u64,
+    next_attempt: tokio::time::Instant,
+    last_warning: tokio::time::Instant,
+    last_error: ConnectError,
+}
+
+/// What a connection attempt's outcome changed, for the log.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Transition {
+    /// The first failure after a success (or at start): Event Hubs became unreachable.
+    Down,
+    /// One more failure; `remind` when the outage has gone unmentioned for a reminder period.
+    StillDown {
+        /// Whether to repeat the warning now.
+        remind: bool,
+        /// How long it has been unreachable.
+        down_for: Duration,
+        /// Failed attempts in this outage.
+        failed_attempts: u64,
+    },
+    /// A connection opened after an outage.
+    Recovered {
+        /// How long it was unreachable.
+        down_for: Duration,
+        /// Failed attempts in the outage.
+        failed_attempts: u64,
+    },
+    /// A connection opened, as usual.
+    Opened,
+}
+
+/// Whether a connection attempt may start now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Yes.
+    Open,
+    /// Not before this instant (backing off), or, when `None`, not before the attempt under way ends.
+    Closed(Option<tokio::time::Instant>),
+}
+
+/// The reconnect policy: while attempts succeed any number may run at once (up to `max_size`); after a
+/// failure one attempt at a time, each after a backoff pause, until one succeeds.
+#[derive(Debug)]
+pub struct Reconnect {
+    backoff: Backoff,
+    outage: Option<Outage>,
+    reminder_period: Duration,
+}
+
+impl Reconnect {
+    /// A policy with this backoff, repeating the outage's warning every `reminder_period`.
+    pub fn new(backoff: Backoff, reminder_period: Duration) -> Self {
+        Self {
+            backoff,
+            outage: None,
+            reminder_period,
+        }
+    }
+
+    /// Whether an attempt may start at `now`, with `opening` attempts under way.
+    pub fn gate(&self, now: tokio::time::Instant, opening: usize) -> Gate {
+        match &self.outage {
+            None => Gate::Open,
+            Some(_) if opening > 0 => Gate::Closed(None),
+            Some(outage) if now < outage.next_attempt => Gate::Closed(Some(outage.next_attempt)),
+            Some(_) => Gate::Open,
+        }
+    }
+
+    /// The error of the last failed attempt, while Event Hubs is unreachable.
+    pub fn last_error(&self) -> Option<&ConnectError> {
+        self.outage.as_ref().map(|outage| &outage.last_error)
+    }
+
+    /// When the next attempt may start, while backing off.
+    pub fn next_attempt(&self) -> Option<tokio::time::Instant> {
+        self.outage.as_ref().map(|outage| outage.next_attempt)
+    }
+
+    /// Records an attempt started at `started` that failed at `now`.
+    pub fn failed(
+        &mut self,
+        error: ConnectError,
+        started: tokio::time::Instant,
+        now: tokio::time::Instant,
+    ) -> Transition {
+        let Some(outage) = &mut self.outage else {
+            let pause = self.backoff.next_pause();
+            self.outage = Some(Outage {
+                since: now,
+                failed_attempts: 1,
+                next_attempt: now + pause,
+                last_warning: now,
+                last_error: error,
+            });
+            return Transition::Down;
+        };
+        outage.failed_attempts += 1;
+        outage.last_error = error;
+        // Attempts that were already under way when the outage began (opened together while all was well)
+        // do not each push the next attempt further out.
+        if started >= outage.since {
+            outage.next_attempt = now + self.backoff.next_pause();
+        }
+        let remind = now.duration_since(outage.last_warning) >= self.reminder_period;
+        if remind {
+            outage.last_warning = now;
+        }
+        Transition::StillDown {
+            remind,
+            down_for: now.duration_since(outage.since),
+            failed_attempts: outage.failed_attempts,
+        }
+    }
+
+    /// Records an attempt that opened a connection at `now`.
+    pub fn opened(&mut self, now: tokio::time::Instant) -> Transition {
+        self.backoff.reset();
+        match self.outage.take() {
+            Some(outage) => Transition::Recovered {
+                down_for: now.duration_since(outage.since),
+                failed_attempts: outage.failed_attempts,
+            },
+            None => Transition::Opened,
+        }
+    }
+}
+
 struct State {
     connections: Vec<Arc<PooledConnection>>,
     opening: usize,
+    reconnect: Reconnect,
+}
+
+impl State {
+    /// Counts an attempt in `opening` if the reconnect policy lets one start now.
+    fn try_start_attempt(&mut self) -> Gate {
+        let gate = self
+            .reconnect
+            .gate(tokio::time::Instant::now(), self.opening);
+        if gate == Gate::Open {
+            self.opening += 1;
+        }
+        gate
+    }
 }
 
 enum Decision {
     Use(Arc<Link>),
     Attach(Arc<PooledConnection>),
     Open,
-    Wait,
+    /// Wait for capacity, or (backing off) until the next attempt may start.
+    Wait(Option<tokio::time::Instant>),
+}
+
+/// Connection attempts and their outcomes since start.
+#[derive(Default)]
+struct ConnectCounts {
+    attempts: AtomicU64,
+    opened: AtomicU64,
+    failures: [AtomicU64; ConnectStage::ALL.len()],
 }
 
 /// The pool of connections to one Event Hubs namespace.
@@ -59,6 +277,7 @@ pub struct Pool {
     capacity: Notify,
     waiters: AtomicUsize,
     next_id: AtomicU64,
+    counts: ConnectCounts,
     stop: CancellationToken,
 }
 
@@ -69,13 +288,22 @@ impl Pool {
         context: ConnectionContext,
         stop: CancellationToken,
     ) -> Arc<Self> {
+        let backoff = Backoff::new(
+            config.reconnect_backoff_initial(),
+            config.reconnect_backoff_max(),
+        );
         let pool = Arc::new(Self {
             config,
             context: Arc::new(context),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                connections: Vec::new(),
+                opening: 0,
+                reconnect: Reconnect::new(backoff, OUTAGE_REMINDER_PERIOD),
+            }),
             capacity: Notify::new(),
             waiters: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
+            counts: ConnectCounts::default(),
             stop,
         });
         tokio::spawn(Arc::clone(&pool).maintain());
@@ -88,9 +316,9 @@ impl Pool {
     }
 
     /// A link to `hub` (or one of its partitions) with room for a batch. Waits at most `pool_get_timeout`, and
-    /// never past `deadline`, for capacity.
+    /// never past `deadline`, for capacity (or for the next connection attempt, while backing off).
     pub async fn link(
-        &self,
+        self: &Arc<Self>,
         hub: &str,
         partition: Option<&str>,
         deadline: Instant,
@@ -98,7 +326,6 @@ impl Pool {
         let address = link_address(hub, partition);
         let get_timeout = self.config.get_timeout();
         let pool_limit = Instant::now() + get_timeout;
-        let give_up = pool_limit.min(deadline);
         loop {
             // Registered before deciding, so a release between the decision and the wait is not missed.
             let capacity = self.capacity.notified();
@@ -118,24 +345,43 @@ impl Pool {
                     opened.reserve_link();
                     return Box::pin(opened.attach_link(hub, partition)).await;
                 }
-                Decision::Wait => {
-                    self.waiters.fetch_add(1, Ordering::Relaxed);
-                    let woke = tokio::time::timeout_at(give_up.into(), capacity).await;
-                    self.waiters.fetch_sub(1, Ordering::Relaxed);
-                    if woke.is_err() {
-                        return Err(if deadline < pool_limit {
-                            SendError::DeadlineExceeded {
-                                last_error: Some("waiting for a pooled connection".into()),
-                            }
-                        } else {
-                            SendError::PoolTimeout {
-                                timeout: get_timeout,
-                            }
-                        });
-                    }
+                Decision::Wait(retry_at) => {
+                    self.wait(capacity, retry_at, deadline, pool_limit).await?;
                 }
             }
         }
+    }
+
+    /// Waits for `capacity` or until `retry_at`; past `deadline` or `pool_limit`, fails with the reason.
+    async fn wait(
+        &self,
+        capacity: tokio::sync::futures::Notified<'_>,
+        retry_at: Option<tokio::time::Instant>,
+        deadline: Instant,
+        pool_limit: Instant,
+    ) -> Result<(), SendError> {
+        let give_up = tokio::time::Instant::from_std(pool_limit.min(deadline));
+        let until = retry_at.map_or(give_up, |at| at.min(give_up));
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let woke = tokio::time::timeout_at(until, capacity).await;
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        if woke.is_ok() || until < give_up {
+            return Ok(());
+        }
+        // The real reason: what the last connection attempt met, when Event Hubs is unreachable.
+        let unreachable = self.state.lock().reconnect.last_error().cloned();
+        Err(match unreachable {
+            Some(error) if deadline < pool_limit => SendError::DeadlineExceeded {
+                last_error: Some(error.to_string()),
+            },
+            Some(error) => error.into(),
+            None if deadline < pool_limit => SendError::DeadlineExceeded {
+                last_error: Some("waiting for a pooled connection".into()),
+            },
+            None => SendError::PoolTimeout {
+                timeout: self.config.get_timeout(),
+            },
+        })
     }
 
     fn decide(&self, address: &str) -> Decision {
@@ -158,61 +404,143 @@ impl Pool {
             connection.reserve_link();
             return Decision::Attach(Arc::clone(connection));
         }
+        let mut retry_at = None;
         if state.connections.len() + state.opening < self.config.max_size {
-            state.opening += 1;
-            return Decision::Open;
+            match state.try_start_attempt() {
+                Gate::Open => return Decision::Open,
+                Gate::Closed(at) => retry_at = at,
+            }
         }
         // Full everywhere: queue on the least loaded link (its window bounds what it takes at once).
         match best {
             Some(link) => Decision::Use(link),
-            None => Decision::Wait,
+            None => Decision::Wait(retry_at),
         }
     }
 
-    /// Opens a connection within `pool_connection_create_timeout`; the caller has counted it in `opening`.
-    async fn open_connection(&self) -> Result<Arc<PooledConnection>, SendError> {
+    /// Opens a connection within `pool_connection_create_timeout`; the caller has counted it in `opening`. The
+    /// attempt runs in its own task, so a caller that stops waiting (its deadline) leaves its outcome recorded.
+    async fn open_connection(self: &Arc<Self>) -> Result<Arc<PooledConnection>, SendError> {
+        let pool = Arc::clone(self);
+        let attempt = tokio::spawn(async move { pool.attempt().await });
+        match attempt.await {
+            Ok(opened) => opened.map_err(SendError::from),
+            Err(_) => Err(SendError::Closed), // the runtime is shutting down
+        }
+    }
+
+    async fn attempt(&self) -> Result<Arc<PooledConnection>, ConnectError> {
+        let started = tokio::time::Instant::now();
+        self.counts.attempts.fetch_add(1, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let timeout = self.config.create_timeout();
-        // Boxed, as every slow path of the pool: opening a connection is a large future, and inline it would
-        // make every send's future as large (moving those cost a tenth of the gateway's instructions).
+        let endpoint = &self.context.endpoint;
+        // Boxed, as every slow path of the pool: opening a connection is a large future.
         let opened = tokio::time::timeout(
             timeout,
             Box::pin(PooledConnection::open(id, Arc::clone(&self.context))),
         )
         .await
         .unwrap_or_else(|_| {
-            Err(SendError::Connection(format!(
-                "opening a connection took longer than pool_connection_create_timeout ({timeout:?})"
-            )))
+            Err(ConnectError {
+                host: format!("{}:{}", endpoint.host, endpoint.port),
+                stage: ConnectStage::Timeout,
+                reason: format!("no answer within pool_connection_create_timeout ({timeout:?})"),
+            })
         });
+        let now = tokio::time::Instant::now();
         let mut state = self.state.lock();
         state.opening -= 1;
-        if let Ok(connection) = &opened {
-            state.connections.push(Arc::clone(connection));
-        }
+        let transition = match &opened {
+            Ok(connection) => {
+                state.connections.push(Arc::clone(connection));
+                self.counts.opened.fetch_add(1, Ordering::Relaxed);
+                state.reconnect.opened(now)
+            }
+            Err(error) => {
+                self.counts.failures[error.stage.index()].fetch_add(1, Ordering::Relaxed);
+                state.reconnect.failed(error.clone(), started, now)
+            }
+        };
+        let next_attempt = state.reconnect.next_attempt();
         drop(state);
         self.capacity.notify_waiters();
-        if let Err(error) = &opened {
-            warn!(connection = id, %error, "opening a connection failed");
+        let host = format!("{}:{}", endpoint.host, endpoint.port);
+        let retry_in = next_attempt.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        let max_pause = self.config.reconnect_backoff_max();
+        // State changes are logged, not every attempt: an unreachable namespace must not flood the log.
+        match (&opened, transition) {
+            (Err(error), Transition::Down) => warn!(
+                %host, stage = error.stage.as_str(), %error, ?retry_in, ?max_pause,
+                "could not connect to Event Hubs; retrying with backoff"
+            ),
+            (
+                Err(error),
+                Transition::StillDown {
+                    remind: true,
+                    down_for,
+                    failed_attempts,
+                },
+            ) => warn!(
+                %host, stage = error.stage.as_str(), %error, ?down_for, failed_attempts, ?retry_in,
+                "still cannot connect to Event Hubs"
+            ),
+            (Err(error), _) => debug!(
+                connection = id, %host, stage = error.stage.as_str(), %error, ?retry_in,
+                "connection attempt failed"
+            ),
+            (
+                Ok(_),
+                Transition::Recovered {
+                    down_for,
+                    failed_attempts,
+                },
+            ) => info!(
+                connection = id, %host, ?down_for, failed_attempts,
+                "connected to Event Hubs again"
+            ),
+            (Ok(_), _) => {}
         }
         opened
     }
 
-    /// Any live connection (opening one if there is none), for management requests.
-    pub async fn any_connection(&self) -> Result<Arc<PooledConnection>, SendError> {
-        let existing = {
-            let mut state = self.state.lock();
-            state.connections.retain(|c| !c.is_lost());
-            let found = state.connections.iter().find(|c| !c.is_retiring()).cloned();
-            if found.is_none() {
-                state.opening += 1;
+    /// Any live connection (opening one if there is none), for management requests; waits as [`Self::link`].
+    pub async fn any_connection(
+        self: &Arc<Self>,
+        deadline: Instant,
+    ) -> Result<Arc<PooledConnection>, SendError> {
+        let pool_limit = Instant::now() + self.config.get_timeout();
+        loop {
+            let capacity = self.capacity.notified();
+            let retry_at = {
+                let mut state = self.state.lock();
+                state.connections.retain(|c| !c.is_lost());
+                if let Some(found) = state.connections.iter().find(|c| !c.is_retiring()) {
+                    return Ok(Arc::clone(found));
+                }
+                match state.try_start_attempt() {
+                    Gate::Open => None,
+                    Gate::Closed(at) => Some(at),
+                }
+            };
+            match retry_at {
+                None => return self.open_connection().await,
+                Some(at) => self.wait(capacity, at, deadline, pool_limit).await?,
             }
-            found
-        };
-        match existing {
-            Some(connection) => Ok(connection),
-            None => self.open_connection().await,
         }
+    }
+
+    /// Why no connection can be had, while none is open and the last attempt failed: that attempt's error.
+    pub fn unreachable(&self) -> Option<String> {
+        let state = self.state.lock();
+        if state
+            .connections
+            .iter()
+            .any(|c| !c.is_lost() && !c.is_retiring())
+        {
+            return None;
+        }
+        state.reconnect.last_error().map(ToString::to_string)
     }
 
     /// The pool's gauges now.
@@ -221,7 +549,11 @@ impl Pool {
         let mut stats = PoolStats {
             opening: state.opening,
             waiters: self.waiters.load(Ordering::Relaxed),
-            opened_total: self.next_id.load(Ordering::Relaxed),
+            opened_total: self.counts.opened.load(Ordering::Relaxed),
+            connect_attempts: self.counts.attempts.load(Ordering::Relaxed),
+            connect_failures: std::array::from_fn(|index| {
+                self.counts.failures[index].load(Ordering::Relaxed)
+            }),
             ..PoolStats::default()
         };
         for connection in state.connections.iter().filter(|c| !c.is_lost()) {
@@ -295,13 +627,12 @@ impl Pool {
                     replace = Some(Arc::clone(connection));
                 }
             }
-            if replace.is_some() {
-                state.opening += 1; // the replacement may exceed max_size for the overlap
+            // The replacement may exceed max_size for the overlap; like warming up, it waits out any backoff.
+            if replace.is_some() && state.try_start_attempt() != Gate::Open {
+                replace = None;
             }
-            let warm = live + state.opening < self.config.min_size;
-            if warm {
-                state.opening += 1;
-            }
+            let warm = live + state.opening < self.config.min_size
+                && state.try_start_attempt() == Gate::Open;
             (replace, close, warm)
         };
         for connection in close {
@@ -333,10 +664,168 @@ impl Pool {
                         old.retire();
                     }
                     Err(error) => {
-                        warn!(connection = old.id, %error, "could not open a replacement; keeping the old connection")
+                        // The failure itself is logged (as a state change) where the attempt ends.
+                        debug!(connection = old.id, %error, "could not open a replacement; keeping the old connection")
                     }
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant as TokioInstant;
+
+    const INITIAL: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn refused() -> ConnectError {
+        ConnectError {
+            host: "127.0.0.1:5672".into(),
+            stage: ConnectStage::Tcp,
+            reason: "Connection refused".into(),
+        }
+    }
+
+    #[test]
+    fn ceilings_double_per_failure_up_to_the_cap_and_start_over_after_a_success() {
+        let mut backoff = Backoff::new(INITIAL, MAX);
+        let mut ceilings = Vec::new();
+        for _ in 0..8 {
+            ceilings.push(backoff.ceiling().as_millis());
+            backoff.next_pause();
+        }
+        assert_eq!(ceilings, [200, 400, 800, 1600, 2000, 2000, 2000, 2000]);
+        for _ in 0..100 {
+            backoff.next_pause(); // far past the shift that would overflow
+        }
+        assert_eq!(backoff.ceiling(), MAX);
+        backoff.reset();
+        assert_eq!(backoff.ceiling(), INITIAL);
+    }
+
+    #[test]
+    fn pauses_are_jittered_over_the_whole_range_below_the_ceiling() {
+        let mut pauses = Vec::new();
+        for _ in 0..1000 {
+            let mut backoff = Backoff::new(INITIAL, MAX);
+            for _ in 0..3 {
+                backoff.next_pause();
+            }
+            assert_eq!(backoff.ceiling(), Duration::from_millis(1600));
+            pauses.push(backoff.next_pause());
+        }
+        let ceiling = Duration::from_millis(1600);
+        assert!(pauses.iter().all(|pause| *pause <= ceiling));
+        // Full jitter: draws reach both ends of [0, ceiling] (each bound fails with odds of 0.75^1000).
+        assert!(pauses.iter().any(|pause| *pause < ceiling / 4));
+        assert!(pauses.iter().any(|pause| *pause > ceiling * 3 / 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_wait_out_a_growing_capped_pause_one_at_a_time_and_reset_on_success() {
+        let mut reconnect = Reconnect::new(Backoff::new(INITIAL, MAX), OUTAGE_REMINDER_PERIOD);
+        let started = TokioInstant::now();
+        assert_eq!(reconnect.gate(started, 0), Gate::Open);
+        assert_eq!(
+            reconnect.gate(started, 3),
+            Gate::Open,
+            "healthy: attempts may overlap"
+        );
+        let mut attempts = 0u64;
+        while TokioInstant::now().duration_since(started) < Duration::from_secs(10) {
+            let now = TokioInstant::now();
+            let ceiling = reconnect.backoff.ceiling();
+            let transition = reconnect.failed(refused(), now, now);
+            attempts += 1;
+            if attempts == 1 {
+                assert_eq!(transition, Transition::Down);
+            } else {
+                assert!(
+                    matches!(transition, Transition::StillDown { remind: false, failed_attempts, .. } if failed_attempts == attempts)
+                );
+            }
+            let next = reconnect.next_attempt().unwrap();
+            assert!(next - now <= ceiling, "a pause above its ceiling");
+            assert_eq!(
+                reconnect.gate(now, 1),
+                Gate::Closed(None),
+                "one attempt at a time"
+            );
+            if next > now {
+                assert_eq!(reconnect.gate(now, 0), Gate::Closed(Some(next)));
+            }
+            tokio::time::sleep_until(next).await;
+            assert_eq!(reconnect.gate(TokioInstant::now(), 0), Gate::Open);
+            assert_eq!(reconnect.last_error(), Some(&refused()));
+        }
+        // No pause exceeds its ceiling (200 ms doubling to 2 s: the first seven sum to 9 s), so at least 8
+        // attempts; a fixed 200 ms cadence would have made 50, and these pauses average 1 s once capped.
+        assert!((8..30).contains(&attempts), "{attempts} attempts in 10 s");
+        let down_for = TokioInstant::now().duration_since(started);
+        assert_eq!(
+            reconnect.opened(TokioInstant::now()),
+            Transition::Recovered {
+                down_for,
+                failed_attempts: attempts
+            }
+        );
+        assert_eq!(reconnect.gate(TokioInstant::now(), 2), Gate::Open);
+        assert_eq!(reconnect.last_error(), None);
+        assert_eq!(
+            reconnect.backoff.ceiling(),
+            INITIAL,
+            "the next outage starts small"
+        );
+        let now = TokioInstant::now();
+        assert_eq!(reconnect.failed(refused(), now, now), Transition::Down);
+        assert!(reconnect.next_attempt().unwrap() - now <= INITIAL);
+        assert_eq!(
+            reconnect.opened(TokioInstant::now()),
+            Transition::Recovered {
+                down_for: Duration::ZERO,
+                failed_attempts: 1
+            }
+        );
+        assert_eq!(reconnect.opened(TokioInstant::now()), Transition::Opened);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_under_way_when_the_outage_began_do_not_push_the_next_one_out() {
+        let mut reconnect = Reconnect::new(Backoff::new(INITIAL, MAX), OUTAGE_REMINDER_PERIOD);
+        let started = TokioInstant::now();
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let now = TokioInstant::now();
+        // Four attempts opened together while all was well fail together.
+        assert_eq!(reconnect.failed(refused(), started, now), Transition::Down);
+        let next = reconnect.next_attempt();
+        for _ in 0..3 {
+            reconnect.failed(refused(), started, now);
+        }
+        assert_eq!(reconnect.next_attempt(), next);
+        assert_eq!(reconnect.backoff.ceiling(), INITIAL * 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_outage_is_recalled_once_a_reminder_period() {
+        let mut reconnect = Reconnect::new(Backoff::new(INITIAL, MAX), OUTAGE_REMINDER_PERIOD);
+        let mut reminders = Vec::new();
+        let started = TokioInstant::now();
+        for second in 0..=150u64 {
+            let now = TokioInstant::now();
+            if let Transition::StillDown { remind: true, .. } =
+                reconnect.failed(refused(), now, now)
+            {
+                reminders.push(second);
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(reminders, [60, 120]);
+        assert!(matches!(
+            reconnect.opened(TokioInstant::now()),
+            Transition::Recovered { failed_attempts: 151, down_for } if down_for == TokioInstant::now() - started
+        ));
     }
 }

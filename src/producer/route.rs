@@ -26,6 +26,9 @@ use super::throttle::{RateLimit, RateLimitLayer, Throttle};
 use crate::telemetry::otel;
 use tracing::Instrument;
 
+/// How long a keyed route answers without a partition id after it failed to learn its key's partition.
+const KEY_PARTITION_RETRY: Duration = Duration::from_secs(10);
+
 /// Where a route's batches go within a hub.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -67,7 +70,9 @@ pub struct RouteKey {
 /// Where an accepted event went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
-    /// The partition, when the producer knows it (partition ids and local partitioning).
+    /// The partition: the one asked for, the one local partitioning chose, or, for a partition key, the one
+    /// the service's hash picks (computed with that hash over the hub's partitions, read once per hub).
+    /// `None` only when the hub's partitions could not be read.
     pub partition_id: Option<String>,
 }
 
@@ -166,7 +171,12 @@ impl tower::Service<BatchRequest> for LinkService {
                 pool.link(&request.hub, request.partition.as_deref(), deadline),
             )
             .await
-            .unwrap_or(Err(SendError::DeadlineExceeded { last_error: None }))?;
+            .unwrap_or_else(|_| {
+                // Still waiting for a connection: while Event Hubs is unreachable, that is why.
+                Err(SendError::DeadlineExceeded {
+                    last_error: pool.unreachable(),
+                })
+            })?;
             let send = link.send(Arc::clone(&request.batch));
             tokio::pin!(send);
             loop {
@@ -290,6 +300,13 @@ pub trait RouteHost: Send + Sync + 'static {
         key: &RouteKey,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send + '_>>;
+    /// The partition Event Hubs stores an event with this partition key in.
+    fn key_partition<'a>(
+        &'a self,
+        hub: &'a str,
+        key: &'a str,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + 'a>>;
     /// Signalled when a new route waits for a slot: one idle route closes early.
     fn route_wanted(&self) -> &tokio::sync::Notify;
     /// Removes the route if `sender` is still its channel, no one else holds a sender of it and `is_empty`
@@ -312,10 +329,12 @@ pub async fn run_route<H: RouteHost>(
 ) {
     let partition: Option<Arc<str>> = key.target.partition_id().map(Arc::from);
     let partition_key = key.target.partition_key().map(str::to_owned);
-    let receipt = Receipt {
+    let mut receipt = Receipt {
         partition_id: partition.as_deref().map(str::to_owned),
     };
     let hub: Arc<str> = Arc::from(key.hub.as_str());
+    let key_hub = key.hub.clone();
+    let mut ask_key_partition_at = Instant::now();
     let mut limit: Option<u64> = None;
     let mut open: Option<OpenBatch> = None;
     let mut ready: VecDeque<Sealed> = VecDeque::new();
@@ -363,6 +382,19 @@ pub async fn run_route<H: RouteHost>(
                     if let Err(error) = BatchBuilder::check_fits_alone(partition_key.as_deref(), event.encoded.len(), event_limit) {
                         let _ = event.reply.send(Err(error));
                         continue;
+                    }
+                    if receipt.partition_id.is_none()
+                        && Instant::now() >= ask_key_partition_at
+                        && let Some(key) = partition_key.as_deref()
+                    {
+                        // Not knowing it does not stop the send; the route asks again a while later.
+                        match host.key_partition(&key_hub, key, event.deadline).await {
+                            Ok(id) => receipt.partition_id = Some(id),
+                            Err(error) => {
+                                ask_key_partition_at = Instant::now() + KEY_PARTITION_RETRY;
+                                tracing::debug!(hub = %key_hub, %error, "the partition of a key is not known");
+                            }
+                        }
                     }
                     let mut encoded = event.encoded;
                     loop {

@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 
 use crate::gateway::GatewayState;
 use crate::middleware::LoadShedLayer;
+use crate::producer::ConnectStage;
 
 /// Events taken from requests, by hub and RPC (`send_event`, `send_events`, `send_stream`).
 pub const EVENTS_RECEIVED: &str = "eventhub_gateway_events_received_total";
@@ -49,8 +50,13 @@ pub const POOL_WAITERS: &str = "eventhub_gateway_pool_waiters";
 pub const BUFFERED_BYTES: &str = "eventhub_gateway_buffered_bytes";
 /// Routes (hub + key, hub + partition, hub) with a batcher running.
 pub const PRODUCER_ROUTES: &str = "eventhub_gateway_producer_routes";
-/// Connections to Event Hubs opened since start.
+/// Connections to Event Hubs that opened since start (failed attempts are not counted).
 pub const CONNECTIONS_OPENED: &str = "eventhub_gateway_connections_opened_total";
+/// Connection attempts to Event Hubs since start, whatever their outcome.
+pub const CONNECTION_ATTEMPTS: &str = "eventhub_gateway_connection_attempts_total";
+/// Connection attempts that failed, by `reason`: the stage that failed (`proxy`, `tcp`, `tls`, `websocket`, `amqp`,
+/// `timeout`).
+pub const CONNECTION_FAILURES: &str = "eventhub_gateway_connection_failures_total";
 /// Tokens obtained from the credential since start.
 pub const TOKEN_REFRESHES: &str = "eventhub_gateway_token_refreshes_total";
 /// Token fetches that failed since start.
@@ -233,7 +239,19 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_OPENED,
         Unit::Count,
-        "Connections to Event Hubs opened since start."
+        "Connections to Event Hubs that opened since start (failed attempts are not counted)."
+    );
+    describe_counter!(
+        CONNECTION_ATTEMPTS,
+        Unit::Count,
+        "Connection attempts to Event Hubs since start, whatever their outcome."
+    );
+    describe_counter!(
+        CONNECTION_FAILURES,
+        Unit::Count,
+        "Connection attempts that failed, by reason: the stage that failed (proxy: the HTTP CONNECT proxy; tcp: refused, unreachable or \
+         unresolved; tls; websocket; amqp: AMQP/SASL open, session or $cbs links; timeout: \
+         pool_connection_create_timeout passed)."
     );
     describe_counter!(
         TOKEN_REFRESHES,
@@ -509,6 +527,11 @@ impl ScrapeSource {
         gauge!(BUFFERED_BYTES).set(stats.buffered_bytes as f64);
         gauge!(PRODUCER_ROUTES).set(stats.routes as f64);
         counter!(CONNECTIONS_OPENED).absolute(pool.opened_total);
+        counter!(CONNECTION_ATTEMPTS).absolute(pool.connect_attempts);
+        for stage in ConnectStage::ALL {
+            counter!(CONNECTION_FAILURES, "reason" => stage.as_str())
+                .absolute(pool.connect_failures_at(stage));
+        }
         counter!(TOKEN_REFRESHES).absolute(stats.token_refreshes);
         counter!(TOKEN_REFRESH_FAILURES).absolute(stats.token_failures);
         counter!(PRODUCER_RATE_LIMITED_BATCHES).absolute(stats.rate_limited_batches);

@@ -323,6 +323,10 @@ CONTRADICTIONS = {
     "pdb-blocks-every-drain": ({"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "no node can ever be drained"),
     "pdb-both-bounds": ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": 1}}, "exactly one"),
     "pool-bounds": ({"config": {"producer": {"min_size": 5}}}, "min_size must not exceed"),
+    "reconnect-backoff": (
+        {"config": {"producer": {"reconnect_backoff_initial_seconds": 60}}},
+        "reconnect_backoff_max_seconds must be at least",
+    ),
     "http2-windows": ({"config": {"limits": {"http2_stream_window_bytes": 1048576}}}, "64 times"),
 }
 

@@ -151,6 +151,9 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- if lt (float64 $producer.retry_max_backoff_ms) (float64 $producer.retry_initial_backoff_ms) }}
 {{- fail "config.producer.retry_max_backoff_ms must be at least retry_initial_backoff_ms" }}
 {{- end }}
+{{- if lt (float64 $producer.reconnect_backoff_max_seconds) (float64 $producer.reconnect_backoff_initial_seconds) }}
+{{- fail "config.producer.reconnect_backoff_max_seconds must be at least reconnect_backoff_initial_seconds" }}
+{{- end }}
 {{- if lt (float64 $v.config.limits.http2_connection_window_bytes) (mulf $v.config.limits.http2_stream_window_bytes 64) }}
 {{- fail "config.limits.http2_connection_window_bytes must be at least 64 times http2_stream_window_bytes" }}
 {{- end }}
