@@ -599,6 +599,74 @@ mod tests {
         }
     }
 
+    /// Frames (protocol headers among them) a well-formed stream would hold up to its first bad header.
+    fn well_formed_prefix(stream: &[u8]) -> usize {
+        let mut at = 0;
+        loop {
+            let rest = &stream[at..];
+            if rest.starts_with(b"AMQP") && rest.len() >= 8 {
+                at += 8;
+                continue;
+            }
+            if rest.len() < 5 {
+                return at;
+            }
+            let size = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let data_offset = usize::from(rest[4]);
+            if size < 8 || data_offset < 2 || data_offset * 4 > size || rest.len() < size {
+                return at;
+            }
+            at += size;
+        }
+    }
+
+    #[tokio::test]
+    async fn random_streams_pass_only_up_to_their_first_malformed_frame() {
+        // xorshift: the same 2,000 streams every run.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2_000 {
+            let mut stream = b"AMQP\x00\x01\x00\x00".to_vec();
+            for _ in 0..(next() % 6) {
+                let size = match next() % 4 {
+                    0 => next() % 8,
+                    _ => 8 + next() % 40,
+                } as u32;
+                stream.extend_from_slice(&size.to_be_bytes());
+                let data_offset = if next() % 5 == 0 {
+                    (next() % 12) as u8
+                } else {
+                    2
+                };
+                stream.push(data_offset);
+                for _ in 5..size.max(5) {
+                    stream.push(next() as u8);
+                }
+            }
+            let piece = 1 + (next() % 16) as usize;
+            let (seen, error) = read_through_guard(&stream, piece).await;
+            let good = well_formed_prefix(&stream);
+            assert!(
+                stream.starts_with(&seen) && seen.len() <= good + 4,
+                "{stream:?}: handed on {seen:?}"
+            );
+            if good == stream.len() {
+                assert!(error.is_none(), "{stream:?}: {error:?}");
+                assert_eq!(seen, stream);
+            } else {
+                assert!(
+                    error.is_some() || seen.len() < good + 5,
+                    "{stream:?}: a malformed frame went through"
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn frames_split_across_writes_are_reassembled() {
         let (client, mut server) = tokio::io::duplex(4096);
