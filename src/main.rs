@@ -90,6 +90,30 @@ struct EmulatorArgs {
     /// Also listen for AMQP over WebSockets at /$servicebus/websocket (wss with a certificate, ws without).
     #[arg(long)]
     websocket_listen: Option<std::net::SocketAddr>,
+    /// Most connections open at once [default: 1024].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most connections open at once from one IP address [default: 256].
+    #[arg(long)]
+    max_connections_per_peer: Option<usize>,
+    /// Most sessions on one connection [default: 256].
+    #[arg(long)]
+    max_sessions_per_connection: Option<usize>,
+    /// Most links on one connection, $cbs and $management included [default: 1024].
+    #[arg(long)]
+    max_links_per_connection: Option<usize>,
+    /// Most $cbs/$management links on a connection before it puts a valid token [default: 16].
+    #[arg(long)]
+    max_unauthorized_links_per_connection: Option<usize>,
+    /// Detach a $cbs/$management link whose connection put no valid token within this long [default: 5000].
+    #[arg(long, value_name = "MS")]
+    authorization_timeout_ms: Option<u64>,
+    /// Close a connection that has had no links for this long [default: 300000].
+    #[arg(long, value_name = "MS")]
+    idle_connection_timeout_ms: Option<u64>,
+    /// The AMQP idle-time-out announced; a peer silent for twice as long is dropped (0: none) [default: 60000].
+    #[arg(long, value_name = "MS")]
+    idle_time_out_ms: Option<u32>,
 }
 
 #[derive(Args)]
@@ -240,6 +264,40 @@ impl EmulatorArgs {
         }
         if let Some(addr) = self.websocket_listen {
             config.websocket_listen = Some(addr);
+        }
+        let limits = &mut config.limits;
+        let overrides = [
+            (&mut limits.max_connections, self.max_connections),
+            (
+                &mut limits.max_connections_per_peer,
+                self.max_connections_per_peer,
+            ),
+            (
+                &mut limits.max_sessions_per_connection,
+                self.max_sessions_per_connection,
+            ),
+            (
+                &mut limits.max_links_per_connection,
+                self.max_links_per_connection,
+            ),
+            (
+                &mut limits.max_unauthorized_links_per_connection,
+                self.max_unauthorized_links_per_connection,
+            ),
+        ];
+        for (field, value) in overrides {
+            if let Some(value) = value {
+                *field = value;
+            }
+        }
+        if let Some(ms) = self.authorization_timeout_ms {
+            limits.authorization_timeout_ms = ms;
+        }
+        if let Some(ms) = self.idle_connection_timeout_ms {
+            limits.idle_connection_timeout_ms = ms;
+        }
+        if let Some(ms) = self.idle_time_out_ms {
+            limits.idle_time_out_ms = ms;
         }
         Ok(config)
     }

@@ -48,7 +48,123 @@ pub struct EmulatorConfig {
     pub tls_listen: Option<SocketAddr>,
     /// Where to listen for AMQP over WebSockets (`/$servicebus/websocket`): wss with `tls`, ws without.
     pub websocket_listen: Option<SocketAddr>,
+    /// What clients may hold open, so that none can exhaust the emulator.
+    pub limits: LimitsConfig,
 }
+
+/// Bounds on connections, sessions and links, and the timeouts that reclaim unused ones. Anything over a cap is
+/// refused with `amqp:resource-limit-exceeded`; the defaults are far above what the official SDKs use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most connections open at once, over all listeners.
+    pub max_connections: usize,
+    /// Most connections open at once from one peer IP address.
+    pub max_connections_per_peer: usize,
+    /// Most sessions open at once on one connection (the .NET and JS SDKs open one per link).
+    pub max_sessions_per_connection: usize,
+    /// Most links attached at once on one connection, `$cbs` and `$management` included.
+    pub max_links_per_connection: usize,
+    /// Most `$cbs`/`$management` links attached at once on a connection that has not yet put a valid token.
+    pub max_unauthorized_links_per_connection: usize,
+    /// A `$cbs`/`$management` link whose connection has put no valid token within this long is detached with
+    /// `amqp:unauthorized-access`.
+    pub authorization_timeout_ms: u64,
+    /// A connection with no links for this long is closed with `amqp:connection:forced` (the service: 5 min).
+    pub idle_connection_timeout_ms: u64,
+    /// The AMQP `idle-time-out` announced in the emulator's `open`: a client sends at least a heartbeat this
+    /// often, and one silent for twice as long is taken for dead and dropped. 0 announces and checks nothing.
+    pub idle_time_out_ms: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_connections_per_peer: 256,
+            max_sessions_per_connection: 256,
+            max_links_per_connection: 1024,
+            max_unauthorized_links_per_connection: 16,
+            authorization_timeout_ms: 5_000,
+            idle_connection_timeout_ms: 300_000,
+            idle_time_out_ms: 60_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks each bound; errors name the field as `limits.<name>`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            field: format!("limits.{field}"),
+            reason,
+        };
+        for (field, value) in [
+            ("max_connections", self.max_connections),
+            ("max_connections_per_peer", self.max_connections_per_peer),
+            (
+                "max_sessions_per_connection",
+                self.max_sessions_per_connection,
+            ),
+            ("max_links_per_connection", self.max_links_per_connection),
+            (
+                "max_unauthorized_links_per_connection",
+                self.max_unauthorized_links_per_connection,
+            ),
+        ] {
+            if !(1..=MAX_COUNT_LIMIT).contains(&value) {
+                return Err(invalid(
+                    field,
+                    format!("must be between 1 and {MAX_COUNT_LIMIT}"),
+                ));
+            }
+        }
+        if self.max_connections_per_peer > self.max_connections {
+            return Err(invalid(
+                "max_connections_per_peer",
+                format!(
+                    "must not exceed limits.max_connections ({})",
+                    self.max_connections
+                ),
+            ));
+        }
+        if self.max_unauthorized_links_per_connection > self.max_links_per_connection {
+            return Err(invalid(
+                "max_unauthorized_links_per_connection",
+                format!(
+                    "must not exceed limits.max_links_per_connection ({})",
+                    self.max_links_per_connection
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("authorization_timeout_ms", self.authorization_timeout_ms),
+            (
+                "idle_connection_timeout_ms",
+                self.idle_connection_timeout_ms,
+            ),
+        ] {
+            if !(100..=MAX_TIMEOUT_MS).contains(&value) {
+                return Err(invalid(
+                    field,
+                    format!("must be between 100 and {MAX_TIMEOUT_MS} milliseconds"),
+                ));
+            }
+        }
+        if self.idle_time_out_ms != 0 && !(1_000..=3_600_000).contains(&self.idle_time_out_ms) {
+            return Err(invalid(
+                "idle_time_out_ms",
+                "must be 0 (none) or between 1000 and 3600000 milliseconds".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The largest value a count limit takes: beyond it, it would bound nothing.
+const MAX_COUNT_LIMIT: usize = 1_000_000;
+/// The longest timeout accepted: one day.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
 
 /// The emulator's TLS identity: a certificate chain (leaf first) and its private key, both PEM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +257,7 @@ impl Default for EmulatorConfig {
             tls: None,
             tls_listen: None,
             websocket_listen: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -255,7 +372,7 @@ impl EmulatorConfig {
                 "no listener uses it: set tls_listen or websocket_listen",
             ));
         }
-        Ok(())
+        self.limits.validate()
     }
 
     /// The connection string for clients, in the form Microsoft's emulator documents.
@@ -384,6 +501,67 @@ mod tests {
         assert!(err.starts_with("tls: no listener uses it"), "{err}");
         let debug = format!("{unused_tls:?}");
         assert!(!debug.contains("secret"), "{debug}");
+    }
+
+    #[test]
+    fn limits_are_validated_with_their_field_path() {
+        let with_limits = |limits: LimitsConfig| {
+            EmulatorConfig {
+                limits,
+                ..EmulatorConfig::default()
+            }
+            .validate()
+            .map_err(|err| err.to_string())
+        };
+        assert_eq!(with_limits(LimitsConfig::default()), Ok(()));
+        assert_eq!(
+            with_limits(LimitsConfig {
+                max_links_per_connection: 0,
+                ..LimitsConfig::default()
+            }),
+            Err("limits.max_links_per_connection: must be between 1 and 1000000".into())
+        );
+        assert_eq!(
+            with_limits(LimitsConfig {
+                max_connections: 10,
+                ..LimitsConfig::default()
+            }),
+            Err(
+                "limits.max_connections_per_peer: must not exceed limits.max_connections (10)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            with_limits(LimitsConfig {
+                max_links_per_connection: 8,
+                ..LimitsConfig::default()
+            }),
+            Err("limits.max_unauthorized_links_per_connection: must not exceed limits.max_links_per_connection (8)".into())
+        );
+        assert_eq!(
+            with_limits(LimitsConfig {
+                authorization_timeout_ms: 10,
+                ..LimitsConfig::default()
+            }),
+            Err(
+                "limits.authorization_timeout_ms: must be between 100 and 86400000 milliseconds"
+                    .into()
+            )
+        );
+        assert_eq!(
+            with_limits(LimitsConfig {
+                idle_time_out_ms: 500,
+                ..LimitsConfig::default()
+            }),
+            Err("limits.idle_time_out_ms: must be 0 (none) or between 1000 and 3600000 milliseconds".into())
+        );
+        assert_eq!(
+            with_limits(LimitsConfig {
+                idle_time_out_ms: 0,
+                ..LimitsConfig::default()
+            }),
+            Ok(())
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! One client connection: its sessions, and each incoming link checked (address, entity, token) and
 //! handed to the task that serves it, or refused with the error the service would send.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
@@ -16,17 +19,20 @@ use fe2o3_amqp_types::definitions::{
 use fe2o3_amqp_types::messaging::{Body, Source, Target, TargetArchetype};
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::Symbol;
+use parking_lot::Mutex;
 use serde_amqp::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::cbs::Grants;
+use super::config::LimitsConfig;
 use super::faults::Faults;
 use super::filter::start_position;
-use super::framing::FullFieldFrames;
+use super::framing::{FullFieldFrames, PeerActivity};
 use super::namespace::{Hub, Namespace, now_ms};
 use super::node::{Node, ReplyRoutes};
 use super::sasl::EventHubsSasl;
@@ -53,6 +59,98 @@ pub(crate) struct Shared {
     pub plain_acceptor: ConnectionAcceptor<(), ()>,
     /// Accepts every link, announcing the configured max-message-size.
     pub link_acceptor: DefaultLinkAcceptor,
+    /// The caps on connections, sessions and links, and the timeouts that reclaim them.
+    pub limits: LimitsConfig,
+    /// The connections open, in total and per peer address.
+    pub admissions: Arc<Admissions>,
+}
+
+/// How many over-cap connections may be in their handshake at once, to be told why they are refused;
+/// beyond that, an over-cap connection is dropped unanswered.
+const MAX_CONCURRENT_REFUSALS: usize = 64;
+/// How long closing a connection, session or link may wait for the peer's answer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connections open, in total and per peer address, against `limits.max_connections[_per_peer]`.
+#[derive(Debug, Default)]
+pub(crate) struct Admissions {
+    counts: Mutex<AdmissionCounts>,
+}
+
+#[derive(Debug, Default)]
+struct AdmissionCounts {
+    total: usize,
+    per_peer: HashMap<IpAddr, usize>,
+    refusing: usize,
+}
+
+/// A connection's place among the open ones (freed when dropped), or its refusal.
+#[derive(Debug)]
+pub(crate) struct ConnectionSlot {
+    admissions: Arc<Admissions>,
+    peer: IpAddr,
+    /// Why the connection is refused, once its handshake is done; `None` when it is admitted.
+    refusal: Option<String>,
+}
+
+impl Admissions {
+    /// Admits a connection from `peer`, or (within a bound) takes it in only to refuse it with a reason;
+    /// `None`: drop it unanswered.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        limits: &LimitsConfig,
+    ) -> Option<ConnectionSlot> {
+        let mut counts = self.counts.lock();
+        let from_peer = counts.per_peer.get(&peer).copied().unwrap_or(0);
+        let refusal = if counts.total >= limits.max_connections {
+            Some(format!(
+                "the emulator already holds its maximum of {} connections (limits.max_connections)",
+                limits.max_connections
+            ))
+        } else if from_peer >= limits.max_connections_per_peer {
+            Some(format!(
+                "{peer} already holds the maximum of {} connections per peer address \
+                 (limits.max_connections_per_peer)",
+                limits.max_connections_per_peer
+            ))
+        } else {
+            None
+        };
+        match &refusal {
+            None => {
+                counts.total += 1;
+                *counts.per_peer.entry(peer).or_default() += 1;
+            }
+            Some(_) if counts.refusing < MAX_CONCURRENT_REFUSALS => counts.refusing += 1,
+            Some(reason) => {
+                debug!(%peer, %reason, "connection dropped: too many refusals under way");
+                return None;
+            }
+        }
+        Some(ConnectionSlot {
+            admissions: Arc::clone(self),
+            peer,
+            refusal,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.admissions.counts.lock();
+        if self.refusal.is_some() {
+            counts.refusing -= 1;
+            return;
+        }
+        counts.total -= 1;
+        if let Some(from_peer) = counts.per_peer.get_mut(&self.peer) {
+            *from_peer -= 1;
+            if *from_peer == 0 {
+                counts.per_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// What the links of one connection share.
@@ -65,11 +163,145 @@ pub(crate) struct ConnectionContext {
     pub replies: ReplyRoutes,
     /// Signalled to close this connection with `amqp:connection:forced`.
     pub force_close: Notify,
+    /// Whether the connection has put a valid token on `$cbs` (or used one on `$management`).
+    pub authorized: AtomicBool,
+    /// How many links are attached.
+    pub links: watch::Sender<usize>,
+    /// How many of them were attached to `$cbs`/`$management` before the connection was authorized.
+    pub unauthorized_links: AtomicUsize,
+    /// How many sessions are begun.
+    pub sessions: AtomicUsize,
+}
+
+impl ConnectionContext {
+    /// Whether a valid token has been put or used on this connection.
+    pub(crate) fn is_authorized(&self) -> bool {
+        self.authorized.load(Ordering::Relaxed)
+    }
+
+    /// Records that a valid token was put or used.
+    pub(crate) fn mark_authorized(&self) {
+        self.authorized.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes a link's place against the caps; a `$cbs`/`$management` link (`node`) attached before the
+    /// connection is authorized also counts against the unauthorized cap and gets an authorization deadline.
+    fn reserve_link(self: &Arc<Self>, node: bool) -> Result<LinkSlot, definitions::Error> {
+        let limits = &self.shared.limits;
+        if *self.links.borrow() >= limits.max_links_per_connection {
+            return Err(resource_limit(format!(
+                "the connection already has its maximum of {} links (limits.max_links_per_connection)",
+                limits.max_links_per_connection
+            )));
+        }
+        let unauthorized = node && !self.is_authorized();
+        if unauthorized {
+            let max = limits.max_unauthorized_links_per_connection;
+            let reserved =
+                self.unauthorized_links
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n < max).then_some(n + 1)
+                    });
+            if reserved.is_err() {
+                return Err(resource_limit(format!(
+                    "the connection already has its maximum of {max} links attached before putting a valid \
+                     token on $cbs (limits.max_unauthorized_links_per_connection)"
+                )));
+            }
+        }
+        self.links.send_modify(|links| *links += 1);
+        let timeout = Duration::from_millis(limits.authorization_timeout_ms);
+        Ok(LinkSlot {
+            context: Arc::clone(self),
+            unauthorized,
+            authorization_deadline: unauthorized.then(|| Instant::now() + timeout),
+        })
+    }
+}
+
+/// A link's place against the connection's caps, freed when the task serving the link ends.
+#[derive(Debug)]
+pub(crate) struct LinkSlot {
+    context: Arc<ConnectionContext>,
+    unauthorized: bool,
+    /// When a link attached before its connection was authorized must be detached if it still is not.
+    pub authorization_deadline: Option<Instant>,
+}
+
+impl Drop for LinkSlot {
+    fn drop(&mut self) {
+        self.context.links.send_modify(|links| *links -= 1);
+        if self.unauthorized {
+            self.context
+                .unauthorized_links
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Resolves once `deadline` has passed with the connection still unauthorized; never when there is none
+/// or the connection was authorized by then.
+pub(crate) async fn authorization_lapsed(context: &ConnectionContext, deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline).await;
+        if !context.is_authorized() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// The error a `$cbs`/`$management` link is detached with when no valid token came in time.
+pub(crate) fn authorization_timed_out(context: &ConnectionContext) -> definitions::Error {
+    amqp_error(
+        AmqpError::UnauthorizedAccess,
+        format!(
+            "no valid token was put on $cbs within {} ms of this link's attach (limits.authorization_timeout_ms)",
+            context.shared.limits.authorization_timeout_ms
+        ),
+    )
+}
+
+/// Bounds a closing handshake: a dead peer never answers it.
+pub(crate) async fn bounded_close<T>(closing: impl Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(CLOSE_TIMEOUT, closing).await.ok()
+}
+
+fn resource_limit(description: String) -> definitions::Error {
+    amqp_error(AmqpError::ResourceLimitExceeded, description)
+}
+
+/// Resolves once the connection has had no link for `timeout` at a stretch.
+async fn no_links_for(links: &watch::Sender<usize>, timeout: Duration) {
+    let mut count = links.subscribe();
+    loop {
+        if count.wait_for(|links| *links == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => return,
+            _ = count.wait_for(|links| *links > 0) => {}
+        }
+    }
+}
+
+/// Resolves once the peer has sent nothing for `silence`; never when `silence` is `None`.
+async fn peer_silent(activity: &PeerActivity, silence: Option<Duration>) {
+    let Some(silence) = silence else {
+        return std::future::pending().await;
+    };
+    loop {
+        let silent_for = activity.silent_for();
+        if silent_for >= silence {
+            return;
+        }
+        tokio::time::sleep(silence - silent_for).await;
+    }
 }
 
 /// Serves one connection over any byte stream (plain TCP, TLS or WebSocket messages) until the client closes
 /// it, a fault closes it or the emulator shuts down.
-pub(crate) async fn serve_stream<S>(stream: S, shared: Arc<Shared>)
+pub(crate) async fn serve_stream<S>(stream: S, shared: Arc<Shared>, slot: ConnectionSlot)
 where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
 {
@@ -77,9 +309,17 @@ where
         debug!("refusing a connection (injected fault)");
         return;
     }
+    let limits = &shared.limits;
+    let activity = PeerActivity::new();
+    // However serving ends, the socket is let go: fe2o3 would hold it while a dead peer owes it a `close`.
+    let cut = CancellationToken::new();
+    let _cut_when_done = cut.clone().drop_guard();
     let handshake = async {
         let (header, stream) = read_protocol_header(stream).await?;
-        let stream = FullFieldFrames::new(Replay::new(header, stream));
+        let stream = FullFieldFrames::new(Replay::new(header, stream))
+            .announcing_idle_time_out(limits.idle_time_out_ms)
+            .recording_activity(Arc::clone(&activity))
+            .cut_by(cut.clone());
         Some(if header[4] == SASL_PROTOCOL_ID {
             shared.sasl_acceptor.accept(stream).await
         } else {
@@ -98,12 +338,29 @@ where
             return;
         }
     };
+    if let Some(reason) = &slot.refusal {
+        info!(peer = %slot.peer, %reason, "connection refused");
+        let error = resource_limit(reason.clone());
+        bounded_close(connection.close_with_error(error)).await;
+        return;
+    }
     let context = Arc::new(ConnectionContext {
         shared: Arc::clone(&shared),
         grants: Grants::default(),
         replies: ReplyRoutes::default(),
         force_close: Notify::new(),
+        authorized: AtomicBool::new(false),
+        links: watch::Sender::new(0),
+        unauthorized_links: AtomicUsize::new(0),
+        sessions: AtomicUsize::new(0),
     });
+    let idle_connection_timeout = Duration::from_millis(limits.idle_connection_timeout_ms);
+    let idle = no_links_for(&context.links, idle_connection_timeout);
+    // A peer heartbeats at most every idle-time-out (fe2o3 at exactly that period): twice that is slack enough.
+    let silence = (limits.idle_time_out_ms > 0)
+        .then(|| Duration::from_millis(u64::from(limits.idle_time_out_ms) * 2));
+    let silent = peer_silent(&activity, silence);
+    tokio::pin!(idle, silent);
     // fe2o3 writes a field equal to its default as null, and pyamqp cannot compare a null handle-max;
     // one below the default is written out and limits nothing in practice.
     let session_acceptor = SessionAcceptor::builder().handle_max(u32::MAX - 1).build();
@@ -113,7 +370,20 @@ where
                 let Some(incoming) = incoming else { break };
                 match session_acceptor.accept_incoming_session(incoming, &mut connection).await {
                     Ok(session) => {
-                        shared.tasks.spawn(serve_session(session, Arc::clone(&context)));
+                        let max = limits.max_sessions_per_connection;
+                        let reserved = context.sessions.fetch_update(
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                            |n| (n < max).then_some(n + 1),
+                        );
+                        if reserved.is_ok() {
+                            shared.tasks.spawn(serve_session(session, Arc::clone(&context)));
+                        } else {
+                            let error = resource_limit(format!(
+                                "the connection already has its maximum of {max} sessions (limits.max_sessions_per_connection)"
+                            ));
+                            shared.tasks.spawn(refuse_session(session, error));
+                        }
                     }
                     Err(err) => {
                         debug!(%err, "session not begun");
@@ -128,14 +398,41 @@ where
                     Some("the connection was closed by an injected fault".to_owned()),
                     None,
                 );
-                let closed = connection.close_with_error(error).await;
+                let closed = bounded_close(connection.close_with_error(error)).await;
                 debug!(?closed, "connection force-closed");
+                return;
+            }
+            () = &mut idle => {
+                debug!(?idle_connection_timeout, "closing a connection that has had no links");
+                let error = amqp_error(
+                    ConnectionError::ConnectionForced,
+                    format!(
+                        "the connection had no links for {} ms (limits.idle_connection_timeout_ms)",
+                        limits.idle_connection_timeout_ms
+                    ),
+                );
+                bounded_close(connection.close_with_error(error)).await;
+                return;
+            }
+            () = &mut silent => {
+                info!(?silence, "closing a connection whose peer has sent nothing, not even a heartbeat");
+                let error = resource_limit(format!(
+                    "nothing was received for twice the idle-time-out of {} ms (limits.idle_time_out_ms)",
+                    limits.idle_time_out_ms
+                ));
+                bounded_close(connection.close_with_error(error)).await;
                 return;
             }
             () = shared.shutdown.cancelled() => break,
         }
     }
-    let _ = connection.close().await;
+    bounded_close(connection.close()).await;
+}
+
+/// Ends a session begun over the cap with the reason.
+async fn refuse_session(mut session: ListenerSessionHandle, error: definitions::Error) {
+    debug!(?error, "refusing a session");
+    bounded_close(session.end_with_error(error)).await;
 }
 
 /// The protocol id of the SASL layer's header, `AMQP\x03\x01\x00\x00`.
@@ -152,6 +449,7 @@ async fn read_protocol_header<S: AsyncRead + Unpin>(mut stream: S) -> Option<([u
 }
 
 async fn serve_session(mut session: ListenerSessionHandle, context: Arc<ConnectionContext>) {
+    let _slot = SessionSlot(Arc::clone(&context));
     loop {
         tokio::select! {
             attach = session.next_incoming_attach() => match attach {
@@ -161,7 +459,16 @@ async fn serve_session(mut session: ListenerSessionHandle, context: Arc<Connecti
             () = context.shared.shutdown.cancelled() => break,
         }
     }
-    let _ = session.end().await;
+    bounded_close(session.end()).await;
+}
+
+/// A session's place against `limits.max_sessions_per_connection`, freed when the session's task ends.
+struct SessionSlot(Arc<ConnectionContext>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a link will be served as, once its attach has been checked.
@@ -181,7 +488,13 @@ async fn accept_link(
     session: &mut ListenerSessionHandle,
     context: &Arc<ConnectionContext>,
 ) {
-    let plan = plan_link(&attach, context);
+    // Checked after the plan so that a refused link's name is the one its address deserves; a plan holds
+    // nothing (a consumer's reader registration) that dropping it does not release.
+    let plan = plan_link(&attach, context).and_then(|plan| {
+        let node = matches!(plan, LinkPlan::Requests(_) | LinkPlan::Replies(_));
+        let slot = context.reserve_link(node)?;
+        Ok((plan, slot))
+    });
     let shared = &context.shared;
     let link = match shared
         .link_acceptor
@@ -203,37 +516,40 @@ async fn accept_link(
                 LinkEndpoint::Receiver(receiver) => drop(receiver.close_with_error(error).await),
             }
         }
-        (Ok(LinkPlan::Requests(node)), LinkEndpoint::Receiver(receiver)) => {
+        (Ok((LinkPlan::Requests(node), slot)), LinkEndpoint::Receiver(receiver)) => {
             shared
                 .tasks
-                .spawn(node::serve_requests(receiver, node, context));
+                .spawn(node::serve_requests(receiver, node, context, slot));
         }
-        (Ok(LinkPlan::Replies(node)), LinkEndpoint::Sender(sender)) => {
+        (Ok((LinkPlan::Replies(node), slot)), LinkEndpoint::Sender(sender)) => {
             let responses = context.replies.register(node);
-            shared.tasks.spawn(node::serve_replies(
-                sender,
-                responses,
-                context.shared.shutdown.clone(),
-            ));
+            shared
+                .tasks
+                .spawn(node::serve_replies(sender, responses, context, slot));
         }
         (
-            Ok(LinkPlan::Ingest {
-                hub,
-                partition,
-                authorization_path,
-            }),
+            Ok((
+                LinkPlan::Ingest {
+                    hub,
+                    partition,
+                    authorization_path,
+                },
+                slot,
+            )),
             LinkEndpoint::Receiver(receiver),
         ) => {
-            shared.tasks.spawn(ingest::serve(
-                receiver,
-                hub,
-                partition,
-                authorization_path,
-                context,
-            ));
+            let serving = ingest::serve(receiver, hub, partition, authorization_path, context);
+            shared.tasks.spawn(async move {
+                let _slot = slot;
+                serving.await;
+            });
         }
-        (Ok(LinkPlan::Consume(link)), LinkEndpoint::Sender(sender)) => {
-            shared.tasks.spawn(consume::serve(sender, link, context));
+        (Ok((LinkPlan::Consume(link), slot)), LinkEndpoint::Sender(sender)) => {
+            let serving = consume::serve(sender, link, context);
+            shared.tasks.spawn(async move {
+                let _slot = slot;
+                serving.await;
+            });
         }
         (Ok(_), _) => warn!("a link was attached with a role its plan does not fit"),
     }

@@ -25,13 +25,16 @@ use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, SupportedReceiverSettleModes};
 use fe2o3_amqp_types::definitions::ReceiverSettleMode;
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
-pub use self::config::{ConfigError, EmulatorConfig, HubConfig, PemSource, TlsConfig};
-use self::connection::Shared;
+pub use self::config::{
+    ConfigError, EmulatorConfig, HubConfig, LimitsConfig, PemSource, TlsConfig,
+};
+use self::connection::{Admissions, ConnectionSlot, Shared};
 pub use self::faults::Faults;
 use self::namespace::{Namespace, now_ms};
 pub use self::partition_log::{PartitionProperties, StoredEvent};
@@ -116,6 +119,8 @@ impl Emulator {
                 .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
                 .fallback_receiver_settle_mode(ReceiverSettleMode::First)
                 .build(),
+            limits: config.limits.clone(),
+            admissions: Arc::new(Admissions::default()),
         });
         shared.tasks.spawn(accept_connections(
             listener,
@@ -130,7 +135,7 @@ impl Emulator {
                     listener,
                     Arc::clone(&shared),
                     "amqps",
-                    move |stream, shared| tls::serve(stream, acceptor.clone(), shared),
+                    move |stream, shared, slot| tls::serve(stream, acceptor.clone(), shared, slot),
                 ));
                 info!(%addr, "emulator listening for AMQPS");
                 Some(addr)
@@ -143,7 +148,9 @@ impl Emulator {
                 listener,
                 Arc::clone(&shared),
                 "websockets",
-                move |stream, shared| websocket::serve(stream, tls_acceptor.clone(), shared),
+                move |stream, shared, slot| {
+                    websocket::serve(stream, tls_acceptor.clone(), shared, slot)
+                },
             ));
             info!(%addr, path = websocket::WEBSOCKET_PATH, "emulator listening for AMQP over WebSockets");
             addr
@@ -280,13 +287,15 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), EmulatorErr
 
 /// Accepts connections until shutdown and serves each (TCP_NODELAY set) as a tracked task; `serve` is what the
 /// listener's transport does with the stream: AMQP at once, or a TLS handshake or WebSocket upgrade first.
+/// A connection over the caps is served only to be refused; a panic while serving one ends that connection
+/// alone, logged in one line.
 async fn accept_connections<F, Fut>(
     listener: TcpListener,
     shared: Arc<Shared>,
     transport: &'static str,
     serve: F,
 ) where
-    F: Fn(TcpStream, Arc<Shared>) -> Fut,
+    F: Fn(TcpStream, Arc<Shared>, ConnectionSlot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -294,10 +303,23 @@ async fn accept_connections<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     debug!(%peer, transport, "connection accepted");
+                    let Some(slot) = shared.admissions.admit(peer.ip(), &shared.limits) else {
+                        continue;
+                    };
                     if let Err(err) = stream.set_nodelay(true) {
                         debug!(%err, "cannot set TCP_NODELAY");
                     }
-                    shared.tasks.spawn(serve(stream, Arc::clone(&shared)));
+                    let serving = std::panic::AssertUnwindSafe(serve(stream, Arc::clone(&shared), slot));
+                    shared.tasks.spawn(async move {
+                        if let Err(panic) = serving.catch_unwind().await {
+                            let reason = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| (*s).to_owned())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            error!(%peer, transport, %reason, "serving a connection panicked; it is closed");
+                        }
+                    });
                 }
                 Err(err) => {
                     // Out of file descriptors and the like: back off instead of spinning.

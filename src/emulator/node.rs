@@ -14,7 +14,10 @@ use std::sync::Arc;
 use fe2o3_amqp::link::{Receiver, Sender};
 
 use super::cbs::{self, PutToken};
-use super::connection::{ConnectionContext, next_message};
+use super::connection::{
+    ConnectionContext, LinkSlot, authorization_lapsed, authorization_timed_out, bounded_close,
+    next_message,
+};
 use super::management;
 use super::namespace::now_ms;
 
@@ -112,16 +115,30 @@ impl ReplyRoutes {
 
 /// Serves a request link on `$cbs` or `$management`: each request is accepted, answered by its node, and
 /// the response sent to the connection's reply link for that node.
+/// A link attached before its connection was authorized is detached if no valid token comes in time.
 pub(crate) async fn serve_requests(
     mut receiver: Receiver,
     node: Node,
     context: Arc<ConnectionContext>,
+    slot: LinkSlot,
 ) {
     loop {
-        let request = match next_message(&mut receiver).await {
-            Ok(delivery) => delivery,
-            Err(err) => {
+        let next = tokio::select! {
+            next = next_message(&mut receiver) => Some(next),
+            () = authorization_lapsed(&context, slot.authorization_deadline) => None,
+        };
+        let request = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(err)) => {
                 debug!(%err, ?node, "request link ended");
+                return;
+            }
+            None => {
+                debug!(
+                    ?node,
+                    "detaching a request link: its connection put no valid token in time"
+                );
+                bounded_close(receiver.close_with_error(authorization_timed_out(&context))).await;
                 return;
             }
         };
@@ -140,6 +157,9 @@ pub(crate) async fn serve_requests(
                     now,
                     generation,
                 );
+                if status.code == 202 {
+                    context.mark_authorized();
+                }
                 response(&request, &status, Value::Null)
             }
             Node::Management => match management::handle(
@@ -149,7 +169,11 @@ pub(crate) async fn serve_requests(
                 now,
                 generation,
             ) {
-                Ok(body) => response(&request, &Status::new(200, "OK"), body),
+                Ok(body) => {
+                    // Answered only with a valid token (its own, or one put on $cbs).
+                    context.mark_authorized();
+                    response(&request, &Status::new(200, "OK"), body)
+                }
                 Err(status) => response(&request, &status, Value::Null),
             },
         };
@@ -162,14 +186,22 @@ pub(crate) async fn serve_requests(
     }
 }
 
-/// Serves a reply link: sends each response routed to it until the client detaches.
+/// Serves a reply link: sends each response routed to it until the client detaches, or (attached before its
+/// connection was authorized) no valid token comes in time.
 pub(crate) async fn serve_replies(
     mut sender: Sender,
     mut responses: mpsc::UnboundedReceiver<AnyMessage>,
-    shutdown: CancellationToken,
+    context: Arc<ConnectionContext>,
+    slot: LinkSlot,
 ) {
+    let shutdown: &CancellationToken = &context.shared.shutdown;
     loop {
         tokio::select! {
+            () = authorization_lapsed(&context, slot.authorization_deadline) => {
+                debug!("detaching a reply link: its connection put no valid token in time");
+                bounded_close(sender.close_with_error(authorization_timed_out(&context))).await;
+                return;
+            }
             response = responses.recv() => {
                 let Some(response) = response else { return };
                 if sender.send_batchable(response).await.is_err() {

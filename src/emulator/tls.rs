@@ -12,7 +12,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::config::{ConfigError, TlsConfig};
-use super::connection::{self, HANDSHAKE_TIMEOUT, Shared};
+use super::connection::{self, ConnectionSlot, HANDSHAKE_TIMEOUT, Shared};
 
 /// The rustls server configuration for a certificate chain and key; errors name `tls.cert` or `tls.key`.
 pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
@@ -79,8 +79,13 @@ pub(crate) async fn handshake(
 }
 
 /// Serves one AMQPS connection: TLS handshake, then the same serving as plain AMQP.
-pub(crate) async fn serve(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+pub(crate) async fn serve(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+) {
     if let Some(tls_stream) = handshake(stream, &acceptor, &shared).await {
-        connection::serve_stream(tls_stream, shared).await;
+        connection::serve_stream(tls_stream, shared, slot).await;
     }
 }

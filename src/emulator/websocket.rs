@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::debug;
 
-use super::connection::{self, HANDSHAKE_TIMEOUT, Shared};
+use super::connection::{self, ConnectionSlot, HANDSHAKE_TIMEOUT, Shared};
 
 /// The path Event Hubs serves AMQP over WebSockets on; the SDKs add a trailing slash or not.
 pub const WEBSOCKET_PATH: &str = "/$servicebus/websocket";
@@ -28,18 +28,23 @@ const SUBPROTOCOLS: [&str; 2] = ["AMQPWSB10", "amqp"];
 const SEC_WEBSOCKET_PROTOCOL: &str = "Sec-WebSocket-Protocol";
 
 /// Serves one WebSocket connection: TLS handshake when configured (wss), upgrade, then AMQP as usual.
-pub(crate) async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+pub(crate) async fn serve(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+) {
     match tls {
         Some(acceptor) => {
             if let Some(tls_stream) = super::tls::handshake(stream, &acceptor, &shared).await {
-                upgrade_and_serve(tls_stream, shared).await;
+                upgrade_and_serve(tls_stream, shared, slot).await;
             }
         }
-        None => upgrade_and_serve(stream, shared).await,
+        None => upgrade_and_serve(stream, shared, slot).await,
     }
 }
 
-async fn upgrade_and_serve<S>(stream: S, shared: Arc<Shared>)
+async fn upgrade_and_serve<S>(stream: S, shared: Arc<Shared>, slot: ConnectionSlot)
 where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
 {
@@ -56,7 +61,7 @@ where
         },
         () = shared.shutdown.cancelled() => return,
     };
-    connection::serve_stream(WebSocketBytes::new(websocket), shared).await;
+    connection::serve_stream(WebSocketBytes::new(websocket), shared, slot).await;
 }
 
 /// Accepts the upgrade only on the Event Hubs path and with an AMQP subprotocol, which it echoes.

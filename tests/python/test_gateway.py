@@ -480,10 +480,6 @@ def test_stream_messages_may_carry_many_events_each_acked_on_its_own_sequence(ap
             assert rich.fields == ["events[7].body"], rich
         else:
             assert ack.status.code == 0, (ack.sequence, result_status(api, ack.status))
-    sent_text = {sequence: event.text for sequence, event in events}
-    acked_partition = {
-        sent_text[ack.sequence].split(":", 1)[1]: ack.partition_id for ack in acks if ack.sequence != bad
-    }
     stored = read_since(gateway.connection_string, "eh1", before, timeout=60)
     per_key = collections.defaultdict(list)
     for partition_events in stored.values():

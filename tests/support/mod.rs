@@ -787,6 +787,22 @@ where
     false
 }
 
+/// The binary under test: `EVENTHUB_GATEWAY_BIN`, else the one Cargo built.
+fn gateway_binary() -> String {
+    std::env::var("EVENTHUB_GATEWAY_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_eventhub-gateway").to_owned())
+}
+
+/// The resident set size of process `pid` (VmRSS in /proc), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the process is running")
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
 /// A `serve` process of the real binary on free loopback ports, killed when dropped.
 pub struct GatewayProcess {
     child: std::process::Child,
@@ -799,7 +815,7 @@ impl GatewayProcess {
     /// for the JSON line that names its listeners.
     pub fn start_emulated(args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eventhub-gateway"))
+        let mut child = std::process::Command::new(gateway_binary())
             .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(args)
@@ -823,14 +839,7 @@ impl GatewayProcess {
 
     /// Its resident set size, bytes (`VmRSS` of /proc/<pid>/status).
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the gateway is running");
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status");
-        kib * 1024
+        rss_kib(self.child.id()) * 1024
     }
 
     /// A gRPC client of it.
@@ -848,6 +857,105 @@ impl GatewayProcess {
 }
 
 impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `eventhub-gateway emulator` binary run as a child process, its stderr collected; killed on drop.
+pub struct EmulatorProcess {
+    child: std::process::Child,
+    /// The plain AMQP address.
+    pub addr: SocketAddr,
+    /// The WebSocket address, when `--websocket-listen` was given.
+    pub websocket_addr: Option<SocketAddr>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl EmulatorProcess {
+    /// Starts the binary (`EVENTHUB_GATEWAY_BIN`, else the one Cargo built) with `args` after `emulator
+    /// --listen 127.0.0.1:0`, and waits for its connection string.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(gateway_binary())
+            .args(["emulator", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the emulator binary starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line
+            .split("Endpoint=sb://localhost:")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no connection string on stdout: {line:?}"));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (websocket_tx, websocket_rx) = std::sync::mpsc::channel();
+        let collected = std::sync::Arc::clone(&stderr);
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        std::thread::spawn(move || {
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(rest) = line.split("AMQP over WebSockets on ws://").nth(1) {
+                    let _ = websocket_tx.send(rest.split('/').next().map(str::to_owned));
+                }
+                let mut all = collected.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        let websocket_addr = args.contains(&"--websocket-listen").then(|| {
+            websocket_rx
+                .recv_timeout(TIMEOUT)
+                .ok()
+                .flatten()
+                .and_then(|addr| addr.parse().ok())
+                .expect("the WebSocket address on stderr")
+        });
+        Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            websocket_addr,
+            stderr,
+        }
+    }
+
+    /// The process's resident set size (VmRSS in /proc), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+
+    /// What the process has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Opens a plain AMQP connection to it (SASL ANONYMOUS, as the SDKs do).
+    pub async fn connect(&self) -> ConnectionHandle<()> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        tokio::time::timeout(
+            TIMEOUT,
+            fe2o3_amqp::Connection::builder()
+                .container_id("test-client")
+                .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
+                .open_with_stream(stream),
+        )
+        .await
+        .expect("open in time")
+        .expect("open")
+    }
+}
+
+impl Drop for EmulatorProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
