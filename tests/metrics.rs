@@ -144,12 +144,17 @@ async fn counters_match_the_events_sent_through_every_rpc() {
     assert!(value("eventhub_gateway_connections_opened_total", &[]).unwrap() >= 1.0);
     assert!(value("eventhub_gateway_token_refreshes_total", &[]).unwrap() >= 1.0);
     assert_eq!(value("eventhub_gateway_ready", &[]), Some(1.0));
+    for bound in ["total", "per_client"] {
+        assert_eq!(
+            value("eventhub_gateway_shed_calls_total", &[("bound", bound)]),
+            Some(0.0)
+        );
+    }
     for present in [
         "eventhub_gateway_pool_waiters",
         "eventhub_gateway_batches_in_flight",
         "eventhub_gateway_buffered_bytes",
         "eventhub_gateway_calls_in_flight",
-        "eventhub_gateway_shed_calls_total",
         "eventhub_gateway_rate_limited_events_total",
         "eventhub_gateway_token_refresh_failures_total",
         "eventhub_gateway_producer_rate_limited_batches_total",

@@ -90,6 +90,19 @@ pub enum GatewayError {
         /// What the stream had read.
         progress: StreamProgress,
     },
+    /// The stream read nothing and had nothing unacknowledged for `limits.stream_idle_timeout_seconds`: it is
+    /// ended to give its call slot back.
+    #[error(
+        "the stream was idle (nothing read, nothing unacknowledged) for {idle:?} \
+         (limits.stream_idle_timeout_seconds) after {progress}, and is ended to free its call slot; open a new \
+         stream when there are events to send"
+    )]
+    StreamIdle {
+        /// The idle timeout.
+        idle: Duration,
+        /// What the stream had read.
+        progress: StreamProgress,
+    },
 }
 
 /// Why a `SendStream` message could not be read.
@@ -163,6 +176,7 @@ mod reason {
     pub const REQUEST_TOO_LARGE: &str = "REQUEST_TOO_LARGE";
     pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
     pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
+    pub const STREAM_IDLE: &str = "STREAM_IDLE";
 }
 
 /// A status under construction.
@@ -276,6 +290,9 @@ impl GatewayError {
             Self::StreamDeadlineExceeded { progress } => {
                 Built::new(Code::DeadlineExceeded, reason::DEADLINE_EXCEEDED).progress(progress)
             }
+            Self::StreamIdle { progress, .. } => Built::new(Code::Unavailable, reason::STREAM_IDLE)
+                .retry(Duration::ZERO)
+                .progress(progress),
         }
     }
 
@@ -296,6 +313,8 @@ impl GatewayError {
             reason::EVENT_HUBS_REJECTED => "event_hubs_rejected",
             reason::REQUEST_TOO_LARGE => "request_too_large",
             reason::MALFORMED_REQUEST => "malformed_request",
+            reason::OUTCOME_UNKNOWN => "outcome_unknown",
+            reason::STREAM_IDLE => "stream_idle",
             // Every reason is listed above (a test checks each); a new one shows as this until it is added.
             _ => "other",
         }
@@ -576,6 +595,24 @@ mod tests {
                 },
                 Code::DeadlineExceeded,
                 "DEADLINE_EXCEEDED",
+            ),
+            (
+                GatewayError::event(
+                    "event",
+                    SendError::OutcomeUnknown {
+                        last_error: "no disposition".into(),
+                    },
+                ),
+                Code::Unknown,
+                "OUTCOME_UNKNOWN",
+            ),
+            (
+                GatewayError::StreamIdle {
+                    idle: Duration::from_secs(300),
+                    progress: StreamProgress::default(),
+                },
+                Code::Unavailable,
+                "STREAM_IDLE",
             ),
         ];
         for (error, code, reason) in cases {

@@ -486,16 +486,20 @@ impl Producer {
     }
 
     /// Flushes every buffered event, waits (at most `send_timeout`) for every outcome, then closes links and
-    /// connections. Sends after this fail with [`SendError::Closed`].
-    pub async fn close(&self) {
+    /// connections; returns whether every event enqueued got its outcome. Sends after this fail with
+    /// [`SendError::Closed`].
+    pub async fn close(&self) -> bool {
         let inner = &self.inner;
         inner.closing.cancel();
         // Dropping the route senders lets each route flush what it holds and end.
         inner.routes.lock().clear();
         inner.tasks.close();
-        let _ = tokio::time::timeout(inner.config.default_deadline(), inner.tasks.wait()).await;
+        let answered = tokio::time::timeout(inner.config.default_deadline(), inner.tasks.wait())
+            .await
+            .is_ok();
         inner.stop.cancel();
         inner.pool.close(Duration::from_secs(5)).await;
+        answered
     }
 }
 

@@ -66,7 +66,7 @@ pub const PRODUCER_RATE_LIMITED_BATCHES: &str =
     "eventhub_gateway_producer_rate_limited_batches_total";
 /// Events refused by the gateway's per-client or global rate limit.
 pub const RATE_LIMITED_EVENTS: &str = "eventhub_gateway_rate_limited_events_total";
-/// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls`.
+/// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls` or `limits.max_calls_per_client`.
 pub const SHED_CALLS: &str = "eventhub_gateway_shed_calls_total";
 /// gRPC calls in flight.
 pub const CALLS_IN_FLIGHT: &str = "eventhub_gateway_calls_in_flight";
@@ -276,7 +276,7 @@ fn describe() {
     describe_counter!(
         SHED_CALLS,
         Unit::Count,
-        "Calls answered OVERLOADED at once because limits.max_concurrent_calls were in flight."
+        "Calls answered OVERLOADED at once: limits.max_concurrent_calls (bound=total) or the caller's limits.max_calls_per_client (bound=per_client) were in flight."
     );
     describe_gauge!(CALLS_IN_FLIGHT, Unit::Count, "gRPC calls in flight.");
     describe_gauge!(STREAMS_OPEN, Unit::Count, "SendStream calls open.");
@@ -536,7 +536,9 @@ impl ScrapeSource {
         counter!(TOKEN_REFRESH_FAILURES).absolute(stats.token_failures);
         counter!(PRODUCER_RATE_LIMITED_BATCHES).absolute(stats.rate_limited_batches);
         counter!(RATE_LIMITED_EVENTS).absolute(self.state.rate_limits().refused());
-        counter!(SHED_CALLS).absolute(self.shed.shed_total());
+        let shed_per_client = self.shed.shed_per_client_total();
+        counter!(SHED_CALLS, "bound" => "total").absolute(self.shed.shed_total() - shed_per_client);
+        counter!(SHED_CALLS, "bound" => "per_client").absolute(shed_per_client);
         gauge!(CALLS_IN_FLIGHT).set(self.shed.in_flight() as f64);
         gauge!(READY).set(if self.readiness().is_ok() { 1.0 } else { 0.0 });
         // Registered here so the page lists it before the first stream opens.

@@ -854,6 +854,49 @@ impl GatewayProcess {
         .await
         .expect("connects to the gateway process")
     }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit; its exit status, or `None` if it is
+    /// still running.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        let give_up = std::time::Instant::now() + within;
+        while std::time::Instant::now() < give_up {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// A gRPC client of the gateway at `server` whose connection comes from the loopback address `source` (so a
+/// test can play several clients, each with its own peer address), with an HTTP/2 stream window of
+/// `stream_window` bytes when given (0: a client that never takes a response's data).
+pub async fn client_from(
+    server: SocketAddr,
+    source: std::net::Ipv4Addr,
+    stream_window: Option<u32>,
+) -> eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
+    tonic::transport::Channel,
+> {
+    let connector = tower::service_fn(move |_: http::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((source, 0)))?;
+        let stream = socket.connect(server).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+        .expect("a valid URI")
+        .initial_stream_window_size(stream_window)
+        .connect_with_connector(connector)
+        .await
+        .expect("connects to the gateway");
+    eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::new(channel)
 }
 
 impl Drop for GatewayProcess {
