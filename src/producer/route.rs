@@ -632,15 +632,10 @@ mod tests {
 
     const POISON: &[u8] = b"poison";
 
+    type Outcomes = Vec<oneshot::Receiver<Result<Receipt, SendError>>>;
+
     /// A sealed request of `bodies` (each a batch section) and the receivers of its callers' outcomes.
-    fn request(
-        bodies: &[Vec<u8>],
-    ) -> (
-        BatchRequest,
-        Waiters,
-        Vec<oneshot::Receiver<Result<Receipt, SendError>>>,
-        Vec<Arc<Claim>>,
-    ) {
+    fn request(bodies: &[Vec<u8>]) -> (BatchRequest, Waiters, Outcomes, Vec<Arc<Claim>>) {
         let permits = Arc::new(Semaphore::new(bodies.len()));
         let mut builder = BatchBuilder::new(None, u64::MAX);
         let mut waiters = Waiters::new();
@@ -698,10 +693,7 @@ mod tests {
         }
     }
 
-    fn answered(
-        answers: Answers,
-        outcomes: Vec<oneshot::Receiver<Result<Receipt, SendError>>>,
-    ) -> Vec<Result<Receipt, SendError>> {
+    fn answered(answers: Answers, outcomes: Outcomes) -> Vec<Result<Receipt, SendError>> {
         let receipt = Receipt { partition_id: None };
         for (result, waiters) in answers {
             for (reply, _permit) in waiters {
