@@ -14,9 +14,11 @@ from gateway_client import (
     body,
     call_status,
     check_error,
+    collect_acks,
     partition_positions,
     read_since,
     result_status,
+    stream_requests,
 )
 
 Code = grpc.StatusCode
@@ -121,6 +123,31 @@ def test_a_send_events_request_answers_each_rule_breaker_alone(api, gateway):
         rich = check_error(result_status(api, results[2 * index + 1].status), Code.INVALID_ARGUMENT, "INVALID_EVENT")
         assert rich.fields == [field.replace("event.", f"events[{2 * index + 1}].")], (name, rich)
         assert rich.error_info.metadata["rule"] == rule, (name, rich.error_info)
+    stored = read_since(gateway.connection_string, "eh1", before)
+    bodies = sorted(body(event).decode() for events in stored.values() for event in events)
+    assert bodies == sorted(f"{run}:ok:{name}" for name in POISONS)
+
+
+def test_a_stream_nacks_each_rule_breaker_alone_and_acks_the_rest(api, gateway):
+    pb = api.pb
+    run = uuid.uuid4().hex[:12]
+    before = partition_positions(gateway.connection_string, "eh1")
+    events, poisons = [], {}
+    for name, (fields, field, rule) in POISONS.items():
+        events.append((len(events), pb.Event(text=f"{run}:ok:{name}")))
+        poisons[len(events)] = (field, rule)
+        events.append((len(events), pb.Event(text=f"{run}:poison:{name}", **fields())))
+    acks, error = collect_acks(gateway.stub.SendStream(stream_requests(api, events), timeout=CALL_TIMEOUT))
+    assert error is None, error
+    by_sequence = {ack.sequence: ack for ack in acks}
+    assert sorted(by_sequence) == list(range(len(events)))
+    for sequence, ack in by_sequence.items():
+        if sequence not in poisons:
+            assert ack.status.code == 0, (sequence, result_status(api, ack.status))
+            continue
+        field, rule = poisons[sequence]
+        rich = check_error(result_status(api, ack.status), Code.INVALID_ARGUMENT, "INVALID_EVENT")
+        assert rich.fields == [field] and rich.error_info.metadata["rule"] == rule, rich
     stored = read_since(gateway.connection_string, "eh1", before)
     bodies = sorted(body(event).decode() for events in stored.values() for event in events)
     assert bodies == sorted(f"{run}:ok:{name}" for name in POISONS)
