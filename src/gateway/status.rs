@@ -408,6 +408,10 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
             Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
                 .field(format!("{path}.{field}"), reason.clone())
         }
+        SendError::OverLimit(violation) => Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+            .field(format!("{path}.{}", violation.field), violation.to_string())
+            .meta("rule", violation.rule)
+            .meta("limit", violation.limit.to_string()),
         SendError::UnknownPartition { .. } => {
             Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
                 .field(format!("{path}.partition_id"), error.to_string())
@@ -464,9 +468,12 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
                     Built::new(Code::InvalidArgument, reason::EVENT_TOO_LARGE)
                         .field(path.to_owned(), service.to_string())
                 }
-                AmqpCondition::InvalidArgument | AmqpCondition::Other(_) => {
-                    Built::new(Code::Internal, reason::EVENT_HUBS_REJECTED)
+                // The producer sends a refused batch's events apart, so this refusal is this event's own.
+                AmqpCondition::InvalidArgument => {
+                    Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+                        .field(path.to_owned(), service.to_string())
                 }
+                AmqpCondition::Other(_) => Built::new(Code::Internal, reason::EVENT_HUBS_REJECTED),
             };
             built.meta("condition", condition)
         }
@@ -565,6 +572,24 @@ mod tests {
                 GatewayError::event("event", service(AmqpCondition::Unauthorized)),
                 Code::PermissionDenied,
                 "EVENT_HUBS_UNAUTHORIZED",
+            ),
+            (
+                GatewayError::event(
+                    "events[2]",
+                    SendError::OverLimit(crate::eventhubs::limits::Violation {
+                        field: "properties",
+                        rule: "max_properties",
+                        limit: 1024,
+                        actual: 32_769,
+                    }),
+                ),
+                Code::InvalidArgument,
+                "INVALID_EVENT",
+            ),
+            (
+                GatewayError::event("event", service(AmqpCondition::InvalidArgument)),
+                Code::InvalidArgument,
+                "INVALID_EVENT",
             ),
             (
                 GatewayError::event("event", service(AmqpCondition::Other("x:y".into()))),

@@ -255,6 +255,7 @@ impl Producer {
                 reason: "must not be empty".into(),
             });
         }
+        event.validate()?;
         let target = match event.routing()? {
             Routing::Any => Target::Any,
             Routing::PartitionKey(key) if inner.config.local_partitioning => {

@@ -38,6 +38,8 @@ pub const BATCH_BYTES: &str = "eventhub_gateway_batch_bytes";
 pub const SEND_DURATION: &str = "eventhub_gateway_send_duration_seconds";
 /// Batch retries scheduled, by hub.
 pub const RETRIES: &str = "eventhub_gateway_retries_total";
+/// Batches Event Hubs refused whole for an event's contents, sent again in halves.
+pub const BATCH_SPLITS: &str = "eventhub_gateway_batch_splits_total";
 /// Pooled connections, by state (`ready`, `retiring`, `opening`).
 pub const POOL_CONNECTIONS: &str = "eventhub_gateway_pool_connections";
 /// Sender links across the pool's connections.
@@ -206,6 +208,11 @@ fn describe() {
          outcome (ok or error)."
     );
     describe_counter!(RETRIES, Unit::Count, "Batch retries scheduled, by hub.");
+    describe_counter!(
+        BATCH_SPLITS,
+        Unit::Count,
+        "Batches Event Hubs refused whole for what one event holds, sent again in two halves, by hub."
+    );
     describe_gauge!(
         POOL_CONNECTIONS,
         Unit::Count,
@@ -478,6 +485,11 @@ pub async fn time_batch<T, E>(
 /// Counts a batch retry scheduled for `hub`.
 pub fn retry_scheduled(hub: &Arc<str>) {
     counter!(RETRIES, "event_hub" => SharedString::from(Arc::clone(hub))).increment(1);
+}
+
+/// Counts a refused batch of `hub` split in two to be sent again.
+pub fn batch_split(hub: &Arc<str>) {
+    counter!(BATCH_SPLITS, "event_hub" => SharedString::from(Arc::clone(hub))).increment(1);
 }
 
 /// Why the gateway is not ready (the one-line body of a 503 from `/readyz`).
