@@ -386,6 +386,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             )
         }
     };
+    producer.expect_hubs(&hubs);
     let state = Arc::new(GatewayState::new(
         producer,
         hubs,
@@ -471,19 +472,34 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     })
 }
 
-/// SERVING while the producer has a ready connection; NOT_SERVING otherwise and from the start of a drain.
+/// SERVING while the gateway is ready (`telemetry::metrics::readiness`, as `/readyz`); NOT_SERVING otherwise
+/// and from the start of a drain. Each change is logged with its reason.
 async fn follow_readiness(
     health: HealthReporter,
     state: Arc<GatewayState>,
     stop: CancellationToken,
 ) {
     let mut last = None;
+    let mut last_reason = None;
+    let mut first = true;
     loop {
-        let status = if !state.is_draining() && state.producer().is_ready() {
+        let readiness = crate::telemetry::metrics::readiness(&state);
+        let status = if readiness.is_ok() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
+        let reason = readiness.err();
+        if reason != last_reason {
+            match &reason {
+                None => tracing::info!("ready"),
+                // Not ready at start is the usual course (connecting), not worth a warning.
+                Some(reason) if first => tracing::info!(%reason, "not ready yet"),
+                Some(reason) => tracing::warn!(%reason, "not ready"),
+            }
+            last_reason = reason;
+        }
+        first = false;
         if last != Some(status) {
             health.set_service_status("", status).await;
             health.set_service_status(SERVICE_NAME, status).await;
