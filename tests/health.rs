@@ -69,8 +69,14 @@ async fn readyz(metrics: SocketAddr) -> (u16, String) {
 
 /// The `eventhub_gateway_ready` gauge.
 async fn ready_gauge(metrics: SocketAddr) -> Option<f64> {
-    let page = http_get(metrics, "/metrics").await.expect("/metrics answers");
-    sample_value(&prometheus_samples(&page.body), "eventhub_gateway_ready", &[])
+    let page = http_get(metrics, "/metrics")
+        .await
+        .expect("/metrics answers");
+    sample_value(
+        &prometheus_samples(&page.body),
+        "eventhub_gateway_ready",
+        &[],
+    )
 }
 
 /// grpc.health.v1 Check of the whole server.
@@ -280,6 +286,9 @@ struct Figures {
     sent_in_blackhole: usize,
 }
 
+/// When the blackhole began, and when it healed (once it has).
+type Window = (Instant, Option<Instant>);
+
 /// Runs senders against `gateway` (which reaches `emulator` through something `blackhole` can cut), cuts it for
 /// [`BLACKHOLE`], heals it, and measures: from the cut to not ready, from the heal to ready, every outcome
 /// checked against what the emulator stored.
@@ -295,7 +304,7 @@ async fn blackhole_run(
     );
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let cut_at: Arc<parking_lot::Mutex<Option<(Instant, Option<Instant>)>>> = Arc::default();
+    let cut_at: Arc<parking_lot::Mutex<Option<Window>>> = Arc::default();
     let mut senders = Vec::new();
     for sender in 0..4 {
         let mut client = gateway.client().await;
@@ -480,19 +489,15 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
 fn nft_blackhole(port: u16, on: bool) {
     if on {
         let rules = format!(
-            "table inet blackhole {{ chain out {{ type filter hook output priority 0; policy accept; \
-             tcp dport {port} drop; tcp sport {port} drop; }} }}"
+            "table inet blackhole {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
+             tcp dport {port} drop\n    tcp sport {port} drop\n  }}\n}}\n"
         );
         let mut child = std::process::Command::new("nft")
             .args(["-f", "-"])
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("nft runs");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all_sync(rules.as_bytes());
+        child.stdin.take().unwrap().write_all_sync(rules.as_bytes());
         assert!(child.wait().unwrap().success(), "nft refused {rules}");
     } else {
         run("nft", &["delete", "table", "inet", "blackhole"]).expect("the blackhole lifts");

@@ -503,7 +503,10 @@ impl Pool {
             let hubs = Arc::clone(&self.hubs.read());
             let warm = connection.warm_up(&hubs, self.config.client_limit);
             if tokio::time::timeout(timeout, Box::pin(warm)).await.is_err() {
-                debug!(connection = id, "warm-up unfinished within pool_connection_create_timeout");
+                debug!(
+                    connection = id,
+                    "warm-up unfinished within pool_connection_create_timeout"
+                );
             }
         }
         let now = tokio::time::Instant::now();
