@@ -662,6 +662,32 @@ fn classify_websocket_error(err: fe2o3_amqp_ws::Error, url: &str) -> TransportEr
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn activity_is_the_last_read_that_brought_bytes_and_writes_do_not_count() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::new());
+        let mut watched = Watched {
+            inner: ours,
+            activity: Some(Arc::clone(&activity)),
+        };
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        watched.write_all(b"ours").await.unwrap();
+        assert!(
+            activity.silent_for() >= Duration::from_millis(60),
+            "a write is not the peer's activity"
+        );
+        theirs.write_all(b"theirs").await.unwrap();
+        let mut buffer = [0u8; 6];
+        watched.read_exact(&mut buffer).await.unwrap();
+        assert!(activity.silent_for() < Duration::from_millis(60));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(activity.silent_for() >= Duration::from_millis(60));
+        drop(theirs);
+        // The end of the stream brings no bytes: not activity.
+        assert_eq!(watched.read(&mut buffer).await.unwrap(), 0);
+        assert!(activity.silent_for() >= Duration::from_millis(60));
+    }
+
     #[test]
     fn default_ports_are_the_services() {
         assert_eq!(Transport::Amqp.default_port(), 5672);
