@@ -31,6 +31,9 @@ use crate::tls_material::{self, TlsFileError};
 /// How often health follows the producer's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
+/// While not ready, a changed reason is warned about at most this often.
+const READINESS_REMINDER: Duration = Duration::from_secs(60);
+
 /// Why the gateway could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -481,6 +484,7 @@ async fn follow_readiness(
 ) {
     let mut last = None;
     let mut last_reason = None;
+    let mut last_warning: Option<tokio::time::Instant> = None;
     let mut first = true;
     loop {
         let readiness = crate::telemetry::metrics::readiness(&state);
@@ -491,11 +495,19 @@ async fn follow_readiness(
         };
         let reason = readiness.err();
         if reason != last_reason {
+            // A warning when readiness is lost, or its reason changes after a quiet minute; a reason that
+            // alternates while not ready (each retry's wording) is a debug line.
+            let flipped = last_reason.is_none();
+            let quiet = last_warning.is_none_or(|at| at.elapsed() >= READINESS_REMINDER);
             match &reason {
                 None => tracing::info!("ready"),
                 // Not ready at start is the usual course (connecting), not worth a warning.
                 Some(reason) if first => tracing::info!(%reason, "not ready yet"),
-                Some(reason) => tracing::warn!(%reason, "not ready"),
+                Some(reason) if flipped || quiet => {
+                    tracing::warn!(%reason, "not ready");
+                    last_warning = Some(tokio::time::Instant::now());
+                }
+                Some(reason) => tracing::debug!(%reason, "still not ready"),
             }
             last_reason = reason;
         }

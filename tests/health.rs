@@ -458,6 +458,13 @@ async fn a_relay_blackhole_is_not_ready_within_the_stall_bound_and_ready_after_t
     let log = gateway.stderr();
     assert_honest(&figures);
     assert!(log.contains("connection stalled"), "{log}");
+    let page = http_get(gateway.metrics, "/metrics").await.unwrap().body;
+    let stalled = sample_value(
+        &prometheus_samples(&page),
+        "eventhub_gateway_connections_stalled_total",
+        &[],
+    );
+    assert!(stalled >= Some(1.0), "{stalled:?}");
     drop(gateway);
     drop(relay);
     emulator.shutdown(TIMEOUT).await;

@@ -429,11 +429,16 @@ impl PooledConnection {
                 }
             }
             Err(error) => {
-                let text = error.to_string();
-                if problems.get(hub) != Some(&text) {
-                    warn!(connection = self.id, %hub, %error, "event hub not usable on this connection; not ready");
+                // Warned once when the hub becomes unusable; the retries' answers (which may word it
+                // differently) are debug lines.
+                match problems.insert(hub.to_owned(), error.to_string()) {
+                    None => {
+                        warn!(connection = self.id, %hub, %error, "event hub not usable on this connection; not ready")
+                    }
+                    Some(_) => {
+                        debug!(connection = self.id, %hub, %error, "event hub still not usable")
+                    }
                 }
-                problems.insert(hub.to_owned(), text);
             }
         }
     }
