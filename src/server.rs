@@ -36,6 +36,9 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// While not ready, a changed reason is warned about at most this often.
+const READINESS_REMINDER: Duration = Duration::from_secs(60);
+
 /// Why the gateway could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -403,6 +406,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             )
         }
     };
+    producer.expect_hubs(&hubs);
     let state = Arc::new(GatewayState::new(
         producer,
         hubs,
@@ -497,19 +501,43 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     })
 }
 
-/// SERVING while the producer has a ready connection; NOT_SERVING otherwise and from the start of a drain.
+/// SERVING while the gateway is ready (`telemetry::metrics::readiness`, as `/readyz`); NOT_SERVING otherwise
+/// and from the start of a drain. Each change is logged with its reason.
 async fn follow_readiness(
     health: HealthReporter,
     state: Arc<GatewayState>,
     stop: CancellationToken,
 ) {
     let mut last = None;
+    let mut last_reason = None;
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    let mut first = true;
     loop {
-        let status = if !state.is_draining() && state.producer().is_ready() {
+        let readiness = crate::telemetry::metrics::readiness(&state);
+        let status = if readiness.is_ok() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
+        let reason = readiness.err();
+        if reason != last_reason {
+            // A warning when readiness is lost, or its reason changes after a quiet minute; a reason that
+            // alternates while not ready (each retry's wording) is a debug line.
+            let flipped = last_reason.is_none();
+            let quiet = last_warning.is_none_or(|at| at.elapsed() >= READINESS_REMINDER);
+            match &reason {
+                None => tracing::info!("ready"),
+                // Not ready at start is the usual course (connecting), not worth a warning.
+                Some(reason) if first => tracing::info!(%reason, "not ready yet"),
+                Some(reason) if flipped || quiet => {
+                    tracing::warn!(%reason, "not ready");
+                    last_warning = Some(tokio::time::Instant::now());
+                }
+                Some(reason) => tracing::debug!(%reason, "still not ready"),
+            }
+            last_reason = reason;
+        }
+        first = false;
         if last != Some(status) {
             health.set_service_status("", status).await;
             health.set_service_status(SERVICE_NAME, status).await;

@@ -59,6 +59,8 @@ pub const CONNECTION_ATTEMPTS: &str = "eventhub_gateway_connection_attempts_tota
 /// Connection attempts that failed, by `reason`: the stage that failed (`proxy`, `tcp`, `tls`, `websocket`, `amqp`,
 /// `timeout`).
 pub const CONNECTION_FAILURES: &str = "eventhub_gateway_connection_failures_total";
+/// Open connections declared dead because work awaited an answer while nothing arrived for `stall_timeout`.
+pub const CONNECTIONS_STALLED: &str = "eventhub_gateway_connections_stalled_total";
 /// Tokens obtained from the credential since start.
 pub const TOKEN_REFRESHES: &str = "eventhub_gateway_token_refreshes_total";
 /// Token fetches that failed since start.
@@ -247,6 +249,12 @@ fn describe() {
         CONNECTIONS_OPENED,
         Unit::Count,
         "Connections to Event Hubs that opened since start (failed attempts are not counted)."
+    );
+    describe_counter!(
+        CONNECTIONS_STALLED,
+        Unit::Count,
+        "Open connections declared dead and replaced because work awaited an answer while nothing (no frame, no \
+         heartbeat) arrived for stall_timeout."
     );
     describe_counter!(
         CONNECTION_ATTEMPTS,
@@ -493,14 +501,23 @@ pub fn batch_split(hub: &Arc<str>) {
 }
 
 /// Why the gateway is not ready (the one-line body of a 503 from `/readyz`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotReady {
     /// The gateway is shutting down.
     #[error("draining")]
     Draining,
-    /// The pool has no open, authorized connection.
-    #[error("no ready connection to Event Hubs")]
-    NoConnection,
+    /// No pooled connection is open, live and authorized for every hub; the producer's reason.
+    #[error("no ready connection to Event Hubs: {0}")]
+    NoConnection(String),
+}
+
+/// The gateway's readiness, the one truth behind `/readyz`, the `ready` gauge and gRPC health: not draining,
+/// and the producer ready ([`crate::producer::Producer::readiness`]).
+pub fn readiness(state: &GatewayState) -> Result<(), NotReady> {
+    if state.is_draining() {
+        return Err(NotReady::Draining);
+    }
+    state.producer().readiness().map_err(NotReady::NoConnection)
 }
 
 /// What a scrape and the readiness probe read from one gateway: its state and its load-shedding layer.
@@ -516,15 +533,9 @@ impl ScrapeSource {
         Self { state, shed }
     }
 
-    /// Ready when not draining and the producer has a ready connection.
+    /// The gateway's [`readiness`].
     pub fn readiness(&self) -> Result<(), NotReady> {
-        if self.state.is_draining() {
-            return Err(NotReady::Draining);
-        }
-        if !self.state.producer().is_ready() {
-            return Err(NotReady::NoConnection);
-        }
-        Ok(())
+        readiness(&self.state)
     }
 
     fn copy_into_registry(&self) {
@@ -540,6 +551,7 @@ impl ScrapeSource {
         gauge!(PRODUCER_ROUTES).set(stats.routes as f64);
         counter!(CONNECTIONS_OPENED).absolute(pool.opened_total);
         counter!(CONNECTION_ATTEMPTS).absolute(pool.connect_attempts);
+        counter!(CONNECTIONS_STALLED).absolute(pool.stalled_total);
         for stage in ConnectStage::ALL {
             counter!(CONNECTION_FAILURES, "reason" => stage.as_str())
                 .absolute(pool.connect_failures_at(stage));
