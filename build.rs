@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Binary bodies decode as `Bytes` slices of the received buffer: no copy before the AMQP encoding.
         .bytes(".eventhub.gateway.v1.Event.binary")
+        // Decode failures are the client's (INVALID_ARGUMENT), and the request guard's refusals become statuses.
+        .codec_path("crate::gateway::codec::GatewayCodec")
         .compile_fds(file_descriptors)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -16,6 +16,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig};
 use crate::emulator::{Emulator, EmulatorConfig, HubConfig};
+use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::producer::transport::{client_config, native_roots};
@@ -432,6 +433,14 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         .max_decoding_message_size(config.limits.max_request_bytes)
         .max_encoding_message_size(config.limits.max_request_bytes)
         .accept_compressed(CompressionEncoding::Gzip);
+    // Every request message is bounded (size, decompression, counts, decoded size) before tonic decodes it.
+    let gateway = RequestGuard::new(
+        gateway,
+        GuardLimits {
+            max_request_bytes: config.limits.max_request_bytes,
+            max_events: config.limits.max_events_per_request,
+        },
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

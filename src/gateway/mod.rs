@@ -1,8 +1,11 @@
 //! The `EventHubGateway` gRPC service over the producer: hub selection, per-client rate limits, deadlines,
 //! per-event results, and the acknowledged stream.
 
+pub mod codec;
 pub mod convert;
 pub mod deadline;
+pub mod guard;
+pub mod prescan;
 pub mod shares;
 pub mod status;
 pub mod stream;
@@ -103,7 +106,7 @@ impl GatewayState {
             return Ok(requested.to_owned());
         }
         Err(GatewayError::UnknownHub {
-            hub: requested.to_owned(),
+            hub: status::clip(requested).into_owned(),
             served: self.hubs.join(", "),
         })
     }

@@ -13,6 +13,35 @@ use crate::proto::google::rpc;
 /// The `ErrorInfo.domain` of every error the gateway returns.
 pub const DOMAIN: &str = "eventhub-gateway";
 
+/// The most bytes of client-supplied text (a hub name, a partition id, a field path) an error repeats.
+pub const CLIENT_TEXT_MAX: usize = 256;
+
+/// The most bytes of a status message; the details' texts are clipped at [`CLIENT_TEXT_MAX`] (field paths)
+/// or this (descriptions).
+pub const MESSAGE_MAX: usize = 1024;
+
+/// Client-supplied text as an error may repeat it: at most [`CLIENT_TEXT_MAX`] bytes, cut at a character
+/// boundary with a marker that gives the original length.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    clip_to(text, CLIENT_TEXT_MAX)
+}
+
+/// `text` cut to at most `max` bytes (plus the marker) at a character boundary, saying it was cut.
+pub fn clip_to(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}... [cut: {} bytes in all]",
+        &text[..end],
+        text.len()
+    ))
+}
+
 /// How long clients are told to wait before retrying when nothing better is known.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -66,6 +95,24 @@ pub enum GatewayError {
         /// The producer's outcome.
         error: SendError,
     },
+    /// A unary request is larger than its method allows (as sent, once decompressed, or against its
+    /// compression ratio); refused before it is decoded.
+    #[error("the request is too large: {detail}")]
+    RequestTooLarge {
+        /// The bound, bytes.
+        limit: usize,
+        /// Which bound and by how much.
+        detail: String,
+    },
+    /// A unary request's bytes are not its protobuf message (bad wire format, invalid UTF-8, broken
+    /// compression, cut short).
+    #[error("the request cannot be read: {detail}")]
+    MalformedRequest {
+        /// Where it broke, when known.
+        field: Option<String>,
+        /// What is wrong.
+        detail: String,
+    },
     /// `SendStream` could not read its next message: the stream ends there, once every event read before it
     /// is acknowledged.
     #[error(
@@ -106,7 +153,7 @@ pub enum GatewayError {
 }
 
 /// Why a `SendStream` message could not be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamFault {
     /// It is larger than `max_request_bytes` (as sent, or once decompressed).
     TooLarge {
@@ -115,6 +162,23 @@ pub enum StreamFault {
     },
     /// Its bytes are not a `SendStreamRequest`: undecodable protobuf, bad compression, cut short.
     Malformed,
+    /// It is refused whole before it is decoded (too many events, JSON nested too deep, too costly to
+    /// decode): this field breaks a limit the detail names.
+    Invalid {
+        /// The field path.
+        field: String,
+    },
+}
+
+impl StreamFault {
+    /// The stream's ending for this fault, after `progress`.
+    pub fn with_progress(self, detail: String, progress: StreamProgress) -> GatewayError {
+        GatewayError::StreamMessageUnreadable {
+            fault: self,
+            detail: clip(&detail).into_owned(),
+            progress,
+        }
+    }
 }
 
 impl std::fmt::Display for StreamFault {
@@ -124,6 +188,7 @@ impl std::fmt::Display for StreamFault {
                 write!(f, "is larger than max_request_bytes ({limit} bytes)")
             }
             Self::Malformed => f.write_str("cannot be read"),
+            Self::Invalid { field } => write!(f, "is refused whole at `{field}`"),
         }
     }
 }
@@ -202,6 +267,9 @@ impl Built {
     }
 
     fn field(mut self, field: String, description: String) -> Self {
+        // Field paths and descriptions may hold client text (a map key, a partition id).
+        let field = clip(&field).into_owned();
+        let description = clip_to(&description, MESSAGE_MAX).into_owned();
         self.field_violation = Some((field, description));
         self
     }
@@ -212,7 +280,12 @@ impl Built {
     }
 
     fn meta(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.to_owned(), value.into());
+        let value = value.into();
+        let value = match clip(&value) {
+            std::borrow::Cow::Borrowed(_) => value,
+            std::borrow::Cow::Owned(clipped) => clipped,
+        };
+        self.metadata.insert(key.to_owned(), value);
         self
     }
 
@@ -273,8 +346,21 @@ impl GatewayError {
                 Built::new(Code::Unavailable, reason::DRAINING).retry(DEFAULT_RETRY_AFTER)
             }
             Self::Event { path, error } => build_send_error(path, error),
+            Self::RequestTooLarge { limit, .. } => {
+                Built::new(Code::OutOfRange, reason::REQUEST_TOO_LARGE)
+                    .meta("limit", limit.to_string())
+            }
+            Self::MalformedRequest { field, detail } => {
+                let built = Built::new(Code::InvalidArgument, reason::MALFORMED_REQUEST);
+                match field {
+                    Some(field) => built.field(field.clone(), detail.clone()),
+                    None => built,
+                }
+            }
             Self::StreamMessageUnreadable {
-                fault, progress, ..
+                fault,
+                detail,
+                progress,
             } => {
                 let built = match fault {
                     StreamFault::TooLarge { limit } => {
@@ -283,6 +369,10 @@ impl GatewayError {
                     }
                     StreamFault::Malformed => {
                         Built::new(Code::InvalidArgument, reason::MALFORMED_REQUEST)
+                    }
+                    StreamFault::Invalid { field } => {
+                        Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+                            .field(field.clone(), detail.clone())
                     }
                 };
                 built.progress(progress)
@@ -371,7 +461,8 @@ impl GatewayError {
         }
         rpc::Status {
             code: built.code as i32,
-            message: self.to_string(),
+            // The texts inside are clipped where they are made; this bounds the whole in any case.
+            message: clip_to(&self.to_string(), MESSAGE_MAX).into_owned(),
             details,
         }
     }

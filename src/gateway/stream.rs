@@ -4,6 +4,13 @@
 //! Every other ending (a message it cannot read, the stream's deadline, idleness past
 //! `stream_idle_timeout_seconds`, draining) also answers every event read first, then ends the call with a
 //! status that says why; only a client that went away gets nothing.
+//!
+//! Memory per stream has a fixed ceiling, whatever the client sends or fails to read: every sequence read,
+//! acked or nacked, holds a permit until its ack is taken by the acker, so at most `max_unacked_per_stream`
+//! + `max_events_per_request` (one message may exceed the budget) acks are pending, plus 17,408 taken and
+//! queued toward the client (`RESPONSE_QUEUE` x `MAX_ACKS_PER_RESPONSE`, and one response being grouped),
+//! each at most ~3 KiB (a nack's texts are clipped); the message being read is bounded by the request guard
+//! (3 x `max_request_bytes` of buffers, 4 x decoded). At the defaults: under 200 MiB.
 
 use std::error::Error as _;
 use std::sync::Arc;
@@ -17,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 use tracing::Instrument;
 
+use super::guard::Refusal;
 use super::status::{self, GatewayError, StreamFault, StreamProgress};
 use super::{CallContext, GatewayState};
 use crate::proto::v1;
@@ -80,6 +88,13 @@ async fn interruption(state: &GatewayState, deadline: Option<Instant>) -> Interr
 /// truncated) carry no cause and the client is still there to hear why; transport errors (a reset stream, a
 /// broken connection) carry the h2 or hyper error that caused them, and nobody is left to answer.
 fn unreadable(status: &Status, progress: StreamProgress, max_request_bytes: usize) -> ReadEnd {
+    // The request guard's refusals (over a bound, malformed) ride as the source of the codec's status.
+    if let Some(refusal) = status
+        .source()
+        .and_then(|source| source.downcast_ref::<Refusal>())
+    {
+        return ReadEnd::Failed(refusal.clone().into_stream_error(progress));
+    }
     if status.source().is_some() {
         return ReadEnd::ClientGone;
     }
@@ -90,11 +105,7 @@ fn unreadable(status: &Status, progress: StreamProgress, max_request_bytes: usiz
         },
         _ => StreamFault::Malformed,
     };
-    ReadEnd::Failed(GatewayError::StreamMessageUnreadable {
-        fault,
-        detail: status.message().to_owned(),
-        progress,
-    })
+    ReadEnd::Failed(fault.with_progress(status.message().to_owned(), progress))
 }
 
 /// Starts serving one stream, which ends by `deadline` (the caller's `grpc-timeout`, if any); returns its
@@ -123,7 +134,10 @@ pub fn start(
                 ReadEnd::Failed(error) => Some(error),
             };
             if let Some(error) = error {
-                tracing::info!(reason = error.reason(), %error, "a stream ended with an error");
+                // Bounded: what a client wrote is clipped in the error's texts.
+                let text = error.to_string();
+                let text = status::clip_to(&text, status::MESSAGE_MAX);
+                tracing::info!(reason = error.reason(), error = %text, "a stream ended with an error");
                 let _ = responses.send(Err(error.to_status())).await;
             }
             // Dropping `responses` ends the stream: with OK unless an error was sent.
@@ -175,20 +189,17 @@ async fn read(
         };
         progress.read(request.sequence);
         let (sequence, hub) = (request.sequence, std::mem::take(&mut request.event_hub));
-        let events = match message_events(request, state.limits.max_events_per_request) {
-            Ok(events) => events,
-            Err((count, error)) => {
-                for offset in 0..count {
-                    let ack = nack(sequence.wrapping_add(offset), error.clone());
-                    if pending.send(ack).is_err() {
-                        return ReadEnd::ClientGone;
-                    }
-                }
-                continue;
+        // Every sequence of the message takes the budget, acked or nacked: a nack holds its permit until the
+        // acker takes it, so a client that sends refused messages and reads no acks is held back like any.
+        let (count, refused) = match message_events(request, state.limits.max_events_per_request) {
+            Ok(events) => (events.len(), Ok(events)),
+            Err(Unadmitted::Nack { count, error }) => (count, Err(error)),
+            Err(Unadmitted::Whole(fault, detail)) => {
+                return ReadEnd::Failed(fault.with_progress(detail, progress));
             }
         };
         // A message of n events counts n toward the budget (all of it, if n is larger).
-        let wanted = events.len().min(budget);
+        let wanted = count.min(budget);
         if wanted > 1 {
             let more = tokio::select! {
                 more = Arc::clone(&unacked).acquire_many_owned(wanted as u32 - 1) => match more {
@@ -199,11 +210,28 @@ async fn read(
             };
             permits.merge(more);
         }
-        for event in events {
-            let permit = permits.split(1);
-            let ack = admit(state, call, deadline, &hub, event, permit, &mut counters).await;
-            if pending.send(ack).is_err() {
-                return ReadEnd::ClientGone;
+        match refused {
+            Ok(events) => {
+                for event in events {
+                    let permit = permits.split(1);
+                    let ack =
+                        admit(state, call, deadline, &hub, event, permit, &mut counters).await;
+                    if pending.send(ack).is_err() {
+                        return ReadEnd::ClientGone;
+                    }
+                }
+            }
+            Err(error) => {
+                for offset in 0..count as u64 {
+                    let ack = nack(
+                        sequence.wrapping_add(offset),
+                        error.clone(),
+                        permits.split(1),
+                    );
+                    if pending.send(ack).is_err() {
+                        return ReadEnd::ClientGone;
+                    }
+                }
             }
         }
     }
@@ -222,41 +250,55 @@ fn field_path(index: Option<usize>) -> String {
     index.map_or_else(|| "event".into(), |index| format!("events[{index}]"))
 }
 
+/// Why a stream message's events are not admitted.
+enum Unadmitted {
+    /// Each of the message's `count` sequences (at most `max_events_per_request`) is nacked with `error`.
+    Nack { count: usize, error: GatewayError },
+    /// The message is refused as one unit and the stream ends: nacking each of its sequences would cost
+    /// more than the stream's budget. (The request guard refuses such messages before they are decoded;
+    /// this is the same rule for a message that did not pass through it.)
+    Whole(StreamFault, String),
+}
+
 /// The events of one stream message, on consecutive sequences from the message's. A malformed message is
-/// refused whole, with the number of sequences its nacks cover.
+/// refused whole: each of its sequences nacked, or the stream ended when it has too many.
 fn message_events(
     request: v1::SendStreamRequest,
     max_events: usize,
-) -> Result<Vec<StreamEvent>, (u64, GatewayError)> {
+) -> Result<Vec<StreamEvent>, Unadmitted> {
     let first = request.sequence;
     let invalid = |field: &str, reason: String| GatewayError::InvalidRequest {
         field: field.into(),
         reason,
     };
+    if request.events.len() > max_events {
+        return Err(Unadmitted::Whole(
+            StreamFault::Invalid {
+                field: "events".into(),
+            },
+            format!(
+                "at most {max_events} events per message (max_events_per_request); got {}",
+                request.events.len()
+            ),
+        ));
+    }
     match (request.event, request.events) {
         (Some(proto), events) if events.is_empty() => Ok(vec![StreamEvent {
             sequence: first,
             index: None,
             proto,
         }]),
-        (None, events) if events.is_empty() => Err((1, invalid("event", "is required".into()))),
-        (Some(_), events) => Err((
-            events.len() as u64,
-            invalid(
+        (None, events) if events.is_empty() => Err(Unadmitted::Nack {
+            count: 1,
+            error: invalid("event", "is required".into()),
+        }),
+        (Some(_), events) => Err(Unadmitted::Nack {
+            count: events.len(),
+            error: invalid(
                 "events",
                 "cannot be set together with `event`: send one or the other".into(),
             ),
-        )),
-        (None, events) if events.len() > max_events => Err((
-            events.len() as u64,
-            invalid(
-                "events",
-                format!(
-                    "at most {max_events} events per message (max_events_per_request); got {}",
-                    events.len()
-                ),
-            ),
-        )),
+        }),
         (None, events) => Ok(events
             .into_iter()
             .enumerate()
@@ -269,14 +311,19 @@ fn message_events(
     }
 }
 
-/// An ack that is ready at once: the event was refused before it was enqueued.
-fn nack(sequence: u64, error: GatewayError) -> PendingAck {
+/// An ack that is ready at once: the event was refused before it was enqueued. It holds its share of the
+/// budget (`permit`) until the acker takes it.
+fn nack(sequence: u64, error: GatewayError, permit: Option<OwnedSemaphorePermit>) -> PendingAck {
     let ack = v1::StreamAck {
         sequence,
         status: Some(error.to_rpc_status()),
         partition_id: String::new(),
     };
-    futures_util::future::ready(ack).boxed()
+    async move {
+        drop(permit);
+        ack
+    }
+    .boxed()
 }
 
 /// Checks and enqueues one event (in arrival order, so each key keeps it); the ack resolves with its outcome,
@@ -300,16 +347,16 @@ async fn admit(
     let field = move || field_path(index);
     let hub = match state.hub(hub) {
         Ok(hub) => hub,
-        Err(error) => return nack(sequence, error),
+        Err(error) => return nack(sequence, error, permit),
     };
     // Counted from here on: an unknown hub's name is the caller's text, never a label.
     let mut counted = counters.get(&hub).receive(1);
-    let refuse = |mut counted: Outcomes, error: GatewayError| {
+    let refuse = |mut counted: Outcomes, error: GatewayError, permit| {
         counted.failed(error.reason(), 1);
-        nack(sequence, error)
+        nack(sequence, error, permit)
     };
     if let Err(error) = state.charge(call, 1) {
-        return refuse(counted, error);
+        return refuse(counted, error, permit);
     }
     let own = Instant::now() + state.send_timeout;
     let deadline = stream_deadline.map_or(own, |stream| stream.min(own));
@@ -338,7 +385,7 @@ async fn admit(
             }
         }
         .boxed(),
-        Err(error) => refuse(counted, error),
+        Err(error) => refuse(counted, error, permit),
     }
 }
 

@@ -61,7 +61,9 @@ where
             .as_ref()
             .and_then(|context| context.traceparent.get(3..35))
             .unwrap_or("");
-        let path = request.uri().path();
+        // The path is the client's text (an unknown method's can be kilobytes): logged clipped.
+        let path = crate::gateway::status::clip(request.uri().path());
+        let path = path.as_ref();
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')

@@ -81,3 +81,85 @@ def test_an_unknown_consumer_group_is_refused(emulator):
     worker.join(timeout=10)
     assert errors, "the consumer reports the refusal"
     assert any("not found" in str(e).lower() or "could not be found" in str(e).lower() for e in errors), errors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The gateway's own refusals cost what they were sent as (issue 15): a compressed flood of empty events is
+# refused by its count before it is decoded, and an error never repeats megabytes of what the client sent.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_gzip_compressed_floods_of_empty_events_are_refused_by_count_without_being_decoded(api, start_gateway):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from gateway_client import CALL_TIMEOUT, call_status, check_error
+
+    gateway = start_gateway("--emulator", "--event-hub", "eh1")
+    pb = api.pb
+    gateway.stub.SendEvent(pb.SendEventRequest(event=pb.Event(text="warm")), timeout=CALL_TIMEOUT)
+    baseline = rss_bytes(gateway.process.pid)
+    peak = [baseline]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes(gateway.process.pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # 500,000 empty events: 1 MB on the wire before gzip, about 1 KB after; decoded whole they took hundreds
+    # of MB each before the count was checked.
+    flood = pb.SendEventsRequest(events=[pb.Event()] * 500_000)
+
+    def send(_):
+        try:
+            gateway.stub.SendEvents(flood, timeout=CALL_TIMEOUT, compression=grpc.Compression.Gzip)
+        except grpc.RpcError as error:
+            return error
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        errors = list(pool.map(send, range(8)))
+    done.set()
+    watcher.join()
+    growth = peak[0] - baseline
+    print(f"8 gzip floods of 500,000 empty events: RSS +{growth / 2**20:.1f} MiB")
+    for error in errors:
+        assert error is not None, "a flood was accepted"
+        rich = check_error(call_status(api, error), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_EVENT")
+        assert rich.fields == ["events"], rich
+        assert "at most 1000 events" in rich.bad_request.field_violations[0].description, rich
+    assert growth < 64 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
+    gateway.stub.SendEvent(pb.SendEventRequest(event=pb.Event(text="still served")), timeout=CALL_TIMEOUT)
+
+
+def test_an_error_about_a_megabyte_hub_name_repeats_a_few_hundred_bytes_of_it(api, gateway):
+    import grpc
+
+    from gateway_client import CALL_TIMEOUT, call_status, check_error
+
+    pb = api.pb
+    name = "h" * 2**20
+    try:
+        gateway.stub.SendEvent(pb.SendEventRequest(event_hub=name, event=pb.Event(text="x")), timeout=CALL_TIMEOUT)
+    except grpc.RpcError as error:
+        echoed = len(error.details() or "") + sum(len(value) for _, value in error.trailing_metadata() or ())
+        print(f"a 1 MiB hub name: {echoed} bytes of status message and trailers")
+        rich = check_error(call_status(api, error), grpc.StatusCode.NOT_FOUND, "UNKNOWN_EVENT_HUB")
+        assert echoed < 4096, f"{echoed} bytes echoed"
+        assert f"[cut: {2**20} bytes in all]" in rich.message, rich.message[:400]
+        assert len(rich.error_info.metadata["event_hub"]) < 512
+    else:
+        raise AssertionError("an unknown hub was accepted")

@@ -875,6 +875,44 @@ impl GatewayProcess {
         rss_kib(self.child.id()) * 1024
     }
 
+    /// Samples its RSS every 50 ms on a thread until the returned flag is set; the peak (bytes) so far.
+    pub fn watch_rss(
+        &self,
+    ) -> (
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(self.rss_bytes()));
+        let (stopped, highest, pid) = (Arc::clone(&stop), Arc::clone(&peak), self.child.id());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                // The process may be gone (killed by the allocator): the peak stays what it was.
+                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                    return;
+                };
+                if let Some(kib) = status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmRSS:"))
+                    .and_then(|value| {
+                        value
+                            .trim()
+                            .trim_end_matches("kB")
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                {
+                    highest.fetch_max(kib * 1024, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        (stop, peak)
+    }
+
     /// A gRPC client of it.
     pub async fn client(
         &self,
@@ -1036,4 +1074,85 @@ impl Drop for EmulatorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One gRPC frame of `payload` (uncompressed, or with the compressed flag set).
+pub fn grpc_frame(payload: &[u8], compressed: bool) -> bytes::Bytes {
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.push(u8::from(compressed));
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame.into()
+}
+
+/// `bytes` gzip-compressed, as a gRPC client with `grpc-encoding: gzip` sends a message.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// A call of the gateway's `method` whose request body is exactly `body` (raw gRPC frames, as a stream of
+/// chunks), with `grpc-encoding: gzip` when `gzip`; returns the response's headers and its body (unread).
+pub async fn raw_call<S>(
+    address: SocketAddr,
+    method: &str,
+    gzip: bool,
+    body: S,
+) -> http::Response<tonic::body::Body>
+where
+    S: futures_util::Stream<Item = bytes::Bytes> + Send + 'static,
+{
+    use futures_util::StreamExt;
+    use tower::ServiceExt;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        // Room to receive a status that echoes megabytes, to measure it.
+        .http2_max_header_list_size(64 << 20)
+        .connect()
+        .await
+        .expect("connects to the gateway");
+    let frames = body.map(|chunk| Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)));
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{address}/eventhub.gateway.v1.EventHubGateway/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if gzip {
+        request = request.header("grpc-encoding", "gzip");
+    }
+    let request = request
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            frames,
+        )))
+        .unwrap();
+    channel.oneshot(request).await.expect("the gateway answers")
+}
+
+/// The gRPC status a raw call ended with (trailers-only or after its body), with the bytes of its
+/// `grpc-message` and `grpc-status-details-bin` as sent.
+pub async fn raw_status(response: http::Response<tonic::body::Body>) -> (tonic::Status, usize) {
+    use http_body_util::BodyExt;
+    let echoed = |headers: &http::HeaderMap| {
+        ["grpc-message", "grpc-status-details-bin"]
+            .iter()
+            .filter_map(|name| headers.get(*name))
+            .map(|value| value.len())
+            .sum::<usize>()
+    };
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        let size = echoed(response.headers());
+        return (status, size);
+    }
+    let collected = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the response body ends");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status trailer");
+    (status, echoed(&trailers))
 }
