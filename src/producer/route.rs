@@ -355,13 +355,7 @@ pub async fn run_route<H: RouteHost>(
         let accepting = !closed && ready.len() < 2;
         let seal_at = open.as_ref().map(|batch| batch.seal_at);
         tokio::select! {
-            Some(answers) = in_flight.next(), if !in_flight.is_empty() => {
-                let answers: Answers = answers;
-                for (result, waiters) in answers {
-                    for (reply, _permit) in waiters {
-                        let _ = reply.send(result.clone().map(|()| receipt.clone()));
-                    }
-                }
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
                 last_activity = Instant::now();
             }
             event = events.recv(), if accepting => match event {
@@ -461,27 +455,31 @@ pub async fn run_route<H: RouteHost>(
         {
             let span = send_span(&request, host.server_address(), &traces);
             let stack = host.stack();
+            // Known before any event joined the batch (a key's partition is asked first).
+            let receipt = receipt.clone();
             in_flight.push(
                 async move {
-                    let answers = send_apart(request, waiters, |request: BatchRequest| {
+                    let send = |request: BatchRequest| {
                         let (hub, events, bytes) =
                             (Arc::clone(&request.hub), request.events, request.bytes);
                         let sent = stack.clone().oneshot(request);
                         async move {
                             crate::telemetry::metrics::time_batch(&hub, events, bytes, sent).await
                         }
-                    })
-                    .await;
-                    for (result, waiters) in &answers {
-                        if let Err(error) = result {
+                    };
+                    let answer = |result: Result<(), SendError>, waiters: Waiters| {
+                        if let Err(error) = &result {
                             let span = tracing::Span::current();
                             span.record("error.type", error.error_type());
                             span.record("otel.status_code", "ERROR");
                             // Logged once, here, where the outcome is decided (in the span: hub and partition).
                             tracing::warn!(%error, events = waiters.len(), "batch failed");
                         }
-                    }
-                    answers
+                        for (reply, _permit) in waiters {
+                            let _ = reply.send(result.clone().map(|()| receipt.clone()));
+                        }
+                    };
+                    send_apart(request, waiters, send, answer).await;
                 }
                 .instrument(span),
             );
@@ -492,21 +490,22 @@ pub async fn run_route<H: RouteHost>(
     }
 }
 
-/// The outcomes of one sealed batch: each for the callers it answers (one entry, unless the batch was sent apart).
-type Answers = Vec<(Result<(), SendError>, Waiters)>;
-
 /// Sends a batch with `send`; when Event Hubs refuses it whole for what an event in it holds (an invalid
 /// argument, a size: [`SendError::refuses_contents`]), sends the events that were in it again in two halves,
 /// first half first, and so on down to single events, so every event but the culprit gets its own outcome.
 /// A refused transfer was not stored, so nothing is sent twice; a batch in doubt is never split. Bounded: at
 /// most ⌈log2 n⌉ levels of halves for n events, two sends per level for one bad event, 2n - 1 sends in all
-/// when every event is bad; halves go one after the other, so a key's order holds.
-async fn send_apart<F, Fut>(request: BatchRequest, waiters: Waiters, mut send: F) -> Answers
-where
+/// when every event is bad; halves go one after the other, so a key's order holds. `answer` gets each outcome
+/// with the callers it is for as soon as it is known.
+async fn send_apart<F, Fut>(
+    request: BatchRequest,
+    waiters: Waiters,
+    mut send: F,
+    mut answer: impl FnMut(Result<(), SendError>, Waiters),
+) where
     F: FnMut(BatchRequest) -> Fut,
     Fut: Future<Output = Result<(), SendError>>,
 {
-    let mut answers = Answers::new();
     let mut queue = VecDeque::from([(request, waiters)]);
     while let Some((request, waiters)) = queue.pop_front() {
         let batch = Arc::clone(&request.batch);
@@ -530,7 +529,7 @@ where
             // Left out of the transfer: their tickets answered them at their deadline already.
             let left_out: Waiters = slots.into_iter().flatten().collect();
             if !left_out.is_empty() {
-                answers.push((result.clone(), left_out));
+                answer(result.clone(), left_out);
             }
             queue.push_front((request.part(second), second_waiters));
             queue.push_front((request.part(first), first_waiters));
@@ -545,9 +544,8 @@ where
                 error
             }
         });
-        answers.push((result, waiters));
+        answer(result, waiters);
     }
-    answers
 }
 
 /// A batch ready to go: its request, its callers and their events' trace contexts.
@@ -693,13 +691,21 @@ mod tests {
         }
     }
 
-    fn answered(answers: Answers, outcomes: Outcomes) -> Vec<Result<Receipt, SendError>> {
-        let receipt = Receipt { partition_id: None };
-        for (result, waiters) in answers {
+    /// Sends like a route: each answer goes to its callers as it comes.
+    async fn send(
+        request: BatchRequest,
+        waiters: Waiters,
+        service: impl FnMut(BatchRequest) -> BoxFuture<'static, Result<(), SendError>>,
+    ) {
+        send_apart(request, waiters, service, |result, waiters| {
             for (reply, _permit) in waiters {
-                let _ = reply.send(result.clone().map(|()| receipt.clone()));
+                let _ = reply.send(result.clone().map(|()| Receipt { partition_id: None }));
             }
-        }
+        })
+        .await;
+    }
+
+    fn answered(outcomes: Outcomes) -> Vec<Result<Receipt, SendError>> {
         outcomes
             .into_iter()
             .map(|mut outcome| outcome.try_recv().expect("every event is answered once"))
@@ -721,13 +727,13 @@ mod tests {
         let sends = Arc::new(AtomicUsize::new(0));
         let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let started = tokio::time::Instant::now();
-        let answers = send_apart(
+        send(
             request,
             waiters,
             service(argument_error(), Arc::clone(&sends), Arc::clone(&stored)),
         )
         .await;
-        let results = answered(answers, outcomes);
+        let results = answered(outcomes);
         for (index, result) in results.iter().enumerate() {
             if index == 617 {
                 assert_eq!(result, &Err(argument_error()));
@@ -748,19 +754,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn each_half_is_answered_as_soon_as_its_outcome_is_known() {
+        let mut bodies: Vec<Vec<u8>> = (0..8u8).map(|n| vec![n]).collect();
+        bodies[7] = POISON.to_vec();
+        let (request, waiters, mut outcomes, _) = request(&bodies);
+        let sends = Arc::new(AtomicUsize::new(0));
+        let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sending = tokio::spawn(send(
+            request,
+            waiters,
+            service(argument_error(), Arc::clone(&sends), stored),
+        ));
+        // The whole batch (5 ms), then its first half (5 ms): accepted, and answered before the rest is sent.
+        tokio::time::sleep(Duration::from_millis(12)).await;
+        assert_eq!(sends.load(Ordering::SeqCst), 3);
+        for outcome in &mut outcomes[..4] {
+            assert!(matches!(outcome.try_recv(), Ok(Ok(_))));
+        }
+        assert!(
+            outcomes[4].try_recv().is_err(),
+            "the second half is still on its way"
+        );
+        sending.await.unwrap();
+        assert_eq!(sends.load(Ordering::SeqCst), 1 + 2 * 3);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_batch_of_poison_is_split_down_to_single_events_and_no_further() {
         let bodies = vec![POISON.to_vec(); 8];
         let (request, waiters, outcomes, _) = request(&bodies);
         let sends = Arc::new(AtomicUsize::new(0));
         let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let answers = send_apart(
+        send(
             request,
             waiters,
             service(argument_error(), Arc::clone(&sends), stored),
         )
         .await;
         assert!(
-            answered(answers, outcomes)
+            answered(outcomes)
                 .iter()
                 .all(|result| result == &Err(argument_error()))
         );
@@ -778,14 +810,14 @@ mod tests {
             let (request, waiters, outcomes, _) = request(&bodies);
             let sends = Arc::new(AtomicUsize::new(0));
             let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
-            let answers = send_apart(
+            send(
                 request,
                 waiters,
                 service(refusal.clone(), Arc::clone(&sends), stored),
             )
             .await;
             assert!(
-                answered(answers, outcomes)
+                answered(outcomes)
                     .iter()
                     .all(|result| result == &Err(refusal.clone()))
             );
@@ -800,13 +832,13 @@ mod tests {
         request.batch.mark_in_doubt();
         let sends = Arc::new(AtomicUsize::new(0));
         let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let answers = send_apart(
+        send(
             request,
             waiters,
             service(argument_error(), Arc::clone(&sends), stored),
         )
         .await;
-        for result in answered(answers, outcomes) {
+        for result in answered(outcomes) {
             assert!(
                 matches!(result, Err(SendError::OutcomeUnknown { .. })),
                 "{result:?}"
@@ -827,13 +859,13 @@ mod tests {
         assert!(claims[1].expire());
         let sends = Arc::new(AtomicUsize::new(0));
         let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let answers = send_apart(
+        send(
             request,
             waiters,
             service(argument_error(), Arc::clone(&sends), Arc::clone(&stored)),
         )
         .await;
-        let results = answered(answers, outcomes);
+        let results = answered(outcomes);
         assert!(results[0].is_ok() && results[3].is_ok(), "{results:?}");
         assert_eq!(results[2], Err(argument_error()));
         // Its ticket answered it DEADLINE_EXCEEDED at its deadline; what its reply carries is never read.
