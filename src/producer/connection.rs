@@ -413,6 +413,10 @@ impl PooledConnection {
         if self.warming.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Counted as failed until it finishes, and ended however it ends: a warm-up dropped at its caller's
+        // timeout is retried later like a refused one.
+        *self.warm_failed_at.lock() = Some(Instant::now());
+        let _warming = ClearOnDrop(&self.warming);
         let mut failed = false;
         for hub in hubs {
             if let Err(error) = self.authorize(hub).await {
@@ -431,7 +435,6 @@ impl PooledConnection {
             }
         }
         *self.warm_failed_at.lock() = failed.then(Instant::now);
-        self.warming.store(false, Ordering::SeqCst);
     }
 
     /// Records why `hub` cannot be used here at `step` (warned once), or that `step` succeeded: that clears a
@@ -739,6 +742,15 @@ impl PooledConnection {
         let response = response?;
         super::node::status_result(&response, hub)?;
         Ok(response.body)
+    }
+}
+
+/// Clears a flag when dropped, however its holder's future ends.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
