@@ -607,3 +607,139 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A producer of `emulator` reached through `relay`, with `edit` applied to a test configuration, serving `HUB`.
+fn relayed_producer(
+    emulator: &eventhub_gateway::emulator::Emulator,
+    relay: &Relay,
+    edit: impl FnOnce(&mut eventhub_gateway::producer::ProducerConfig),
+) -> eventhub_gateway::producer::Producer {
+    let mut config = eventhub_gateway::producer::ProducerConfig {
+        send_timeout: 10.0,
+        ..Default::default()
+    };
+    edit(&mut config);
+    let producer = eventhub_gateway::producer::Producer::from_connection_string(
+        &with_port(&emulator.connection_string(), relay.addr.port()),
+        false,
+        Default::default(),
+        config,
+    )
+    .expect("valid producer config");
+    producer.expect_hubs(&[HUB.to_owned()]);
+    producer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_the_send_is_answered_truly()
+ {
+    let emulator = start(&[&format!("{HUB}:{PARTITIONS}")]).await;
+    let relay = Relay::start(emulator.local_addr()).await;
+    let producer = relayed_producer(&emulator, &relay, |config| config.stall_timeout = 1.0);
+    assert!(
+        eventually(|| async { producer.is_ready() }).await,
+        "{:?}",
+        producer.readiness()
+    );
+    producer
+        .send(HUB, eventhub_gateway::producer::Event::text("before"))
+        .await
+        .expect("sent before the blackhole");
+
+    relay.set_paused(true);
+    let cut = Instant::now();
+    let send = tokio::spawn({
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(
+                    HUB,
+                    eventhub_gateway::producer::Event::text("in the blackhole"),
+                )
+                .await
+        }
+    });
+    assert!(
+        eventually(|| async { !producer.is_ready() }).await,
+        "still ready in the blackhole"
+    );
+    let not_ready_after = cut.elapsed();
+    assert_eq!(producer.stats().pool.stalled_total, 1);
+    // stall_timeout (1 s) plus the maintenance tick; nothing else declares it dead this soon (the link's
+    // disposition_timeout is 30 s, the AMQP idle timeout 120 s).
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(3)).contains(&not_ready_after),
+        "{not_ready_after:?}"
+    );
+    relay.set_paused(false);
+    let outcome = tokio::time::timeout(TIMEOUT, send)
+        .await
+        .expect("answered after the heal")
+        .expect("send task");
+    let stored: Vec<String> = stored_events(&emulator, HUB, PARTITIONS)
+        .iter()
+        .map(|(_, message)| body_text(message))
+        .collect();
+    match &outcome {
+        // Resent on a fresh connection (the first copy may land too: at least once).
+        Ok(_) => assert!(stored.iter().any(|body| body == "in the blackhole")),
+        Err(error) => assert!(
+            matches!(
+                error,
+                eventhub_gateway::producer::SendError::OutcomeUnknown { .. }
+            ),
+            "a send in doubt is OK or OUTCOME_UNKNOWN, not {error:?}"
+        ),
+    }
+    assert!(
+        eventually(|| async { producer.is_ready() }).await,
+        "{:?}",
+        producer.readiness()
+    );
+    producer.close().await;
+    drop(relay);
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_that_heartbeats_is_not_taken_for_dead() {
+    let emulator = start(&[&format!("{HUB}:{PARTITIONS}")]).await;
+    let relay = Relay::start(emulator.local_addr()).await;
+    // Announcing 0.5 s (half of idle_timeout_seconds) makes the emulator send an empty frame every 0.5 s.
+    let producer = relayed_producer(&emulator, &relay, |config| {
+        config.stall_timeout = 1.0;
+        config.idle_timeout_seconds = 1.0;
+    });
+    assert!(
+        eventually(|| async { producer.is_ready() }).await,
+        "{:?}",
+        producer.readiness()
+    );
+    // Dispositions take three stall timeouts; heartbeats keep coming meanwhile.
+    emulator.faults().delay_dispositions(Duration::from_secs(3));
+    let ready_throughout = Arc::new(AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let producer = producer.clone();
+        let ready_throughout = Arc::clone(&ready_throughout);
+        async move {
+            loop {
+                if !producer.is_ready() {
+                    ready_throughout.store(false, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    producer
+        .send(HUB, eventhub_gateway::producer::Event::text("slow"))
+        .await
+        .expect("a slow disposition is still an answer");
+    watcher.abort();
+    emulator.faults().clear();
+    assert!(ready_throughout.load(Ordering::Relaxed));
+    assert_eq!(producer.stats().pool.stalled_total, 0);
+    assert_eq!(producer.stats().pool.opened_total, 1);
+    producer.close().await;
+    drop(relay);
+    emulator.shutdown(TIMEOUT).await;
+}

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use super::auth::{AccessToken, TokenCache};
 use super::batch::{BatchBuilder, SealedBatch};
 use super::claim::Claim;
-use super::error::SendError;
+use super::error::{AmqpCondition, SendError};
 use super::event::Event;
 use super::link::{DecrementOnDrop, Link, LinkSettings};
 use super::node::NodeClient;
@@ -115,6 +115,22 @@ impl From<ConnectError> for SendError {
     }
 }
 
+/// Where a hub was found unusable on a connection: only a success at the same step (or a later one) clears it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// Getting or putting its token.
+    Token,
+    /// Attaching its sender link.
+    Attach,
+}
+
+/// Why a hub is unusable on a connection.
+#[derive(Clone, Debug)]
+struct Problem {
+    step: Step,
+    text: String,
+}
+
 /// What every connection of a pool shares.
 pub struct ConnectionContext {
     /// Where to connect.
@@ -165,7 +181,7 @@ pub struct PooledConnection {
     /// Since when work has been awaiting an answer without a break (checked by the pool's maintenance).
     busy_since: Mutex<Option<Instant>>,
     /// Why a hub is not usable on this connection (refused token or attach, failed warm-up), by hub.
-    problems: Mutex<HashMap<String, String>>,
+    problems: Mutex<HashMap<String, Problem>>,
     /// Whether a sender link has attached since it opened.
     attached: AtomicBool,
     /// A warm-up is running.
@@ -350,13 +366,12 @@ impl PooledConnection {
             return Err("the connection is closing".into());
         }
         let problems = self.problems.lock();
-        for hub in hubs {
-            if let Some(problem) = problems.get(hub) {
-                return Err(format!("event hub {hub}: {problem}"));
-            }
-        }
-        if let Some((hub, problem)) = problems.iter().next() {
-            return Err(format!("event hub {hub}: {problem}"));
+        let first = hubs
+            .iter()
+            .find_map(|hub| problems.get_key_value(hub))
+            .or_else(|| problems.iter().next());
+        if let Some((hub, problem)) = first {
+            return Err(format!("event hub {hub}: {}", problem.text));
         }
         drop(problems);
         if hubs.is_empty() {
@@ -398,6 +413,10 @@ impl PooledConnection {
         if self.warming.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Counted as failed until it finishes, and ended however it ends: a warm-up dropped at its caller's
+        // timeout is retried later like a refused one.
+        *self.warm_failed_at.lock() = Some(Instant::now());
+        let _warming = ClearOnDrop(&self.warming);
         let mut failed = false;
         for hub in hubs {
             if let Err(error) = self.authorize(hub).await {
@@ -416,22 +435,30 @@ impl PooledConnection {
             }
         }
         *self.warm_failed_at.lock() = failed.then(Instant::now);
-        self.warming.store(false, Ordering::SeqCst);
     }
 
-    /// Records why `hub` cannot be used here (logged once per change), or that it can again.
-    fn note_problem(&self, hub: &str, outcome: Result<(), &SendError>) {
+    /// Records why `hub` cannot be used here at `step` (warned once), or that `step` succeeded: that clears a
+    /// problem met at `step` or before it (an accepted token does not prove an attach that was refused).
+    fn note_problem(&self, hub: &str, step: Step, outcome: Result<(), &SendError>) {
         let mut problems = self.problems.lock();
         match outcome {
             Ok(()) => {
-                if problems.remove(hub).is_some() {
+                if problems
+                    .get(hub)
+                    .is_some_and(|problem| problem.step <= step)
+                {
+                    problems.remove(hub);
                     info!(connection = self.id, %hub, "Event Hubs accepts this event hub again");
                 }
             }
             Err(error) => {
                 // Warned once when the hub becomes unusable; the retries' answers (which may word it
                 // differently) are debug lines.
-                match problems.insert(hub.to_owned(), error.to_string()) {
+                let problem = Problem {
+                    step,
+                    text: error.to_string(),
+                };
+                match problems.insert(hub.to_owned(), problem) {
                     None => {
                         warn!(connection = self.id, %hub, %error, "event hub not usable on this connection; not ready")
                     }
@@ -520,19 +547,27 @@ impl PooledConnection {
         .and_then(|attached| attached);
         drop(awaiting);
         drop(session);
-        // A refused attach (unauthorized, not found) makes the hub unusable here; a lost connection says nothing
-        // of the hub.
+        // The hub's own link refused for want of rights or of the entity makes the hub unusable here; other
+        // failures (a lost connection, a busy service, a partition's link) say nothing of the hub.
         let link = match attached {
             Ok(link) => link,
             Err(error) => {
-                if matches!(error, SendError::Service(_) | SendError::Auth(_)) {
-                    self.note_problem(hub, Err(&error));
+                let refused = match &error {
+                    SendError::Auth(_) => true,
+                    SendError::Service(service) => matches!(
+                        service.condition,
+                        AmqpCondition::Unauthorized | AmqpCondition::NotFound
+                    ),
+                    _ => false,
+                };
+                if refused && partition.is_none() {
+                    self.note_problem(hub, Step::Attach, Err(&error));
                 }
                 return Err(error);
             }
         };
         self.attached.store(true, Ordering::Relaxed);
-        self.note_problem(hub, Ok(()));
+        self.note_problem(hub, Step::Attach, Ok(()));
         self.links.lock().insert(address, Arc::clone(&link));
         self.send_ready_message(&link).await;
         Ok(link)
@@ -552,22 +587,29 @@ impl PooledConnection {
 
     /// Puts the hub's token on this connection and keeps it fresh from the cache.
     async fn authorize(self: &Arc<Self>, hub: &str) -> Result<(), SendError> {
-        if self.authorized.lock().contains(hub) {
+        // Put once; again only while its last token was refused (a refresh, or this put).
+        let refused = || {
+            self.problems
+                .lock()
+                .get(hub)
+                .is_some_and(|problem| problem.step == Step::Token)
+        };
+        if self.authorized.lock().contains(hub) && !refused() {
             return Ok(());
         }
         let (audience, token) = match self.hub_token(hub).await {
             Ok(found) => found,
             Err(error) => {
-                self.note_problem(hub, Err(&error));
+                self.note_problem(hub, Step::Token, Err(&error));
                 return Err(error);
             }
         };
         let put = self.put_token(&audience, &token).await;
         if let Err(error) = put {
-            self.note_problem(hub, Err(&error));
+            self.note_problem(hub, Step::Token, Err(&error));
             return Err(error);
         }
-        self.note_problem(hub, Ok(()));
+        self.note_problem(hub, Step::Token, Ok(()));
         if self.authorized.lock().insert(hub.to_owned()) {
             tokio::spawn(Arc::clone(self).keep_authorized(hub.to_owned(), audience));
         }
@@ -622,7 +664,7 @@ impl PooledConnection {
                     warn!(connection = self.id, %audience, %error, "token refresh refused")
                 }
             }
-            self.note_problem(&hub, put.as_ref().map(|_| ()));
+            self.note_problem(&hub, Step::Token, put.as_ref().map(|_| ()));
         }
     }
 
@@ -700,6 +742,15 @@ impl PooledConnection {
         let response = response?;
         super::node::status_result(&response, hub)?;
         Ok(response.body)
+    }
+}
+
+/// Clears a flag when dropped, however its holder's future ends.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

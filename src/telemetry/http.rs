@@ -1,5 +1,6 @@
 //! The HTTP/1 listener beside gRPC (`metrics_listen`): `GET /metrics` in the Prometheus text format, and the
-//! Kubernetes probes `GET /healthz` (the process is alive) and `GET /readyz` (ready to send, not draining).
+//! Kubernetes probes `GET /healthz` (the process is alive) and `GET /readyz` (`metrics::readiness`: not draining, a
+//! live connection authorized for every hub; 503 with the one-line reason otherwise).
 
 use std::net::SocketAddr;
 use std::time::Duration;
