@@ -744,4 +744,39 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn client_text_is_clipped_with_its_length_in_messages_and_details() {
+        assert_eq!(clip("short"), "short");
+        let long = "\u{e9}".repeat(1000); // 2000 bytes; the cut lands inside a character
+        let clipped = clip(&long);
+        assert!(
+            clipped.ends_with("... [cut: 2000 bytes in all]"),
+            "{clipped}"
+        );
+        assert!(clipped.len() < CLIENT_TEXT_MAX + 40);
+        let status = GatewayError::UnknownHub {
+            hub: clip(&"h".repeat(1 << 20)).into_owned(),
+            served: "eh1".into(),
+        }
+        .to_rpc_status();
+        assert!(status.message.len() < 512, "{}", status.message.len());
+        assert!(status.encoded_len() < 1024, "{}", status.encoded_len());
+        let status = GatewayError::event(
+            "event",
+            SendError::InvalidEvent {
+                field: "properties",
+                reason: "x".repeat(1 << 20),
+            },
+        )
+        .to_rpc_status();
+        assert!(status.encoded_len() < 4096, "{}", status.encoded_len());
+        let status = GatewayError::StreamMessageUnreadable {
+            fault: StreamFault::Malformed,
+            detail: "y".repeat(1 << 20),
+            progress: StreamProgress::default(),
+        }
+        .to_rpc_status();
+        assert!(status.encoded_len() < 4096, "{}", status.encoded_len());
+    }
 }
