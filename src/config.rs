@@ -118,6 +118,14 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Most calls (unary or streaming) served at once; more are shed with RESOURCE_EXHAUSTED.
     pub max_concurrent_calls: usize,
+    /// Most of those calls from one peer address, so no one client can take every slot.
+    pub max_calls_per_client: usize,
+    /// Most encoded event bytes one peer address may have buffered or in flight in the producer (its share of
+    /// `producer.max_buffered_bytes`); beyond it its events wait, until their deadline, for its own to finish.
+    pub max_buffered_bytes_per_client: u64,
+    /// A `SendStream` that has read nothing and has nothing unacknowledged for this long is ended
+    /// (UNAVAILABLE, STREAM_IDLE), freeing its call slot, seconds.
+    pub stream_idle_timeout_seconds: f64,
     /// Most calls open at once on one HTTP/2 connection; a client's further calls wait on its side. Without
     /// it, a client faster than the gateway makes it hold every call it cannot even refuse yet.
     pub http2_max_concurrent_streams: u32,
@@ -132,6 +140,13 @@ pub struct Limits {
     pub client_events_per_second: Option<u32>,
 }
 
+impl Limits {
+    /// `stream_idle_timeout_seconds` as a duration.
+    pub fn stream_idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.stream_idle_timeout_seconds)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -139,6 +154,9 @@ impl Default for Limits {
             max_unacked_per_stream: 10_000,
             max_request_bytes: 16 * 1024 * 1024,
             max_concurrent_calls: 10_000,
+            max_calls_per_client: 1000,
+            max_buffered_bytes_per_client: 64 * 1024 * 1024,
+            stream_idle_timeout_seconds: 300.0,
             http2_max_concurrent_streams: 1000,
             http2_stream_window_bytes: 128 * 1024,
             http2_connection_window_bytes: 32 * 1024 * 1024,
@@ -416,6 +434,23 @@ impl GatewayConfig {
         }
         if limits.max_concurrent_calls == 0 {
             return invalid("limits.max_concurrent_calls", "must be at least 1");
+        }
+        if limits.max_calls_per_client == 0 {
+            return invalid("limits.max_calls_per_client", "must be at least 1");
+        }
+        if !(1024 * 1024..=u32::MAX as u64).contains(&limits.max_buffered_bytes_per_client) {
+            return invalid(
+                "limits.max_buffered_bytes_per_client",
+                "must be between 1 MiB (one full event) and 4 GiB",
+            );
+        }
+        if !(limits.stream_idle_timeout_seconds > 0.0
+            && limits.stream_idle_timeout_seconds <= 86_400.0)
+        {
+            return invalid(
+                "limits.stream_idle_timeout_seconds",
+                "must be above 0 and at most 86400",
+            );
         }
         if !(1..=1_000_000).contains(&limits.http2_max_concurrent_streams) {
             return invalid(

@@ -18,7 +18,7 @@ use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig}
 use crate::emulator::{Emulator, EmulatorConfig, HubConfig};
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::{Gateway, GatewayError, GatewayState};
-use crate::middleware::{ClientIdLayer, LoadShedLayer, TraceContextLayer};
+use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::producer::transport::{client_config, native_roots};
 use crate::producer::{
     ConnectionString, Credential, Endpoint, Producer, ProducerError, TlsOptions, Transport,
@@ -31,6 +31,14 @@ use crate::tls_material::{self, TlsFileError};
 
 /// How often health follows the producer's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often an HTTP/2 connection is pinged, and how long its peer has to answer before the connection (and
+/// every call it holds) is closed.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// While not ready, a changed reason is warned about at most this often.
+const READINESS_REMINDER: Duration = Duration::from_secs(60);
 
 /// Why the gateway could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +96,10 @@ pub enum ServeError {
 /// How long connections stay open after the last stream's status, so clients read it before the close.
 const STREAM_LINGER: Duration = Duration::from_millis(500);
 
+/// How long a drain waits, once every event is answered, for clients to read their answers before closing
+/// their connections.
+const CLIENT_READ_GRACE: Duration = Duration::from_secs(5);
+
 /// A running gateway.
 pub struct RunningGateway {
     local_addr: SocketAddr,
@@ -120,39 +132,47 @@ impl RunningGateway {
         self.emulator.as_ref()
     }
 
-    /// Drains: health goes NOT_SERVING (and `/readyz` 503), new calls are refused, streams get their remaining
-    /// acks, the producer flushes and every accepted event is answered; bounded by the drain timeout. Then the
-    /// metrics listener stops. Returns whether the drain finished in time.
-    pub async fn shutdown(self) -> Result<bool, ServeError> {
+    /// Drains: new calls are refused with DRAINING and streams stop reading; the producer flushes and every
+    /// accepted event gets its outcome (bounded by the drain timeout); then clients have a short grace to read
+    /// their answers (streams send their acks and DRAINING), after which connections still open (clients that
+    /// do not read) are closed. Returns whether every accepted event was answered in time, whatever the
+    /// clients did with the answers.
+    pub async fn shutdown(mut self) -> Result<bool, ServeError> {
         self.state.start_draining();
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        // The ack phase: what the gateway owes is an outcome for every event it accepted.
+        let answered = tokio::time::timeout_at(deadline, self.state.producer().close())
+            .await
+            .unwrap_or(false);
+        let grace = deadline.min(tokio::time::Instant::now() + CLIENT_READ_GRACE);
         // A lingering close: streams first send their remaining acks and DRAINING, and their connections stay
         // open a moment longer, so each client reads that status and stops writing before the socket closes.
         // Closed under a client's writes, the kernel answers them with a reset that drops the unread status.
-        let streams_were_open = tokio::time::timeout_at(deadline, self.state.streams_ended())
+        let streams_were_open = tokio::time::timeout_at(grace, self.state.streams_ended())
             .await
             .unwrap_or(true);
         if streams_were_open {
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + STREAM_LINGER))
-                .await;
+            tokio::time::sleep_until(grace.min(tokio::time::Instant::now() + STREAM_LINGER)).await;
         }
         self.stop.cancel();
-        let drained = tokio::time::timeout_at(deadline, async {
-            let served = self.server.await;
-            self.state.producer().close().await;
-            served
-        })
-        .await;
+        let served = match tokio::time::timeout_at(grace, &mut self.server).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(ServeError::Serve(join.to_string())),
+            Err(_) => {
+                tracing::warn!(
+                    grace = ?CLIENT_READ_GRACE,
+                    "closing connections whose clients did not read their answers"
+                );
+                self.server.abort();
+                Ok(())
+            }
+        };
         // Kept to the end of the drain, so probes and scrapes see it happen.
         self.metrics.shutdown().await;
         if let Some(emulator) = self.emulator {
             emulator.shutdown(Duration::from_secs(1)).await;
         }
-        match drained {
-            Ok(Ok(result)) => result.map(|()| true),
-            Ok(Err(join)) => Err(ServeError::Serve(join.to_string())),
-            Err(_) => Ok(false),
-        }
+        served.map(|()| answered)
     }
 }
 
@@ -387,6 +407,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             )
         }
     };
+    producer.expect_hubs(&hubs);
     let state = Arc::new(GatewayState::new(
         producer,
         hubs,
@@ -437,7 +458,10 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     let mut builder = Server::builder()
         .max_concurrent_streams(config.limits.http2_max_concurrent_streams)
         .initial_stream_window_size(config.limits.http2_stream_window_bytes)
-        .initial_connection_window_size(config.limits.http2_connection_window_bytes);
+        .initial_connection_window_size(config.limits.http2_connection_window_bytes)
+        // A peer that stops answering pings is gone: its connection and every call slot it held are freed.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
     if let Some(tls) = listener_tls {
         builder = builder
             .tls_config(tls)
@@ -445,11 +469,17 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     }
     let shed = LoadShedLayer::new(
         config.limits.max_concurrent_calls,
-        GatewayError::Overloaded {
-            bound: "limits.max_concurrent_calls",
-            retry_after: Duration::from_millis(100),
-        }
-        .to_status(),
+        config.limits.max_calls_per_client,
+        |bound| {
+            GatewayError::Overloaded {
+                bound: match bound {
+                    ShedBound::Total => "limits.max_concurrent_calls",
+                    ShedBound::PerClient => "limits.max_calls_per_client",
+                },
+                retry_after: Duration::from_millis(100),
+            }
+            .to_status()
+        },
     );
     let router = builder
         // The first layer is outermost: shed calls are still traced and attributed.
@@ -480,19 +510,43 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     })
 }
 
-/// SERVING while the producer has a ready connection; NOT_SERVING otherwise and from the start of a drain.
+/// SERVING while the gateway is ready (`telemetry::metrics::readiness`, as `/readyz`); NOT_SERVING otherwise
+/// and from the start of a drain. Each change is logged with its reason.
 async fn follow_readiness(
     health: HealthReporter,
     state: Arc<GatewayState>,
     stop: CancellationToken,
 ) {
     let mut last = None;
+    let mut last_reason = None;
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    let mut first = true;
     loop {
-        let status = if !state.is_draining() && state.producer().is_ready() {
+        let readiness = crate::telemetry::metrics::readiness(&state);
+        let status = if readiness.is_ok() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
+        let reason = readiness.err();
+        if reason != last_reason {
+            // A warning when readiness is lost, or its reason changes after a quiet minute; a reason that
+            // alternates while not ready (each retry's wording) is a debug line.
+            let flipped = last_reason.is_none();
+            let quiet = last_warning.is_none_or(|at| at.elapsed() >= READINESS_REMINDER);
+            match &reason {
+                None => tracing::info!("ready"),
+                // Not ready at start is the usual course (connecting), not worth a warning.
+                Some(reason) if first => tracing::info!(%reason, "not ready yet"),
+                Some(reason) if flipped || quiet => {
+                    tracing::warn!(%reason, "not ready");
+                    last_warning = Some(tokio::time::Instant::now());
+                }
+                Some(reason) => tracing::debug!(%reason, "still not ready"),
+            }
+            last_reason = reason;
+        }
+        first = false;
         if last != Some(status) {
             health.set_service_status("", status).await;
             health.set_service_status(SERVICE_NAME, status).await;

@@ -1083,3 +1083,89 @@ async fn a_cancelled_stream_stops_waiting_for_its_events_at_once() {
         .expect("the cancelled stream stopped waiting for its events");
     gateway.emulator().unwrap().faults().clear();
 }
+
+#[tokio::test]
+async fn a_poison_event_fails_alone_and_its_batch_mates_are_stored() {
+    let gateway = start_gateway(|config| config.producer.linger_ms = 50.0).await;
+    let emulator = gateway.emulator().unwrap();
+    // A rule only Event Hubs knows (here an injected one): the gateway cannot refuse the event first.
+    emulator.faults().refuse_events_containing(Some(b"POISON"));
+    let clients = 40;
+    let per_client = 25;
+    let normal = (0..clients).map(|c| {
+        let gateway = &gateway;
+        async move {
+            let mut client = gateway_client(gateway).await;
+            let mut failed = Vec::new();
+            for n in 0..per_client {
+                if let Err(status) = send_text(&mut client, &format!("c{c}-{n}")).await {
+                    failed.push(status);
+                }
+            }
+            failed
+        }
+    });
+    let poison = async {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let mut client = gateway_client(&gateway).await;
+        let crowded = v1::Event {
+            properties: (0..32_769)
+                .map(|n| (format!("p{n}"), String::new()))
+                .collect(),
+            ..text_event("crowded")
+        };
+        let request = v1::SendEventsRequest {
+            event_hub: String::new(),
+            events: vec![text_event("POISON"), crowded, text_event("fine")],
+        };
+        client
+            .send_events(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+    };
+    let (failed, results) = tokio::join!(futures_util::future::join_all(normal), poison);
+    let failed: Vec<_> = failed.into_iter().flatten().collect();
+    assert!(
+        failed.is_empty(),
+        "{} batch-mates failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let status = |index: usize| results[index].status.clone().unwrap_or_default();
+    // Refused by Event Hubs once alone: its own refusal, as an invalid event.
+    assert_eq!(
+        status(0).code,
+        Code::InvalidArgument as i32,
+        "{:?}",
+        status(0)
+    );
+    assert_eq!(error_reason(&status(0)), "INVALID_EVENT");
+    assert_eq!(violated_fields(&status(0)), ["events[0]"]);
+    // Refused by the gateway, naming the field and the rule.
+    assert_eq!(status(1).code, Code::InvalidArgument as i32);
+    assert_eq!(violated_fields(&status(1)), ["events[1].properties"]);
+    assert!(
+        status(1).message.contains("at most 1024"),
+        "{}",
+        status(1).message
+    );
+    assert_eq!(status(2).code, Code::Ok as i32);
+    let stored: usize = (0..4)
+        .map(|p| {
+            emulator
+                .partition_events("eh1", &p.to_string())
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(stored, clients * per_client + 1, "every normal event, once");
+    let splits = sample_value(
+        &scrape(&gateway).await,
+        "eventhub_gateway_batch_splits_total",
+        &[("event_hub", "eh1")],
+    );
+    assert!(splits.is_some_and(|n| n >= 1.0), "{splits:?}");
+    gateway.shutdown().await.unwrap();
+}

@@ -288,3 +288,179 @@ async fn a_flood_of_distinct_keys_costs_batching_speed_not_memory() {
         grown >> 20
     );
 }
+
+/// A `SendStream` call held open by its request sender; dropping the sender half-closes the call.
+type HeldStream = (
+    tokio::sync::mpsc::Sender<v1::SendStreamRequest>,
+    tonic::Streaming<v1::SendStreamResponse>,
+);
+
+/// Opens `count` `SendStream` calls that send nothing from `client`, and returns those the gateway took and
+/// the statuses of those it refused.
+async fn idle_streams(
+    client: &mut v1::event_hub_gateway_client::EventHubGatewayClient<tonic::transport::Channel>,
+    count: usize,
+) -> (Vec<HeldStream>, Vec<tonic::Status>) {
+    let mut open = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..count {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let requests = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        match client.send_stream(requests).await {
+            Ok(response) => open.push((sender, response.into_inner())),
+            Err(status) => refused.push(status),
+        }
+    }
+    (open, refused)
+}
+
+#[tokio::test]
+async fn one_client_holding_idle_streams_takes_only_its_share_of_the_call_slots() {
+    let gateway = start_gateway(|config| {
+        config.limits.max_concurrent_calls = 60;
+        config.limits.max_calls_per_client = 20;
+    })
+    .await;
+    let server = gateway.local_addr();
+    // The attacker spreads its streams over several connections, all from one address.
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..3 {
+        let mut attacker = client_from(server, [127, 0, 0, 2].into(), None).await;
+        let (open, shed) = idle_streams(&mut attacker, 20).await;
+        held.extend(open);
+        refused.extend(shed);
+    }
+    assert_eq!(held.len(), 20, "the attacker holds its share, no more");
+    assert_eq!(refused.len(), 40);
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(gateway_reason(status).as_deref(), Some("OVERLOADED"));
+        assert!(
+            status.message().contains("limits.max_calls_per_client"),
+            "{status:?}"
+        );
+    }
+    let samples = scrape(&gateway).await;
+    assert_eq!(
+        sample_value(
+            &samples,
+            "eventhub_gateway_shed_calls_total",
+            &[("bound", "per_client")]
+        ),
+        Some(40.0)
+    );
+    let mut other = client_from(server, [127, 0, 0, 3].into(), None).await;
+    other
+        .send_event(request("another client", Duration::from_secs(10)))
+        .await
+        .expect("another client is still served");
+    let (others_streams, others_refused) = idle_streams(&mut other, 20).await;
+    assert_eq!(
+        (others_streams.len(), others_refused.len()),
+        (20, 0),
+        "another client gets its own share"
+    );
+    drop(held);
+    let attacker = client_from(server, [127, 0, 0, 2].into(), None).await;
+    assert!(
+        eventually(|| {
+            let mut attacker = attacker.clone();
+            async move {
+                attacker
+                    .send_event(request("after", Duration::from_secs(10)))
+                    .await
+                    .is_ok()
+            }
+        })
+        .await,
+        "closed calls give the client its share back"
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_stream_is_ended_with_stream_idle_after_its_acks() {
+    let gateway = start_gateway(|config| config.limits.stream_idle_timeout_seconds = 0.5).await;
+    let mut client = gateway_client(&gateway).await;
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let mut responses = client
+        .send_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    sender
+        .send(v1::SendStreamRequest {
+            sequence: 7,
+            event: Some(text_event("then silence")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let first = responses.message().await.unwrap().expect("the ack");
+    assert_eq!(first.acks[0].sequence, 7);
+    assert_eq!(first.acks[0].status.as_ref().map(|s| s.code), Some(0));
+    // The client keeps its end open and sends nothing more.
+    let ended = responses.message().await.expect_err("the stream ends");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    let rich = rich_status(&ended);
+    assert_eq!(error_reason(&rich), "STREAM_IDLE");
+    assert!(
+        ended
+            .message()
+            .contains("limits.stream_idle_timeout_seconds"),
+        "{ended:?}"
+    );
+    drop(sender);
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn clients_that_never_read_their_answers_cannot_hold_up_the_drain() {
+    let mut gateway =
+        GatewayProcess::start_emulated(&[], &[("EVENTHUB_GATEWAY_DRAIN_TIMEOUT_SECONDS", "20")]);
+    // A window of 0: the gateway can send this client headers but never a message.
+    let mut stuck = client_from(gateway.address, [127, 0, 0, 4].into(), Some(0)).await;
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    let _responses = stuck
+        .send_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .expect("the stream opens");
+    for sequence in 1..=5 {
+        sender
+            .send(v1::SendStreamRequest {
+                sequence,
+                event: Some(text_event("never read")),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut unary = stuck.clone();
+    let waiting = tokio::spawn(async move {
+        unary
+            .send_event(request("answer never read", Duration::from_secs(30)))
+            .await
+    });
+    // The gateway has the events (stored, answers pending) before it is told to stop.
+    let mut normal = gateway.client().await;
+    normal
+        .send_event(request("normal", Duration::from_secs(10)))
+        .await
+        .expect("a normal call");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.terminate(Duration::from_secs(60));
+        (status, gateway)
+    })
+    .await
+    .unwrap()
+    .0
+    .expect("the gateway exits within the test's bound");
+    assert!(
+        status.success(),
+        "every accepted event was answered, so the drain succeeds: {status}"
+    );
+    waiting.abort();
+    drop(sender);
+}

@@ -1125,3 +1125,119 @@ async fn a_send_is_a_small_future() {
     drop(send);
     producer.close().await;
 }
+
+#[tokio::test]
+async fn a_batch_refused_for_one_event_is_sent_apart_and_only_that_event_fails() {
+    // A rule only the emulator knows: the producer cannot check it first, so the batch is refused whole.
+    let emulator = start(&["eh1:2"]).await;
+    emulator.faults().refuse_events_containing(Some(b"POISON"));
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            linger_ms: 50.0,
+            ..base()
+        },
+    );
+    let keyless = send_many(&producer, "eh1", 600, |i| {
+        Event::text(if i == 300 {
+            "POISON".to_owned()
+        } else {
+            format!("e-{i}")
+        })
+    });
+    // A key's events keep their order through the halves.
+    let keyed = async {
+        let mut tickets = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for i in 0..200 {
+            let body = if i == 77 {
+                "POISON".to_owned()
+            } else {
+                format!("k-{i}")
+            };
+            let event = Event::text(body).with_partition_key("one-key");
+            tickets.push(producer.enqueue("eh1", event, deadline).await.unwrap());
+        }
+        join_all(tickets).await
+    };
+    let (keyless, keyed) = tokio::join!(keyless, keyed);
+    for (outcomes, poison) in [(&keyless, 300), (&keyed, 77)] {
+        for (index, outcome) in outcomes.iter().enumerate() {
+            if index == poison {
+                assert!(
+                    matches!(outcome, Err(SendError::Service(e)) if e.condition == AmqpCondition::InvalidArgument),
+                    "{outcome:?}"
+                );
+            } else {
+                assert!(outcome.is_ok(), "event {index}: {outcome:?}");
+            }
+        }
+    }
+    let stored = stored_events(&emulator, "eh1", 2);
+    let mut bodies: Vec<String> = stored.iter().map(|(_, m)| body_text(m)).collect();
+    let keyed_bodies: Vec<String> = bodies
+        .iter()
+        .filter(|b| b.starts_with("k-"))
+        .cloned()
+        .collect();
+    let expected_keyed: Vec<String> = (0..200)
+        .filter(|&i| i != 77)
+        .map(|i| format!("k-{i}"))
+        .collect();
+    assert_eq!(
+        keyed_bodies, expected_keyed,
+        "the key's events, once each, in order"
+    );
+    bodies.sort();
+    let mut expected: Vec<String> = (0..600)
+        .filter(|&i| i != 300)
+        .map(|i| format!("e-{i}"))
+        .chain(expected_keyed)
+        .collect();
+    expected.sort();
+    assert_eq!(bodies, expected, "every other event stored exactly once");
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn an_event_over_a_limit_fails_alone_before_it_joins_a_batch() {
+    let emulator = start(&["eh1:2"]).await;
+    let producer = producer(
+        &emulator,
+        ProducerConfig {
+            linger_ms: 50.0,
+            ..base()
+        },
+    );
+    let transfers_before = emulator.faults().transfers_seen();
+    let outcomes = send_many(&producer, "eh1", 400, |i| {
+        let event = Event::text(format!("e-{i}"));
+        match i {
+            100 => (0..32_769).fold(event, |event, n| event.with_property(format!("p{n}"), "")),
+            200 => event.with_message_id("m".repeat(200)),
+            300 => event.with_property("huge", "v".repeat(40_000)),
+            _ => event,
+        }
+    })
+    .await;
+    for (index, outcome) in outcomes.iter().enumerate() {
+        let rule = match outcome {
+            Err(SendError::OverLimit(violation)) => Some(violation.rule),
+            Ok(_) => None,
+            other => panic!("event {index}: {other:?}"),
+        };
+        let expected = match index {
+            100 => Some("max_properties"),
+            200 => Some("max_message_id_chars"),
+            300 => Some("max_property_bytes"),
+            _ => None,
+        };
+        assert_eq!(rule, expected, "event {index}");
+    }
+    assert_eq!(stored_events(&emulator, "eh1", 2).len(), 397);
+    // Refused before a batch: no batch was refused, so none was sent apart.
+    assert!(emulator.faults().transfers_seen() - transfers_before < 50);
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
+}

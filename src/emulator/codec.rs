@@ -2,13 +2,14 @@
 //! a partition stores, and stamping a stored event with the service's annotations for delivery.
 
 use bytes::Bytes;
-use fe2o3_amqp_types::messaging::{Body, MessageAnnotations, annotations::OwnedKey};
-use fe2o3_amqp_types::primitives::{Symbol, Timestamp};
+use fe2o3_amqp_types::messaging::{Body, MessageAnnotations, MessageId, annotations::OwnedKey};
+use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp};
 use serde_amqp::Value;
 
 use super::node::AnyMessage;
 use super::partition_log::StoredEvent;
-use crate::eventhubs::message::{self, decode, encode};
+use crate::eventhubs::limits::{self, Violation};
+use crate::eventhubs::message::{self, AmqpMessage, decode, encode};
 use crate::eventhubs::{BATCH_MESSAGE_FORMAT, annotations};
 
 /// An incoming transfer the service would refuse; the text says which event and why.
@@ -47,6 +48,8 @@ pub fn unpack(message_format: u32, message: AnyMessage) -> Result<Unpacked, Unpa
                         .map_err(|e| UnpackError(format!("event {index} of the batch is not an AMQP message: {e}")))?;
                     let inner_key =
                         message::partition_key(&inner).map_err(|e| UnpackError(format!("event {index} of the batch: {e}")))?;
+                    check_limits(&inner)
+                        .map_err(|e| UnpackError(format!("event {index} of the batch: {}: {e}", e.field)))?;
                     if inner_key.is_some() && inner_key != partition_key {
                         return Err(UnpackError(format!(
                             "event {index} has partition key {inner_key:?} but the batch has {partition_key:?}: \
@@ -65,6 +68,8 @@ pub fn unpack(message_format: u32, message: AnyMessage) -> Result<Unpacked, Unpa
             })
         }
         0 => {
+            check_limits(&message)
+                .map_err(|e| UnpackError(format!("the message: {}: {e}", e.field)))?;
             let encoded = encode(&message)
                 .map_err(|e| UnpackError(format!("the message cannot be re-encoded: {e}")))?;
             Ok(Unpacked {
@@ -76,6 +81,35 @@ pub fn unpack(message_format: u32, message: AnyMessage) -> Result<Unpacked, Unpa
             "message-format {other:#x} is neither 0 nor the batch format 0x80013700"
         ))),
     }
+}
+
+/// Checks one event against the rules the service applies beyond its size (the producer checks the same, so the
+/// gateway never sends what is refused here).
+fn check_limits(event: &AmqpMessage) -> Result<(), Violation> {
+    if let Some(properties) = &event.properties {
+        if let Some(MessageId::String(id)) = &properties.message_id {
+            limits::check_message_id(id)?;
+        }
+        if let Some(MessageId::String(id)) = &properties.correlation_id {
+            limits::check_correlation_id(id)?;
+        }
+        if let Some(content_type) = &properties.content_type {
+            limits::check_content_type(content_type.as_str())?;
+        }
+    }
+    if let Some(application) = &event.application_properties {
+        limits::check_properties(application.0.iter().map(|(name, value)| {
+            let value = match value {
+                SimpleValue::String(text) => text.len(),
+                SimpleValue::Symbol(symbol) => symbol.as_str().len(),
+                SimpleValue::Binary(bytes) => bytes.len(),
+                // Numbers, timestamps, uuids: fixed and small.
+                _ => 8,
+            };
+            (name.len(), value)
+        }))?;
+    }
+    Ok(())
 }
 
 /// A stored event as a consumer receives it: the message as sent, with the service's annotations stamped.
@@ -198,6 +232,36 @@ mod tests {
             delivered.properties.unwrap().content_type,
             Some(Symbol::from("text/plain"))
         );
+    }
+
+    #[test]
+    fn a_batch_with_an_event_over_a_limit_is_refused_naming_the_event_and_the_rule() {
+        let mut crowded = event("b", None);
+        crowded.application_properties = Some(fe2o3_amqp_types::messaging::ApplicationProperties(
+            (0..=limits::MAX_PROPERTIES)
+                .map(|n| (format!("p{n}"), SimpleValue::Int(n as i32)))
+                .collect(),
+        ));
+        let err = unpack(
+            BATCH_MESSAGE_FORMAT,
+            batch(&[event("a", None), crowded.clone()], None),
+        )
+        .unwrap_err();
+        assert!(
+            err.0
+                .starts_with("event 1 of the batch: properties: 1025 properties")
+                && err.0.contains("max_properties"),
+            "{err}"
+        );
+        let err = unpack(0, crowded).unwrap_err();
+        assert!(err.0.starts_with("the message: properties:"), "{err}");
+        let mut long_id = event("c", None);
+        long_id.properties = Some(Properties {
+            message_id: Some(MessageId::String("m".repeat(129))),
+            ..Default::default()
+        });
+        let err = unpack(BATCH_MESSAGE_FORMAT, batch(&[long_id], None)).unwrap_err();
+        assert!(err.0.contains("message_id: 129 characters"), "{err}");
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct Faults {
     token_generation: watch::Sender<u64>,
     /// Every transfer received on a hub link (an observation, not a fault).
     transfers_seen: AtomicU64,
+    /// Transfers holding an event whose encoding contains these bytes are refused whole.
+    refused_marker: Mutex<Option<Vec<u8>>>,
 }
 
 /// What happens to one incoming transfer.
@@ -48,6 +50,7 @@ impl Default for Faults {
             detach_generation: watch::Sender::new(0),
             token_generation: watch::Sender::new(0),
             transfers_seen: AtomicU64::new(0),
+            refused_marker: Mutex::new(None),
         }
     }
 }
@@ -94,12 +97,29 @@ impl Faults {
         *self.refuse_connections_until.lock() = Some(Instant::now() + duration);
     }
 
+    /// Refuses whole, with `com.microsoft:argument-error` as the service refuses a batch holding an event it will
+    /// not take, every transfer holding an event whose encoding contains `marker` (a rule only the emulator knows,
+    /// so the sender cannot check it first); `None` turns it off.
+    pub fn refuse_events_containing(&self, marker: Option<&[u8]>) {
+        *self.refused_marker.lock() = marker.map(<[u8]>::to_vec);
+    }
+
+    /// The index of the first event holding the refused marker, if one does.
+    pub(crate) fn refused_event(&self, events: &[bytes::Bytes]) -> Option<usize> {
+        let marker = self.refused_marker.lock();
+        let marker = marker.as_deref().filter(|marker| !marker.is_empty())?;
+        events
+            .iter()
+            .position(|event| event.windows(marker.len()).any(|window| window == marker))
+    }
+
     /// Turns every fault off.
     pub fn clear(&self) {
         self.throttle_next_sends(0);
         self.release_next_sends(0);
         self.delay_dispositions(Duration::ZERO);
         self.force_close_after_transfers(0);
+        self.refuse_events_containing(None);
         *self.refuse_connections_until.lock() = None;
     }
 

@@ -79,7 +79,7 @@ async fn receive(
             TransferFault::Throttle => Err(server_busy()),
             TransferFault::Release => Ok(Settlement::Release),
             TransferFault::None => {
-                store(hub, partition, message_format, message).map(|()| Settlement::Accept)
+                store(hub, partition, message_format, message, context).map(|()| Settlement::Accept)
             }
         };
         let settled = match settlement {
@@ -98,9 +98,16 @@ fn store(
     partition: Option<usize>,
     message_format: u32,
     message: AmqpMessage,
+    context: &ConnectionContext,
 ) -> Result<(), definitions::Error> {
     let unpacked = unpack(message_format, message)
         .map_err(|err| service_error(conditions::ARGUMENT_ERROR, err.0))?;
+    if let Some(index) = context.shared.faults.refused_event(&unpacked.events) {
+        return Err(service_error(
+            conditions::ARGUMENT_ERROR,
+            format!("event {index} of the transfer holds the refused marker (an injected fault)"),
+        ));
+    }
     let index = partition.unwrap_or_else(|| hub.route(unpacked.partition_key.as_deref()));
     hub.partition(index).append(
         unpacked.events,

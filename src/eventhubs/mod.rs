@@ -1,6 +1,7 @@
 //! Event Hubs wire facts shared by the producer and the emulator: partition hash, SAS tokens, addresses, names.
 
 pub mod address;
+pub mod limits;
 pub mod message;
 pub mod partition;
 pub mod sas;

@@ -3,6 +3,7 @@
 
 use prost_types::value::Kind;
 
+use crate::eventhubs::limits;
 use crate::producer::{Event, SendError, TraceContext};
 use crate::proto::v1;
 
@@ -36,6 +37,15 @@ pub fn event_from_proto(
     }
     if !proto.correlation_id.is_empty() {
         event = event.with_correlation_id(proto.correlation_id);
+    }
+    // Far too many is refused before they are copied and sorted (the producer checks every rule again).
+    if proto.properties.len() > limits::MAX_PROPERTIES {
+        return Err(SendError::OverLimit(limits::Violation {
+            field: "properties",
+            rule: "max_properties",
+            limit: limits::MAX_PROPERTIES,
+            actual: proto.properties.len(),
+        }));
     }
     // Sorted, so the stored message does not depend on the map's iteration order.
     let mut properties: Vec<(String, String)> = proto.properties.into_iter().collect();
@@ -160,6 +170,18 @@ mod tests {
             error,
             SendError::InvalidEvent { field: "json", .. }
         ));
+        let crowded = v1::Event {
+            body: Some(v1::event::Body::Text("t".into())),
+            properties: (0..=limits::MAX_PROPERTIES)
+                .map(|n| (format!("p{n}"), String::new()))
+                .collect(),
+            ..Default::default()
+        };
+        let error = event_from_proto(crowded, None).unwrap_err();
+        assert!(
+            matches!(&error, SendError::OverLimit(v) if v.rule == "max_properties" && v.actual == 1025),
+            "{error}"
+        );
         let unnamed = v1::Event {
             body: Some(v1::event::Body::Text("t".into())),
             properties: [(String::new(), "v".to_owned())].into(),

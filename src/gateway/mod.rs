@@ -6,9 +6,11 @@ pub mod convert;
 pub mod deadline;
 pub mod guard;
 pub mod prescan;
+pub mod shares;
 pub mod status;
 pub mod stream;
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,12 +21,14 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
-use crate::middleware::{ClientId, RateLimits};
-use crate::producer::{Producer, TraceContext};
+use crate::middleware::{ClientId, RateLimits, peer_ip};
+use crate::producer::{Producer, Ticket, TraceContext};
 use crate::proto::v1;
 use crate::telemetry::metrics::{HubEvents, Rpc};
 use crate::telemetry::otel;
 use convert::event_from_proto;
+use prost::Message;
+use shares::{BufferShares, HeldShare};
 pub use status::GatewayError;
 
 /// What the service shares between calls.
@@ -33,6 +37,7 @@ pub struct GatewayState {
     hubs: Vec<String>,
     limits: Limits,
     rate_limits: RateLimits,
+    shares: BufferShares,
     draining: CancellationToken,
     send_timeout: Duration,
     /// The `SendStream` tasks, so a drain can wait for every stream to have sent its last status.
@@ -54,6 +59,7 @@ impl GatewayState {
         Self {
             producer,
             hubs,
+            shares: BufferShares::new(limits.max_buffered_bytes_per_client),
             limits,
             rate_limits,
             draining: CancellationToken::new(),
@@ -105,6 +111,30 @@ impl GatewayState {
         })
     }
 
+    /// Holds the event's bytes in its client's buffer share, then converts and enqueues it; keep the share
+    /// until the ticket is answered. `path` names the event in errors (`event`, `events[3]`).
+    async fn enqueue(
+        &self,
+        call: &CallContext,
+        hub: &str,
+        proto: v1::Event,
+        deadline: Instant,
+        path: &(dyn Fn() -> String + Sync),
+    ) -> Result<(Ticket, HeldShare), GatewayError> {
+        let share = self
+            .shares
+            .hold(call.peer, proto.encoded_len(), deadline)
+            .await?;
+        let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
+            .map_err(|error| GatewayError::event(path(), error))?;
+        let ticket = self
+            .producer
+            .enqueue(hub, event, deadline)
+            .await
+            .map_err(|error| GatewayError::event(path(), error))?;
+        Ok((ticket, share))
+    }
+
     fn charge(&self, call: &CallContext, events: usize) -> Result<(), GatewayError> {
         let events = u32::try_from(events).unwrap_or(u32::MAX);
         self.rate_limits
@@ -145,6 +175,7 @@ impl GatewayState {
         let span_parent = otel::is_exporting().then(otel::current_context);
         Ok(CallContext {
             client,
+            peer: peer_ip(request.extensions()),
             trace_context,
             span_parent,
             deadline,
@@ -156,6 +187,8 @@ impl GatewayState {
 #[derive(Clone)]
 pub struct CallContext {
     client: ClientId,
+    /// The peer address: the key of the client's buffer share (it cannot choose it, unlike its id).
+    peer: Option<IpAddr>,
     trace_context: Option<TraceContext>,
     span_parent: Option<opentelemetry::Context>,
     deadline: Instant,
@@ -197,13 +230,10 @@ async fn send_one(
         reason: "is required".into(),
     })?;
     state.charge(call, 1)?;
-    let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
-        .map_err(|error| GatewayError::event("event", error))?;
-    let ticket = state
-        .producer
-        .enqueue(hub, event, call.deadline)
-        .await
-        .map_err(|error| GatewayError::event("event", error))?;
+    let path = || "event".to_owned();
+    let (ticket, _share) = state
+        .enqueue(call, hub, proto, call.deadline, &path)
+        .await?;
     // Answered by the deadline: an event on the wire then is OUTCOME_UNKNOWN, not a transport timeout.
     ticket
         .outcome_by(call.deadline)
@@ -276,19 +306,19 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         // Enqueued one by one, in request order, so each key keeps that order; then awaited together.
         let mut tickets = Vec::with_capacity(body.events.len());
         for (index, proto) in body.events.into_iter().enumerate() {
-            let enqueued = match event_from_proto(proto, call.event_trace_context(&hub).as_ref()) {
-                Ok(event) => state.producer.enqueue(&hub, event, call.deadline).await,
-                Err(error) => Err(error),
-            };
+            let path = || format!("events[{index}]");
+            let enqueued = state
+                .enqueue(&call, &hub, proto, call.deadline, &path)
+                .await;
             tickets.push((index, enqueued));
         }
         let deadline = call.deadline;
         let answered = join_all(tickets.into_iter().map(|(index, enqueued)| async move {
-            let outcome = match enqueued {
-                Ok(ticket) => ticket.outcome_by(deadline).await,
-                Err(error) => Err(error),
-            };
-            outcome.map_err(|error| GatewayError::event(format!("events[{index}]"), error))
+            let (ticket, _share) = enqueued?;
+            ticket
+                .outcome_by(deadline)
+                .await
+                .map_err(|error| GatewayError::event(format!("events[{index}]"), error))
         }))
         .await;
         let accepted = answered.iter().filter(|outcome| outcome.is_ok()).count();

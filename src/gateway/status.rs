@@ -137,6 +137,19 @@ pub enum GatewayError {
         /// What the stream had read.
         progress: StreamProgress,
     },
+    /// The stream read nothing and had nothing unacknowledged for `limits.stream_idle_timeout_seconds`: it is
+    /// ended to give its call slot back.
+    #[error(
+        "the stream was idle (nothing read, nothing unacknowledged) for {idle:?} \
+         (limits.stream_idle_timeout_seconds) after {progress}, and is ended to free its call slot; open a new \
+         stream when there are events to send"
+    )]
+    StreamIdle {
+        /// The idle timeout.
+        idle: Duration,
+        /// What the stream had read.
+        progress: StreamProgress,
+    },
 }
 
 /// Why a `SendStream` message could not be read.
@@ -228,6 +241,7 @@ mod reason {
     pub const REQUEST_TOO_LARGE: &str = "REQUEST_TOO_LARGE";
     pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
     pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
+    pub const STREAM_IDLE: &str = "STREAM_IDLE";
 }
 
 /// A status under construction.
@@ -384,6 +398,9 @@ impl GatewayError {
             Self::StreamDeadlineExceeded { progress } => {
                 Built::new(Code::DeadlineExceeded, reason::DEADLINE_EXCEEDED).progress(progress)
             }
+            Self::StreamIdle { progress, .. } => Built::new(Code::Unavailable, reason::STREAM_IDLE)
+                .retry(Duration::ZERO)
+                .progress(progress),
         }
     }
 
@@ -404,6 +421,8 @@ impl GatewayError {
             reason::EVENT_HUBS_REJECTED => "event_hubs_rejected",
             reason::REQUEST_TOO_LARGE => "request_too_large",
             reason::MALFORMED_REQUEST => "malformed_request",
+            reason::OUTCOME_UNKNOWN => "outcome_unknown",
+            reason::STREAM_IDLE => "stream_idle",
             // Every reason is listed above (a test checks each); a new one shows as this until it is added.
             _ => "other",
         }
@@ -498,6 +517,10 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
             Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
                 .field(format!("{path}.{field}"), reason.clone())
         }
+        SendError::OverLimit(violation) => Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+            .field(format!("{path}.{}", violation.field), violation.to_string())
+            .meta("rule", violation.rule)
+            .meta("limit", violation.limit.to_string()),
         SendError::UnknownPartition { .. } => {
             Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
                 .field(format!("{path}.partition_id"), error.to_string())
@@ -554,9 +577,12 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
                     Built::new(Code::InvalidArgument, reason::EVENT_TOO_LARGE)
                         .field(path.to_owned(), service.to_string())
                 }
-                AmqpCondition::InvalidArgument | AmqpCondition::Other(_) => {
-                    Built::new(Code::Internal, reason::EVENT_HUBS_REJECTED)
+                // The producer sends a refused batch's events apart, so this refusal is this event's own.
+                AmqpCondition::InvalidArgument => {
+                    Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
+                        .field(path.to_owned(), service.to_string())
                 }
+                AmqpCondition::Other(_) => Built::new(Code::Internal, reason::EVENT_HUBS_REJECTED),
             };
             built.meta("condition", condition)
         }
@@ -657,6 +683,24 @@ mod tests {
                 "EVENT_HUBS_UNAUTHORIZED",
             ),
             (
+                GatewayError::event(
+                    "events[2]",
+                    SendError::OverLimit(crate::eventhubs::limits::Violation {
+                        field: "properties",
+                        rule: "max_properties",
+                        limit: 1024,
+                        actual: 32_769,
+                    }),
+                ),
+                Code::InvalidArgument,
+                "INVALID_EVENT",
+            ),
+            (
+                GatewayError::event("event", service(AmqpCondition::InvalidArgument)),
+                Code::InvalidArgument,
+                "INVALID_EVENT",
+            ),
+            (
                 GatewayError::event("event", service(AmqpCondition::Other("x:y".into()))),
                 Code::Internal,
                 "EVENT_HUBS_REJECTED",
@@ -709,6 +753,24 @@ mod tests {
                 .with_progress("at most 10 events".into(), StreamProgress::default()),
                 Code::InvalidArgument,
                 "INVALID_EVENT",
+            ),
+            (
+                GatewayError::event(
+                    "event",
+                    SendError::OutcomeUnknown {
+                        last_error: "no disposition".into(),
+                    },
+                ),
+                Code::Unknown,
+                "OUTCOME_UNKNOWN",
+            ),
+            (
+                GatewayError::StreamIdle {
+                    idle: Duration::from_secs(300),
+                    progress: StreamProgress::default(),
+                },
+                Code::Unavailable,
+                "STREAM_IDLE",
             ),
         ];
         for (error, code, reason) in cases {

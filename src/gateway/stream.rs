@@ -1,8 +1,9 @@
 //! `SendStream`: reads events while fewer than `max_unacked_per_stream` are unacknowledged (beyond that it
 //! stops reading, so HTTP/2 flow control holds the client back), acknowledges every sequence exactly once
 //! with its real outcome, groups acks that are ready together, and on half-close sends every remaining ack.
-//! Every other ending (a message it cannot read, the stream's deadline, draining) also answers every event
-//! read first, then ends the call with a status that says why; only a client that went away gets nothing.
+//! Every other ending (a message it cannot read, the stream's deadline, idleness past
+//! `stream_idle_timeout_seconds`, draining) also answers every event read first, then ends the call with a
+//! status that says why; only a client that went away gets nothing.
 //!
 //! Memory per stream has a fixed ceiling, whatever the client sends or fails to read: every sequence read,
 //! acked or nacked, holds a permit until its ack is taken by the acker, so at most `max_unacked_per_stream`
@@ -24,7 +25,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 use tracing::Instrument;
 
-use super::convert::event_from_proto;
 use super::guard::Refusal;
 use super::status::{self, GatewayError, StreamFault, StreamProgress};
 use super::{CallContext, GatewayState};
@@ -156,6 +156,7 @@ async fn read(
     pending: mpsc::UnboundedSender<PendingAck>,
 ) -> ReadEnd {
     let budget = state.limits.max_unacked_per_stream;
+    let idle_timeout = state.limits.stream_idle_timeout();
     let unacked = Arc::new(Semaphore::new(budget));
     let mut counters = HubEventsCache::new(Rpc::SendStream);
     let mut progress = StreamProgress::default();
@@ -170,9 +171,17 @@ async fn read(
             },
             why = &mut interrupted => return why.end(progress),
         };
-        let message = tokio::select! {
-            message = inbound.message() => message,
-            why = &mut interrupted => return why.end(progress),
+        let message = loop {
+            tokio::select! {
+                message = inbound.message() => break message,
+                why = &mut interrupted => return why.end(progress),
+                () = tokio::time::sleep(idle_timeout) => {
+                    // Idle only with every ack sent (the permit held for this read is the one not free).
+                    if unacked.available_permits() + 1 >= budget {
+                        return ReadEnd::Failed(GatewayError::StreamIdle { idle: idle_timeout, progress });
+                    }
+                }
+            }
         };
         let mut request = match message {
             Ok(Some(request)) => request,
@@ -350,16 +359,12 @@ async fn admit(
     if let Err(error) = state.charge(call, 1) {
         return refuse(counted, error, permit);
     }
-    let event = match event_from_proto(proto, call.event_trace_context(&hub).as_ref()) {
-        Ok(event) => event,
-        Err(error) => return refuse(counted, GatewayError::event(field(), error), permit),
-    };
     let own = Instant::now() + state.send_timeout;
     let deadline = stream_deadline.map_or(own, |stream| stream.min(own));
-    match state.producer.enqueue(&hub, event, deadline).await {
-        Ok(ticket) => async move {
+    match state.enqueue(call, &hub, proto, deadline, &field).await {
+        Ok((ticket, share)) => async move {
             let outcome = ticket.outcome_by(deadline).await;
-            drop(permit);
+            drop((permit, share));
             match outcome {
                 Ok(receipt) => {
                     counted.ok(1);
@@ -381,7 +386,7 @@ async fn admit(
             }
         }
         .boxed(),
-        Err(error) => refuse(counted, GatewayError::event(field(), error), permit),
+        Err(error) => refuse(counted, error, permit),
     }
 }
 

@@ -66,7 +66,7 @@ impl fmt::Display for ClientId {
 }
 
 /// The peer's IP address from tonic's connect info (plain TCP, or TCP under TLS).
-fn peer_ip(extensions: &http::Extensions) -> Option<IpAddr> {
+pub fn peer_ip(extensions: &http::Extensions) -> Option<IpAddr> {
     let addr = extensions
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)

@@ -10,9 +10,9 @@ mod rate_limit;
 mod shed;
 mod trace_context;
 
-pub use client_id::{CLIENT_ID_HEADER, ClientId, ClientIdLayer, ClientIdService};
+pub use client_id::{CLIENT_ID_HEADER, ClientId, ClientIdLayer, ClientIdService, peer_ip};
 pub use rate_limit::{RateLimited, RateLimits};
-pub use shed::{LoadShed, LoadShedLayer, PermitBody, ShedFuture};
+pub use shed::{CallSlot, ClientSlot, LoadShed, LoadShedLayer, PermitBody, ShedBound, ShedFuture};
 pub use trace_context::{
     TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContextFuture, TraceContextLayer,
     TraceContextService, TracedBody,
@@ -35,7 +35,9 @@ mod tests {
     async fn layers_serve_a_tonic_client() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let shed = LoadShedLayer::new(1, tonic::Status::resource_exhausted("overloaded"));
+        let shed = LoadShedLayer::new(1, usize::MAX, |_| {
+            tonic::Status::resource_exhausted("overloaded")
+        });
         let (_reporter, health) = tonic_health::server::health_reporter();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(

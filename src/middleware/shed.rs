@@ -1,7 +1,9 @@
-//! Load shedding: a cap on the calls in flight across the whole server, past which a call is answered at once
-//! with a fixed gRPC status instead of being queued.
+//! Load shedding: caps on the calls in flight across the whole server and per peer address, past which a call
+//! is answered at once with a fixed gRPC status instead of being queued, so no one client can take every slot.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,9 +11,21 @@ use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
+
+use super::client_id::peer_ip;
+
+/// Which cap shed a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShedBound {
+    /// `max_concurrent_calls`: the whole server is full.
+    Total,
+    /// `max_calls_per_client`: the caller's peer address holds its whole share.
+    PerClient,
+}
 
 /// Sheds calls beyond a number in flight; clones share one limit and one set of counters.
 #[derive(Clone, Debug)]
@@ -23,29 +37,54 @@ pub struct LoadShedLayer {
 struct Shared {
     permits: Arc<Semaphore>,
     max_concurrent_calls: usize,
+    max_calls_per_client: usize,
+    /// Calls in flight per peer address; an address leaves the table with its last call, so the table holds
+    /// at most `max_concurrent_calls` entries.
+    per_client: Mutex<HashMap<IpAddr, usize>>,
     rejection: tonic::Status,
+    per_client_rejection: tonic::Status,
     shed: AtomicU64,
+    shed_per_client: AtomicU64,
 }
 
 impl LoadShedLayer {
     /// A layer letting `max_concurrent_calls` calls in at once (capped at [`Semaphore::MAX_PERMITS`]; 0 sheds
-    /// every call) and answering the others with `rejection`.
-    pub fn new(max_concurrent_calls: usize, rejection: tonic::Status) -> Self {
+    /// every call), at most `max_calls_per_client` of them from one peer address, and answering the others
+    /// with the status `rejection` gives for the cap they hit.
+    pub fn new(
+        max_concurrent_calls: usize,
+        max_calls_per_client: usize,
+        rejection: impl Fn(ShedBound) -> tonic::Status,
+    ) -> Self {
         // More than MAX_PERMITS would panic in the semaphore; that many calls is no limit anyway.
         let max_concurrent_calls = max_concurrent_calls.min(Semaphore::MAX_PERMITS);
         Self {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(max_concurrent_calls)),
                 max_concurrent_calls,
-                rejection,
+                max_calls_per_client,
+                per_client: Mutex::new(HashMap::new()),
+                rejection: rejection(ShedBound::Total),
+                per_client_rejection: rejection(ShedBound::PerClient),
                 shed: AtomicU64::new(0),
+                shed_per_client: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Calls rejected so far.
+    /// Calls rejected so far, at either cap.
     pub fn shed_total(&self) -> u64 {
-        self.shared.shed.load(Ordering::Relaxed)
+        self.shared.shed.load(Ordering::Relaxed) + self.shed_per_client_total()
+    }
+
+    /// Calls rejected so far because their peer address held its whole share.
+    pub fn shed_per_client_total(&self) -> u64 {
+        self.shared.shed_per_client.load(Ordering::Relaxed)
+    }
+
+    /// Peer addresses with calls in flight now.
+    pub fn clients_in_flight(&self) -> usize {
+        self.shared.per_client.lock().len()
     }
 
     /// Calls in flight now (from their start until their response body is finished or dropped).
@@ -93,11 +132,25 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let client = match ClientSlot::take(&self.shared, peer_ip(request.extensions())) {
+            Ok(client) => client,
+            Err(()) => {
+                self.shared.shed_per_client.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    max_calls_per_client = self.shared.max_calls_per_client,
+                    "call shed: its client holds its whole share"
+                );
+                return ShedFuture::rejected(self.shared.per_client_rejection.clone());
+            }
+        };
         match self.shared.permits.clone().try_acquire_owned() {
             Ok(permit) => ShedFuture {
                 state: State::Called {
                     inner: self.inner.call(request),
-                    permit: Some(permit),
+                    permit: Some(CallSlot {
+                        _total: permit,
+                        _client: client,
+                    }),
                 },
             },
             // The semaphore is never closed, so no permit always means "full".
@@ -107,11 +160,57 @@ where
                     max_concurrent_calls = self.shared.max_concurrent_calls,
                     "call shed"
                 );
-                ShedFuture {
-                    state: State::Rejected {
-                        status: self.shared.rejection.clone(),
-                    },
-                }
+                ShedFuture::rejected(self.shared.rejection.clone())
+            }
+        }
+    }
+}
+
+/// A call's place: one of `max_concurrent_calls`, and one of its peer's `max_calls_per_client`.
+#[derive(Debug)]
+pub struct CallSlot {
+    _total: OwnedSemaphorePermit,
+    _client: Option<ClientSlot>,
+}
+
+/// One of a peer address's calls in flight; leaving, it frees its place (and the address's entry with the
+/// last one).
+#[derive(Debug)]
+pub struct ClientSlot {
+    shared: Arc<Shared>,
+    peer: IpAddr,
+}
+
+impl ClientSlot {
+    /// A place for a call from `peer`, unless it holds its whole share; no peer address (not a TCP
+    /// listener) takes no share.
+    fn take(shared: &Arc<Shared>, peer: Option<IpAddr>) -> Result<Option<Self>, ()> {
+        let Some(peer) = peer else {
+            return Ok(None);
+        };
+        let mut per_client = shared.per_client.lock();
+        let calls = per_client.entry(peer).or_insert(0);
+        if *calls >= shared.max_calls_per_client {
+            if *calls == 0 {
+                per_client.remove(&peer);
+            }
+            return Err(());
+        }
+        *calls += 1;
+        Ok(Some(Self {
+            shared: Arc::clone(shared),
+            peer,
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut per_client = self.shared.per_client.lock();
+        if let Some(calls) = per_client.get_mut(&self.peer) {
+            *calls -= 1;
+            if *calls == 0 {
+                per_client.remove(&self.peer);
             }
         }
     }
@@ -125,13 +224,21 @@ pin_project! {
     }
 }
 
+impl<F> ShedFuture<F> {
+    fn rejected(status: tonic::Status) -> Self {
+        Self {
+            state: State::Rejected { status },
+        }
+    }
+}
+
 pin_project! {
     #[project = StateProj]
     enum State<F> {
         Called {
             #[pin]
             inner: F,
-            permit: Option<OwnedSemaphorePermit>,
+            permit: Option<CallSlot>,
         },
         Rejected {
             status: tonic::Status,
@@ -174,7 +281,7 @@ pin_project! {
     pub struct PermitBody<B> {
         #[pin]
         inner: B,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<CallSlot>,
     }
 }
 
@@ -291,7 +398,9 @@ mod tests {
 
     #[tokio::test]
     async fn third_call_is_shed_while_two_bodies_are_open() {
-        let layer = LoadShedLayer::new(2, tonic::Status::resource_exhausted("overloaded"));
+        let layer = LoadShedLayer::new(2, usize::MAX, |_| {
+            tonic::Status::resource_exhausted("overloaded")
+        });
         let calls = Arc::new(AtomicUsize::new(0));
         let (senders_tx, _senders) = mpsc::unbounded_channel();
         let service = service(&layer, calls.clone(), senders_tx);
@@ -334,7 +443,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_body_frees_its_permit() {
-        let layer = LoadShedLayer::new(2, tonic::Status::unavailable("busy"));
+        let layer = LoadShedLayer::new(2, usize::MAX, |_| tonic::Status::unavailable("busy"));
         let calls = Arc::new(AtomicUsize::new(0));
         let (senders_tx, _senders) = mpsc::unbounded_channel();
         let service = service(&layer, calls.clone(), senders_tx);
@@ -354,7 +463,9 @@ mod tests {
 
     #[tokio::test]
     async fn finished_body_frees_its_permit_before_it_is_dropped() {
-        let layer = LoadShedLayer::new(2, tonic::Status::resource_exhausted("overloaded"));
+        let layer = LoadShedLayer::new(2, usize::MAX, |_| {
+            tonic::Status::resource_exhausted("overloaded")
+        });
         let calls = Arc::new(AtomicUsize::new(0));
         let (senders_tx, mut senders) = mpsc::unbounded_channel();
         let service = service(&layer, calls.clone(), senders_tx);
@@ -388,7 +499,9 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_response_future_frees_its_permit() {
-        let layer = LoadShedLayer::new(1, tonic::Status::resource_exhausted("overloaded"));
+        let layer = LoadShedLayer::new(1, usize::MAX, |_| {
+            tonic::Status::resource_exhausted("overloaded")
+        });
         let mut service = layer.layer(service_fn(|_: Request<()>| {
             std::future::pending::<Result<Response<OpenBody>, Infallible>>()
         }));
@@ -401,10 +514,9 @@ mod tests {
     #[tokio::test]
     async fn rejection_carries_status_details() {
         let details = Bytes::from_static(b"\x08\x08\x12\x0aoverloaded");
-        let layer = LoadShedLayer::new(
-            0,
-            tonic::Status::with_details(Code::ResourceExhausted, "overloaded", details.clone()),
-        );
+        let layer = LoadShedLayer::new(0, usize::MAX, |_| {
+            tonic::Status::with_details(Code::ResourceExhausted, "overloaded", details.clone())
+        });
         let calls = Arc::new(AtomicUsize::new(0));
         let (senders_tx, _senders) = mpsc::unbounded_channel();
         let shed = service(&layer, calls.clone(), senders_tx)
@@ -417,9 +529,82 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 
+    fn from(peer: [u8; 4]) -> Request<()> {
+        let mut request = Request::new(());
+        request
+            .extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some((peer, 40000).into()),
+            });
+        request
+    }
+
+    #[tokio::test]
+    async fn one_peer_takes_at_most_its_share_and_others_are_still_served() {
+        let layer = LoadShedLayer::new(10, 2, |bound| {
+            tonic::Status::resource_exhausted(format!("{bound:?}"))
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (senders_tx, _senders) = mpsc::unbounded_channel();
+        let service = service(&layer, calls.clone(), senders_tx);
+        let greedy = [10, 0, 0, 1];
+
+        let first = service.clone().oneshot(from(greedy)).await.unwrap();
+        let _second = service.clone().oneshot(from(greedy)).await.unwrap();
+        let shed = service.clone().oneshot(from(greedy)).await.unwrap();
+        assert_eq!(grpc_status(&shed), Some("8"));
+        assert_eq!(
+            tonic::Status::from_header_map(shed.headers())
+                .unwrap()
+                .message(),
+            "PerClient"
+        );
+        assert_eq!(layer.shed_per_client_total(), 1);
+        let other = service.clone().oneshot(from([10, 0, 0, 2])).await.unwrap();
+        assert_eq!(grpc_status(&other), None, "another peer is served");
+        assert_eq!(layer.clients_in_flight(), 2);
+
+        drop(first);
+        let again = service.clone().oneshot(from(greedy)).await.unwrap();
+        assert_eq!(
+            grpc_status(&again),
+            None,
+            "a finished call gives its place back"
+        );
+        drop((again, other, _second));
+        assert_eq!(layer.in_flight(), 0);
+        assert_eq!(
+            layer.clients_in_flight(),
+            0,
+            "peers leave the table with their last call"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_shed_by_the_total_cap_keeps_no_share() {
+        let layer = LoadShedLayer::new(1, 5, |bound| {
+            tonic::Status::resource_exhausted(format!("{bound:?}"))
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (senders_tx, _senders) = mpsc::unbounded_channel();
+        let service = service(&layer, calls.clone(), senders_tx);
+        let _held = service.clone().oneshot(from([10, 0, 0, 1])).await.unwrap();
+        let shed = service.clone().oneshot(from([10, 0, 0, 2])).await.unwrap();
+        assert_eq!(
+            tonic::Status::from_header_map(shed.headers())
+                .unwrap()
+                .message(),
+            "Total"
+        );
+        assert_eq!(layer.clients_in_flight(), 1);
+    }
+
     #[test]
     fn clones_share_the_limit() {
-        let layer = LoadShedLayer::new(3, tonic::Status::resource_exhausted("overloaded"));
+        let layer = LoadShedLayer::new(3, usize::MAX, |_| {
+            tonic::Status::resource_exhausted("overloaded")
+        });
         let clone = layer.clone();
         let _permit = layer.shared.permits.clone().try_acquire_owned().unwrap();
         assert_eq!(clone.in_flight(), 1);

@@ -158,6 +158,9 @@ impl BatchBuilder {
 #[derive(Debug)]
 pub struct SealedBatch {
     builder: parking_lot::Mutex<Option<BatchBuilder>>,
+    partition_key: Option<String>,
+    limit: u64,
+    size: u64,
     claims: Vec<Arc<Claim>>,
     on_wire: OnceLock<Option<(Arc<Transfer>, Instant)>>,
     in_doubt: AtomicBool,
@@ -168,6 +171,9 @@ impl SealedBatch {
     pub fn new(builder: BatchBuilder, claims: Vec<Arc<Claim>>) -> Self {
         debug_assert_eq!(builder.len(), claims.len());
         Self {
+            partition_key: builder.partition_key.clone(),
+            limit: builder.limit,
+            size: builder.size,
             builder: parking_lot::Mutex::new(Some(builder)),
             claims,
             on_wire: OnceLock::new(),
@@ -214,6 +220,53 @@ impl SealedBatch {
     /// Whether an attempt may have been stored without the producer knowing.
     pub fn is_in_doubt(&self) -> bool {
         self.in_doubt.load(Ordering::Acquire)
+    }
+
+    /// Its encoded size as sealed, bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Events in the batch, those left out of its transfer included.
+    pub fn len(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// Whether it holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+
+    /// After Event Hubs refused its transfer whole (nothing of it stored), the events that were on the wire in two
+    /// batches, first half and second half in order, each with the indices (in this batch) of its events; `None`
+    /// when fewer than two went on the wire. Their claims are on the wire already: the halves carry the same
+    /// events, whatever their callers' deadlines.
+    pub fn split(&self) -> Option<[(SealedBatch, Vec<usize>); 2]> {
+        let transfer = self.on_wire.get()?.as_ref()?.0.clone();
+        let Body::Data(sections) = &transfer.message.body else {
+            return None;
+        };
+        let kept: Vec<usize> = (0..self.claims.len())
+            .filter(|&index| !self.claims[index].is_expired())
+            .collect();
+        if kept.len() < 2 || kept.len() != sections.len() {
+            return None;
+        }
+        let middle = kept.len() / 2;
+        let half = |range: std::ops::Range<usize>| {
+            let mut builder = BatchBuilder::new(self.partition_key.clone(), self.limit);
+            for section in &sections[range.clone()] {
+                // A part of a batch that fitted fits.
+                let _ = builder.try_push(section.0.to_vec());
+            }
+            let indices = kept[range].to_vec();
+            let claims = indices
+                .iter()
+                .map(|&index| Arc::clone(&self.claims[index]))
+                .collect();
+            (SealedBatch::new(builder, claims), indices)
+        };
+        Some([half(0..middle), half(middle..kept.len())])
     }
 }
 
@@ -303,6 +356,42 @@ mod tests {
         assert!(batch.on_wire_since().is_some());
         // A retry resends the same transfer.
         assert!(Arc::ptr_eq(&transfer, &batch.transfer_for_wire().unwrap()));
+    }
+
+    fn bodies(batch: &SealedBatch) -> Vec<Vec<u8>> {
+        let transfer = batch.transfer_for_wire().unwrap();
+        let Body::Data(sections) = &transfer.message.body else {
+            panic!("a batch body is Data sections")
+        };
+        sections.iter().map(|section| section.0.to_vec()).collect()
+    }
+
+    #[test]
+    fn a_refused_batch_splits_into_halves_of_what_went_on_the_wire() {
+        let (batch, claims) = sealed(&[1, 2, 3, 4, 5]);
+        assert!(batch.split().is_none(), "not on the wire yet");
+        assert!(claims[1].expire());
+        bodies(&batch);
+        let [(first, first_indices), (second, second_indices)] = batch.split().unwrap();
+        assert_eq!(first_indices, vec![0, 2]);
+        assert_eq!(second_indices, vec![3, 4]);
+        // The halves go out whole, whatever happens to their callers' deadlines now.
+        assert!(
+            claims
+                .iter()
+                .all(|claim| !claim.expire() || claim.is_expired())
+        );
+        assert_eq!(bodies(&first), vec![vec![0u8; 1], vec![2u8; 3]]);
+        assert_eq!(bodies(&second), vec![vec![3u8; 4], vec![4u8; 5]]);
+        let [(last, _), (_, _)] = second.split().unwrap();
+        assert_eq!(bodies(&last), vec![vec![3u8; 4]]);
+        assert!(last.split().is_none(), "one event is not split");
+        // The halves keep the batch's key.
+        let transfer = first.transfer_for_wire().unwrap();
+        assert_eq!(
+            crate::eventhubs::message::partition_key(&transfer.message),
+            Ok(Some("key".into()))
+        );
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct ProducerConfig {
     pub send_timeout: f64,
     /// How long one transfer waits for its disposition, seconds, before the link is presumed lost.
     pub disposition_timeout: f64,
+    /// A connection with work awaiting an answer (a disposition, a CBS or management reply) that receives
+    /// nothing at all (no frame, no heartbeat) for this long, seconds, is declared dead and replaced; its
+    /// unsettled batches are in doubt (resent, or OUTCOME_UNKNOWN).
+    pub stall_timeout: f64,
     /// Attempts per batch, the first included.
     pub retry_max_attempts: u32,
     /// First retry pause, milliseconds (exponential with full jitter).
@@ -91,6 +95,7 @@ impl Default for ProducerConfig {
             local_partitioning: false,
             send_timeout: 60.0,
             disposition_timeout: 30.0,
+            stall_timeout: 10.0,
             retry_max_attempts: 5,
             retry_initial_backoff_ms: 100.0,
             retry_max_backoff_ms: 10_000.0,
@@ -147,6 +152,7 @@ impl ProducerConfig {
             ("pool_get_timeout", self.pool_get_timeout),
             ("send_timeout", self.send_timeout),
             ("disposition_timeout", self.disposition_timeout),
+            ("stall_timeout", self.stall_timeout),
             ("retry_initial_backoff_ms", self.retry_initial_backoff_ms),
             ("retry_max_backoff_ms", self.retry_max_backoff_ms),
             (
@@ -279,6 +285,10 @@ impl ProducerConfig {
     /// `disposition_timeout` as a duration.
     pub fn disposition_wait(&self) -> Duration {
         seconds(self.disposition_timeout)
+    }
+    /// `stall_timeout` as a duration.
+    pub fn stall_timeout(&self) -> Duration {
+        seconds(self.stall_timeout)
     }
     /// `retry_initial_backoff_ms` as a duration.
     pub fn initial_backoff(&self) -> Duration {

@@ -1,5 +1,7 @@
 //! One pooled AMQP connection: open (transport, SASL, session), CBS authorization of each hub kept fresh from the
-//! token cache, the sender links it hosts, the management node, the ready message, and its end.
+//! token cache, the sender links it hosts, the management node, the ready message, and its end; its warm-up
+//! (every configured hub authorized, a sender link attached), its readiness and why it is not ready, and the
+//! stall check (work awaiting an answer while the peer sends nothing at all).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,7 +21,9 @@ use super::error::SendError;
 use super::event::Event;
 use super::link::{DecrementOnDrop, Link, LinkSettings};
 use super::node::NodeClient;
-use super::transport::{ConnectionOptions, Endpoint, TlsOptions, TransportError, open_connection};
+use super::transport::{
+    Activity, ConnectionOptions, Endpoint, TlsOptions, TransportError, open_connection,
+};
 use crate::eventhubs::{CBS_NODE, MANAGEMENT_NODE};
 
 /// Where a connection that never opened failed: the `reason` label of `connection_failures_total`.
@@ -143,7 +147,8 @@ pub struct PooledConnection {
     created: Instant,
     context: Arc<ConnectionContext>,
     session: tokio::sync::Mutex<SessionHandle<()>>,
-    cbs: tokio::sync::Mutex<NodeClient>,
+    /// `None` after an exchange broke the pair (a detach, a timeout): attached again for the next put-token.
+    cbs: tokio::sync::Mutex<Option<NodeClient>>,
     management: tokio::sync::Mutex<Option<NodeClient>>,
     links: Mutex<HashMap<String, Arc<Link>>>,
     attaching: AtomicUsize,
@@ -153,6 +158,20 @@ pub struct PooledConnection {
     retiring: AtomicBool,
     ready_message_sent: AtomicBool,
     idle_since: Mutex<Instant>,
+    /// When the peer last sent a byte.
+    activity: Arc<Activity>,
+    /// CBS, management and attach exchanges awaiting the peer's answer.
+    requests: AtomicUsize,
+    /// Since when work has been awaiting an answer without a break (checked by the pool's maintenance).
+    busy_since: Mutex<Option<Instant>>,
+    /// Why a hub is not usable on this connection (refused token or attach, failed warm-up), by hub.
+    problems: Mutex<HashMap<String, String>>,
+    /// Whether a sender link has attached since it opened.
+    attached: AtomicBool,
+    /// A warm-up is running.
+    warming: AtomicBool,
+    /// When the last warm-up that left a problem ended.
+    warm_failed_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for PooledConnection {
@@ -174,8 +193,10 @@ impl PooledConnection {
             stage,
             reason,
         };
+        let activity = Arc::new(Activity::new());
         let options = ConnectionOptions {
             idle_time_out: Some(context.idle_timeout),
+            activity: Some(Arc::clone(&activity)),
             ..ConnectionOptions::new(format!("eventhub-gateway-{}", uuid::Uuid::new_v4()))
         };
         let mut connection = open_connection(&options, &context.endpoint, &context.tls)
@@ -206,7 +227,7 @@ impl PooledConnection {
             created: Instant::now(),
             context,
             session: tokio::sync::Mutex::new(session),
-            cbs: tokio::sync::Mutex::new(cbs),
+            cbs: tokio::sync::Mutex::new(Some(cbs)),
             management: tokio::sync::Mutex::new(None),
             links: Mutex::new(HashMap::new()),
             attaching: AtomicUsize::new(0),
@@ -216,6 +237,13 @@ impl PooledConnection {
             retiring: AtomicBool::new(false),
             ready_message_sent: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
+            activity,
+            requests: AtomicUsize::new(0),
+            busy_since: Mutex::new(None),
+            problems: Mutex::new(HashMap::new()),
+            attached: AtomicBool::new(false),
+            warming: AtomicBool::new(false),
+            warm_failed_at: Mutex::new(None),
         });
         let lost = this.lost.clone();
         let close = this.close.clone();
@@ -271,6 +299,148 @@ impl PooledConnection {
     /// Completes when the connection has ended.
     pub async fn ended(&self) {
         self.lost.cancelled().await;
+    }
+
+    /// Ends it at once as lost: its links answer what they carry as a lost connection (in doubt, resent), and
+    /// the AMQP close is attempted in the background (a peer behind a blackhole never answers it).
+    pub fn declare_dead(&self) {
+        self.retiring.store(true, Ordering::Relaxed);
+        self.lost.cancel();
+        self.close.cancel();
+    }
+
+    /// Whether work awaits the peer's answer now: batches on its links, or a CBS, management or attach exchange.
+    fn is_busy(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0 || self.load() > 0
+    }
+
+    /// Counts an exchange awaiting the peer until the guard drops.
+    fn awaiting_peer(&self) -> DecrementOnDrop<'_> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        DecrementOnDrop(&self.requests)
+    }
+
+    /// Whether it has stalled: work has been awaiting an answer for at least `bound` and nothing at all (no
+    /// frame, no heartbeat) has arrived for `bound`. Says why when it has. Called on each maintenance tick, which
+    /// also starts and clears the busy period, so work that comes and goes never adds up.
+    pub fn stalled(&self, bound: Duration) -> Option<String> {
+        let mut busy_since = self.busy_since.lock();
+        if !self.is_busy() {
+            *busy_since = None;
+            return None;
+        }
+        let busy_for = busy_since.get_or_insert_with(Instant::now).elapsed();
+        let silent_for = self.activity.silent_for();
+        (busy_for >= bound && silent_for >= bound).then(|| {
+            format!(
+                "{} batches and {} requests awaiting an answer, nothing received for {:.1} s (stall_timeout {:?})",
+                self.load(),
+                self.requests.load(Ordering::Relaxed),
+                silent_for.as_secs_f64(),
+                bound
+            )
+        })
+    }
+
+    /// Ready when open and not retiring, every hub of `hubs` authorized with no refusal since, and a sender link
+    /// attached since it opened; otherwise why not. With no hubs declared (a bare producer), an open connection
+    /// with no refusal is ready.
+    pub fn readiness(&self, hubs: &[String]) -> Result<(), String> {
+        if self.is_lost() || self.is_retiring() {
+            return Err("the connection is closing".into());
+        }
+        let problems = self.problems.lock();
+        for hub in hubs {
+            if let Some(problem) = problems.get(hub) {
+                return Err(format!("event hub {hub}: {problem}"));
+            }
+        }
+        if let Some((hub, problem)) = problems.iter().next() {
+            return Err(format!("event hub {hub}: {problem}"));
+        }
+        drop(problems);
+        if hubs.is_empty() {
+            return Ok(());
+        }
+        let authorized = self.authorized.lock();
+        if let Some(hub) = hubs.iter().find(|hub| !authorized.contains(*hub)) {
+            return Err(format!("event hub {hub}: no CBS token granted yet"));
+        }
+        drop(authorized);
+        if !self.attached.load(Ordering::Relaxed) {
+            return Err("no sender link attached yet".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a warm-up should start now: something of `hubs` is missing or refused, none is running, and the
+    /// last one that failed ended at least `retry_after` ago.
+    pub fn wants_warm_up(&self, hubs: &[String], retry_after: Duration) -> bool {
+        if self.is_lost() || self.is_retiring() || self.warming.load(Ordering::Relaxed) {
+            return false;
+        }
+        if let Some(failed) = *self.warm_failed_at.lock()
+            && failed.elapsed() < retry_after
+        {
+            return false;
+        }
+        !self.problems.lock().is_empty()
+            || (!hubs.is_empty() && !self.attached.load(Ordering::Relaxed))
+            || {
+                let authorized = self.authorized.lock();
+                hubs.iter().any(|hub| !authorized.contains(hub))
+            }
+    }
+
+    /// Proves the connection can serve `hubs`: puts each hub's token and attaches a sender link to it (while
+    /// `client_limit` allows), recording what was refused. Each exchange is bounded by the request timeout.
+    pub async fn warm_up(self: &Arc<Self>, hubs: &[String], client_limit: usize) {
+        if self.warming.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut failed = false;
+        for hub in hubs {
+            if let Err(error) = self.authorize(hub).await {
+                debug!(connection = self.id, %hub, %error, "warm-up: authorization failed");
+                failed = true;
+                continue;
+            }
+            let address = link_address(hub, None);
+            if self.link_to(&address).is_some() || self.link_count() >= client_limit {
+                continue;
+            }
+            self.reserve_link();
+            if let Err(error) = self.attach_link(hub, None).await {
+                debug!(connection = self.id, %hub, %error, "warm-up: attach failed");
+                failed = true;
+            }
+        }
+        *self.warm_failed_at.lock() = failed.then(Instant::now);
+        self.warming.store(false, Ordering::SeqCst);
+    }
+
+    /// Records why `hub` cannot be used here (logged once per change), or that it can again.
+    fn note_problem(&self, hub: &str, outcome: Result<(), &SendError>) {
+        let mut problems = self.problems.lock();
+        match outcome {
+            Ok(()) => {
+                if problems.remove(hub).is_some() {
+                    info!(connection = self.id, %hub, "Event Hubs accepts this event hub again");
+                }
+            }
+            Err(error) => {
+                // Warned once when the hub becomes unusable; the retries' answers (which may word it
+                // differently) are debug lines.
+                match problems.insert(hub.to_owned(), error.to_string()) {
+                    None => {
+                        warn!(connection = self.id, %hub, %error, "event hub not usable on this connection; not ready")
+                    }
+                    Some(_) => {
+                        debug!(connection = self.id, %hub, %error, "event hub still not usable")
+                    }
+                }
+            }
+        }
     }
 
     /// Links attached or being attached (what `client_limit` bounds).
@@ -334,7 +504,8 @@ impl PooledConnection {
         if let Some(link) = self.link_to(&address) {
             return Ok(link);
         }
-        let link = tokio::time::timeout(
+        let awaiting = self.awaiting_peer();
+        let attached = tokio::time::timeout(
             self.context.request_timeout,
             Link::attach(
                 &mut session,
@@ -345,8 +516,23 @@ impl PooledConnection {
             ),
         )
         .await
-        .map_err(|_| SendError::Connection(format!("attaching {address} timed out")))??;
+        .map_err(|_| SendError::Connection(format!("attaching {address} timed out")))
+        .and_then(|attached| attached);
+        drop(awaiting);
         drop(session);
+        // A refused attach (unauthorized, not found) makes the hub unusable here; a lost connection says nothing
+        // of the hub.
+        let link = match attached {
+            Ok(link) => link,
+            Err(error) => {
+                if matches!(error, SendError::Service(_) | SendError::Auth(_)) {
+                    self.note_problem(hub, Err(&error));
+                }
+                return Err(error);
+            }
+        };
+        self.attached.store(true, Ordering::Relaxed);
+        self.note_problem(hub, Ok(()));
         self.links.lock().insert(address, Arc::clone(&link));
         self.send_ready_message(&link).await;
         Ok(link)
@@ -369,20 +555,54 @@ impl PooledConnection {
         if self.authorized.lock().contains(hub) {
             return Ok(());
         }
-        let (audience, token) = self.hub_token(hub).await?;
-        self.cbs
-            .lock()
-            .await
-            .put_token(&audience, &token, self.context.request_timeout)
-            .await?;
+        let (audience, token) = match self.hub_token(hub).await {
+            Ok(found) => found,
+            Err(error) => {
+                self.note_problem(hub, Err(&error));
+                return Err(error);
+            }
+        };
+        let put = self.put_token(&audience, &token).await;
+        if let Err(error) = put {
+            self.note_problem(hub, Err(&error));
+            return Err(error);
+        }
+        self.note_problem(hub, Ok(()));
         if self.authorized.lock().insert(hub.to_owned()) {
-            tokio::spawn(Arc::clone(self).keep_authorized(audience));
+            tokio::spawn(Arc::clone(self).keep_authorized(hub.to_owned(), audience));
         }
         Ok(())
     }
 
+    /// Puts `token` for `audience` on `$cbs`, attaching the pair again if an earlier exchange broke it. A
+    /// refusal in the answer (401, 404) keeps the pair; a broken exchange drops it.
+    async fn put_token(&self, audience: &str, token: &AccessToken) -> Result<(), SendError> {
+        let mut cbs = self.cbs.lock().await;
+        let _awaiting = self.awaiting_peer();
+        if cbs.is_none() {
+            let mut session = self.session.lock().await;
+            let attached = tokio::time::timeout(
+                self.context.request_timeout,
+                NodeClient::attach(&mut session, CBS_NODE),
+            )
+            .await
+            .map_err(|_| SendError::Connection(format!("attaching {CBS_NODE} timed out")))??;
+            *cbs = Some(attached);
+        }
+        let Some(client) = cbs.as_mut() else {
+            return Err(SendError::Connection("$cbs link missing".into()));
+        };
+        let put = client
+            .put_token(audience, token, self.context.request_timeout)
+            .await;
+        if client.is_broken() {
+            *cbs = None;
+        }
+        put
+    }
+
     /// Re-puts the audience's token each time the cache refreshes it, until the connection ends.
-    async fn keep_authorized(self: Arc<Self>, audience: String) {
+    async fn keep_authorized(self: Arc<Self>, hub: String, audience: String) {
         let mut tokens = self.context.tokens.watch(&audience);
         tokens.borrow_and_update();
         loop {
@@ -393,13 +613,8 @@ impl PooledConnection {
             let Some(token) = tokens.borrow_and_update().valid_token() else {
                 continue;
             };
-            let put = self
-                .cbs
-                .lock()
-                .await
-                .put_token(&audience, &token, self.context.request_timeout)
-                .await;
-            match put {
+            let put = self.put_token(&audience, &token).await;
+            match &put {
                 Ok(()) => {
                     debug!(connection = self.id, %audience, "token refreshed on the connection")
                 }
@@ -407,6 +622,7 @@ impl PooledConnection {
                     warn!(connection = self.id, %audience, %error, "token refresh refused")
                 }
             }
+            self.note_problem(&hub, put.as_ref().map(|_| ()));
         }
     }
 
@@ -469,6 +685,7 @@ impl PooledConnection {
                 .insert("partition", id),
             None => properties.insert("type", "com.microsoft:eventhub"),
         };
+        let awaiting = self.awaiting_peer();
         let response = client
             .request(
                 properties.build(),
@@ -476,6 +693,7 @@ impl PooledConnection {
                 self.context.request_timeout,
             )
             .await;
+        drop(awaiting);
         if response.is_err() {
             *management = None; // a half-broken pair is not reused
         }

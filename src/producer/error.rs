@@ -7,6 +7,7 @@ use std::time::Duration;
 use fe2o3_amqp_types::definitions::{self, AmqpError, ConnectionError, ErrorCondition, LinkError};
 
 use crate::eventhubs::conditions;
+use crate::eventhubs::limits::Violation;
 
 /// An AMQP error condition as Event Hubs uses it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,6 +140,9 @@ pub enum SendError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The event breaks one of the rules of [`crate::eventhubs::limits`] (a field over its limit).
+    #[error("invalid event: {field}: {violation}", field = .0.field, violation = .0)]
+    OverLimit(Violation),
     /// The event, encoded, is larger than the link's `max-message-size` even alone in a batch.
     #[error("event is {size} bytes encoded; the event hub accepts at most {limit} bytes per batch")]
     TooLarge {
@@ -217,7 +221,7 @@ impl SendError {
     pub fn error_type(&self) -> String {
         match self {
             Self::Service(error) => error.condition.to_string(),
-            Self::InvalidEvent { .. } => "invalid_event".into(),
+            Self::InvalidEvent { .. } | Self::OverLimit(_) => "invalid_event".into(),
             Self::TooLarge { .. } => "too_large".into(),
             Self::UnknownPartition { .. } => "unknown_partition".into(),
             Self::Overloaded { .. } => "overloaded".into(),
@@ -238,6 +242,7 @@ impl SendError {
             Self::Service(error) => error.condition.is_retryable(),
             Self::NotProcessed(_) | Self::Connection(_) | Self::Unreachable { .. } => true,
             Self::InvalidEvent { .. }
+            | Self::OverLimit(_)
             | Self::TooLarge { .. }
             | Self::UnknownPartition { .. }
             | Self::Overloaded { .. }
@@ -246,6 +251,19 @@ impl SendError {
             | Self::OutcomeUnknown { .. }
             | Self::Auth(_)
             | Self::Closed => false,
+        }
+    }
+
+    /// Whether Event Hubs refused a batch for what an event in it holds (an invalid argument or field, or its size),
+    /// not for the link or the namespace: sent apart, the batch's other events can succeed.
+    pub fn refuses_contents(&self) -> bool {
+        match self {
+            Self::Service(error) => matches!(
+                error.condition,
+                AmqpCondition::InvalidArgument | AmqpCondition::MessageSizeExceeded
+            ),
+            Self::TooLarge { .. } => true,
+            _ => false,
         }
     }
 
@@ -316,5 +334,16 @@ mod tests {
         assert!(SendError::NotProcessed("released").is_retryable());
         assert!(!SendError::TooLarge { size: 2, limit: 1 }.is_retryable());
         assert!(!SendError::service(AmqpCondition::Unauthorized, "expired").is_retryable());
+    }
+
+    #[test]
+    fn only_refusals_of_an_events_contents_are_worth_splitting_a_batch_for() {
+        assert!(
+            SendError::service(AmqpCondition::InvalidArgument, "map too big").refuses_contents()
+        );
+        assert!(SendError::service(AmqpCondition::MessageSizeExceeded, "big").refuses_contents());
+        assert!(!SendError::service(AmqpCondition::Unauthorized, "expired").refuses_contents());
+        assert!(!SendError::service(AmqpCondition::NotFound, "no hub").refuses_contents());
+        assert!(!SendError::Connection("reset".into()).refuses_contents());
     }
 }

@@ -14,6 +14,7 @@ use serde_amqp::Value;
 
 use super::error::SendError;
 use crate::eventhubs::annotations;
+use crate::eventhubs::limits;
 use crate::eventhubs::message::AmqpMessage;
 
 /// Content type of JSON bodies.
@@ -186,6 +187,43 @@ impl Event {
             (None, Some(id)) => Ok(Routing::PartitionId(id.clone())),
             (None, None) => Ok(Routing::Any),
         }
+    }
+
+    /// Checks the event against the rules of [`limits`] (ids, content type, properties with the trace context's),
+    /// so an event Event Hubs would refuse fails alone, before it joins a batch.
+    pub fn validate(&self) -> Result<(), SendError> {
+        if let Some(id) = &self.message_id {
+            limits::check_message_id(id).map_err(SendError::OverLimit)?;
+        }
+        if let Some(id) = &self.correlation_id {
+            limits::check_correlation_id(id).map_err(SendError::OverLimit)?;
+        }
+        if let Some(content_type) = &self.content_type {
+            limits::check_content_type(content_type).map_err(SendError::OverLimit)?;
+        }
+        // The trace context's properties replace any of the same name.
+        let trace: Vec<(&str, usize)> = match &self.trace_context {
+            None => Vec::new(),
+            Some(context) => {
+                let mut trace = vec![
+                    (DIAGNOSTIC_ID_PROPERTY, context.traceparent.len()),
+                    (TRACEPARENT_PROPERTY, context.traceparent.len()),
+                ];
+                if let Some(state) = &context.tracestate {
+                    trace.push((TRACESTATE_PROPERTY, state.len()));
+                }
+                trace
+            }
+        };
+        let own = self
+            .properties
+            .iter()
+            .filter(|(name, _)| !trace.iter().any(|(traced, _)| traced == name))
+            .map(|(name, value)| (name.len(), value.len()));
+        let all: Vec<(usize, usize)> = own
+            .chain(trace.iter().map(|(name, len)| (name.len(), *len)))
+            .collect();
+        limits::check_properties(all.into_iter()).map_err(SendError::OverLimit)
     }
 
     /// The sections before the body: partition key annotation, properties, application properties.
@@ -381,6 +419,58 @@ mod tests {
         assert_eq!(
             Event::text("x").with_partition_id("3").routing(),
             Ok(Routing::PartitionId("3".into()))
+        );
+    }
+
+    #[test]
+    fn events_over_a_limit_are_refused_naming_the_rule() {
+        let rule = |event: Event| match event.validate() {
+            Err(SendError::OverLimit(violation)) => (violation.field, violation.rule),
+            other => panic!("{other:?}"),
+        };
+        let mut many = Event::text("x");
+        for n in 0..32_769 {
+            many = many.with_property(format!("p{n}"), "");
+        }
+        assert_eq!(rule(many), ("properties", "max_properties"));
+        assert_eq!(
+            rule(Event::text("x").with_message_id("m".repeat(129))),
+            ("message_id", "max_message_id_chars")
+        );
+        assert_eq!(
+            rule(Event::text("x").with_correlation_id("c".repeat(129))),
+            ("correlation_id", "max_correlation_id_chars")
+        );
+        assert_eq!(
+            rule(Event::text("x").with_content_type("tëxt/plain")),
+            ("content_type", "content_type_ascii")
+        );
+        assert_eq!(
+            rule(Event::text("x").with_property("big", "v".repeat(40_000))),
+            ("properties", "max_property_bytes")
+        );
+        // 1,022 properties and the trace context's three are one too many; the trace context's names replace
+        // a caller's property of the same name rather than adding to the count.
+        let mut near = Event::text("x")
+            .with_trace_context(TraceContext::parse(TRACEPARENT, Some("a=b")).unwrap());
+        for n in 0..1_021 {
+            near = near.with_property(format!("p{n}"), "");
+        }
+        assert!(
+            near.clone()
+                .with_property("traceparent", "mine")
+                .validate()
+                .is_ok()
+        );
+        assert_eq!(
+            rule(near.with_property("one-more", "")),
+            ("properties", "max_properties")
+        );
+        assert!(
+            Event::text("x")
+                .with_message_id("é".repeat(128))
+                .validate()
+                .is_ok()
         );
     }
 

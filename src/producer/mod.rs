@@ -255,6 +255,7 @@ impl Producer {
                 reason: "must not be empty".into(),
             });
         }
+        event.validate()?;
         let target = match event.routing()? {
             Routing::Any => Target::Any,
             Routing::PartitionKey(key) if inner.config.local_partitioning => {
@@ -480,22 +481,41 @@ impl Producer {
         }
     }
 
-    /// Whether the producer can send now: a connection is open and it is not closing.
+    /// Declares the hubs this producer serves: each connection warms up (a CBS token granted and a sender link
+    /// attached for every one) before it takes work, and readiness requires them all.
+    pub fn expect_hubs(&self, hubs: &[String]) {
+        self.inner.pool.set_hubs(hubs);
+    }
+
+    /// Whether the producer can send now: see [`Producer::readiness`].
     pub fn is_ready(&self) -> bool {
-        !self.inner.closing.is_cancelled() && self.inner.pool.stats().ready > 0
+        self.readiness().is_ok()
+    }
+
+    /// Ready when not closing and a pooled connection is open, not stalled, has had every declared hub's token
+    /// granted (none refused since) and a sender link attached; otherwise why not, in one line.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.inner.closing.is_cancelled() {
+            return Err("the producer is closing".into());
+        }
+        self.inner.pool.readiness()
     }
 
     /// Flushes every buffered event, waits (at most `send_timeout`) for every outcome, then closes links and
-    /// connections. Sends after this fail with [`SendError::Closed`].
-    pub async fn close(&self) {
+    /// connections; returns whether every event enqueued got its outcome. Sends after this fail with
+    /// [`SendError::Closed`].
+    pub async fn close(&self) -> bool {
         let inner = &self.inner;
         inner.closing.cancel();
         // Dropping the route senders lets each route flush what it holds and end.
         inner.routes.lock().clear();
         inner.tasks.close();
-        let _ = tokio::time::timeout(inner.config.default_deadline(), inner.tasks.wait()).await;
+        let answered = tokio::time::timeout(inner.config.default_deadline(), inner.tasks.wait())
+            .await
+            .is_ok();
         inner.stop.cancel();
         inner.pool.close(Duration::from_secs(5)).await;
+        answered
     }
 }
 

@@ -12,7 +12,7 @@ use fe2o3_amqp_types::primitives::{SimpleValue, Timestamp};
 use serde_amqp::Value;
 
 use super::auth::AccessToken;
-use super::error::{AmqpCondition, SendError};
+use super::error::{AmqpCondition, SendError, ServiceError};
 use crate::eventhubs::message::AmqpMessage;
 
 /// A node's answer: status code, description and body.
@@ -33,6 +33,7 @@ pub struct NodeClient {
     responses: Receiver,
     reply_to: String,
     next_id: u64,
+    broken: bool,
 }
 
 impl NodeClient {
@@ -61,6 +62,7 @@ impl NodeClient {
             responses,
             reply_to,
             next_id: 0,
+            broken: false,
         })
     }
 
@@ -88,7 +90,7 @@ impl NodeClient {
                 .requests
                 .send(message)
                 .await
-                .map_err(|e| SendError::Connection(format!("{node} request: {e}")))?;
+                .map_err(|e| request_error(node, e))?;
             if !matches!(outcome, Outcome::Accepted(_)) {
                 return Err(SendError::Connection(format!(
                     "{node} refused the request: {outcome:?}"
@@ -112,13 +114,21 @@ impl NodeClient {
                 return Ok(parse_response(message));
             }
         };
-        tokio::time::timeout(wait, exchange)
+        let answer = tokio::time::timeout(wait, exchange)
             .await
             .unwrap_or_else(|_| {
                 Err(SendError::Connection(format!(
                     "{node} did not answer within {wait:?}"
                 )))
-            })
+            });
+        // No answer (a detach, a refused request, a timeout): the pair is not to be trusted again.
+        self.broken |= answer.is_err();
+        answer
+    }
+
+    /// Whether an exchange failed without an answer, so the pair should be attached again.
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Puts a token on `$cbs` for `audience`.
@@ -146,6 +156,28 @@ impl NodeClient {
             .request(properties, Value::String(token.token.clone()), wait)
             .await?;
         status_result(&response, audience)
+    }
+}
+
+/// A failed request send: the node's link detached for want of authorization is an authentication failure (the
+/// emulator, like the service, detaches `$cbs` when no valid token comes); anything else ends the pair.
+fn request_error(node: &str, error: fe2o3_amqp::link::SendError) -> SendError {
+    use fe2o3_amqp::link::{DetachError, LinkStateError, SendError as LinkSendError};
+    let detached = match &error {
+        LinkSendError::Detached(
+            DetachError::RemoteDetachedWithError(error) | DetachError::RemoteClosedWithError(error),
+        )
+        | LinkSendError::LinkStateError(
+            LinkStateError::RemoteDetachedWithError(error)
+            | LinkStateError::RemoteClosedWithError(error),
+        ) => Some(ServiceError::from(error)),
+        _ => None,
+    };
+    match detached {
+        Some(service) if service.condition == AmqpCondition::Unauthorized => {
+            SendError::Auth(format!("{node} link detached: {service}"))
+        }
+        _ => SendError::Connection(format!("{node} request: {error}")),
     }
 }
 

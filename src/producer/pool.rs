@@ -2,6 +2,9 @@
 //! `client_limit` links each, waits `pool_get_timeout` for capacity, replaces connections past their lifespan
 //! before retiring them, closes idle ones down to `min_size`, backs off (exponentially, with jitter) from an
 //! Event Hubs it cannot reach, logs the outage's start, reminders and end, and reports its gauges and counts.
+//! Each new connection is warmed up (every configured hub authorized, a sender link attached) before it takes
+//! work; the maintenance task retries warm-ups that failed and declares dead a connection that stalls (work
+//! awaiting an answer, nothing received for `stall_timeout`). The pool is ready when one connection is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,6 +30,9 @@ const MAINTENANCE_PERIOD: Duration = Duration::from_millis(200);
 /// debug level only).
 const OUTAGE_REMINDER_PERIOD: Duration = Duration::from_secs(60);
 
+/// How long after a failed warm-up (a refused token or attach) the next one starts.
+const WARM_UP_RETRY: Duration = Duration::from_secs(5);
+
 /// A snapshot of the pool, for metrics and readiness.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -48,6 +54,8 @@ pub struct PoolStats {
     pub connect_attempts: u64,
     /// Failed connection attempts since start, by [`ConnectStage::index`].
     pub connect_failures: [u64; ConnectStage::ALL.len()],
+    /// Connections declared dead since start because they stalled (`stall_timeout`).
+    pub stalled_total: u64,
 }
 
 impl PoolStats {
@@ -267,6 +275,7 @@ struct ConnectCounts {
     attempts: AtomicU64,
     opened: AtomicU64,
     failures: [AtomicU64; ConnectStage::ALL.len()],
+    stalled: AtomicU64,
 }
 
 /// The pool of connections to one Event Hubs namespace.
@@ -279,6 +288,8 @@ pub struct Pool {
     next_id: AtomicU64,
     counts: ConnectCounts,
     stop: CancellationToken,
+    /// The hubs every connection warms up and readiness requires.
+    hubs: parking_lot::RwLock<Arc<[String]>>,
 }
 
 impl Pool {
@@ -305,9 +316,47 @@ impl Pool {
             next_id: AtomicU64::new(0),
             counts: ConnectCounts::default(),
             stop,
+            hubs: parking_lot::RwLock::new(Arc::from(Vec::new())),
         });
         tokio::spawn(Arc::clone(&pool).maintain());
         pool
+    }
+
+    /// Sets the hubs each connection warms up (authorizes and attaches a sender link to) and that readiness
+    /// requires; connections already open warm up at the next maintenance tick.
+    pub fn set_hubs(&self, hubs: &[String]) {
+        *self.hubs.write() = Arc::from(hubs.to_vec());
+    }
+
+    /// Ready when one live connection is ready ([`PooledConnection::readiness`]); otherwise why not: what keeps
+    /// the connections from being ready, or why none is open.
+    pub fn readiness(&self) -> Result<(), String> {
+        let hubs = Arc::clone(&self.hubs.read());
+        let state = self.state.lock();
+        let mut reason = None;
+        for connection in state
+            .connections
+            .iter()
+            .filter(|c| !c.is_lost() && !c.is_retiring())
+        {
+            match connection.readiness(&hubs) {
+                Ok(()) => return Ok(()),
+                Err(why) => {
+                    reason.get_or_insert(why);
+                }
+            }
+        }
+        if let Some(reason) = reason {
+            return Err(reason);
+        }
+        if let Some(error) = state.reconnect.last_error() {
+            return Err(error.to_string());
+        }
+        Err(if state.opening > 0 {
+            "connecting".into()
+        } else {
+            "no connection open".into()
+        })
     }
 
     /// The shared connection settings.
@@ -448,6 +497,18 @@ impl Pool {
                 reason: format!("no answer within pool_connection_create_timeout ({timeout:?})"),
             })
         });
+        if let Ok(connection) = &opened {
+            // Proven before it takes work, so a replacement is ready before the old connection retires. A
+            // refusal does not fail the attempt: sends then get the service's own answer (PERMISSION_DENIED).
+            let hubs = Arc::clone(&self.hubs.read());
+            let warm = connection.warm_up(&hubs, self.config.client_limit);
+            if tokio::time::timeout(timeout, Box::pin(warm)).await.is_err() {
+                debug!(
+                    connection = id,
+                    "warm-up unfinished within pool_connection_create_timeout"
+                );
+            }
+        }
         let now = tokio::time::Instant::now();
         let mut state = self.state.lock();
         state.opening -= 1;
@@ -554,6 +615,7 @@ impl Pool {
             connect_failures: std::array::from_fn(|index| {
                 self.counts.failures[index].load(Ordering::Relaxed)
             }),
+            stalled_total: self.counts.stalled.load(Ordering::Relaxed),
             ..PoolStats::default()
         };
         for connection in state.connections.iter().filter(|c| !c.is_lost()) {
@@ -592,9 +654,27 @@ impl Pool {
 
     async fn maintain_once(self: &Arc<Self>) {
         let max_idle = self.config.max_idle();
-        let (replace, close, warm) = {
+        let stall_timeout = self.config.stall_timeout();
+        let hubs = Arc::clone(&self.hubs.read());
+        let (replace, close, warm, warm_ups) = {
             let mut state = self.state.lock();
+            for connection in &state.connections {
+                if connection.is_lost() {
+                    continue;
+                }
+                if let Some(why) = connection.stalled(stall_timeout) {
+                    warn!(connection = connection.id, %why, "connection stalled; declaring it dead and replacing it");
+                    self.counts.stalled.fetch_add(1, Ordering::Relaxed);
+                    connection.declare_dead();
+                }
+            }
             state.connections.retain(|c| !c.is_lost());
+            let warm_ups: Vec<_> = state
+                .connections
+                .iter()
+                .filter(|c| c.wants_warm_up(&hubs, WARM_UP_RETRY))
+                .cloned()
+                .collect();
             let mut close = Vec::new();
             let mut replace = None;
             let mut live = state
@@ -633,8 +713,13 @@ impl Pool {
             }
             let warm = live + state.opening < self.config.min_size
                 && state.try_start_attempt() == Gate::Open;
-            (replace, close, warm)
+            (replace, close, warm, warm_ups)
         };
+        for connection in warm_ups {
+            let hubs = Arc::clone(&hubs);
+            let client_limit = self.config.client_limit;
+            tokio::spawn(async move { connection.warm_up(&hubs, client_limit).await });
+        }
         for connection in close {
             debug!(
                 connection = connection.id,

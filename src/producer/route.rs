@@ -136,6 +136,16 @@ impl BatchRequest {
         self.bytes
     }
 
+    /// The same request for a part of its batch.
+    fn part(&self, batch: SealedBatch) -> Self {
+        Self {
+            events: batch.len() as u64,
+            bytes: batch.size(),
+            batch: Arc::new(batch),
+            ..self.clone()
+        }
+    }
+
     /// How long the batch is worth trying: until its last caller's deadline while it waits (no one is left to
     /// answer after that), then, once on the wire, the producer's own send timeout: an event on the wire gets
     /// its real outcome, never its caller's deadline (so one caller's short deadline fails no one else).
@@ -345,20 +355,7 @@ pub async fn run_route<H: RouteHost>(
         let accepting = !closed && ready.len() < 2;
         let seal_at = open.as_ref().map(|batch| batch.seal_at);
         tokio::select! {
-            Some((result, waiters, batch)) = in_flight.next(), if !in_flight.is_empty() => {
-                let result: Result<(), SendError> = result;
-                let waiters: Waiters = waiters;
-                let batch: Arc<SealedBatch> = batch;
-                let result = result.map_err(|error| {
-                    if batch.is_in_doubt() {
-                        SendError::OutcomeUnknown { last_error: error.to_string() }
-                    } else {
-                        error
-                    }
-                });
-                for (reply, _permit) in waiters {
-                    let _ = reply.send(result.clone().map(|()| receipt.clone()));
-                }
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
                 last_activity = Instant::now();
             }
             event = events.recv(), if accepting => match event {
@@ -458,21 +455,31 @@ pub async fn run_route<H: RouteHost>(
         {
             let span = send_span(&request, host.server_address(), &traces);
             let stack = host.stack();
-            let (hub, events, bytes) = (Arc::clone(&request.hub), request.events, request.bytes);
-            let batch = Arc::clone(&request.batch);
+            // Known before any event joined the batch (a key's partition is asked first).
+            let receipt = receipt.clone();
             in_flight.push(
                 async move {
-                    let sent = stack.oneshot(request);
-                    let result =
-                        crate::telemetry::metrics::time_batch(&hub, events, bytes, sent).await;
-                    if let Err(error) = &result {
-                        let span = tracing::Span::current();
-                        span.record("error.type", error.error_type());
-                        span.record("otel.status_code", "ERROR");
-                        // Logged once, here, where the outcome is decided (in the span: hub and partition).
-                        tracing::warn!(%error, events, "batch failed");
-                    }
-                    (result, waiters, batch)
+                    let send = |request: BatchRequest| {
+                        let (hub, events, bytes) =
+                            (Arc::clone(&request.hub), request.events, request.bytes);
+                        let sent = stack.clone().oneshot(request);
+                        async move {
+                            crate::telemetry::metrics::time_batch(&hub, events, bytes, sent).await
+                        }
+                    };
+                    let answer = |result: Result<(), SendError>, waiters: Waiters| {
+                        if let Err(error) = &result {
+                            let span = tracing::Span::current();
+                            span.record("error.type", error.error_type());
+                            span.record("otel.status_code", "ERROR");
+                            // Logged once, here, where the outcome is decided (in the span: hub and partition).
+                            tracing::warn!(%error, events = waiters.len(), "batch failed");
+                        }
+                        for (reply, _permit) in waiters {
+                            let _ = reply.send(result.clone().map(|()| receipt.clone()));
+                        }
+                    };
+                    send_apart(request, waiters, send, answer).await;
                 }
                 .instrument(span),
             );
@@ -480,6 +487,64 @@ pub async fn run_route<H: RouteHost>(
         if closed && open.is_none() && ready.is_empty() && in_flight.is_empty() {
             return;
         }
+    }
+}
+
+/// Sends a batch with `send`; when Event Hubs refuses it whole for what an event in it holds (an invalid
+/// argument, a size: [`SendError::refuses_contents`]), sends the events that were in it again in two halves,
+/// first half first, and so on down to single events, so every event but the culprit gets its own outcome.
+/// A refused transfer was not stored, so nothing is sent twice; a batch in doubt is never split. Bounded: at
+/// most ⌈log2 n⌉ levels of halves for n events, two sends per level for one bad event, 2n - 1 sends in all
+/// when every event is bad; halves go one after the other, so a key's order holds. `answer` gets each outcome
+/// with the callers it is for as soon as it is known.
+async fn send_apart<F, Fut>(
+    request: BatchRequest,
+    waiters: Waiters,
+    mut send: F,
+    mut answer: impl FnMut(Result<(), SendError>, Waiters),
+) where
+    F: FnMut(BatchRequest) -> Fut,
+    Fut: Future<Output = Result<(), SendError>>,
+{
+    let mut queue = VecDeque::from([(request, waiters)]);
+    while let Some((request, waiters)) = queue.pop_front() {
+        let batch = Arc::clone(&request.batch);
+        let result = send(request.clone()).await;
+        if let Err(error) = &result
+            && error.refuses_contents()
+            && !batch.is_in_doubt()
+            && let Some([(first, first_indices), (second, second_indices)]) = batch.split()
+        {
+            crate::telemetry::metrics::batch_split(&request.hub);
+            tracing::info!(%error, events = first_indices.len() + second_indices.len(),
+                "Event Hubs refused a batch whole: sending its events again in two halves");
+            let mut slots: Vec<_> = waiters.into_iter().map(Some).collect();
+            let mut take = |indices: &[usize]| -> Waiters {
+                indices
+                    .iter()
+                    .filter_map(|&index| slots[index].take())
+                    .collect()
+            };
+            let (first_waiters, second_waiters) = (take(&first_indices), take(&second_indices));
+            // Left out of the transfer: their tickets answered them at their deadline already.
+            let left_out: Waiters = slots.into_iter().flatten().collect();
+            if !left_out.is_empty() {
+                answer(result.clone(), left_out);
+            }
+            queue.push_front((request.part(second), second_waiters));
+            queue.push_front((request.part(first), first_waiters));
+            continue;
+        }
+        let result = result.map_err(|error| {
+            if batch.is_in_doubt() {
+                SendError::OutcomeUnknown {
+                    last_error: error.to_string(),
+                }
+            } else {
+                error
+            }
+        });
+        answer(result, waiters);
     }
 }
 
@@ -552,5 +617,259 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::producer::error::AmqpCondition;
+    use fe2o3_amqp_types::messaging::Body;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Semaphore;
+
+    const POISON: &[u8] = b"poison";
+
+    type Outcomes = Vec<oneshot::Receiver<Result<Receipt, SendError>>>;
+
+    /// A sealed request of `bodies` (each a batch section) and the receivers of its callers' outcomes.
+    fn request(bodies: &[Vec<u8>]) -> (BatchRequest, Waiters, Outcomes, Vec<Arc<Claim>>) {
+        let permits = Arc::new(Semaphore::new(bodies.len()));
+        let mut builder = BatchBuilder::new(None, u64::MAX);
+        let mut waiters = Waiters::new();
+        let mut outcomes = Vec::new();
+        let mut claims = Vec::new();
+        for body in bodies {
+            builder.try_push(body.clone()).unwrap();
+            let (reply, outcome) = oneshot::channel();
+            waiters.push((reply, Arc::clone(&permits).try_acquire_owned().unwrap()));
+            outcomes.push(outcome);
+            claims.push(Arc::new(Claim::new()));
+        }
+        let bytes = builder.size();
+        let request = BatchRequest {
+            hub: Arc::from("eh1"),
+            partition: None,
+            batch: Arc::new(SealedBatch::new(builder, claims.clone())),
+            events: bodies.len() as u64,
+            bytes,
+            latest_deadline: Instant::now() + Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+        };
+        (request, waiters, outcomes, claims)
+    }
+
+    /// A stand-in for Event Hubs: 5 ms per send, refusing whole any batch that holds a poison event with
+    /// `refusal`; records every section it stored, in order.
+    fn service(
+        refusal: SendError,
+        sends: Arc<AtomicUsize>,
+        stored: Arc<parking_lot::Mutex<Vec<Vec<u8>>>>,
+    ) -> impl FnMut(BatchRequest) -> BoxFuture<'static, Result<(), SendError>> {
+        move |request: BatchRequest| {
+            let refusal = refusal.clone();
+            let sends = Arc::clone(&sends);
+            let stored = Arc::clone(&stored);
+            Box::pin(async move {
+                sends.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let transfer = request.batch.transfer_for_wire().unwrap();
+                let Body::Data(sections) = &transfer.message.body else {
+                    panic!("a batch is Data sections")
+                };
+                if sections
+                    .iter()
+                    .any(|section| section.0.as_slice() == POISON)
+                {
+                    return Err(refusal);
+                }
+                stored
+                    .lock()
+                    .extend(sections.iter().map(|section| section.0.to_vec()));
+                Ok(())
+            })
+        }
+    }
+
+    /// Sends like a route: each answer goes to its callers as it comes.
+    async fn send(
+        request: BatchRequest,
+        waiters: Waiters,
+        service: impl FnMut(BatchRequest) -> BoxFuture<'static, Result<(), SendError>>,
+    ) {
+        send_apart(request, waiters, service, |result, waiters| {
+            for (reply, _permit) in waiters {
+                let _ = reply.send(result.clone().map(|()| Receipt { partition_id: None }));
+            }
+        })
+        .await;
+    }
+
+    fn answered(outcomes: Outcomes) -> Vec<Result<Receipt, SendError>> {
+        outcomes
+            .into_iter()
+            .map(|mut outcome| outcome.try_recv().expect("every event is answered once"))
+            .collect()
+    }
+
+    fn argument_error() -> SendError {
+        SendError::service(
+            AmqpCondition::InvalidArgument,
+            "event 3: too many properties",
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_poison_event_fails_alone_in_log2_rounds_and_order_holds() {
+        let mut bodies: Vec<Vec<u8>> = (0..1000u32).map(|n| n.to_be_bytes().to_vec()).collect();
+        bodies[617] = POISON.to_vec();
+        let (request, waiters, outcomes, _) = request(&bodies);
+        let sends = Arc::new(AtomicUsize::new(0));
+        let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let started = tokio::time::Instant::now();
+        send(
+            request,
+            waiters,
+            service(argument_error(), Arc::clone(&sends), Arc::clone(&stored)),
+        )
+        .await;
+        let results = answered(outcomes);
+        for (index, result) in results.iter().enumerate() {
+            if index == 617 {
+                assert_eq!(result, &Err(argument_error()));
+            } else {
+                assert!(result.is_ok(), "event {index}: {result:?}");
+            }
+        }
+        // One send, then two per level of halves: ⌈log2 1000⌉ = 10 levels.
+        assert_eq!(sends.load(Ordering::SeqCst), 1 + 2 * 10);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(5 * 21),
+            "one send after the other"
+        );
+        let mut expected = bodies.clone();
+        expected.remove(617);
+        assert_eq!(*stored.lock(), expected, "stored once each, in order");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_half_is_answered_as_soon_as_its_outcome_is_known() {
+        let mut bodies: Vec<Vec<u8>> = (0..8u8).map(|n| vec![n]).collect();
+        bodies[7] = POISON.to_vec();
+        let (request, waiters, mut outcomes, _) = request(&bodies);
+        let sends = Arc::new(AtomicUsize::new(0));
+        let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sending = tokio::spawn(send(
+            request,
+            waiters,
+            service(argument_error(), Arc::clone(&sends), stored),
+        ));
+        // The whole batch (5 ms), then its first half (5 ms): accepted, and answered before the rest is sent.
+        tokio::time::sleep(Duration::from_millis(12)).await;
+        assert_eq!(sends.load(Ordering::SeqCst), 3);
+        for outcome in &mut outcomes[..4] {
+            assert!(matches!(outcome.try_recv(), Ok(Ok(_))));
+        }
+        assert!(
+            outcomes[4].try_recv().is_err(),
+            "the second half is still on its way"
+        );
+        sending.await.unwrap();
+        assert_eq!(sends.load(Ordering::SeqCst), 1 + 2 * 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_of_poison_is_split_down_to_single_events_and_no_further() {
+        let bodies = vec![POISON.to_vec(); 8];
+        let (request, waiters, outcomes, _) = request(&bodies);
+        let sends = Arc::new(AtomicUsize::new(0));
+        let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        send(
+            request,
+            waiters,
+            service(argument_error(), Arc::clone(&sends), stored),
+        )
+        .await;
+        assert!(
+            answered(outcomes)
+                .iter()
+                .all(|result| result == &Err(argument_error()))
+        );
+        assert_eq!(sends.load(Ordering::SeqCst), 2 * 8 - 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_of_the_link_or_namespace_are_not_split() {
+        for refusal in [
+            SendError::service(AmqpCondition::Unauthorized, "expired"),
+            SendError::service(AmqpCondition::NotFound, "no hub"),
+            SendError::service(AmqpCondition::ServerBusy, "busy"),
+        ] {
+            let bodies = vec![b"a".to_vec(), POISON.to_vec(), b"b".to_vec()];
+            let (request, waiters, outcomes, _) = request(&bodies);
+            let sends = Arc::new(AtomicUsize::new(0));
+            let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
+            send(
+                request,
+                waiters,
+                service(refusal.clone(), Arc::clone(&sends), stored),
+            )
+            .await;
+            assert!(
+                answered(outcomes)
+                    .iter()
+                    .all(|result| result == &Err(refusal.clone()))
+            );
+            assert_eq!(sends.load(Ordering::SeqCst), 1, "{refusal}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_in_doubt_is_not_split_and_its_outcome_is_unknown() {
+        let bodies = vec![b"a".to_vec(), POISON.to_vec()];
+        let (request, waiters, outcomes, _) = request(&bodies);
+        request.batch.mark_in_doubt();
+        let sends = Arc::new(AtomicUsize::new(0));
+        let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        send(
+            request,
+            waiters,
+            service(argument_error(), Arc::clone(&sends), stored),
+        )
+        .await;
+        for result in answered(outcomes) {
+            assert!(
+                matches!(result, Err(SendError::OutcomeUnknown { .. })),
+                "{result:?}"
+            );
+        }
+        assert_eq!(sends.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_left_out_at_its_deadline_is_not_sent_in_a_half() {
+        let bodies = vec![
+            b"a".to_vec(),
+            b"late".to_vec(),
+            POISON.to_vec(),
+            b"b".to_vec(),
+        ];
+        let (request, waiters, outcomes, claims) = request(&bodies);
+        assert!(claims[1].expire());
+        let sends = Arc::new(AtomicUsize::new(0));
+        let stored = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        send(
+            request,
+            waiters,
+            service(argument_error(), Arc::clone(&sends), Arc::clone(&stored)),
+        )
+        .await;
+        let results = answered(outcomes);
+        assert!(results[0].is_ok() && results[3].is_ok(), "{results:?}");
+        assert_eq!(results[2], Err(argument_error()));
+        // Its ticket answered it DEADLINE_EXCEEDED at its deadline; what its reply carries is never read.
+        assert!(results[1].is_err());
+        assert_eq!(*stored.lock(), vec![b"a".to_vec(), b"b".to_vec()]);
     }
 }

@@ -1,20 +1,24 @@
 //! How the producer reaches Event Hubs: plain AMQP, AMQPS (TLS on aws-lc rustls) or AMQP over WebSockets, always with TCP_NODELAY,
-//! directly or through an HTTP CONNECT proxy; which roots TLS trusts (webpki, the OS store, extra CAs).
+//! directly or through an HTTP CONNECT proxy; which roots TLS trusts (webpki, the OS store, extra CAs); when the
+//! peer last sent a byte (`Activity`, read below TLS and WebSockets: any byte means the peer is alive).
 //!
 //! fe2o3 0.18 keeps its builder's type-state module private, so `Builder<'_, ConnectorWithId, ()>` cannot
 //! be written in a signature outside fe2o3: [`open_connection`] takes [`ConnectionOptions`] (what the
 //! builder would carry) and builds the builder itself.
 
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use fe2o3_amqp::connection::{ConnectionHandle, OpenError};
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -169,6 +173,8 @@ pub struct ConnectionOptions {
     pub sasl_profile: Option<SaslProfile>,
     /// The idle time-out announced to the peer, which sets its heartbeat interval.
     pub idle_time_out: Option<Duration>,
+    /// Where to record when the peer last sent a byte; `None`: not recorded.
+    pub activity: Option<Arc<Activity>>,
 }
 
 impl ConnectionOptions {
@@ -179,7 +185,99 @@ impl ConnectionOptions {
             hostname: None,
             sasl_profile: Some(SaslProfile::Anonymous),
             idle_time_out: None,
+            activity: None,
         }
+    }
+}
+
+/// When a connection's peer last sent anything (a frame, a heartbeat, a TLS record): the liveness the producer
+/// checks against work awaiting an answer.
+#[derive(Debug)]
+pub struct Activity {
+    origin: Instant,
+    last_read_ms: AtomicU64,
+}
+
+impl Activity {
+    /// Activity starting now (a connection being opened counts as heard from).
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            last_read_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that bytes arrived now.
+    pub fn touch(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        // Relaxed and max-only: a late store from another thread never moves the time back.
+        self.last_read_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long since bytes last arrived.
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A byte stream that records in its [`Activity`] each read that brought bytes.
+#[derive(Debug)]
+struct Watched<S> {
+    inner: S,
+    activity: Option<Arc<Activity>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(activity) = &self.activity
+        {
+            activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -349,9 +447,13 @@ pub async fn open_connection(
     if let Some(idle) = options.idle_time_out {
         builder = builder.idle_time_out(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX));
     }
+    let watched = |inner| Watched {
+        inner,
+        activity: options.activity.clone(),
+    };
     match endpoint.transport {
         Transport::Amqp => {
-            let stream = connect_tcp(endpoint).await?;
+            let stream = watched(connect_tcp(endpoint).await?);
             builder
                 .scheme("amqp")
                 .open_with_stream(stream)
@@ -361,7 +463,7 @@ pub async fn open_connection(
         Transport::Amqps => {
             let connector = TlsConnector::from(client_config(tls)?);
             server_name(&endpoint.host)?;
-            let stream = connect_tcp(endpoint).await?;
+            let stream = watched(connect_tcp(endpoint).await?);
             builder
                 .scheme("amqps")
                 .domain(endpoint.host.as_str())
@@ -374,7 +476,7 @@ pub async fn open_connection(
         Transport::WebSockets => {
             let connector = TlsConnector::from(client_config(tls)?);
             let name = server_name(&endpoint.host)?;
-            let stream = connect_tcp(endpoint).await?;
+            let stream = watched(connect_tcp(endpoint).await?);
             let tls_stream = connector
                 .connect(name, stream)
                 .await
@@ -559,6 +661,32 @@ fn classify_websocket_error(err: fe2o3_amqp_ws::Error, url: &str) -> TransportEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn activity_is_the_last_read_that_brought_bytes_and_writes_do_not_count() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::new());
+        let mut watched = Watched {
+            inner: ours,
+            activity: Some(Arc::clone(&activity)),
+        };
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        watched.write_all(b"ours").await.unwrap();
+        assert!(
+            activity.silent_for() >= Duration::from_millis(60),
+            "a write is not the peer's activity"
+        );
+        theirs.write_all(b"theirs").await.unwrap();
+        let mut buffer = [0u8; 6];
+        watched.read_exact(&mut buffer).await.unwrap();
+        assert!(activity.silent_for() < Duration::from_millis(60));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(activity.silent_for() >= Duration::from_millis(60));
+        drop(theirs);
+        // The end of the stream brings no bytes: not activity.
+        assert_eq!(watched.read(&mut buffer).await.unwrap(), 0);
+        assert!(activity.silent_for() >= Duration::from_millis(60));
+    }
 
     #[test]
     fn default_ports_are_the_services() {

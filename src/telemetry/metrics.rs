@@ -38,6 +38,8 @@ pub const BATCH_BYTES: &str = "eventhub_gateway_batch_bytes";
 pub const SEND_DURATION: &str = "eventhub_gateway_send_duration_seconds";
 /// Batch retries scheduled, by hub.
 pub const RETRIES: &str = "eventhub_gateway_retries_total";
+/// Batches Event Hubs refused whole for an event's contents, sent again in halves.
+pub const BATCH_SPLITS: &str = "eventhub_gateway_batch_splits_total";
 /// Pooled connections, by state (`ready`, `retiring`, `opening`).
 pub const POOL_CONNECTIONS: &str = "eventhub_gateway_pool_connections";
 /// Sender links across the pool's connections.
@@ -57,6 +59,8 @@ pub const CONNECTION_ATTEMPTS: &str = "eventhub_gateway_connection_attempts_tota
 /// Connection attempts that failed, by `reason`: the stage that failed (`proxy`, `tcp`, `tls`, `websocket`, `amqp`,
 /// `timeout`).
 pub const CONNECTION_FAILURES: &str = "eventhub_gateway_connection_failures_total";
+/// Open connections declared dead because work awaited an answer while nothing arrived for `stall_timeout`.
+pub const CONNECTIONS_STALLED: &str = "eventhub_gateway_connections_stalled_total";
 /// Tokens obtained from the credential since start.
 pub const TOKEN_REFRESHES: &str = "eventhub_gateway_token_refreshes_total";
 /// Token fetches that failed since start.
@@ -66,7 +70,7 @@ pub const PRODUCER_RATE_LIMITED_BATCHES: &str =
     "eventhub_gateway_producer_rate_limited_batches_total";
 /// Events refused by the gateway's per-client or global rate limit.
 pub const RATE_LIMITED_EVENTS: &str = "eventhub_gateway_rate_limited_events_total";
-/// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls`.
+/// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls` or `limits.max_calls_per_client`.
 pub const SHED_CALLS: &str = "eventhub_gateway_shed_calls_total";
 /// gRPC calls in flight.
 pub const CALLS_IN_FLIGHT: &str = "eventhub_gateway_calls_in_flight";
@@ -206,6 +210,11 @@ fn describe() {
          outcome (ok or error)."
     );
     describe_counter!(RETRIES, Unit::Count, "Batch retries scheduled, by hub.");
+    describe_counter!(
+        BATCH_SPLITS,
+        Unit::Count,
+        "Batches Event Hubs refused whole for what one event holds, sent again in two halves, by hub."
+    );
     describe_gauge!(
         POOL_CONNECTIONS,
         Unit::Count,
@@ -242,6 +251,12 @@ fn describe() {
         "Connections to Event Hubs that opened since start (failed attempts are not counted)."
     );
     describe_counter!(
+        CONNECTIONS_STALLED,
+        Unit::Count,
+        "Open connections declared dead and replaced because work awaited an answer while nothing (no frame, no \
+         heartbeat) arrived for stall_timeout."
+    );
+    describe_counter!(
         CONNECTION_ATTEMPTS,
         Unit::Count,
         "Connection attempts to Event Hubs since start, whatever their outcome."
@@ -276,7 +291,7 @@ fn describe() {
     describe_counter!(
         SHED_CALLS,
         Unit::Count,
-        "Calls answered OVERLOADED at once because limits.max_concurrent_calls were in flight."
+        "Calls answered OVERLOADED at once: limits.max_concurrent_calls (bound=total) or the caller's limits.max_calls_per_client (bound=per_client) were in flight."
     );
     describe_gauge!(CALLS_IN_FLIGHT, Unit::Count, "gRPC calls in flight.");
     describe_gauge!(STREAMS_OPEN, Unit::Count, "SendStream calls open.");
@@ -480,15 +495,29 @@ pub fn retry_scheduled(hub: &Arc<str>) {
     counter!(RETRIES, "event_hub" => SharedString::from(Arc::clone(hub))).increment(1);
 }
 
+/// Counts a refused batch of `hub` split in two to be sent again.
+pub fn batch_split(hub: &Arc<str>) {
+    counter!(BATCH_SPLITS, "event_hub" => SharedString::from(Arc::clone(hub))).increment(1);
+}
+
 /// Why the gateway is not ready (the one-line body of a 503 from `/readyz`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotReady {
     /// The gateway is shutting down.
     #[error("draining")]
     Draining,
-    /// The pool has no open, authorized connection.
-    #[error("no ready connection to Event Hubs")]
-    NoConnection,
+    /// No pooled connection is open, live and authorized for every hub; the producer's reason.
+    #[error("no ready connection to Event Hubs: {0}")]
+    NoConnection(String),
+}
+
+/// The gateway's readiness, the one truth behind `/readyz`, the `ready` gauge and gRPC health: not draining,
+/// and the producer ready ([`crate::producer::Producer::readiness`]).
+pub fn readiness(state: &GatewayState) -> Result<(), NotReady> {
+    if state.is_draining() {
+        return Err(NotReady::Draining);
+    }
+    state.producer().readiness().map_err(NotReady::NoConnection)
 }
 
 /// What a scrape and the readiness probe read from one gateway: its state and its load-shedding layer.
@@ -504,15 +533,9 @@ impl ScrapeSource {
         Self { state, shed }
     }
 
-    /// Ready when not draining and the producer has a ready connection.
+    /// The gateway's [`readiness`].
     pub fn readiness(&self) -> Result<(), NotReady> {
-        if self.state.is_draining() {
-            return Err(NotReady::Draining);
-        }
-        if !self.state.producer().is_ready() {
-            return Err(NotReady::NoConnection);
-        }
-        Ok(())
+        readiness(&self.state)
     }
 
     fn copy_into_registry(&self) {
@@ -528,6 +551,7 @@ impl ScrapeSource {
         gauge!(PRODUCER_ROUTES).set(stats.routes as f64);
         counter!(CONNECTIONS_OPENED).absolute(pool.opened_total);
         counter!(CONNECTION_ATTEMPTS).absolute(pool.connect_attempts);
+        counter!(CONNECTIONS_STALLED).absolute(pool.stalled_total);
         for stage in ConnectStage::ALL {
             counter!(CONNECTION_FAILURES, "reason" => stage.as_str())
                 .absolute(pool.connect_failures_at(stage));
@@ -536,7 +560,9 @@ impl ScrapeSource {
         counter!(TOKEN_REFRESH_FAILURES).absolute(stats.token_failures);
         counter!(PRODUCER_RATE_LIMITED_BATCHES).absolute(stats.rate_limited_batches);
         counter!(RATE_LIMITED_EVENTS).absolute(self.state.rate_limits().refused());
-        counter!(SHED_CALLS).absolute(self.shed.shed_total());
+        let shed_per_client = self.shed.shed_per_client_total();
+        counter!(SHED_CALLS, "bound" => "total").absolute(self.shed.shed_total() - shed_per_client);
+        counter!(SHED_CALLS, "bound" => "per_client").absolute(shed_per_client);
         gauge!(CALLS_IN_FLIGHT).set(self.shed.in_flight() as f64);
         gauge!(READY).set(if self.readiness().is_ok() { 1.0 } else { 0.0 });
         // Registered here so the page lists it before the first stream opens.

@@ -803,25 +803,36 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/<pid>/status")
 }
 
-/// A `serve` process of the real binary on free loopback ports, killed when dropped.
+/// A `serve` process of the real binary on free loopback ports, its stderr collected; killed when dropped.
 pub struct GatewayProcess {
     child: std::process::Child,
     /// Its gRPC address.
     pub address: SocketAddr,
+    /// Where it serves `/metrics`, `/healthz` and `/readyz`.
+    pub metrics: SocketAddr,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl GatewayProcess {
     /// Starts `eventhub-gateway serve --emulator` with these extra flags and environment variables, and waits
     /// for the JSON line that names its listeners.
     pub fn start_emulated(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all = vec!["--emulator"];
+        all.extend_from_slice(args);
+        Self::start(&all, env)
+    }
+
+    /// Starts `eventhub-gateway serve` on free loopback ports with these flags (which say where Event Hubs is)
+    /// and environment variables, and waits for the JSON line that names its listeners.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(gateway_binary())
-            .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("the gateway binary starts");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -830,11 +841,33 @@ impl GatewayProcess {
             .read_line(&mut line)
             .expect("the gateway prints its listeners");
         let listeners: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
-        let address = listeners["grpc"]
-            .as_str()
-            .and_then(|grpc| grpc.parse().ok())
-            .unwrap_or_else(|| panic!("no gRPC address in {line}"));
-        Self { child, address }
+        let listener = |name: &str| -> SocketAddr {
+            listeners[name]
+                .as_str()
+                .and_then(|addr| addr.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} address in {line}"))
+        };
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let collected = std::sync::Arc::clone(&stderr);
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        std::thread::spawn(move || {
+            while let Some(Ok(line)) = lines.next() {
+                let mut all = collected.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        Self {
+            address: listener("grpc"),
+            metrics: listener("metrics"),
+            child,
+            stderr,
+        }
+    }
+
+    /// What the process has written to stderr (its log) so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Its resident set size, bytes (`VmRSS` of /proc/<pid>/status).
@@ -892,6 +925,49 @@ impl GatewayProcess {
         .await
         .expect("connects to the gateway process")
     }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit; its exit status, or `None` if it is
+    /// still running.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        let give_up = std::time::Instant::now() + within;
+        while std::time::Instant::now() < give_up {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// A gRPC client of the gateway at `server` whose connection comes from the loopback address `source` (so a
+/// test can play several clients, each with its own peer address), with an HTTP/2 stream window of
+/// `stream_window` bytes when given (0: a client that never takes a response's data).
+pub async fn client_from(
+    server: SocketAddr,
+    source: std::net::Ipv4Addr,
+    stream_window: Option<u32>,
+) -> eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
+    tonic::transport::Channel,
+> {
+    let connector = tower::service_fn(move |_: http::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((source, 0)))?;
+        let stream = socket.connect(server).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+        .expect("a valid URI")
+        .initial_stream_window_size(stream_window)
+        .connect_with_connector(connector)
+        .await
+        .expect("connects to the gateway");
+    eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::new(channel)
 }
 
 impl Drop for GatewayProcess {
