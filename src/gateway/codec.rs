@@ -52,18 +52,23 @@ impl<U: Message + Default> Decoder for GatewayDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        if buf.has_remaining() && buf.chunk()[0] == REFUSAL_MARK {
-            let mut payload = vec![0; buf.remaining()];
-            buf.copy_to_slice(&mut payload);
-            return Err(refused(Refusal::parse(&payload[1..])));
-        }
-        U::decode(buf).map(Some).map_err(|error| {
-            refused(Refusal::Malformed {
-                field: None,
-                detail: error.to_string(),
-            })
-        })
+        decode(buf).map(Some)
     }
+}
+
+/// One message from `buf` (a whole message: tonic hands the decoder exactly one).
+fn decode<U: Message + Default>(buf: &mut impl Buf) -> Result<U, Status> {
+    if buf.has_remaining() && buf.chunk()[0] == REFUSAL_MARK {
+        let mut payload = vec![0; buf.remaining()];
+        buf.copy_to_slice(&mut payload);
+        return Err(refused(Refusal::parse(&payload[1..])));
+    }
+    U::decode(buf).map_err(|error| {
+        refused(Refusal::Malformed {
+            field: None,
+            detail: error.to_string(),
+        })
+    })
 }
 
 /// The status of a refused message; the refusal rides along as its source, so a stream can end with it
@@ -77,5 +82,69 @@ fn refused(refusal: Refusal) -> Status {
 impl From<Refusal> for GatewayError {
     fn from(refusal: Refusal) -> Self {
         refusal.into_error()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::google::rpc;
+    use crate::proto::v1;
+    use std::error::Error as _;
+    use tonic::Code;
+
+    fn decode(mut bytes: &[u8]) -> Result<Option<v1::SendEventRequest>, Status> {
+        super::decode(&mut bytes).map(Some)
+    }
+
+    fn reason(status: &Status) -> String {
+        let details = rpc::Status::decode(status.details()).unwrap();
+        let info = details
+            .details
+            .iter()
+            .find(|any| any.type_url.ends_with("ErrorInfo"))
+            .unwrap();
+        rpc::ErrorInfo::decode(info.value.as_slice())
+            .unwrap()
+            .reason
+    }
+
+    #[test]
+    fn undecodable_bytes_are_the_clients_error() {
+        let error = decode(&[0x0a, 0x02, 0xc3, 0x28]).unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+        assert_eq!(reason(&error), "MALFORMED_REQUEST");
+        assert!(error.message().contains("UTF-8"), "{error:?}");
+        let ok = v1::SendEventRequest {
+            event_hub: "eh1".into(),
+            event: None,
+        };
+        assert_eq!(decode(&ok.encode_to_vec()).unwrap(), Some(ok));
+    }
+
+    #[test]
+    fn a_refusal_becomes_its_status_and_rides_along_as_the_source() {
+        let refusal = Refusal::Invalid {
+            field: "events".into(),
+            reason: "at most 1 events".into(),
+        };
+        let mut payload = vec![REFUSAL_MARK];
+        payload.extend(serde_json::to_vec(&refusal).unwrap());
+        let error = decode(&payload).unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        assert_eq!(reason(&error), "INVALID_EVENT");
+        let source = error
+            .source()
+            .and_then(|source| source.downcast_ref::<Refusal>());
+        assert_eq!(source, Some(&refusal));
+        let too_large = Refusal::TooLarge {
+            limit: 10,
+            detail: "the message is 11 bytes".into(),
+        };
+        let mut payload = vec![REFUSAL_MARK];
+        payload.extend(serde_json::to_vec(&too_large).unwrap());
+        let error = decode(&payload).unwrap_err();
+        assert_eq!(error.code(), Code::OutOfRange);
+        assert_eq!(reason(&error), "REQUEST_TOO_LARGE");
     }
 }

@@ -244,6 +244,9 @@ pin_project! {
         inner: B,
         bounds: MethodBounds,
         gzip: bool,
+        // The last chunk received, not yet looked at: whole frames are cut from it without a copy.
+        chunk: Bytes,
+        // A frame that spans chunks, gathered.
         buffer: BytesMut,
         out: VecDeque<Bytes>,
         ended: bool,
@@ -257,11 +260,63 @@ impl<B> GuardBody<B> {
             inner,
             bounds,
             gzip,
+            chunk: Bytes::new(),
             buffer: BytesMut::new(),
             out: VecDeque::new(),
             ended: false,
             trailers: None,
         }
+    }
+}
+
+/// What the bytes at hand hold.
+enum Cut {
+    /// A whole frame: its compression flag and payload.
+    Frame(u8, Bytes),
+    /// A frame whose header announces more than the method takes.
+    TooLarge(usize),
+    /// Not a whole frame yet.
+    Partial,
+}
+
+/// The header's flag and length, if `bytes` holds a whole header.
+fn peek_header(bytes: &[u8]) -> Option<(u8, usize)> {
+    let header: [u8; HEADER] = bytes.get(..HEADER)?.try_into().ok()?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    Some((header[0], len))
+}
+
+impl MethodBounds {
+    /// Cuts the next frame from the unread `chunk` (no copy) when nothing is gathered, else gathers.
+    fn cut(&self, chunk: &mut Bytes, buffer: &mut BytesMut) -> Cut {
+        if buffer.is_empty()
+            && let Some((flag, len)) = peek_header(chunk)
+        {
+            if len > self.max_bytes {
+                return Cut::TooLarge(len);
+            }
+            if chunk.len() >= HEADER + len {
+                let mut frame = chunk.split_to(HEADER + len);
+                frame.advance(HEADER);
+                return Cut::Frame(flag, frame);
+            }
+        }
+        if !chunk.is_empty() {
+            buffer.extend_from_slice(chunk);
+            *chunk = Bytes::new();
+        }
+        let Some((flag, len)) = peek_header(buffer) else {
+            return Cut::Partial;
+        };
+        if len > self.max_bytes {
+            return Cut::TooLarge(len);
+        }
+        if buffer.len() < HEADER + len {
+            buffer.reserve(HEADER + len - buffer.len());
+            return Cut::Partial;
+        }
+        buffer.advance(HEADER);
+        Cut::Frame(flag, buffer.split_to(len).freeze())
     }
 }
 
@@ -351,75 +406,257 @@ where
                         .map(|trailers| Ok(Frame::trailers(trailers))),
                 );
             }
-            if this.buffer.len() >= HEADER {
-                let flag = this.buffer[0];
-                let len = u32::from_be_bytes([
-                    this.buffer[1],
-                    this.buffer[2],
-                    this.buffer[3],
-                    this.buffer[4],
-                ]) as usize;
-                if len > this.bounds.max_bytes {
-                    // Refused on its header: none of it is read, and nothing after it.
-                    let refusal = Refusal::TooLarge {
-                        limit: this.bounds.max_bytes,
-                        detail: format!(
-                            "the message is {len} bytes; at most {} are taken ({})",
-                            this.bounds.max_bytes, this.bounds.setting
-                        ),
-                    };
-                    this.out.push_back(refusal.frame());
-                    *this.ended = true;
-                    this.buffer.clear();
-                    continue;
-                }
-                if this.buffer.len() >= HEADER + len {
-                    this.buffer.advance(HEADER);
-                    let payload = this.buffer.split_to(len).freeze();
-                    match this.bounds.check(flag, *this.gzip, payload) {
-                        Ok(payload) => {
-                            this.out.push_back(header(payload.len()));
-                            this.out.push_back(payload);
-                        }
-                        Err(refusal) => {
-                            this.out.push_back(refusal.frame());
-                            *this.ended = true;
-                            this.buffer.clear();
-                        }
+            let refusal = match this.bounds.cut(this.chunk, this.buffer) {
+                Cut::Frame(flag, payload) => match this.bounds.check(flag, *this.gzip, payload) {
+                    Ok(payload) => {
+                        this.out.push_back(header(payload.len()));
+                        this.out.push_back(payload);
+                        continue;
                     }
-                    continue;
-                }
-                this.buffer.reserve(HEADER + len - this.buffer.len());
-            }
-            match ready!(this.inner.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.buffer.extend_from_slice(&data),
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            *this.trailers = Some(trailers);
-                        }
-                    }
+                    Err(refusal) => refusal,
                 },
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => {
-                    if !this.buffer.is_empty() {
-                        let refusal = Refusal::Malformed {
-                            field: None,
-                            detail: format!(
-                                "the request ends inside a message ({} bytes of it read)",
-                                this.buffer.len()
-                            ),
-                        };
-                        this.out.push_back(refusal.frame());
-                        this.buffer.clear();
+                // Refused on its header: none of it is read, and nothing after it.
+                Cut::TooLarge(len) => Refusal::TooLarge {
+                    limit: this.bounds.max_bytes,
+                    detail: format!(
+                        "the message is {len} bytes; at most {} are taken ({})",
+                        this.bounds.max_bytes, this.bounds.setting
+                    ),
+                },
+                Cut::Partial => match ready!(this.inner.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        match frame.into_data() {
+                            Ok(data) => *this.chunk = data,
+                            Err(frame) => {
+                                if let Ok(trailers) = frame.into_trailers() {
+                                    *this.trailers = Some(trailers);
+                                }
+                            }
+                        }
+                        continue;
                     }
-                    *this.ended = true;
-                }
-            }
+                    Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                    None if this.buffer.is_empty() => {
+                        *this.ended = true;
+                        continue;
+                    }
+                    None => Refusal::Malformed {
+                        field: None,
+                        detail: format!(
+                            "the request ends inside a message ({} bytes of it read)",
+                            this.buffer.len()
+                        ),
+                    },
+                },
+            };
+            this.out.push_back(refusal.frame());
+            *this.ended = true;
+            this.buffer.clear();
+            *this.chunk = Bytes::new();
         }
     }
 
     fn is_end_stream(&self) -> bool {
         self.ended && self.out.is_empty() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1;
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+
+    const LIMITS: GuardLimits = GuardLimits {
+        max_request_bytes: 2 << 20,
+        max_events: 100,
+    };
+
+    fn frame(payload: &[u8], compressed: bool) -> Vec<u8> {
+        let mut frame = vec![u8::from(compressed)];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    /// The frames the guard passes on for `bytes` arriving in `chunks` pieces: (flag, payload) each.
+    async fn guarded(method: &str, gzip: bool, bytes: &[u8], cuts: &[usize]) -> Vec<(u8, Vec<u8>)> {
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        for &cut in cuts.iter().chain([&bytes.len()]) {
+            chunks.push(Ok::<_, Status>(Frame::data(Bytes::copy_from_slice(
+                &bytes[at..cut],
+            ))));
+            at = cut;
+        }
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+        let bounds = LIMITS.method(method).unwrap();
+        let out = GuardBody::new(inner, bounds, gzip)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let mut frames = Vec::new();
+        let mut rest = &out[..];
+        while !rest.is_empty() {
+            let (flag, len) = peek_header(rest).expect("whole frames only");
+            frames.push((flag, rest[HEADER..HEADER + len].to_vec()));
+            rest = &rest[HEADER + len..];
+        }
+        frames
+    }
+
+    fn refusal(frames: &[(u8, Vec<u8>)]) -> Refusal {
+        let (flag, payload) = frames.last().unwrap();
+        assert_eq!((*flag, payload[0]), (0, REFUSAL_MARK), "{frames:?}");
+        Refusal::parse(&payload[1..])
+    }
+
+    fn stream_message(sequence: u64, events: usize) -> Vec<u8> {
+        v1::SendStreamRequest {
+            event_hub: String::new(),
+            sequence,
+            event: None,
+            events: (0..events)
+                .map(|i| v1::Event {
+                    body: Some(v1::event::Body::Text(format!("event {i}"))),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    #[tokio::test]
+    async fn messages_pass_whole_and_in_order_however_they_are_split_and_compressed() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let messages: Vec<Vec<u8>> = (0..6)
+            .map(|i| stream_message(i, 1 + i as usize * 7))
+            .collect();
+        for round in 0..200 {
+            let compressed = round % 2 == 1;
+            let mut bytes = Vec::new();
+            for message in &messages {
+                bytes.extend(if compressed {
+                    frame(&gzip(message), true)
+                } else {
+                    frame(message, false)
+                });
+            }
+            let mut cuts: Vec<usize> = (0..rng.random_range(0..8))
+                .map(|_| rng.random_range(0..=bytes.len()))
+                .collect();
+            cuts.sort_unstable();
+            let frames = guarded(
+                "/eventhub.gateway.v1.EventHubGateway/SendStream",
+                compressed,
+                &bytes,
+                &cuts,
+            )
+            .await;
+            let expected: Vec<(u8, Vec<u8>)> = messages.iter().map(|m| (0, m.clone())).collect();
+            assert_eq!(frames, expected, "round {round}, cuts {cuts:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_message_ends_what_is_passed_on_after_the_messages_before_it() {
+        let first = stream_message(1, 2);
+        let too_many = stream_message(2, 101);
+        let mut bytes = frame(&first, false);
+        bytes.extend(frame(&too_many, false));
+        bytes.extend(frame(&first, false));
+        let frames = guarded("/x.y/SendStream", false, &bytes, &[3, 40]).await;
+        assert_eq!(frames.len(), 2, "the message after the refusal is not read");
+        assert_eq!(frames[0], (0, first));
+        let Refusal::Invalid { field, reason } = refusal(&frames) else {
+            panic!("{frames:?}")
+        };
+        assert_eq!(field, "events");
+        assert!(
+            reason.contains("at most 100 events") && reason.contains("got 101"),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sizes_are_bounded_per_method_as_sent_and_once_decompressed() {
+        // A SendEvent over 1088 KiB is refused on its header alone.
+        let header_only = [0, 0x00, 0x11, 0x00, 0x01];
+        let frames = guarded("/p/SendEvent", false, &header_only, &[]).await;
+        assert!(matches!(
+            refusal(&frames),
+            Refusal::TooLarge {
+                limit: SEND_EVENT_MAX_BYTES,
+                ..
+            }
+        ));
+        // The same size is fine in SendEvents... up to max_request_bytes.
+        let frames = guarded("/p/SendEvents", false, &[0, 0x00, 0x21, 0x00, 0x00], &[]).await;
+        assert!(matches!(refusal(&frames), Refusal::TooLarge { limit, .. } if limit == 2 << 20));
+        // 3 MiB of zeros in an unknown field gzip to a few KB: over the ratio (and over the size).
+        let mut zeros = vec![0x1a];
+        prost::encoding::encode_varint(3 << 20, &mut zeros);
+        zeros.resize(zeros.len() + (3 << 20), 0);
+        let frames = guarded("/p/SendEvents", true, &frame(&gzip(&zeros), true), &[]).await;
+        let Refusal::TooLarge { limit, detail } = refusal(&frames) else {
+            panic!("{frames:?}")
+        };
+        assert!(
+            limit < 2 << 20 && detail.contains("128 times"),
+            "{limit}: {detail}"
+        );
+        // Under 1 MiB decompressed, any ratio is taken.
+        let mut small = vec![0x1a];
+        prost::encoding::encode_varint(900_000, &mut small);
+        small.resize(small.len() + 900_000, 0);
+        let frames = guarded("/p/SendEvents", true, &frame(&gzip(&small), true), &[]).await;
+        assert_eq!(frames, [(0, small)]);
+    }
+
+    #[tokio::test]
+    async fn broken_compression_flags_and_cut_messages_are_malformed() {
+        let message = stream_message(1, 1);
+        let cases: Vec<(bool, Vec<u8>, &str)> = vec![
+            (true, frame(b"not gzip", true), "cannot be decompressed"),
+            (
+                false,
+                frame(&gzip(&message), true),
+                "without grpc-encoding gzip",
+            ),
+            (
+                false,
+                {
+                    let mut f = frame(&message, false);
+                    f[0] = 7;
+                    f
+                },
+                "invalid compression flag 7",
+            ),
+            (
+                false,
+                frame(&message, false)[..9].to_vec(),
+                "ends inside a message",
+            ),
+            (false, vec![0, 0], "ends inside a message"),
+        ];
+        for (gzip, bytes, expected) in cases {
+            let frames = guarded("/p/SendStream", gzip, &bytes, &[1]).await;
+            let Refusal::Malformed { detail, .. } = refusal(&frames) else {
+                panic!("{frames:?}")
+            };
+            assert!(detail.contains(expected), "{detail}");
+        }
+        // An empty request passes as empty (tonic answers that it has no message).
+        assert!(guarded("/p/SendEvent", false, &[], &[]).await.is_empty());
     }
 }

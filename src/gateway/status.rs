@@ -309,6 +309,24 @@ fn pack(message: &impl Message, type_name: &str) -> prost_types::Any {
 impl GatewayError {
     /// The error of one event at `path` of a request.
     pub fn event(path: impl Into<String>, error: SendError) -> Self {
+        // The producer's errors may quote the event (a partition id, a reason naming a property): clipped
+        // here, so the message and the details repeat a few hundred bytes of it at most.
+        let error = match error {
+            SendError::UnknownPartition {
+                hub,
+                partition,
+                count,
+            } => SendError::UnknownPartition {
+                hub,
+                partition: clip(&partition).into_owned(),
+                count,
+            },
+            SendError::InvalidEvent { field, reason } => SendError::InvalidEvent {
+                field,
+                reason: clip_to(&reason, 2 * CLIENT_TEXT_MAX).into_owned(),
+            },
+            error => error,
+        };
         Self::Event {
             path: path.into(),
             error,
@@ -713,6 +731,30 @@ mod tests {
                 "DEADLINE_EXCEEDED",
             ),
             (
+                GatewayError::RequestTooLarge {
+                    limit: 10,
+                    detail: "the message is 11 bytes".into(),
+                },
+                Code::OutOfRange,
+                "REQUEST_TOO_LARGE",
+            ),
+            (
+                GatewayError::MalformedRequest {
+                    field: Some("event_hub".into()),
+                    detail: "invalid string value".into(),
+                },
+                Code::InvalidArgument,
+                "MALFORMED_REQUEST",
+            ),
+            (
+                StreamFault::Invalid {
+                    field: "events".into(),
+                }
+                .with_progress("at most 10 events".into(), StreamProgress::default()),
+                Code::InvalidArgument,
+                "INVALID_EVENT",
+            ),
+            (
                 GatewayError::event(
                     "event",
                     SendError::OutcomeUnknown {
@@ -805,5 +847,50 @@ mod tests {
                 nanos: 500_000_000
             })
         );
+    }
+
+    #[test]
+    fn client_text_is_clipped_with_its_length_in_messages_and_details() {
+        assert_eq!(clip("short"), "short");
+        let long = "\u{e9}".repeat(1000); // 2000 bytes; the cut lands inside a character
+        let clipped = clip(&long);
+        assert!(
+            clipped.ends_with("... [cut: 2000 bytes in all]"),
+            "{clipped}"
+        );
+        assert!(clipped.len() < CLIENT_TEXT_MAX + 40);
+        let status = GatewayError::UnknownHub {
+            hub: clip(&"h".repeat(1 << 20)).into_owned(),
+            served: "eh1".into(),
+        }
+        .to_rpc_status();
+        assert!(status.message.len() < 512, "{}", status.message.len());
+        assert!(status.encoded_len() < 1024, "{}", status.encoded_len());
+        let status = GatewayError::event(
+            "event",
+            SendError::InvalidEvent {
+                field: "properties",
+                reason: "x".repeat(1 << 20),
+            },
+        )
+        .to_rpc_status();
+        assert!(status.encoded_len() < 2048, "{}", status.encoded_len());
+        let status = GatewayError::event(
+            "event",
+            SendError::UnknownPartition {
+                hub: "eh1".into(),
+                partition: "9".repeat(1 << 20),
+                count: 4,
+            },
+        )
+        .to_rpc_status();
+        assert!(status.encoded_len() < 1024, "{}", status.encoded_len());
+        let status = GatewayError::StreamMessageUnreadable {
+            fault: StreamFault::Malformed,
+            detail: "y".repeat(1 << 20),
+            progress: StreamProgress::default(),
+        }
+        .to_rpc_status();
+        assert!(status.encoded_len() < 4096, "{}", status.encoded_len());
     }
 }

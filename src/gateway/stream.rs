@@ -8,9 +8,10 @@
 //! Memory per stream has a fixed ceiling, whatever the client sends or fails to read: every sequence read,
 //! acked or nacked, holds a permit until its ack is taken by the acker, so at most `max_unacked_per_stream`
 //! plus `max_events_per_request` (one message may exceed the budget) acks are pending, plus 17,408 taken and
-//! queued toward the client (`RESPONSE_QUEUE` x `MAX_ACKS_PER_RESPONSE`, and one response being grouped),
-//! each at most ~3 KiB (a nack's texts are clipped); the message being read is bounded by the request guard
-//! (3 x `max_request_bytes` of buffers, 4 x decoded). At the defaults: under 200 MiB.
+//! queued toward the client (`RESPONSE_QUEUE` times `MAX_ACKS_PER_RESPONSE`, and one response being
+//! grouped), each at most ~3 KiB (a nack's texts are clipped); the message being read is bounded by the
+//! request guard (3 x `max_request_bytes` of buffers, 4 x decoded). At the defaults: 48 MiB + 64 MiB +
+//! 28,408 x 3 KiB = 204,709,888 bytes.
 
 use std::error::Error as _;
 use std::sync::Arc;
