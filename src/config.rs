@@ -110,11 +110,12 @@ pub struct ServerTls {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Most events in one `SendEvents` request.
+    /// Most events in one `SendEvents` request or `SendStream` message (counted on the wire before decoding).
     pub max_events_per_request: usize,
     /// Most unacknowledged events per `SendStream`; beyond it the gateway stops reading the stream.
     pub max_unacked_per_stream: usize,
-    /// Largest decoded gRPC message, bytes (a full 1 MiB event plus overhead, or a whole `SendEvents`).
+    /// Largest `SendEvents` request or `SendStream` message, bytes, as sent and once decompressed (a
+    /// `SendEvent` has its own bound: one full event plus overhead).
     pub max_request_bytes: usize,
     /// Most calls (unary or streaming) served at once; more are shed with RESOURCE_EXHAUSTED.
     pub max_concurrent_calls: usize,

@@ -81,9 +81,37 @@ impl TraceContext {
         }
         Ok(Self {
             traceparent: traceparent.to_owned(),
-            tracestate: tracestate.filter(|s| !s.is_empty()).map(str::to_owned),
+            tracestate: tracestate.and_then(bounded_tracestate),
         })
     }
+}
+
+/// The longest `tracestate` carried onto an event, bytes: W3C's 512, so a caller cannot make every event it
+/// sends carry a 16 KiB header.
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// `tracestate` as carried: whole list members from the left while they fit in [`MAX_TRACESTATE_BYTES`]
+/// (W3C truncates by dropping members, never by cutting one), or none.
+fn bounded_tracestate(tracestate: &str) -> Option<String> {
+    if tracestate.len() <= MAX_TRACESTATE_BYTES {
+        return (!tracestate.is_empty()).then(|| tracestate.to_owned());
+    }
+    let mut kept = String::new();
+    for member in tracestate
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        let separator = usize::from(!kept.is_empty());
+        if kept.len() + separator + member.len() > MAX_TRACESTATE_BYTES {
+            break;
+        }
+        if separator == 1 {
+            kept.push(',');
+        }
+        kept.push_str(member);
+    }
+    (!kept.is_empty()).then_some(kept)
 }
 
 /// One event to send.
@@ -343,6 +371,32 @@ mod tests {
     use crate::eventhubs::message::{decode, partition_key};
 
     const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn a_long_tracestate_keeps_only_whole_members_that_fit() {
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let member = |i: usize| format!("v{i}={}", "x".repeat(60));
+        let long: Vec<String> = (0..300).map(member).collect();
+        let context = TraceContext::parse(traceparent, Some(&long.join(","))).unwrap();
+        let kept = context.tracestate.unwrap();
+        assert!(kept.len() <= MAX_TRACESTATE_BYTES, "{}", kept.len());
+        assert_eq!(kept, long[..kept.split(',').count()].join(","));
+        let short = TraceContext::parse(traceparent, Some("a=1,b=2")).unwrap();
+        assert_eq!(short.tracestate.as_deref(), Some("a=1,b=2"));
+        let one_huge = "a=".to_owned() + &"y".repeat(2000);
+        assert_eq!(
+            TraceContext::parse(traceparent, Some(&one_huge))
+                .unwrap()
+                .tracestate,
+            None
+        );
+        assert_eq!(
+            TraceContext::parse(traceparent, Some(""))
+                .unwrap()
+                .tracestate,
+            None
+        );
+    }
 
     #[test]
     fn the_direct_encoding_is_the_message_encoding() {
