@@ -171,23 +171,7 @@ async fn send_and_health_take_host_port_or_a_url_under_either_flag_name() {
     let gateway = start_gateway(|_| {}).await;
     let address = gateway.local_addr().to_string();
     let url = format!("http://{address}");
-    // SERVING once the producer's first connection is ready.
-    let args = eventhub_gateway::client::HealthArgs {
-        address: address.clone(),
-        service: String::new(),
-        timeout: 5.0,
-        tls: Default::default(),
-    };
-    assert!(
-        eventually(|| async {
-            eventhub_gateway::client::health(&args)
-                .await
-                .ok()
-                .as_deref()
-                == Some("SERVING")
-        })
-        .await
-    );
+    wait_until_serving(&address).await;
     for target in [&address, &url] {
         for flag in ["--gateway", "--address"] {
             let (code, stdout, stderr) =

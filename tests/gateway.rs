@@ -657,23 +657,7 @@ async fn health_command(args: &[&str]) -> (Option<i32>, String) {
 async fn the_health_command_exits_0_when_serving_and_1_otherwise() {
     let gateway = start_gateway(|_| {}).await;
     let address = gateway.local_addr().to_string();
-    // SERVING once the producer's first connection is ready.
-    let args = eventhub_gateway::client::HealthArgs {
-        address: address.clone(),
-        service: String::new(),
-        timeout: 5.0,
-        tls: Default::default(),
-    };
-    assert!(
-        eventually(|| async {
-            eventhub_gateway::client::health(&args)
-                .await
-                .ok()
-                .as_deref()
-                == Some("SERVING")
-        })
-        .await
-    );
+    wait_until_serving(&address).await;
     let (code, printed) = health_command(&["--address", &address, "--timeout", "5"]).await;
     assert_eq!((code, printed.trim()), (Some(0), "SERVING"));
     let (code, printed) = health_command(&[

@@ -494,6 +494,17 @@ impl Scanner<'_> {
         Ok(())
     }
 
+    /// Refuses JSON nested deeper than `max_json_depth`.
+    fn check_depth(&self, depth: usize, path: &Path<'_>) -> Result<(), ScanError> {
+        if depth > self.limits.max_json_depth {
+            return Err(ScanError::TooDeep {
+                field: path.render(),
+                limit: self.limits.max_json_depth,
+            });
+        }
+        Ok(())
+    }
+
     /// A `Struct` at JSON `depth` (the body's own object is 1); `path` is the event's `json` field.
     fn json_struct(
         &mut self,
@@ -502,12 +513,7 @@ impl Scanner<'_> {
         depth: usize,
         path: &Path<'_>,
     ) -> Result<(), ScanError> {
-        if depth > self.limits.max_json_depth {
-            return Err(ScanError::TooDeep {
-                field: path.render(),
-                limit: self.limits.max_json_depth,
-            });
-        }
+        self.check_depth(depth, path)?;
         self.cost(STRUCT_COST, path)?;
         while !reader.is_empty() {
             let (number, wire_type) = reader.key(path)?;
@@ -574,12 +580,7 @@ impl Scanner<'_> {
         depth: usize,
         path: &Path<'_>,
     ) -> Result<(), ScanError> {
-        if depth > self.limits.max_json_depth {
-            return Err(ScanError::TooDeep {
-                field: path.render(),
-                limit: self.limits.max_json_depth,
-            });
-        }
+        self.check_depth(depth, path)?;
         while !reader.is_empty() {
             let (number, wire_type) = reader.key(path)?;
             if number != 1 {

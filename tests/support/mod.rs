@@ -523,6 +523,28 @@ pub async fn gateway_client(
     .expect("connects to the gateway")
 }
 
+/// Waits until the gateway at `address` answers SERVING to the `health` command's check (its producer's
+/// first connection is ready).
+pub async fn wait_until_serving(address: &str) {
+    let args = eventhub_gateway::client::HealthArgs {
+        address: address.to_owned(),
+        service: String::new(),
+        timeout: 5.0,
+        tls: Default::default(),
+    };
+    assert!(
+        eventually(|| async {
+            eventhub_gateway::client::health(&args)
+                .await
+                .ok()
+                .as_deref()
+                == Some("SERVING")
+        })
+        .await,
+        "{address} never answered SERVING"
+    );
+}
+
 /// Sends one text event to the gateway's default hub.
 pub async fn send_text(
     client: &mut eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
