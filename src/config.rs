@@ -121,6 +121,8 @@ pub struct Limits {
     pub max_concurrent_calls: usize,
     /// Most of those calls from one peer address, so no one client can take every slot.
     pub max_calls_per_client: usize,
+    /// Most gRPC connections open at once from one peer address; more are closed as they are accepted.
+    pub max_connections_per_client: usize,
     /// Most encoded event bytes one peer address may have buffered or in flight in the producer (its share of
     /// `producer.max_buffered_bytes`); beyond it its events wait, until their deadline, for its own to finish.
     pub max_buffered_bytes_per_client: u64,
@@ -156,6 +158,7 @@ impl Default for Limits {
             max_request_bytes: 16 * 1024 * 1024,
             max_concurrent_calls: 10_000,
             max_calls_per_client: 1000,
+            max_connections_per_client: 256,
             max_buffered_bytes_per_client: 64 * 1024 * 1024,
             stream_idle_timeout_seconds: 300.0,
             http2_max_concurrent_streams: 1000,
@@ -438,6 +441,9 @@ impl GatewayConfig {
         }
         if limits.max_calls_per_client == 0 {
             return invalid("limits.max_calls_per_client", "must be at least 1");
+        }
+        if limits.max_connections_per_client == 0 {
+            return invalid("limits.max_connections_per_client", "must be at least 1");
         }
         if !(1024 * 1024..=u32::MAX as u64).contains(&limits.max_buffered_bytes_per_client) {
             return invalid(

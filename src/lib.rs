@@ -5,6 +5,7 @@ pub mod config;
 pub mod emulator;
 pub mod eventhubs;
 pub mod gateway;
+pub mod listener;
 pub mod middleware;
 pub mod producer;
 pub mod proto;

@@ -452,7 +452,10 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         addr: config.listen,
         source,
     })?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = Box::pin(crate::listener::limit_per_client(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        config.limits.max_connections_per_client,
+    ));
     let metrics_listener = MetricsListener::bind(config.metrics_listen).await?;
 
     let mut builder = Server::builder()

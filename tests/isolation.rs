@@ -380,6 +380,51 @@ async fn one_client_holding_idle_streams_takes_only_its_share_of_the_call_slots(
 }
 
 #[tokio::test]
+async fn one_client_holds_at_most_its_share_of_connections() {
+    let gateway = start_gateway(|config| config.limits.max_connections_per_client = 3).await;
+    let server = gateway.local_addr();
+    let greedy = [127, 0, 0, 6].into();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut client = client_from(server, greedy, None).await;
+        client
+            .send_event(request("within the share", Duration::from_secs(10)))
+            .await
+            .expect("a connection within the share is served");
+        held.push(client);
+    }
+    // The fourth is closed as it is accepted: whether the handshake or the first call notices, it fails.
+    let refused = match try_client_from(server, greedy, None).await {
+        Ok(mut client) => client
+            .send_event(request("beyond the share", Duration::from_secs(10)))
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a connection beyond the share is not served");
+    let mut other = client_from(server, [127, 0, 0, 7].into(), None).await;
+    other
+        .send_event(request("another client", Duration::from_secs(10)))
+        .await
+        .expect("another address has its own share");
+    drop(held);
+    assert!(
+        eventually(|| async {
+            match try_client_from(server, greedy, None).await {
+                Ok(mut client) => client
+                    .send_event(request("after", Duration::from_secs(10)))
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await,
+        "closed connections give the client its share back"
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_idle_stream_is_ended_with_stream_idle_after_its_acks() {
     let gateway = start_gateway(|config| config.limits.stream_idle_timeout_seconds = 0.5).await;
     let mut client = gateway_client(&gateway).await;

@@ -976,6 +976,22 @@ pub async fn client_from(
 ) -> eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
     tonic::transport::Channel,
 > {
+    try_client_from(server, source, stream_window)
+        .await
+        .expect("connects to the gateway")
+}
+
+/// [`client_from`], or the error of its connection.
+pub async fn try_client_from(
+    server: SocketAddr,
+    source: std::net::Ipv4Addr,
+    stream_window: Option<u32>,
+) -> Result<
+    eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient<
+        tonic::transport::Channel,
+    >,
+    tonic::transport::Error,
+> {
     let connector = tower::service_fn(move |_: http::Uri| async move {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.bind(SocketAddr::from((source, 0)))?;
@@ -987,9 +1003,8 @@ pub async fn client_from(
         .expect("a valid URI")
         .initial_stream_window_size(stream_window)
         .connect_with_connector(connector)
-        .await
-        .expect("connects to the gateway");
-    eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::new(channel)
+        .await?;
+    Ok(eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::new(channel))
 }
 
 impl Drop for GatewayProcess {
