@@ -381,7 +381,9 @@ def test_the_config_map_passes_check_config(case, tmp_path):
             "azure.workload.identity/tenant-id", "55555555-6666-7777-8888-999999999999"
         )
         env["AZURE_FEDERATED_TOKEN_FILE"] = str(token)
-        env["AZURE_AUTHORITY_HOST"] = "https://login.microsoftonline.com/"
+        # Loopback, never Azure: --check-config builds the credential and fetches no token, and should that
+        # ever change, the fetch fails here instead of reaching Entra ID.
+        env["AZURE_AUTHORITY_HOST"] = "https://127.0.0.1:9/"
     volumes = {volume["name"]: volume for volume in rendering.pod["spec"]["volumes"]}
     for mount in rendering.container["volumeMounts"]:
         secret = volumes[mount["name"]].get("secret")
