@@ -227,16 +227,7 @@ async fn the_wrong_scheme_is_named_and_the_other_one_suggested() {
 
     let pki = TestPki::generate();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
-    };
-    let tls = eventhub_gateway::config::ServerTls {
-        cert: write("server.pem", &pki.server_cert_pem),
-        key: write("server.key", &pki.server_key_pem),
-        client_ca: None,
-    };
+    let tls = pki.server_tls(dir.path(), false);
     let secure = start_gateway(|config| config.tls = Some(tls)).await;
     let port = secure.local_addr().port();
     for target in [
@@ -255,7 +246,8 @@ async fn the_wrong_scheme_is_named_and_the_other_one_suggested() {
         }
     }
     // And the suggestion works.
-    let ca = write("ca.pem", &pki.ca_pem);
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
     let (code, stdout, stderr) = run(
         &[
             "send",

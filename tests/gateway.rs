@@ -554,16 +554,7 @@ async fn tls_and_mutual_tls_listeners_serve_only_trusted_peers() {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let pki = TestPki::generate();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
-    };
-    let tls = eventhub_gateway::config::ServerTls {
-        cert: write("server.pem", &pki.server_cert_pem),
-        key: write("server.key", &pki.server_key_pem),
-        client_ca: Some(write("ca.pem", &pki.ca_pem)),
-    };
+    let tls = pki.server_tls(dir.path(), true);
     let gateway = start_gateway(|config| config.tls = Some(tls)).await;
     let url = format!("https://localhost:{}", gateway.local_addr().port());
     let connect = |identity: Option<Identity>| {

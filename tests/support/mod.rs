@@ -401,6 +401,25 @@ impl TestPki {
         }
     }
 
+    /// The gateway's listener TLS settings for this server certificate, its PEM files written into `dir`;
+    /// with `mutual`, clients must present a certificate of this CA.
+    pub fn server_tls(
+        &self,
+        dir: &std::path::Path,
+        mutual: bool,
+    ) -> eventhub_gateway::config::ServerTls {
+        let write = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        eventhub_gateway::config::ServerTls {
+            cert: write("server.pem", &self.server_cert_pem),
+            key: write("server.key", &self.server_key_pem),
+            client_ca: mutual.then(|| write("ca.pem", &self.ca_pem)),
+        }
+    }
+
     /// The emulator's TLS settings for this server certificate.
     pub fn tls_config(&self) -> eventhub_gateway::emulator::TlsConfig {
         use eventhub_gateway::emulator::{PemSource, TlsConfig};
