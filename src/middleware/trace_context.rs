@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::Span;
 
-use crate::producer::TraceContext;
+use crate::telemetry::trace_context::TraceContext;
 
 /// The W3C header naming the caller's span.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
