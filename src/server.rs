@@ -25,8 +25,9 @@ use crate::producer::{
     credential_for, endpoint_for,
 };
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
+use crate::telemetry::http::Exposed;
 use crate::telemetry::http::{HttpError, MetricsListener, MetricsServer};
-use crate::telemetry::metrics::{Metrics, MetricsError, ScrapeSource};
+use crate::telemetry::metrics::{Metrics, MetricsError, Reports};
 use crate::tls_material::{self, TlsFileError};
 
 /// How often health follows the producer's readiness.
@@ -493,7 +494,13 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let metrics = metrics_listener.serve(metrics, ScrapeSource::new(Arc::clone(&state), shed));
+    let exposed = Exposed {
+        reports: Reports::default()
+            .and(Arc::clone(&state) as _)
+            .and(Arc::new(shed)),
+        readiness: Arc::clone(&state) as _,
+    };
+    let metrics = metrics_listener.serve(metrics, exposed);
     let shutdown = stop.clone();
     let server = tokio::spawn(async move {
         router
@@ -513,7 +520,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     })
 }
 
-/// SERVING while the gateway is ready (`telemetry::metrics::readiness`, as `/readyz`); NOT_SERVING otherwise
+/// SERVING while the gateway is ready ([`GatewayState::readiness`], as `/readyz`); NOT_SERVING otherwise
 /// and from the start of a drain. Each change is logged with its reason.
 async fn follow_readiness(
     health: HealthReporter,
@@ -525,7 +532,7 @@ async fn follow_readiness(
     let mut last_warning: Option<tokio::time::Instant> = None;
     let mut first = true;
     loop {
-        let readiness = crate::telemetry::metrics::readiness(&state);
+        let readiness = state.readiness();
         let status = if readiness.is_ok() {
             ServingStatus::Serving
         } else {

@@ -24,7 +24,8 @@ use crate::config::Limits;
 use crate::middleware::{ClientId, RateLimits, peer_ip};
 use crate::producer::{Producer, Ticket, TraceContext};
 use crate::proto::v1;
-use crate::telemetry::metrics::{HubEvents, Rpc};
+use crate::telemetry::http::Readiness;
+use crate::telemetry::metrics::{HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set_ready};
 use crate::telemetry::otel;
 use convert::event_from_proto;
 use prost::Message;
@@ -375,5 +376,40 @@ fn timestamp(time: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: since_epoch.as_secs() as i64,
         nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
+/// Why the gateway is not ready (the one-line body of a 503 from `/readyz`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// The gateway is shutting down.
+    #[error("draining")]
+    Draining,
+    /// No pooled connection is open, live and authorized for every hub; the producer's reason.
+    #[error("no ready connection to Event Hubs: {0}")]
+    NoConnection(String),
+}
+
+impl GatewayState {
+    /// The gateway's readiness, the one truth behind `/readyz`, the `ready` gauge and gRPC health: not
+    /// draining, and the producer ready ([`Producer::readiness`]).
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if self.is_draining() {
+            return Err(NotReady::Draining);
+        }
+        self.producer.readiness().map_err(NotReady::NoConnection)
+    }
+}
+
+impl Readiness for GatewayState {
+    fn readiness(&self) -> Result<(), String> {
+        GatewayState::readiness(self).map_err(|reason| reason.to_string())
+    }
+}
+
+impl Report for GatewayState {
+    fn report(&self) {
+        self.producer.report();
+        metrics::counter!(RATE_LIMITED_EVENTS).absolute(self.rate_limits.refused());
+        set_ready(GatewayState::readiness(self).is_ok());
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use super::client_id::peer_ip;
+use crate::telemetry::metrics::{CALLS_IN_FLIGHT, Report, SHED_CALLS};
 
 /// Which cap shed a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,16 @@ struct Shared {
     per_client_rejection: tonic::Status,
     shed: AtomicU64,
     shed_per_client: AtomicU64,
+}
+
+impl Report for LoadShedLayer {
+    fn report(&self) {
+        let shed_per_client = self.shed_per_client_total();
+        metrics::counter!(SHED_CALLS, "bound" => "total")
+            .absolute(self.shed_total() - shed_per_client);
+        metrics::counter!(SHED_CALLS, "bound" => "per_client").absolute(shed_per_client);
+        metrics::gauge!(CALLS_IN_FLIGHT).set(self.in_flight() as f64);
+    }
 }
 
 impl LoadShedLayer {

@@ -13,6 +13,7 @@ pub mod link;
 pub mod node;
 pub mod pool;
 pub mod properties;
+mod report;
 pub mod route;
 pub mod throttle;
 pub mod transport;

@@ -1,6 +1,6 @@
 //! The HTTP/1 listener beside gRPC (`metrics_listen`): `GET /metrics` in the Prometheus text format, and the
-//! Kubernetes probes `GET /healthz` (the process is alive) and `GET /readyz` (`metrics::readiness`: not draining, a
-//! live connection authorized for every hub; 503 with the one-line reason otherwise).
+//! Kubernetes probes `GET /healthz` (the process is alive) and `GET /readyz` (its [`Readiness`]; 503 with the
+//! one-line reason otherwise).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,7 +14,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{Metrics, ScrapeSource};
+use std::sync::Arc;
+
+use super::metrics::{Metrics, Reports};
 
 /// The content type of the Prometheus text exposition format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -33,6 +35,21 @@ pub enum HttpError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Whether the process should take traffic, and why not (the body of a 503 from `/readyz`).
+pub trait Readiness: Send + Sync {
+    /// Ready, or the one-line reason it is not.
+    fn readiness(&self) -> Result<(), String>;
+}
+
+/// What the listener serves: the reports a scrape collects, and the readiness the probe answers.
+#[derive(Clone)]
+pub struct Exposed {
+    /// Every owner of gauges and totals, asked in order at each scrape.
+    pub reports: Reports,
+    /// The readiness behind `/readyz`.
+    pub readiness: Arc<dyn Readiness>,
 }
 
 /// A bound listener not serving yet: bound early so a taken port fails the start before anything runs.
@@ -58,13 +75,13 @@ impl MetricsListener {
         self.local_addr
     }
 
-    /// Serves the metrics page and the probes of `source` until [`MetricsServer::shutdown`].
-    pub fn serve(self, metrics: Metrics, source: ScrapeSource) -> MetricsServer {
+    /// Serves the metrics page and the probes of `exposed` until [`MetricsServer::shutdown`].
+    pub fn serve(self, metrics: Metrics, exposed: Exposed) -> MetricsServer {
         let router = Router::new()
             .route("/metrics", get(scrape))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state(Shared { metrics, source });
+            .with_state(Shared { metrics, exposed });
         let stop = CancellationToken::new();
         let signal = stop.clone().cancelled_owned();
         let local_addr = self.local_addr;
@@ -112,11 +129,11 @@ impl MetricsServer {
 #[derive(Clone)]
 struct Shared {
     metrics: Metrics,
-    source: ScrapeSource,
+    exposed: Exposed,
 }
 
 async fn scrape(State(shared): State<Shared>) -> impl IntoResponse {
-    let page = shared.metrics.scrape(&shared.source);
+    let page = shared.metrics.scrape(&shared.exposed.reports);
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], page)
 }
 
@@ -125,7 +142,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(shared): State<Shared>) -> (StatusCode, String) {
-    match shared.source.readiness() {
+    match shared.exposed.readiness.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }

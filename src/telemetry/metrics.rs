@@ -1,14 +1,13 @@
 //! Prometheus metrics: the process-wide recorder (installed once), every metric's name and description, the
-//! recording helpers the handlers and the producer call, and the scrape, which copies the gateway's gauges and
-//! totals into the registry just before rendering it.
+//! recording helpers the handlers and the producer call, and the scrape, which asks every [`Report`] (the
+//! owners of gauges and totals: producer, gateway state, load shedding) to copy theirs into the registry just
+//! before rendering it.
 //!
 //! The recorder is global to the process (the `metrics` facade has one). Counters and histograms recorded by
 //! handlers and routes are therefore process-wide sums: in a process running several gateways (in-process
 //! tests) they add up across them. The values copied at scrape time (pool, buffers, calls, streams' sources)
 //! describe the gateway whose listener was scraped; the copied totals (`*_total` from [`ProducerStats`]-style
 //! counts) only move up, so with several gateways they show the largest one's.
-//!
-//! [`ProducerStats`]: crate::producer::ProducerStats
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,10 +18,6 @@ use ::metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
-
-use crate::gateway::GatewayState;
-use crate::middleware::LoadShedLayer;
-use crate::producer::ConnectStage;
 
 /// Events taken from requests, by hub and RPC (`send_event`, `send_events`, `send_stream`).
 pub const EVENTS_RECEIVED: &str = "eventhub_gateway_events_received_total";
@@ -136,11 +131,13 @@ impl Metrics {
         INSTALLED.get_or_init(install_once).clone()
     }
 
-    /// Copies `source`'s gauges and totals into the registry, then renders everything in the Prometheus text
-    /// format (0.0.4).
-    pub fn scrape(&self, source: &ScrapeSource) -> String {
+    /// Asks `report` to copy its gauges and totals into the registry, then renders everything in the
+    /// Prometheus text format (0.0.4).
+    pub fn scrape(&self, report: &dyn Report) -> String {
         let _one_at_a_time = SCRAPE.lock();
-        source.copy_into_registry();
+        // Registered here so the page lists it before the first stream opens.
+        gauge!(STREAMS_OPEN).increment(0.0);
+        report.report();
         self.handle.render()
     }
 }
@@ -500,74 +497,42 @@ pub fn batch_split(hub: &Arc<str>) {
     counter!(BATCH_SPLITS, "event_hub" => SharedString::from(Arc::clone(hub))).increment(1);
 }
 
-/// Why the gateway is not ready (the one-line body of a 503 from `/readyz`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NotReady {
-    /// The gateway is shutting down.
-    #[error("draining")]
-    Draining,
-    /// No pooled connection is open, live and authorized for every hub; the producer's reason.
-    #[error("no ready connection to Event Hubs: {0}")]
-    NoConnection(String),
+/// An owner of gauges and totals that copies them into the registry when a scrape asks (owners report, the
+/// server assembles the reports, as linkerd's `FmtMetrics` does), so this module imports nothing above it.
+pub trait Report: Send + Sync {
+    /// Sets this owner's gauges and absolute totals from its current state.
+    fn report(&self);
 }
 
-/// The gateway's readiness, the one truth behind `/readyz`, the `ready` gauge and gRPC health: not draining,
-/// and the producer ready ([`crate::producer::Producer::readiness`]).
-pub fn readiness(state: &GatewayState) -> Result<(), NotReady> {
-    if state.is_draining() {
-        return Err(NotReady::Draining);
+impl<R: Report + ?Sized> Report for Arc<R> {
+    fn report(&self) {
+        (**self).report();
     }
-    state.producer().readiness().map_err(NotReady::NoConnection)
 }
 
-/// What a scrape and the readiness probe read from one gateway: its state and its load-shedding layer.
-#[derive(Clone)]
-pub struct ScrapeSource {
-    state: Arc<GatewayState>,
-    shed: LoadShedLayer,
+/// Several reports as one, asked in order.
+#[derive(Clone, Default)]
+pub struct Reports(Vec<Arc<dyn Report>>);
+
+impl Reports {
+    /// These reports and `report` after them.
+    pub fn and(mut self, report: Arc<dyn Report>) -> Self {
+        self.0.push(report);
+        self
+    }
 }
 
-impl ScrapeSource {
-    /// The source of a gateway; `shed` is a clone of the layer its server uses (clones share counters).
-    pub fn new(state: Arc<GatewayState>, shed: LoadShedLayer) -> Self {
-        Self { state, shed }
-    }
-
-    /// The gateway's [`readiness`].
-    pub fn readiness(&self) -> Result<(), NotReady> {
-        readiness(&self.state)
-    }
-
-    fn copy_into_registry(&self) {
-        let stats = self.state.producer().stats();
-        let pool = stats.pool;
-        gauge!(POOL_CONNECTIONS, "state" => "ready").set(pool.ready as f64);
-        gauge!(POOL_CONNECTIONS, "state" => "retiring").set(pool.retiring as f64);
-        gauge!(POOL_CONNECTIONS, "state" => "opening").set(pool.opening as f64);
-        gauge!(POOL_LINKS).set(pool.links as f64);
-        gauge!(BATCHES_IN_FLIGHT).set(pool.in_flight as f64);
-        gauge!(POOL_WAITERS).set(pool.waiters as f64);
-        gauge!(BUFFERED_BYTES).set(stats.buffered_bytes as f64);
-        gauge!(PRODUCER_ROUTES).set(stats.routes as f64);
-        counter!(CONNECTIONS_OPENED).absolute(pool.opened_total);
-        counter!(CONNECTION_ATTEMPTS).absolute(pool.connect_attempts);
-        counter!(CONNECTIONS_STALLED).absolute(pool.stalled_total);
-        for stage in ConnectStage::ALL {
-            counter!(CONNECTION_FAILURES, "reason" => stage.as_str())
-                .absolute(pool.connect_failures_at(stage));
+impl Report for Reports {
+    fn report(&self) {
+        for report in &self.0 {
+            report.report();
         }
-        counter!(TOKEN_REFRESHES).absolute(stats.token_refreshes);
-        counter!(TOKEN_REFRESH_FAILURES).absolute(stats.token_failures);
-        counter!(PRODUCER_RATE_LIMITED_BATCHES).absolute(stats.rate_limited_batches);
-        counter!(RATE_LIMITED_EVENTS).absolute(self.state.rate_limits().refused());
-        let shed_per_client = self.shed.shed_per_client_total();
-        counter!(SHED_CALLS, "bound" => "total").absolute(self.shed.shed_total() - shed_per_client);
-        counter!(SHED_CALLS, "bound" => "per_client").absolute(shed_per_client);
-        gauge!(CALLS_IN_FLIGHT).set(self.shed.in_flight() as f64);
-        gauge!(READY).set(if self.readiness().is_ok() { 1.0 } else { 0.0 });
-        // Registered here so the page lists it before the first stream opens.
-        gauge!(STREAMS_OPEN).increment(0.0);
     }
+}
+
+/// Sets the [`READY`] gauge.
+pub fn set_ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]
