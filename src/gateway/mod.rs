@@ -6,6 +6,7 @@ pub mod convert;
 pub mod deadline;
 pub mod guard;
 pub mod prescan;
+pub mod rate_limit;
 pub mod shares;
 pub mod status;
 pub mod stream;
@@ -21,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
-use crate::middleware::{ClientId, RateLimits, peer_ip};
+use crate::middleware::{ClientId, peer_ip};
 use crate::producer::{Producer, Ticket, TraceContext};
 use crate::proto::v1;
 use crate::telemetry::http::Readiness;
@@ -29,6 +30,7 @@ use crate::telemetry::metrics::{HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set
 use crate::telemetry::otel;
 use convert::event_from_proto;
 use prost::Message;
+use rate_limit::RateLimits;
 use shares::{BufferShares, HeldShare};
 pub use status::GatewayError;
 

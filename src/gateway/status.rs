@@ -7,7 +7,7 @@ use std::time::Duration;
 use prost::Message;
 use tonic::Code;
 
-use crate::producer::{AmqpCondition, SendError};
+use crate::producer::{ErrorClass, SendError};
 use crate::proto::google::rpc;
 
 /// The `ErrorInfo.domain` of every error the gateway returns.
@@ -555,36 +555,29 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
         SendError::Closed => {
             Built::new(Code::Unavailable, reason::DRAINING).retry(DEFAULT_RETRY_AFTER)
         }
+        // Event Hubs' own refusals, by what they mean to the caller.
         SendError::Service(service) => {
-            let condition = service.condition.to_string();
-            let built = match &service.condition {
-                AmqpCondition::ServerBusy | AmqpCondition::ResourceLimitExceeded => {
-                    Built::new(Code::Unavailable, reason::EVENT_HUBS_BUSY)
-                        .retry(DEFAULT_RETRY_AFTER)
-                }
-                AmqpCondition::Timeout
-                | AmqpCondition::InternalError
-                | AmqpCondition::ConnectionForced
-                | AmqpCondition::DetachForced => {
+            let built = match error.class() {
+                ErrorClass::Busy => Built::new(Code::Unavailable, reason::EVENT_HUBS_BUSY)
+                    .retry(DEFAULT_RETRY_AFTER),
+                ErrorClass::Unavailable => {
                     Built::new(Code::Unavailable, reason::EVENT_HUBS_UNAVAILABLE)
                         .retry(DEFAULT_RETRY_AFTER)
                 }
-                AmqpCondition::Unauthorized => {
+                ErrorClass::Unauthorized => {
                     Built::new(Code::PermissionDenied, reason::EVENT_HUBS_UNAUTHORIZED)
                 }
-                AmqpCondition::NotFound => Built::new(Code::NotFound, reason::UNKNOWN_EVENT_HUB),
-                AmqpCondition::MessageSizeExceeded => {
-                    Built::new(Code::InvalidArgument, reason::EVENT_TOO_LARGE)
-                        .field(path.to_owned(), service.to_string())
-                }
+                ErrorClass::UnknownHub => Built::new(Code::NotFound, reason::UNKNOWN_EVENT_HUB),
+                ErrorClass::TooLarge => Built::new(Code::InvalidArgument, reason::EVENT_TOO_LARGE)
+                    .field(path.to_owned(), service.to_string()),
                 // The producer sends a refused batch's events apart, so this refusal is this event's own.
-                AmqpCondition::InvalidArgument => {
+                ErrorClass::InvalidEvent => {
                     Built::new(Code::InvalidArgument, reason::INVALID_EVENT)
                         .field(path.to_owned(), service.to_string())
                 }
-                AmqpCondition::Other(_) => Built::new(Code::Internal, reason::EVENT_HUBS_REJECTED),
+                _ => Built::new(Code::Internal, reason::EVENT_HUBS_REJECTED),
             };
-            built.meta("condition", condition)
+            built.meta("condition", service.condition.to_string())
         }
     }
 }
@@ -592,7 +585,7 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::producer::ServiceError;
+    use crate::producer::{AmqpCondition, ServiceError};
 
     fn decode_detail<M: Message + Default>(status: &rpc::Status, type_name: &str) -> Option<M> {
         status

@@ -1,17 +1,15 @@
-//! The tower layers around the gRPC server: trace context, client identity, rate limits, load shedding.
+//! The tower layers around the gRPC server: trace context, client identity, load shedding.
 //!
 //! Apply them with `tonic::transport::Server::builder().layer(...)`, outermost first:
 //! [`TraceContextLayer`] (so even shed calls are logged in the call's span), [`ClientIdLayer`], then
-//! [`LoadShedLayer`]. [`RateLimits`] is no layer: events can only be counted once a request is decoded, so
-//! the handlers charge it with the [`ClientId`] the layer left in the request's extensions.
+//! [`LoadShedLayer`]. The events-per-second limits are no layer (events can only be counted once a request is
+//! decoded): the gateway's handlers charge them with the [`ClientId`] the layer leaves in the request.
 
 mod client_id;
-mod rate_limit;
 mod shed;
 mod trace_context;
 
 pub use client_id::{CLIENT_ID_HEADER, ClientId, ClientIdLayer, ClientIdService, peer_ip};
-pub use rate_limit::{RateLimited, RateLimits};
 pub use shed::{CallSlot, ClientSlot, LoadShed, LoadShedLayer, PermitBody, ShedBound, ShedFuture};
 pub use trace_context::{
     TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContextFuture, TraceContextLayer,

@@ -91,6 +91,51 @@ impl AmqpCondition {
     }
 }
 
+/// What a failed send means for the caller, whatever caused it: the classification callers map to their own
+/// status codes (the gateway to gRPC), so no caller sorts AMQP conditions itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The event itself is wrong (a field, a limit, a partition that does not exist): sent again, it fails again.
+    InvalidEvent,
+    /// The event is larger than Event Hubs accepts in one message.
+    TooLarge,
+    /// The producer's own bounds are full: retry after a pause.
+    Overloaded,
+    /// Event Hubs is throttling (server busy, a quota hit): retry after a pause.
+    Busy,
+    /// Event Hubs could not be reached, or dropped the send before storing it: retry after a pause.
+    Unavailable,
+    /// Event Hubs refused the credential.
+    Unauthorized,
+    /// Event Hubs has no such hub.
+    UnknownHub,
+    /// The event's deadline passed before it was sent.
+    DeadlineExceeded,
+    /// The deadline passed while the event was in flight: Event Hubs may or may not have stored it.
+    OutcomeUnknown,
+    /// The producer is closing.
+    Closed,
+    /// Event Hubs refused the event with a condition the producer does not know.
+    Rejected,
+}
+
+impl AmqpCondition {
+    /// What this condition means for the caller.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::ServerBusy | Self::ResourceLimitExceeded => ErrorClass::Busy,
+            Self::Timeout | Self::InternalError | Self::ConnectionForced | Self::DetachForced => {
+                ErrorClass::Unavailable
+            }
+            Self::Unauthorized => ErrorClass::Unauthorized,
+            Self::NotFound => ErrorClass::UnknownHub,
+            Self::MessageSizeExceeded => ErrorClass::TooLarge,
+            Self::InvalidArgument => ErrorClass::InvalidEvent,
+            Self::Other(_) => ErrorClass::Rejected,
+        }
+    }
+}
+
 impl fmt::Display for AmqpCondition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {
@@ -233,6 +278,26 @@ impl SendError {
             Self::Connection(_) => "connection_lost".into(),
             Self::Auth(_) => "unauthorized".into(),
             Self::Closed => "closed".into(),
+        }
+    }
+
+    /// What this error means for the caller, whatever caused it (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::InvalidEvent { .. } | Self::OverLimit(_) | Self::UnknownPartition { .. } => {
+                ErrorClass::InvalidEvent
+            }
+            Self::TooLarge { .. } => ErrorClass::TooLarge,
+            Self::Overloaded { .. } => ErrorClass::Overloaded,
+            Self::PoolTimeout { .. }
+            | Self::NotProcessed(_)
+            | Self::Connection(_)
+            | Self::Unreachable { .. } => ErrorClass::Unavailable,
+            Self::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
+            Self::OutcomeUnknown { .. } => ErrorClass::OutcomeUnknown,
+            Self::Auth(_) => ErrorClass::Unauthorized,
+            Self::Closed => ErrorClass::Closed,
+            Self::Service(error) => error.condition.class(),
         }
     }
 

@@ -34,7 +34,7 @@ pub use auth::Credential;
 pub use config::{ConfigError, ProducerConfig};
 pub use connection::ConnectStage;
 pub use connection_string::{ConnectionString, ConnectionStringError, SharedAccess};
-pub use error::{AmqpCondition, SendError, ServiceError};
+pub use error::{AmqpCondition, ErrorClass, SendError, ServiceError};
 pub use event::{Event, Routing, TraceContext};
 pub use pool::PoolStats;
 pub use properties::{HubProperties, PartitionProperties};

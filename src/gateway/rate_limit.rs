@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, NotUntil, Quota, RateLimiter};
 
-use super::client_id::ClientId;
+use crate::middleware::ClientId;
 
 /// How often `charge` forgets idle clients.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
