@@ -9,7 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml, Yaml};
 use serde::{Deserialize, Serialize};
 
-use crate::producer::{HttpProxy, ProducerConfig, ProxyCredentials};
+use eventhub_producer::{HttpProxy, ProducerConfig, ProxyCredentials};
 
 /// Prefix of the environment variables the gateway reads.
 pub const ENV_PREFIX: &str = "EVENTHUB_GATEWAY_";

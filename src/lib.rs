@@ -2,12 +2,9 @@
 
 pub mod client;
 pub mod config;
-pub mod emulator;
-pub mod eventhubs;
 pub mod gateway;
 pub mod listener;
 pub mod middleware;
-pub mod producer;
 pub mod proto;
 pub mod server;
 pub mod telemetry;

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use eventhub_emulator::{Emulator, EmulatorConfig, HubConfig, PemSource, TlsConfig};
 use eventhub_gateway::config::{CredentialKind, GatewayConfig};
-use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig, PemSource, TlsConfig};
 use eventhub_gateway::server;
+use eventhub_gateway::telemetry::export::OtlpSettings;
 use eventhub_gateway::telemetry::logging::{self, LogFormat};
-use eventhub_gateway::telemetry::otel::OtlpSettings;
 use figment::Figment;
 use figment::providers::Serialized;
 

@@ -15,20 +15,20 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig};
-use crate::emulator::{Emulator, EmulatorConfig, HubConfig};
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
-use crate::producer::transport::{client_config, native_roots};
-use crate::producer::{
-    ConnectionString, Credential, Endpoint, Producer, ProducerError, TlsOptions, Transport,
-    credential_for, endpoint_for,
-};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::telemetry::http::Exposed;
 use crate::telemetry::http::{HttpError, MetricsListener, MetricsServer};
-use crate::telemetry::metrics::{Metrics, MetricsError, Reports};
 use crate::tls_material::{self, TlsFileError};
+use eventhub_emulator::{Emulator, EmulatorConfig, HubConfig};
+use eventhub_producer::transport::{client_config, native_roots};
+use eventhub_producer::{
+    ConnectionString, Credential, Endpoint, Producer, ProducerError, TlsOptions, Transport,
+    credential_for, endpoint_for,
+};
+use eventhub_telemetry::metrics::{Metrics, MetricsError, Reports};
 
 /// How often health follows the producer's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use eventhub_gateway::emulator::Emulator;
+use eventhub_emulator::Emulator;
 use fe2o3_amqp_types::messaging::Outcome;
 use support::{
     Client, TIMEOUT, batch, condition_name, config, detach_error, event, rejected_condition, start,
@@ -86,7 +86,7 @@ async fn delayed_dispositions_arrive_no_sooner_than_the_delay_and_keep_the_link_
 
 #[tokio::test]
 async fn latency_option_delays_every_disposition() {
-    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
+    let emulator = start_with(eventhub_emulator::EmulatorConfig {
         latency_ms: 200,
         ..config(&["eh1:1"])
     })

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use eventhub_gateway::emulator::{EmulatorConfig, LimitsConfig};
+use eventhub_emulator::{EmulatorConfig, LimitsConfig};
 use fe2o3_amqp::link::DetachError;
 use fe2o3_amqp::{Sender, Session};
 use futures_util::StreamExt;
@@ -325,7 +325,7 @@ async fn cbs_links_of_a_connection_that_puts_no_token_are_detached_and_capped() 
     let (status, _) = authorized
         .put_token(
             "sb://localhost/eh1",
-            eventhub_gateway::eventhubs::SAS_TOKEN_TYPE,
+            eventhub_wire::SAS_TOKEN_TYPE,
             &support::sas_token("eh1", Duration::from_secs(600)),
         )
         .await;

@@ -5,10 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use eventhub_gateway::emulator::decode_stored_event;
-use eventhub_gateway::eventhubs::message::{annotation, decode};
-use eventhub_gateway::eventhubs::partition::partition_for_key;
-use eventhub_gateway::eventhubs::{JWT_TOKEN_TYPE, SAS_TOKEN_TYPE, annotations};
+use eventhub_emulator::decode_stored_event;
+use eventhub_wire::message::{annotation, decode};
+use eventhub_wire::partition::partition_for_key;
+use eventhub_wire::{JWT_TOKEN_TYPE, SAS_TOKEN_TYPE, annotations};
 use fe2o3_amqp_types::messaging::Outcome;
 use serde_amqp::Value;
 use support::{
@@ -37,7 +37,7 @@ async fn a_link_without_a_token_is_refused_as_unauthorized() {
 async fn cbs_answers_like_the_service() {
     let emulator = start(&["eh1:2", "eh2:1"]).await;
     let mut client = Client::connect(&emulator).await.unwrap();
-    let wrong_key = eventhub_gateway::eventhubs::sas::sign_token(
+    let wrong_key = eventhub_wire::sas::sign_token(
         "sb://localhost/eh1",
         "RootManageSharedAccessKey",
         "not the key",
@@ -386,7 +386,7 @@ async fn garbage_on_one_connection_leaves_the_others_alone() {
 
 #[tokio::test]
 async fn sender_links_announce_the_configured_max_message_size() {
-    let emulator = support::start_with(eventhub_gateway::emulator::EmulatorConfig {
+    let emulator = support::start_with(eventhub_emulator::EmulatorConfig {
         max_message_size: 4096,
         ..support::config(&["eh1:1"])
     })

@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use eventhub_gateway::emulator::{Emulator, EmulatorConfig};
-use eventhub_gateway::producer::transport::{
+use eventhub_emulator::{Emulator, EmulatorConfig};
+use eventhub_producer::transport::{
     ConnectionOptions, Endpoint, TlsOptions, Transport, TransportError, open_connection,
 };
 use fe2o3_amqp_types::messaging::Outcome;
@@ -57,7 +57,7 @@ async fn every_transport_carries_cbs_and_a_batch_to_storage() {
             .partition_events("eh1", "1")
             .unwrap()
             .iter()
-            .map(|e| body_text(&eventhub_gateway::emulator::decode_stored_event(e).unwrap()))
+            .map(|e| body_text(&eventhub_emulator::decode_stored_event(e).unwrap()))
             .filter(|body| body.starts_with(&label))
             .collect();
         assert_eq!(stored, [format!("{label}-a"), format!("{label}-b")]);
@@ -168,8 +168,8 @@ async fn a_tls_server_that_does_not_speak_websocket_is_a_websocket_error() {
 async fn tls_configuration_errors_name_the_field() {
     let pki = TestPki::generate();
     let broken_key = EmulatorConfig {
-        tls: Some(eventhub_gateway::emulator::TlsConfig {
-            key: eventhub_gateway::emulator::PemSource::Pem("not a key".into()),
+        tls: Some(eventhub_emulator::TlsConfig {
+            key: eventhub_emulator::PemSource::Pem("not a key".into()),
             ..pki.tls_config()
         }),
         tls_listen: loopback(),
@@ -180,8 +180,8 @@ async fn tls_configuration_errors_name_the_field() {
     assert!(!err.contains("not a key"), "{err}");
 
     let missing_cert = EmulatorConfig {
-        tls: Some(eventhub_gateway::emulator::TlsConfig {
-            cert: eventhub_gateway::emulator::PemSource::Path("/nonexistent/cert.pem".into()),
+        tls: Some(eventhub_emulator::TlsConfig {
+            cert: eventhub_emulator::PemSource::Path("/nonexistent/cert.pem".into()),
             ..pki.tls_config()
         }),
         websocket_listen: loopback(),

@@ -6,9 +6,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use eventhub_gateway::eventhubs::message::partition_key;
-use eventhub_gateway::eventhubs::partition::partition_for_key;
 use eventhub_gateway::proto::v1;
+use eventhub_wire::message::partition_key;
+use eventhub_wire::partition::partition_for_key;
 use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -294,7 +294,7 @@ type Window = (Instant, Option<Instant>);
 /// checked against what the emulator stored.
 async fn blackhole_run(
     gateway: &GatewayProcess,
-    emulator: &eventhub_gateway::emulator::Emulator,
+    emulator: &eventhub_emulator::Emulator,
     blackhole: impl Fn(bool),
 ) -> Figures {
     assert!(
@@ -610,16 +610,16 @@ fn nix_is_root() -> bool {
 
 /// A producer of `emulator` reached through `relay`, with `edit` applied to a test configuration, serving `HUB`.
 fn relayed_producer(
-    emulator: &eventhub_gateway::emulator::Emulator,
+    emulator: &eventhub_emulator::Emulator,
     relay: &Relay,
-    edit: impl FnOnce(&mut eventhub_gateway::producer::ProducerConfig),
-) -> eventhub_gateway::producer::Producer {
-    let mut config = eventhub_gateway::producer::ProducerConfig {
+    edit: impl FnOnce(&mut eventhub_producer::ProducerConfig),
+) -> eventhub_producer::Producer {
+    let mut config = eventhub_producer::ProducerConfig {
         send_timeout: 10.0,
         ..Default::default()
     };
     edit(&mut config);
-    let producer = eventhub_gateway::producer::Producer::from_connection_string(
+    let producer = eventhub_producer::Producer::from_connection_string(
         &with_port(&emulator.connection_string(), relay.addr.port()),
         false,
         Default::default(),
@@ -642,7 +642,7 @@ async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_t
         producer.readiness()
     );
     producer
-        .send(HUB, eventhub_gateway::producer::Event::text("before"))
+        .send(HUB, eventhub_producer::Event::text("before"))
         .await
         .expect("sent before the blackhole");
 
@@ -652,10 +652,7 @@ async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_t
         let producer = producer.clone();
         async move {
             producer
-                .send(
-                    HUB,
-                    eventhub_gateway::producer::Event::text("in the blackhole"),
-                )
+                .send(HUB, eventhub_producer::Event::text("in the blackhole"))
                 .await
         }
     });
@@ -684,10 +681,7 @@ async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_t
         // Resent on a fresh connection (the first copy may land too: at least once).
         Ok(_) => assert!(stored.iter().any(|body| body == "in the blackhole")),
         Err(error) => assert!(
-            matches!(
-                error,
-                eventhub_gateway::producer::SendError::OutcomeUnknown { .. }
-            ),
+            matches!(error, eventhub_producer::SendError::OutcomeUnknown { .. }),
             "a send in doubt is OK or OUTCOME_UNKNOWN, not {error:?}"
         ),
     }
@@ -731,7 +725,7 @@ async fn a_slow_peer_that_heartbeats_is_not_taken_for_dead() {
         }
     });
     producer
-        .send(HUB, eventhub_gateway::producer::Event::text("slow"))
+        .send(HUB, eventhub_producer::Event::text("slow"))
         .await
         .expect("a slow disposition is still an answer");
     watcher.abort();

@@ -6,8 +6,8 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use eventhub_gateway::producer::{Event, ProducerConfig, SendError};
 use eventhub_gateway::proto::v1;
+use eventhub_producer::{Event, ProducerConfig, SendError};
 use futures_util::StreamExt;
 use support::*;
 use tonic::Code;

@@ -6,13 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventhub_gateway::emulator::EmulatorConfig;
-use eventhub_gateway::eventhubs::message::partition_key;
-use eventhub_gateway::eventhubs::partition::partition_for_key;
-use eventhub_gateway::producer::ConnectStage;
-use eventhub_gateway::producer::{
-    AmqpCondition, Event, Producer, ProducerConfig, SendError, TraceContext,
-};
+use eventhub_emulator::EmulatorConfig;
+use eventhub_producer::ConnectStage;
+use eventhub_producer::{AmqpCondition, Event, Producer, ProducerConfig, SendError, TraceContext};
+use eventhub_wire::message::partition_key;
+use eventhub_wire::partition::partition_for_key;
 use fe2o3_amqp_types::messaging::MessageId;
 use fe2o3_amqp_types::primitives::SimpleValue;
 use futures_util::future::join_all;
@@ -33,12 +31,12 @@ async fn send_many(
     hub: &str,
     count: usize,
     event: impl Fn(usize) -> Event,
-) -> Vec<Result<eventhub_gateway::producer::Receipt, SendError>> {
+) -> Vec<Result<eventhub_producer::Receipt, SendError>> {
     join_all((0..count).map(|i| producer.send(hub, event(i)))).await
 }
 
 fn application_property(
-    message: &eventhub_gateway::eventhubs::message::AmqpMessage,
+    message: &eventhub_wire::message::AmqpMessage,
     name: &str,
 ) -> Option<String> {
     match message.application_properties.as_ref()?.0.get(name)? {
@@ -67,7 +65,7 @@ async fn an_event_arrives_with_every_field() {
     assert_eq!(receipt.partition_id.as_deref(), Some("1"));
     let stored = emulator.partition_events("eh1", "1").unwrap();
     assert_eq!(stored.len(), 1);
-    let message = eventhub_gateway::emulator::decode_stored_event(&stored[0]).unwrap();
+    let message = eventhub_emulator::decode_stored_event(&stored[0]).unwrap();
     assert_eq!(body_text(&message), r#"{"order":7}"#);
     let properties = message.properties.clone().unwrap();
     assert_eq!(
@@ -557,9 +555,7 @@ async fn ready_message_is_sent_once_per_connection() {
         .partition_events("eh1", "0")
         .unwrap()
         .iter()
-        .filter(|e| {
-            body_text(&eventhub_gateway::emulator::decode_stored_event(e).unwrap()) == "ready"
-        })
+        .filter(|e| body_text(&eventhub_emulator::decode_stored_event(e).unwrap()) == "ready")
         .count();
     assert_eq!(readies as u64, producer.stats().pool.opened_total);
     producer.close().await;
@@ -854,11 +850,11 @@ impl azure_core::credentials::TokenCredential for FakeEntraCredential {
 async fn entra_producer(
     lifetime: i64,
 ) -> (
-    eventhub_gateway::emulator::Emulator,
+    eventhub_emulator::Emulator,
     Producer,
     Arc<FakeEntraCredential>,
 ) {
-    let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
+    let emulator = start_with(eventhub_emulator::EmulatorConfig {
         accept_jwt: true,
         ..support::config(&["eh1:1"])
     })
@@ -867,14 +863,14 @@ async fn entra_producer(
         lifetime,
         issued: Default::default(),
     });
-    let endpoint = eventhub_gateway::producer::Endpoint::direct(
+    let endpoint = eventhub_producer::Endpoint::direct(
         "localhost",
         emulator.local_addr().port(),
-        eventhub_gateway::producer::Transport::Amqp,
+        eventhub_producer::Transport::Amqp,
     );
     let producer = Producer::new(
         endpoint,
-        eventhub_gateway::producer::Credential::Entra(credential.clone()),
+        eventhub_producer::Credential::Entra(credential.clone()),
         Default::default(),
         base(),
     )
@@ -938,7 +934,7 @@ async fn a_shared_access_signature_connection_string_works_until_it_expires() {
 
 #[tokio::test]
 async fn the_producer_sends_over_every_transport() {
-    use eventhub_gateway::producer::{Credential, Transport};
+    use eventhub_producer::{Credential, Transport};
     let pki = TestPki::generate();
     let emulator = start_with_tls(&pki, &["eh1:1"]).await;
     for transport in [Transport::Amqp, Transport::Amqps, Transport::WebSockets] {

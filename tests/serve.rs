@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use eventhub_emulator::{Emulator, EmulatorConfig};
 use eventhub_gateway::config::GatewayConfig;
-use eventhub_gateway::emulator::{Emulator, EmulatorConfig};
 use eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient;
 use eventhub_gateway::proto::v1::{Event, SendEventRequest, event};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use eventhub_gateway::proto::v1;
+use eventhub_gateway::telemetry::export::{OtlpProtocol, OtlpSettings};
 use eventhub_gateway::telemetry::logging::{self, LogFormat};
-use eventhub_gateway::telemetry::otel::{OtlpProtocol, OtlpSettings};
 use fe2o3_amqp_types::primitives::SimpleValue;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,

@@ -3,9 +3,9 @@
 
 use prost_types::value::Kind;
 
-use crate::eventhubs::limits;
-use crate::producer::{Event, SendError, TraceContext};
 use crate::proto::v1;
+use eventhub_producer::{Event, SendError, TraceContext};
+use eventhub_wire::limits;
 
 /// The producer event of a protobuf event (routing, size and partition ids are checked by the producer).
 pub fn event_from_proto(

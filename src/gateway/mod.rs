@@ -23,12 +23,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::middleware::{ClientId, peer_ip};
-use crate::producer::{Producer, Ticket, TraceContext};
 use crate::proto::v1;
 use crate::telemetry::http::Readiness;
-use crate::telemetry::metrics::{HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set_ready};
-use crate::telemetry::otel;
 use convert::event_from_proto;
+use eventhub_producer::{Producer, Ticket, TraceContext};
+use eventhub_telemetry::metrics::{HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set_ready};
+use eventhub_telemetry::otel;
 use prost::Message;
 use rate_limit::RateLimits;
 use shares::{BufferShares, HeldShare};
@@ -227,7 +227,7 @@ async fn send_one(
     call: &CallContext,
     hub: &str,
     proto: Option<v1::Event>,
-) -> Result<crate::producer::Receipt, GatewayError> {
+) -> Result<eventhub_producer::Receipt, GatewayError> {
     let proto = proto.ok_or_else(|| GatewayError::InvalidRequest {
         field: "event".into(),
         reason: "is required".into(),
@@ -244,7 +244,7 @@ async fn send_one(
         .map_err(|error| GatewayError::event("event", error))
 }
 
-fn event_result(outcome: Result<crate::producer::Receipt, GatewayError>) -> v1::EventResult {
+fn event_result(outcome: Result<eventhub_producer::Receipt, GatewayError>) -> v1::EventResult {
     match outcome {
         Ok(receipt) => v1::EventResult {
             status: Some(status::ok()),

@@ -7,8 +7,8 @@ use std::time::Duration;
 use prost::Message;
 use tonic::Code;
 
-use crate::producer::{ErrorClass, SendError};
 use crate::proto::google::rpc;
+use eventhub_producer::{ErrorClass, SendError};
 
 /// The `ErrorInfo.domain` of every error the gateway returns.
 pub const DOMAIN: &str = "eventhub-gateway";
@@ -585,7 +585,7 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::producer::{AmqpCondition, ServiceError};
+    use eventhub_producer::{AmqpCondition, ServiceError};
 
     fn decode_detail<M: Message + Default>(status: &rpc::Status, type_name: &str) -> Option<M> {
         status
@@ -678,7 +678,7 @@ mod tests {
             (
                 GatewayError::event(
                     "events[2]",
-                    SendError::OverLimit(crate::eventhubs::limits::Violation {
+                    SendError::OverLimit(eventhub_wire::limits::Violation {
                         field: "properties",
                         rule: "max_properties",
                         limit: 1024,

@@ -29,7 +29,7 @@ use super::guard::Refusal;
 use super::status::{self, GatewayError, StreamFault, StreamProgress};
 use super::{CallContext, GatewayState};
 use crate::proto::v1;
-use crate::telemetry::metrics::{HubEventsCache, OpenStream, Outcomes, Rpc};
+use eventhub_telemetry::metrics::{HubEventsCache, OpenStream, Outcomes, Rpc};
 
 /// The responses of a stream, as tonic sends them.
 pub type AckStream = ReceiverStream<Result<v1::SendStreamResponse, Status>>;

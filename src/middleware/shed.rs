@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use super::client_id::peer_ip;
-use crate::telemetry::metrics::{CALLS_IN_FLIGHT, Report, SHED_CALLS};
+use eventhub_telemetry::metrics::{CALLS_IN_FLIGHT, Report, SHED_CALLS};
 
 /// Which cap shed a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::Span;
 
-use crate::telemetry::trace_context::TraceContext;
+use eventhub_telemetry::trace_context::TraceContext;
 
 /// The W3C header naming the caller's span.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
@@ -81,7 +81,7 @@ where
             trace_id = %trace_id,
         );
         if let Some(context) = context {
-            crate::telemetry::otel::set_remote_parent(&span, &context);
+            eventhub_telemetry::otel::set_remote_parent(&span, &context);
             request.extensions_mut().insert(context);
         }
         // Services may do work (and log) in `call` itself, before their future is first polled.

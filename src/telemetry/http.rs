@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
-use super::metrics::{Metrics, Reports};
+use eventhub_telemetry::metrics::{Metrics, Reports};
 
 /// The content type of the Prometheus text exposition format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

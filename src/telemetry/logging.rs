@@ -7,7 +7,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt};
 
-use super::otel::{self, OtelError, OtlpSettings};
+use super::export::{self, OtelError, OtlpSettings};
 
 /// How logs are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -21,6 +21,9 @@ pub enum LogFormat {
 
 /// The logs filter when `RUST_LOG` is unset.
 const DEFAULT_FILTER: &str = "info,fe2o3_amqp=warn";
+
+/// The crates whose spans are exported (the gateway's call spans and the producer's send spans).
+const SPAN_TARGETS: &[&str] = &["eventhub_gateway", "eventhub_producer"];
 
 /// Installed telemetry; keep it for the life of the process and shut it down to flush spans.
 pub struct Telemetry {
@@ -54,12 +57,18 @@ pub fn init(format: LogFormat, otlp: Option<&OtlpSettings>) -> Result<Telemetry,
             .boxed(),
     }
     .with_filter(filter);
-    let provider = otlp.map(otel::tracer_provider).transpose()?;
+    let provider = otlp.map(export::tracer_provider).transpose()?;
     // Spans have their own filter: quieting logs with RUST_LOG must not silence traces.
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
-            .with_tracer(otel::tracer(provider))
-            .with_filter(Targets::new().with_target("eventhub_gateway", tracing::Level::INFO))
+            .with_tracer(export::tracer(provider))
+            .with_filter(
+                SPAN_TARGETS
+                    .iter()
+                    .fold(Targets::new(), |targets, crate_name| {
+                        targets.with_target(*crate_name, tracing::Level::INFO)
+                    }),
+            )
     });
     // A second init (tests starting several gateways) keeps the first subscriber.
     let _ = tracing_subscriber::registry()

@@ -1,8 +1,6 @@
-//! Observability: logs (text or JSON lines), OpenTelemetry traces exported over OTLP and the conversions
-//! between W3C trace contexts and spans, Prometheus metrics, and the HTTP listener of `/metrics` and probes.
+//! The binary's observability set-up: logs (text or JSON lines), the OTLP span exporter, and the HTTP listener
+//! of `/metrics` and the probes. What is recorded, and how, is the `eventhub-telemetry` crate's.
 
+pub mod export;
 pub mod http;
 pub mod logging;
-pub mod metrics;
-pub mod otel;
-pub mod trace_context;

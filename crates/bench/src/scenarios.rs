@@ -1,0 +1,412 @@
+//! The in-process contenders: raw fe2o3 batches into the emulator (the ceiling), the producer alone, and
+//! tonic clients through the gateway (streams, unary calls, `SendEvents`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use eventhub_gateway::proto::v1;
+use eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient;
+use eventhub_producer::auth::Credential;
+use eventhub_producer::batch::BatchBuilder;
+use eventhub_producer::connection::link_address;
+use eventhub_producer::node::NodeClient;
+use eventhub_producer::{ConnectionString, Event, Producer, SharedAccess};
+use eventhub_wire::CBS_NODE;
+use fe2o3_amqp::{Connection, Sender, Session};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::{HUB, PARTITIONS};
+
+/// One scenario's result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    pub scenario: String,
+    pub size: usize,
+    pub latency_ms: u64,
+    pub events_ok: u64,
+    pub events_failed: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    /// p50, p99, p999 of per-event latency, milliseconds, where measured.
+    pub percentiles_ms: Option<[f64; 3]>,
+    pub note: Option<String>,
+}
+
+impl Outcome {
+    /// A throughput result: `ok` events answered OK in `seconds`.
+    pub fn new(scenario: &str, size: usize, (ok, failed, seconds): Counts) -> Self {
+        Self {
+            scenario: scenario.to_owned(),
+            size,
+            latency_ms: 0,
+            events_ok: ok,
+            events_failed: failed,
+            seconds,
+            events_per_second: ok as f64 / seconds.max(1e-9),
+            percentiles_ms: None,
+            note: None,
+        }
+    }
+}
+
+/// Events answered OK, events failed, seconds taken.
+pub type Counts = (u64, u64, f64);
+
+/// How long and how much a scenario sends.
+#[derive(Clone, Copy)]
+pub struct Budget {
+    pub duration: Duration,
+    /// Most events per scenario (smoke runs, profiles).
+    pub max_events: Option<u64>,
+    /// A smoke run: few workers, every failure a problem.
+    pub smoke: bool,
+    /// The gateway scenarios go to this gateway (in another process) instead of one of their own.
+    pub external_gateway: Option<SocketAddr>,
+}
+
+impl Budget {
+    /// Whether sending is over; otherwise takes one event (`count` events) of the budget.
+    fn done(&self, started: Instant, sent: &AtomicU64) -> bool {
+        self.done_for(started, sent, 1)
+    }
+
+    fn done_for(&self, started: Instant, sent: &AtomicU64, count: u64) -> bool {
+        started.elapsed() >= self.duration
+            || self
+                .max_events
+                .is_some_and(|max| sent.fetch_add(count, Ordering::Relaxed) + count > max)
+    }
+
+    /// Whether this is a smoke run (a few hundred events, few workers).
+    pub fn is_smoke(&self) -> bool {
+        self.smoke
+    }
+}
+
+pub fn body(size: usize) -> bytes::Bytes {
+    bytes::Bytes::from(vec![b'x'; size])
+}
+
+fn binary_event(size: usize) -> v1::Event {
+    v1::Event {
+        body: Some(v1::event::Body::Binary(body(size))),
+        ..Default::default()
+    }
+}
+
+/// Nearest-rank p50, p99 and p999, milliseconds.
+pub fn percentiles(mut latencies: Vec<Duration>) -> Option<[f64; 3]> {
+    if latencies.is_empty() {
+        return None;
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        let index = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[index].as_secs_f64() * 1000.0
+    };
+    Some([at(0.5), at(0.99), at(0.999)])
+}
+
+/// The (ok, failed) counts of worker tasks, added up; a worker that panicked counts nothing.
+async fn sum_counts(tasks: Vec<tokio::task::JoinHandle<(u64, u64)>>) -> (u64, u64) {
+    let mut total = (0, 0);
+    for task in tasks {
+        let (ok, failed) = task.await.unwrap_or_default();
+        total = (total.0 + ok, total.1 + failed);
+    }
+    total
+}
+
+/// Raw pipelined batches straight into the emulator with fe2o3: one connection per two partitions' links,
+/// each link keeping `WINDOW` full batches in flight, the same batch sent again and again (no encoding in
+/// the loop). What this machine can ingest at all.
+pub async fn ceiling(
+    connection_string: &str,
+    size: usize,
+    budget: Budget,
+) -> anyhow::Result<Counts> {
+    const WINDOW: usize = 8;
+    let parsed: ConnectionString = connection_string.parse()?;
+    let SharedAccess::Key { name, key } = parsed.shared_access else {
+        anyhow::bail!("the emulator's connection string has no key");
+    };
+    let address = format!("amqp://{}:{}", parsed.host, parsed.port.unwrap_or(5672));
+    let audience = format!("sb://{}/{HUB}", parsed.host);
+    let credential = Credential::SharedKey {
+        name,
+        key,
+        token_lifetime: Duration::from_secs(3600),
+    };
+    let token = credential.fetch(&audience).await?;
+    let mut senders = Vec::new();
+    let mut connections = Vec::new();
+    for pair in 0..PARTITIONS.div_ceil(2) {
+        let mut connection = Connection::open(format!("bench-ceiling-{pair}"), address.as_str())
+            .await
+            .context("connecting to the emulator")?;
+        let mut session = Session::begin(&mut connection).await?;
+        let mut cbs = NodeClient::attach(&mut session, CBS_NODE).await?;
+        cbs.put_token(&audience, &token, Duration::from_secs(10))
+            .await?;
+        for partition in [pair * 2, pair * 2 + 1] {
+            let target = link_address(HUB, Some(&partition.to_string()));
+            senders
+                .push(Sender::attach(&mut session, format!("ceiling-{partition}"), target).await?);
+        }
+        connections.push((connection, session, cbs));
+    }
+    let limit = senders[0].max_message_size().unwrap_or(1024 * 1024);
+    // A smoke run sends small batches, so a few hundred events make several of them.
+    let most = if budget.is_smoke() { 20 } else { usize::MAX };
+    let mut batch = BatchBuilder::new(None, limit);
+    let encoded = Event::binary(body(size)).encode()?;
+    while batch.len() < most && batch.try_push(encoded.clone()).is_ok() {}
+    let per_batch = batch.len() as u64;
+    let transfer = Arc::new(batch.into_transfer());
+    let started = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|mut sender| {
+            let transfer = Arc::clone(&transfer);
+            let sent = Arc::clone(&sent);
+            tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, 0u64);
+                let mut in_flight = FuturesOrdered::new();
+                let mut settle = |outcome: Result<_, _>| match outcome {
+                    Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => ok += per_batch,
+                    _ => refused += per_batch,
+                };
+                let mut unsent = 0;
+                while !budget.done_for(started, &sent, per_batch) {
+                    match sender.send_batchable_ref(&transfer).await {
+                        Ok(delivery) => in_flight.push_back(delivery),
+                        Err(_) => {
+                            unsent = per_batch;
+                            break;
+                        }
+                    }
+                    if in_flight.len() >= WINDOW {
+                        if let Some(outcome) = in_flight.next().await {
+                            settle(outcome);
+                        }
+                    }
+                }
+                while let Some(outcome) = in_flight.next().await {
+                    settle(outcome);
+                }
+                let _ = sender.close().await;
+                (ok, refused + unsent)
+            })
+        })
+        .collect();
+    let (ok, failed) = sum_counts(tasks).await;
+    let seconds = started.elapsed().as_secs_f64();
+    for (mut connection, mut session, cbs) in connections {
+        drop(cbs);
+        let _ = session.end().await;
+        let _ = connection.close().await;
+    }
+    Ok((ok, failed, seconds))
+}
+
+/// The producer alone: closed-loop senders each awaiting its event's outcome.
+pub async fn direct(
+    producer: &Producer,
+    size: usize,
+    keys: Option<usize>,
+    budget: Budget,
+) -> Counts {
+    let senders = if budget.is_smoke() { 64 } else { 4096 };
+    let started = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..senders)
+        .map(|sender| {
+            let producer = producer.clone();
+            let sent = Arc::clone(&sent);
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let mut i = sender;
+                while !budget.done(started, &sent) {
+                    let mut event = Event::binary(body(size));
+                    if let Some(keys) = keys {
+                        event = event.with_partition_key(format!("key-{}", i % keys));
+                    }
+                    match producer.send(HUB, event).await {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                    i += senders;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (ok, failed) = sum_counts(tasks).await;
+    (ok, failed, started.elapsed().as_secs_f64())
+}
+
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<EventHubGatewayClient<Channel>> {
+    Ok(EventHubGatewayClient::connect(format!("http://{addr}")).await?)
+}
+
+/// `SendStream` calls, each on its own connection, fed as fast as flow control allows, `per_message` events
+/// per message (1: in `event`; more: in `events`).
+pub async fn stream(addr: SocketAddr, size: usize, per_message: u64, budget: Budget) -> Counts {
+    let streams = if budget.is_smoke() { 2 } else { 8 };
+    let started = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let sent = Arc::clone(&sent);
+            tokio::spawn(async move {
+                let Ok(mut client) = connect(addr).await else {
+                    return (0, 0);
+                };
+                let (requests, outbound) = mpsc::channel(1024);
+                tokio::spawn(async move {
+                    let mut sequence = 1;
+                    while !budget.done_for(started, &sent, per_message) {
+                        let mut request = v1::SendStreamRequest {
+                            event_hub: String::new(),
+                            sequence,
+                            event: None,
+                            events: Vec::new(),
+                        };
+                        if per_message == 1 {
+                            request.event = Some(binary_event(size));
+                        } else {
+                            request.events = (0..per_message).map(|_| binary_event(size)).collect();
+                        }
+                        sequence += per_message;
+                        if requests.send(request).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let Ok(response) = client.send_stream(ReceiverStream::new(outbound)).await else {
+                    return (0, 0);
+                };
+                let mut acks = response.into_inner();
+                while let Ok(Some(response)) = acks.message().await {
+                    for ack in response.acks {
+                        if ack.status.is_some_and(|s| s.code == 0) {
+                            ok += 1;
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (ok, failed) = sum_counts(tasks).await;
+    (ok, failed, started.elapsed().as_secs_f64())
+}
+
+/// Unary calls' counts and each call's latency.
+pub struct Calls {
+    pub counts: Counts,
+    pub latencies: Vec<Duration>,
+}
+
+/// Closed-loop unary callers (`per_call` events per call: 1 = `SendEvent`, more = `SendEvents`), or, with
+/// `rate`, calls started at that rate whatever the answers (open loop), for latency percentiles.
+pub async fn unary(
+    addr: SocketAddr,
+    size: usize,
+    per_call: usize,
+    callers: usize,
+    rate: Option<f64>,
+    budget: Budget,
+) -> anyhow::Result<Calls> {
+    let started = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut channels = Vec::new();
+    for _ in 0..callers.min(16) {
+        channels.push(connect(addr).await?);
+    }
+    let call = move |mut client: EventHubGatewayClient<Channel>| async move {
+        let began = Instant::now();
+        let ok = if per_call == 1 {
+            let request = v1::SendEventRequest {
+                event_hub: String::new(),
+                event: Some(binary_event(size)),
+            };
+            u64::from(client.send_event(request).await.is_ok())
+        } else {
+            let request = v1::SendEventsRequest {
+                event_hub: String::new(),
+                events: (0..per_call).map(|_| binary_event(size)).collect(),
+            };
+            match client.send_events(request).await {
+                Ok(response) => response
+                    .into_inner()
+                    .results
+                    .iter()
+                    .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+                    .count() as u64,
+                Err(_) => 0,
+            }
+        };
+        (ok, per_call as u64 - ok, began.elapsed())
+    };
+    let per_call_budget = per_call as u64;
+    let results: Vec<(u64, u64, Duration)> = match rate {
+        None => {
+            let tasks: Vec<_> = (0..callers)
+                .map(|caller| {
+                    let client = channels[caller % channels.len()].clone();
+                    let sent = Arc::clone(&sent);
+                    tokio::spawn(async move {
+                        let mut results = Vec::new();
+                        while !budget.done_for(started, &sent, per_call_budget) {
+                            results.push(call(client.clone()).await);
+                        }
+                        results
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for task in tasks {
+                all.extend(task.await.unwrap_or_default());
+            }
+            all
+        }
+        Some(rate) => {
+            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut calls = Vec::new();
+            let mut index = 0;
+            while !budget.done_for(started, &sent, per_call_budget) {
+                ticker.tick().await;
+                calls.push(tokio::spawn(call(channels[index % channels.len()].clone())));
+                index += 1;
+            }
+            let mut all = Vec::new();
+            for task in calls {
+                if let Ok(result) = task.await {
+                    all.push(result);
+                }
+            }
+            all
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let ok = results.iter().map(|r| r.0).sum();
+    let failed = results.iter().map(|r| r.1).sum();
+    Ok(Calls {
+        counts: (ok, failed, seconds),
+        latencies: results.into_iter().map(|r| r.2).collect(),
+    })
+}
