@@ -1438,12 +1438,15 @@ mod tests {
             let call = tokio::spawn(service.oneshot(lone_request(LONG)));
             let (_, reply) = link.next_request().await.unwrap();
             reply.send_error(error.clone());
+            // Bounded, so that a retry nobody answers fails the test instead of hanging it.
+            let call = tokio::time::timeout(LONG, call);
             if retried {
                 let (_, reply) = link.next_request().await.expect("retried");
                 reply.send_response(());
-                assert_eq!(call.await.unwrap(), Ok(()), "{error}");
+                assert_eq!(call.await.unwrap().unwrap(), Ok(()), "{error}");
             } else {
-                assert_eq!(call.await.unwrap(), Err(error.clone()));
+                let result = call.await.expect("answered without a retry").unwrap();
+                assert_eq!(result, Err(error.clone()));
                 assert!(
                     link.next_request().await.is_none(),
                     "{error} is not retried"
