@@ -194,7 +194,7 @@ impl SealedBatch {
             if !keep.iter().all(|&kept| kept) {
                 builder.retain(|index| keep[index]);
             }
-            (!builder.is_empty()).then(|| (Arc::new(builder.into_transfer()), Instant::now()))
+            (!builder.is_empty()).then(|| (Arc::new(builder.into_transfer()), super::route::now()))
         });
         on_wire.as_ref().map(|(transfer, _)| Arc::clone(transfer))
     }

@@ -622,6 +622,8 @@ impl Inner {
 }
 
 impl RouteHost for Inner {
+    type Stack = SendStack;
+
     fn stack(&self) -> SendStack {
         self.stack.clone()
     }
@@ -693,5 +695,69 @@ impl RouteHost for Inner {
             }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A producer whose Event Hubs accepts TCP connections and never says a word: nothing goes on the wire.
+    async fn silent_producer() -> Producer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().expect("its address").port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let credential = Credential::SharedKey {
+            name: "key".into(),
+            key: "secret".into(),
+            token_lifetime: Duration::from_secs(3600),
+        };
+        let config = ProducerConfig {
+            min_size: 0,
+            ..ProducerConfig::default()
+        };
+        let endpoint = Endpoint::direct("127.0.0.1", port, Transport::Amqp);
+        Producer::new(endpoint, credential, TlsOptions::default(), config).expect("a valid config")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ticket_answers_deadline_exceeded_at_its_deadline_while_its_event_waits() {
+        let producer = silent_producer().await;
+        let started = tokio::time::Instant::now();
+        // The first event holds its route up (learning its link's size limit, from a peer that never answers).
+        let first = producer
+            .enqueue(
+                "eh1",
+                Event::text("first"),
+                route::now() + Duration::from_secs(10),
+            )
+            .await
+            .expect("queued");
+        let within = Duration::from_secs(2);
+        let ticket = producer
+            .enqueue("eh1", Event::text("late"), route::now() + within)
+            .await
+            .expect("queued");
+        let claim = Arc::clone(&ticket.claim);
+        let result = ticket.await;
+        assert!(
+            matches!(result, Err(SendError::DeadlineExceeded { .. })),
+            "{result:?}"
+        );
+        assert_eq!(
+            started.elapsed(),
+            within,
+            "answered at its deadline, not later"
+        );
+        assert!(claim.is_expired(), "and it never goes on the wire now");
+        assert!(first.await.is_err());
+        assert!(producer.close().await, "closing answers everything it took");
     }
 }

@@ -209,6 +209,12 @@ impl tower::Service<BatchRequest> for LinkService {
     }
 }
 
+/// The producer's clock: tokio's, so that paused-time tests move lingers, backoffs and deadlines together; the
+/// same instant as `Instant::now()` wherever time is not paused.
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Retries retryable failures with exponential backoff and full jitter, within the attempts and the deadline.
 #[derive(Clone)]
 pub struct RetryPolicy {
@@ -216,17 +222,37 @@ pub struct RetryPolicy {
     max_attempts: u32,
     initial_backoff: Duration,
     max_backoff: Duration,
+    /// A fraction in [0, 1) of the ceiling to pause for: random in production, fixed in tests.
+    jitter: fn() -> f64,
 }
 
 impl RetryPolicy {
-    fn backoff(&self) -> Duration {
-        let exponent = self.attempts.saturating_sub(1).min(20);
-        let ceiling = self
-            .initial_backoff
-            .saturating_mul(1 << exponent)
-            .min(self.max_backoff);
-        ceiling.mul_f64(rand::rng().random::<f64>())
+    /// A policy for the route settings' attempts and backoff, with full jitter.
+    pub fn new(settings: &RouteSettings) -> Self {
+        Self {
+            attempts: 0,
+            max_attempts: settings.max_attempts,
+            initial_backoff: settings.initial_backoff,
+            max_backoff: settings.max_backoff,
+            jitter: full_jitter,
+        }
     }
+
+    /// The longest pause before the next attempt: the initial backoff doubled per failed attempt, capped.
+    fn ceiling(&self) -> Duration {
+        let exponent = self.attempts.saturating_sub(1).min(20);
+        self.initial_backoff
+            .saturating_mul(1 << exponent)
+            .min(self.max_backoff)
+    }
+
+    fn backoff(&self) -> Duration {
+        self.ceiling().mul_f64((self.jitter)())
+    }
+}
+
+fn full_jitter() -> f64 {
+    rand::rng().random::<f64>()
 }
 
 impl Policy<BatchRequest, (), SendError> for RetryPolicy {
@@ -246,7 +272,7 @@ impl Policy<BatchRequest, (), SendError> for RetryPolicy {
             return None;
         }
         let pause = self.backoff();
-        if Instant::now() + pause >= request.deadline() {
+        if now() + pause >= request.deadline() {
             *result = Err(SendError::DeadlineExceeded {
                 last_error: Some(error.to_string()),
             });
@@ -264,7 +290,10 @@ impl Policy<BatchRequest, (), SendError> for RetryPolicy {
 }
 
 /// The send stack: rate limit (optional) -> retry -> deadline-bounded link.
-pub type SendStack = RateLimit<Retry<RetryPolicy, LinkService>>;
+pub type SendStack = Stack<LinkService>;
+
+/// The send stack over any innermost service (a pooled link in production, a mock in tests).
+pub type Stack<S> = RateLimit<Retry<RetryPolicy, S>>;
 
 /// Builds the send stack over a pool.
 pub fn send_stack(
@@ -272,16 +301,19 @@ pub fn send_stack(
     throttle: Option<Arc<Throttle>>,
     settings: &RouteSettings,
 ) -> SendStack {
-    let retry = RetryPolicy {
-        attempts: 0,
-        max_attempts: settings.max_attempts,
-        initial_backoff: settings.initial_backoff,
-        max_backoff: settings.max_backoff,
-    };
+    stack_over(LinkService { pool }, throttle, settings)
+}
+
+/// Builds the send stack's rate limit and retry layers over `inner`.
+pub fn stack_over<S>(
+    inner: S,
+    throttle: Option<Arc<Throttle>>,
+    settings: &RouteSettings,
+) -> Stack<S> {
     ServiceBuilder::new()
         .layer(RateLimitLayer::new(throttle))
-        .retry(retry)
-        .service(LinkService { pool })
+        .retry(RetryPolicy::new(settings))
+        .service(inner)
 }
 
 struct OpenBatch {
@@ -300,8 +332,14 @@ type Waiters = Vec<(
 
 /// What a route needs from the producer: the send stack, the link size limit, and leave to end.
 pub trait RouteHost: Send + Sync + 'static {
+    /// The send stack's type ([`SendStack`] in production).
+    type Stack: tower::Service<BatchRequest, Response = (), Error = SendError, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static;
     /// The send stack.
-    fn stack(&self) -> SendStack;
+    fn stack(&self) -> Self::Stack;
     /// The Event Hubs host, for spans.
     fn server_address(&self) -> &str;
     /// The `max-message-size` of the route's link (attaching one to learn it).
@@ -329,6 +367,169 @@ pub trait RouteHost: Send + Sync + 'static {
     ) -> bool;
 }
 
+/// A route's batching, without I/O or clocks of its own: the open batch (its linger deadline) and the batches
+/// sealed and waiting for a send slot. The route task feeds it events and takes sealed batches out.
+struct Batcher {
+    hub: Arc<str>,
+    partition: Option<Arc<str>>,
+    partition_key: Option<String>,
+    settings: RouteSettings,
+    open: Option<OpenBatch>,
+    ready: VecDeque<Sealed>,
+}
+
+impl Batcher {
+    fn new(key: &RouteKey, settings: RouteSettings) -> Self {
+        Self {
+            hub: Arc::from(key.hub.as_str()),
+            partition: key.target.partition_id().map(Arc::from),
+            partition_key: key.target.partition_key().map(str::to_owned),
+            settings,
+            open: None,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Whether it takes another event: at most two sealed batches wait, so a slow link holds the queue back.
+    fn has_room(&self) -> bool {
+        self.ready.len() < 2
+    }
+
+    /// Whether it holds no event.
+    fn is_empty(&self) -> bool {
+        self.open.is_none() && self.ready.is_empty()
+    }
+
+    /// When the open batch stops waiting to fill.
+    fn seal_at(&self) -> Option<Instant> {
+        self.open.as_ref().map(|batch| batch.seal_at)
+    }
+
+    /// Adds an event that fits alone under `limit` (checked by the caller). The open batch is sealed first if
+    /// the event does not fit in it, and after it when it reaches `max_batch_events`; a new batch lingers from
+    /// `now`.
+    fn push(&mut self, event: Pending, limit: u64, now: Instant) {
+        let mut encoded = event.encoded;
+        loop {
+            let batch = self.open.get_or_insert_with(|| OpenBatch {
+                builder: BatchBuilder::new(self.partition_key.clone(), limit),
+                waiters: Vec::new(),
+                claims: Vec::new(),
+                traces: Vec::new(),
+                latest_deadline: event.deadline,
+                seal_at: now + self.settings.linger,
+            });
+            match batch.builder.try_push(encoded) {
+                Ok(()) => break,
+                Err(back) if batch.builder.is_empty() => {
+                    // Cannot happen for an event checked to fit alone; answered rather than looped on.
+                    let size = BatchBuilder::size_alone(self.partition_key.as_deref(), back.len());
+                    let _ = event.reply.send(Err(SendError::TooLarge { size, limit }));
+                    return;
+                }
+                Err(back) => {
+                    encoded = back;
+                    self.seal_open();
+                }
+            }
+        }
+        if let Some(batch) = self.open.as_mut() {
+            batch.latest_deadline = batch.latest_deadline.max(event.deadline);
+            batch.waiters.push((event.reply, event.permit));
+            batch.claims.push(event.claim);
+            batch.traces.extend(event.trace_context);
+            if batch.builder.len() >= self.settings.max_batch_events {
+                self.seal_open();
+            }
+        }
+    }
+
+    /// Seals the open batch, if there is one, behind those already sealed.
+    fn seal_open(&mut self) {
+        if let Some(batch) = self.open.take() {
+            self.ready.push_back(Sealed {
+                request: BatchRequest {
+                    hub: Arc::clone(&self.hub),
+                    partition: self.partition.clone(),
+                    events: batch.builder.len() as u64,
+                    bytes: batch.builder.size(),
+                    batch: Arc::new(SealedBatch::new(batch.builder, batch.claims)),
+                    latest_deadline: batch.latest_deadline,
+                    send_timeout: self.settings.send_timeout,
+                },
+                waiters: batch.waiters,
+                traces: batch.traces,
+            });
+        }
+    }
+
+    /// The oldest sealed batch.
+    fn next_sealed(&mut self) -> Option<Sealed> {
+        self.ready.pop_front()
+    }
+}
+
+/// A route's dealings with its host before an event joins a batch: the link's size limit (learned once), the
+/// partition of its key (for receipts), and the checks that answer an event at once.
+struct Admission<H> {
+    host: Arc<H>,
+    key: RouteKey,
+    limit: Option<u64>,
+    receipt: Receipt,
+    ask_key_partition_at: Instant,
+}
+
+impl<H: RouteHost> Admission<H> {
+    fn new(host: Arc<H>, key: RouteKey) -> Self {
+        Self {
+            receipt: Receipt {
+                partition_id: key.target.partition_id().map(str::to_owned),
+            },
+            host,
+            key,
+            limit: None,
+            ask_key_partition_at: now(),
+        }
+    }
+
+    /// The event and the size limit of its batch, or `None` when it was answered (the limit could not be
+    /// learned, or it is too large even alone).
+    async fn admit(&mut self, event: Pending) -> Option<(Pending, u64)> {
+        let limit = match self.limit {
+            Some(limit) => limit,
+            None => match self.host.max_message_size(&self.key, event.deadline).await {
+                Ok(found) => *self.limit.insert(found),
+                Err(error) => {
+                    let _ = event.reply.send(Err(error));
+                    return None;
+                }
+            },
+        };
+        let partition_key = self.key.target.partition_key();
+        if let Err(error) =
+            BatchBuilder::check_fits_alone(partition_key, event.encoded.len(), limit)
+        {
+            let _ = event.reply.send(Err(error));
+            return None;
+        }
+        if self.receipt.partition_id.is_none()
+            && now() >= self.ask_key_partition_at
+            && let Some(key) = partition_key
+        {
+            // Not knowing it does not stop the send; the route asks again a while later.
+            let hub = self.key.hub.as_str();
+            match self.host.key_partition(hub, key, event.deadline).await {
+                Ok(id) => self.receipt.partition_id = Some(id),
+                Err(error) => {
+                    self.ask_key_partition_at = now() + KEY_PARTITION_RETRY;
+                    tracing::debug!(%hub, %error, "the partition of a key is not known");
+                }
+            }
+        }
+        Some((event, limit))
+    }
+}
+
 /// Runs a route until its channel closes (producer closing) or it idles out, answering every event it took.
 pub async fn run_route<H: RouteHost>(
     host: Arc<H>,
@@ -337,157 +538,89 @@ pub async fn run_route<H: RouteHost>(
     own_sender: mpsc::WeakSender<Pending>,
     settings: RouteSettings,
 ) {
-    let partition: Option<Arc<str>> = key.target.partition_id().map(Arc::from);
-    let partition_key = key.target.partition_key().map(str::to_owned);
-    let mut receipt = Receipt {
-        partition_id: partition.as_deref().map(str::to_owned),
-    };
-    let hub: Arc<str> = Arc::from(key.hub.as_str());
-    let key_hub = key.hub.clone();
-    let mut ask_key_partition_at = Instant::now();
-    let mut limit: Option<u64> = None;
-    let mut open: Option<OpenBatch> = None;
-    let mut ready: VecDeque<Sealed> = VecDeque::new();
+    let mut batcher = Batcher::new(&key, settings);
+    let mut admission = Admission::new(Arc::clone(&host), key);
     let mut in_flight = FuturesUnordered::new();
     let mut closed = false;
-    let mut last_activity = Instant::now();
+    let mut last_activity = now();
     loop {
-        let accepting = !closed && ready.len() < 2;
-        let seal_at = open.as_ref().map(|batch| batch.seal_at);
+        let seal_at = batcher.seal_at();
         tokio::select! {
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
-                last_activity = Instant::now();
-            }
-            event = events.recv(), if accepting => match event {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => last_activity = now(),
+            event = events.recv(), if !closed && batcher.has_room() => match event {
                 None => closed = true,
-                Some(event) if event.claim.is_expired() => {
-                    // Its ticket answered it already: it takes no room in a batch.
-                    drop(event);
-                }
+                // Its ticket answered it already: it takes no room in a batch.
+                Some(event) if event.claim.is_expired() => drop(event),
                 Some(event) => {
-                    last_activity = Instant::now();
-                    let event_limit = match limit {
-                        Some(limit) => limit,
-                        None => match host.max_message_size(&key, event.deadline).await {
-                            Ok(found) => *limit.insert(found),
-                            Err(error) => {
-                                let _ = event.reply.send(Err(error));
-                                continue;
-                            }
-                        },
-                    };
-                    if let Err(error) = BatchBuilder::check_fits_alone(partition_key.as_deref(), event.encoded.len(), event_limit) {
-                        let _ = event.reply.send(Err(error));
-                        continue;
-                    }
-                    if receipt.partition_id.is_none()
-                        && Instant::now() >= ask_key_partition_at
-                        && let Some(key) = partition_key.as_deref()
-                    {
-                        // Not knowing it does not stop the send; the route asks again a while later.
-                        match host.key_partition(&key_hub, key, event.deadline).await {
-                            Ok(id) => receipt.partition_id = Some(id),
-                            Err(error) => {
-                                ask_key_partition_at = Instant::now() + KEY_PARTITION_RETRY;
-                                tracing::debug!(hub = %key_hub, %error, "the partition of a key is not known");
-                            }
-                        }
-                    }
-                    let mut encoded = event.encoded;
-                    loop {
-                        let batch = open.get_or_insert_with(|| OpenBatch {
-                            builder: BatchBuilder::new(partition_key.clone(), event_limit),
-                            waiters: Vec::new(),
-                            claims: Vec::new(),
-                            traces: Vec::new(),
-                            latest_deadline: event.deadline,
-                            seal_at: Instant::now() + settings.linger,
-                        });
-                        match batch.builder.try_push(encoded) {
-                            Ok(()) => break,
-                            Err(back) => {
-                                encoded = back;
-                                if let Some(full) = open.take() {
-                                    ready.push_back(seal(full, &hub, &partition, &settings));
-                                }
-                            }
-                        }
-                    }
-                    if let Some(batch) = open.as_mut() {
-                        batch.latest_deadline = batch.latest_deadline.max(event.deadline);
-                        batch.waiters.push((event.reply, event.permit));
-                        batch.claims.push(event.claim);
-                        batch.traces.extend(event.trace_context);
-                        if batch.builder.len() >= settings.max_batch_events
-                            && let Some(full) = open.take()
-                        {
-                            ready.push_back(seal(full, &hub, &partition, &settings));
-                        }
+                    last_activity = now();
+                    if let Some((event, limit)) = admission.admit(event).await {
+                        batcher.push(event, limit, now());
                     }
                 }
             },
-            () = sleep_until_opt(seal_at), if seal_at.is_some() => {
-                if let Some(batch) = open.take() {
-                    ready.push_back(seal(batch, &hub, &partition, &settings));
-                }
-            }
+            () = sleep_until_opt(seal_at), if seal_at.is_some() => batcher.seal_open(),
             () = idle_until(last_activity + settings.idle_exit, host.route_wanted()),
-                if !closed && open.is_none() && ready.is_empty() && in_flight.is_empty() =>
+                if !closed && batcher.is_empty() && in_flight.is_empty() =>
             {
                 if let Some(sender) = own_sender.upgrade()
-                    && host.retire_route(&key, &sender, &|| events.is_empty())
+                    && host.retire_route(&admission.key, &sender, &|| events.is_empty())
                 {
                     events.close();
                 } else {
-                    last_activity = Instant::now();
+                    last_activity = now();
                 }
             }
         }
-        if closed && let Some(batch) = open.take() {
-            ready.push_back(seal(batch, &hub, &partition, &settings)); // closing: no lingering
+        if closed {
+            batcher.seal_open(); // closing: no lingering
         }
         while in_flight.len() < settings.max_in_flight
-            && let Some(Sealed {
-                request,
-                waiters,
-                traces,
-            }) = ready.pop_front()
+            && let Some(sealed) = batcher.next_sealed()
         {
-            let span = send_span(&request, host.server_address(), &traces);
-            let stack = host.stack();
             // Known before any event joined the batch (a key's partition is asked first).
-            let receipt = receipt.clone();
-            in_flight.push(
-                async move {
-                    let send = |request: BatchRequest| {
-                        let (hub, events, bytes) =
-                            (Arc::clone(&request.hub), request.events, request.bytes);
-                        let sent = stack.clone().oneshot(request);
-                        async move {
-                            eventhub_telemetry::metrics::time_batch(&hub, events, bytes, sent).await
-                        }
-                    };
-                    let answer = |result: Result<(), SendError>, waiters: Waiters| {
-                        if let Err(error) = &result {
-                            let span = tracing::Span::current();
-                            span.record("error.type", error.error_type());
-                            span.record("otel.status_code", "ERROR");
-                            // Logged once, here, where the outcome is decided (in the span: hub and partition).
-                            tracing::warn!(%error, events = waiters.len(), "batch failed");
-                        }
-                        for (reply, _permit) in waiters {
-                            let _ = reply.send(result.clone().map(|()| receipt.clone()));
-                        }
-                    };
-                    send_apart(request, waiters, send, answer).await;
-                }
-                .instrument(span),
-            );
+            in_flight.push(send_sealed(&*host, sealed, admission.receipt.clone()));
         }
-        if closed && open.is_none() && ready.is_empty() && in_flight.is_empty() {
+        if closed && batcher.is_empty() && in_flight.is_empty() {
             return;
         }
     }
+}
+
+/// Sends one sealed batch through the host's stack (apart, if refused for its contents) in its own span, and
+/// answers each of its callers with its outcome.
+fn send_sealed<H: RouteHost>(
+    host: &H,
+    sealed: Sealed,
+    receipt: Receipt,
+) -> impl Future<Output = ()> + Send + 'static {
+    let Sealed {
+        request,
+        waiters,
+        traces,
+    } = sealed;
+    let span = send_span(&request, host.server_address(), &traces);
+    let stack = host.stack();
+    async move {
+        let send = |request: BatchRequest| {
+            let (hub, events, bytes) = (Arc::clone(&request.hub), request.events, request.bytes);
+            let sent = stack.clone().oneshot(request);
+            async move { eventhub_telemetry::metrics::time_batch(&hub, events, bytes, sent).await }
+        };
+        let answer = |result: Result<(), SendError>, waiters: Waiters| {
+            if let Err(error) = &result {
+                let span = tracing::Span::current();
+                span.record("error.type", error.error_type());
+                span.record("otel.status_code", "ERROR");
+                // Logged once, here, where the outcome is decided (in the span: hub and partition).
+                tracing::warn!(%error, events = waiters.len(), "batch failed");
+            }
+            for (reply, _permit) in waiters {
+                let _ = reply.send(result.clone().map(|()| receipt.clone()));
+            }
+        };
+        send_apart(request, waiters, send, answer).await;
+    }
+    .instrument(span)
 }
 
 /// Sends a batch with `send`; when Event Hubs refuses it whole for what an event in it holds (an invalid
@@ -553,29 +686,6 @@ struct Sealed {
     request: BatchRequest,
     waiters: Waiters,
     traces: Vec<TraceContext>,
-}
-
-fn seal(
-    batch: OpenBatch,
-    hub: &Arc<str>,
-    partition: &Option<Arc<str>>,
-    settings: &RouteSettings,
-) -> Sealed {
-    let events = batch.builder.len() as u64;
-    let bytes = batch.builder.size();
-    Sealed {
-        request: BatchRequest {
-            hub: Arc::clone(hub),
-            partition: partition.clone(),
-            batch: Arc::new(SealedBatch::new(batch.builder, batch.claims)),
-            events,
-            bytes,
-            latest_deadline: batch.latest_deadline,
-            send_timeout: settings.send_timeout,
-        },
-        waiters: batch.waiters,
-        traces: batch.traces,
-    }
 }
 
 /// The span of one batch's send, with OpenTelemetry's messaging conventions and a link to each event's span
@@ -871,5 +981,500 @@ mod tests {
         // Its ticket answered it DEADLINE_EXCEEDED at its deadline; what its reply carries is never read.
         assert!(results[1].is_err());
         assert_eq!(*stored.lock(), vec![b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    // The route task and the retry policy against a mock link (tower-test), in paused time.
+
+    use crate::batch::section_size;
+    use tower_test::mock::{self, Handle, SendResponse};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    /// The innermost service of the tests: a tower-test mock answering with a `SendError` (or `()`).
+    type MockLink = tower::util::MapErr<mock::Mock<BatchRequest, ()>, fn(BoxError) -> SendError>;
+
+    fn as_send_error(error: BoxError) -> SendError {
+        match error.downcast::<SendError>() {
+            Ok(error) => *error,
+            Err(other) => SendError::Connection(other.to_string()),
+        }
+    }
+
+    fn mock_link() -> (MockLink, Handle<BatchRequest, ()>) {
+        let (link, handle) = mock::pair();
+        (link.map_err(as_send_error as fn(_) -> _), handle)
+    }
+
+    /// A producer stand-in: the send stack over a mock link, a fixed size limit, key partition "1".
+    struct MockHost {
+        stack: Stack<MockLink>,
+        limit: u64,
+        route_wanted: tokio::sync::Notify,
+    }
+
+    impl RouteHost for MockHost {
+        type Stack = Stack<MockLink>;
+
+        fn stack(&self) -> Self::Stack {
+            self.stack.clone()
+        }
+
+        fn server_address(&self) -> &str {
+            "mock.servicebus.test"
+        }
+
+        fn max_message_size(
+            &self,
+            _: &RouteKey,
+            _: Instant,
+        ) -> Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send + '_>> {
+            let limit = self.limit;
+            Box::pin(async move { Ok(limit) })
+        }
+
+        fn key_partition<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: Instant,
+        ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + 'a>> {
+            Box::pin(async { Ok("1".to_owned()) })
+        }
+
+        fn route_wanted(&self) -> &tokio::sync::Notify {
+            &self.route_wanted
+        }
+
+        fn retire_route(
+            &self,
+            _: &RouteKey,
+            _: &mpsc::Sender<Pending>,
+            _: &dyn Fn() -> bool,
+        ) -> bool {
+            false
+        }
+    }
+
+    const LINGER: Duration = Duration::from_millis(100);
+    const LONG: Duration = Duration::from_secs(3600);
+
+    fn settings() -> RouteSettings {
+        RouteSettings {
+            linger: LINGER,
+            max_in_flight: 1,
+            idle_exit: LONG,
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            max_batch_events: usize::MAX,
+            send_timeout: Duration::from_secs(60),
+        }
+    }
+
+    type Outcome = oneshot::Receiver<Result<Receipt, SendError>>;
+
+    /// A route task over a mock link: its queue, the link's handle, the task.
+    struct MockRoute {
+        events: Option<mpsc::Sender<Pending>>,
+        link: Handle<BatchRequest, ()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(target: Target, limit: u64, settings: RouteSettings) -> MockRoute {
+        let (link, handle) = mock_link();
+        let host = Arc::new(MockHost {
+            stack: stack_over(link, None, &settings),
+            limit,
+            route_wanted: tokio::sync::Notify::new(),
+        });
+        let key = RouteKey {
+            hub: "eh1".into(),
+            target,
+        };
+        let (sender, receiver) = mpsc::channel(64);
+        let task = tokio::spawn(run_route(host, key, receiver, sender.downgrade(), settings));
+        MockRoute {
+            events: Some(sender),
+            link: handle,
+            task,
+        }
+    }
+
+    impl MockRoute {
+        /// Queues an event of `body` due within `within`; its outcome and its claim.
+        async fn enqueue(&self, body: &[u8], within: Duration) -> (Outcome, Arc<Claim>) {
+            let (reply, outcome) = oneshot::channel();
+            let claim = Arc::new(Claim::new());
+            let pending = Pending {
+                encoded: body.to_vec(),
+                reply,
+                deadline: now() + within,
+                claim: Arc::clone(&claim),
+                permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+                trace_context: None,
+            };
+            let events = self.events.as_ref().expect("the route is open");
+            events.send(pending).await.expect("the route runs");
+            (outcome, claim)
+        }
+
+        /// Queues one event per body; their outcomes.
+        async fn enqueue_all(&self, bodies: &[Vec<u8>]) -> Vec<Outcome> {
+            let mut outcomes = Vec::new();
+            for body in bodies {
+                outcomes.push(self.enqueue(body, LONG * 2).await.0);
+            }
+            outcomes
+        }
+
+        /// The next batch the link is asked to send (within a paused day: a hang fails rather than blocks).
+        async fn next_batch(&mut self) -> (BatchRequest, SendResponse<()>) {
+            tokio::time::timeout(Duration::from_secs(86_400), self.link.next_request())
+                .await
+                .expect("a batch is sent")
+                .expect("the link is open")
+        }
+
+        /// The producer closing: the route's channel ends.
+        fn close(&mut self) {
+            self.events = None;
+        }
+    }
+
+    /// The events a batch puts on the wire, as the link would write them.
+    fn bodies(request: &BatchRequest) -> Vec<Vec<u8>> {
+        let Some(transfer) = request.batch.transfer_for_wire() else {
+            return Vec::new();
+        };
+        let Body::Data(sections) = &transfer.message.body else {
+            panic!("a batch is Data sections")
+        };
+        sections.iter().map(|section| section.0.to_vec()).collect()
+    }
+
+    fn numbered(count: u8, len: usize) -> Vec<Vec<u8>> {
+        (0..count).map(|n| vec![n; len]).collect()
+    }
+
+    fn busy() -> SendError {
+        SendError::service(AmqpCondition::ServerBusy, "busy")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linger_seals_a_batch_that_did_not_fill() {
+        let mut route = start(Target::Any, 1 << 20, settings());
+        let started = tokio::time::Instant::now();
+        let outcomes = route.enqueue_all(&numbered(3, 1)).await;
+        let (request, reply) = route.next_batch().await;
+        assert_eq!(
+            started.elapsed(),
+            LINGER,
+            "sealed at its linger, not before"
+        );
+        assert_eq!(bodies(&request), numbered(3, 1));
+        reply.send_response(());
+        for outcome in outcomes {
+            assert_eq!(outcome.await.unwrap(), Ok(Receipt { partition_id: None }));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_seals_at_the_link_size_limit_to_the_byte() {
+        // Room for three 100-byte events, then for two (one byte short of three).
+        for (limit, fit) in [(3 * section_size(100), 3), (3 * section_size(100) - 1, 2)] {
+            let mut route = start(
+                Target::Any,
+                limit,
+                RouteSettings {
+                    linger: LONG,
+                    ..settings()
+                },
+            );
+            let started = tokio::time::Instant::now();
+            let all = numbered(4, 100);
+            let outcomes = route.enqueue_all(&all).await;
+            let (request, reply) = route.next_batch().await;
+            assert_eq!(
+                started.elapsed(),
+                Duration::ZERO,
+                "sealed full, without lingering"
+            );
+            assert_eq!(bodies(&request), all[..fit], "limit {limit}");
+            assert!(request.bytes() <= limit);
+            reply.send_response(());
+            // The rest waits for its own batch to linger.
+            let (request, reply) = route.next_batch().await;
+            assert_eq!(started.elapsed(), LONG);
+            assert_eq!(bodies(&request), all[fit..]);
+            reply.send_response(());
+            for outcome in outcomes {
+                assert!(outcome.await.unwrap().is_ok());
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_seals_at_max_batch_events() {
+        let settings = RouteSettings {
+            max_batch_events: 2,
+            ..settings()
+        };
+        let mut route = start(Target::Any, 1 << 20, settings);
+        let started = tokio::time::Instant::now();
+        let all = numbered(5, 10);
+        route.enqueue_all(&all).await;
+        for (expected, at) in [
+            (&all[0..2], Duration::ZERO),
+            (&all[2..4], Duration::ZERO),
+            (&all[4..], LINGER),
+        ] {
+            let (request, reply) = route.next_batch().await;
+            assert_eq!(bodies(&request), expected);
+            assert_eq!(started.elapsed(), at);
+            reply.send_response(());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_of_one_key_keep_their_order_across_batches_and_retries() {
+        let settings = RouteSettings {
+            max_batch_events: 3,
+            ..settings()
+        };
+        let mut route = start(Target::Key("k".into()), 1 << 20, settings);
+        let all = numbered(9, 10);
+        let outcomes = route.enqueue_all(&all).await;
+        let mut stored = Vec::new();
+        for failure in [
+            busy(),
+            SendError::Connection("reset".into()),
+            SendError::NotProcessed("released"),
+        ] {
+            let (request, reply) = route.next_batch().await;
+            let sent = bodies(&request);
+            reply.send_error(failure);
+            // Only the retry of the failed batch may go next: the key's next batch waits for its outcome.
+            let (retry, reply) = route.next_batch().await;
+            assert_eq!(
+                bodies(&retry),
+                sent,
+                "the same batch again, before any later one"
+            );
+            reply.send_response(());
+            stored.extend(sent);
+        }
+        assert_eq!(stored, all, "stored once each, in order");
+        for outcome in outcomes {
+            assert_eq!(
+                outcome.await.unwrap(),
+                Ok(Receipt {
+                    partition_id: Some("1".into())
+                })
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_whose_deadline_passes_while_its_batch_lingers_is_left_out() {
+        let mut route = start(Target::Any, 1 << 20, settings());
+        let (_, late) = route.enqueue(b"late", LINGER / 2).await;
+        let (on_time, _) = route.enqueue(b"on time", LONG).await;
+        // What the late event's ticket does at its deadline.
+        tokio::time::sleep(LINGER / 2).await;
+        assert!(
+            late.expire(),
+            "its deadline wins: it had not gone on the wire"
+        );
+        let (request, reply) = route.next_batch().await;
+        assert_eq!(bodies(&request), vec![b"on time".to_vec()]);
+        reply.send_response(());
+        assert!(on_time.await.unwrap().is_ok());
+        // An event whose ticket expired before the route took it takes no room in a batch.
+        let (_, gone) = route.enqueue(b"gone", LONG).await;
+        assert!(gone.expire());
+        let (kept, _) = route.enqueue(b"kept", LONG).await;
+        let (request, reply) = route.next_batch().await;
+        assert_eq!(request.events(), 1, "the expired event is not in the batch");
+        assert_eq!(bodies(&request), vec![b"kept".to_vec()]);
+        reply.send_response(());
+        assert!(kept.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_sends_what_is_buffered_at_once_and_answers_every_event() {
+        let settings = RouteSettings {
+            linger: LONG,
+            max_batch_events: 2,
+            max_in_flight: 2,
+            ..settings()
+        };
+        let mut route = start(Target::Any, 1 << 20, settings);
+        let started = tokio::time::Instant::now();
+        let all = numbered(5, 10);
+        let mut outcomes = route.enqueue_all(&all).await;
+        // Two full batches in flight, the fifth event lingering in an open one.
+        let (first, first_reply) = route.next_batch().await;
+        let (second, second_reply) = route.next_batch().await;
+        route.close();
+        first_reply.send_response(());
+        let (last, last_reply) = route.next_batch().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "flushed without lingering"
+        );
+        assert_eq!(
+            [bodies(&first), bodies(&second), bodies(&last)].concat(),
+            all,
+            "every buffered event sent once"
+        );
+        tokio::task::yield_now().await;
+        assert!(
+            !route.task.is_finished(),
+            "the route waits for the outcomes it owes"
+        );
+        second_reply.send_error(SendError::service(AmqpCondition::Unauthorized, "expired"));
+        last_reply.send_response(());
+        tokio::time::timeout(Duration::from_secs(1), &mut route.task)
+            .await
+            .expect("the route ends once everything is answered")
+            .unwrap();
+        let results: Vec<_> = outcomes
+            .iter_mut()
+            .map(|o| o.try_recv().expect("answered"))
+            .collect();
+        assert!(
+            results[0].is_ok() && results[1].is_ok() && results[4].is_ok(),
+            "{results:?}"
+        );
+        assert!(
+            matches!(results[2], Err(SendError::Service(_))),
+            "{results:?}"
+        );
+        assert!(
+            matches!(results[3], Err(SendError::Service(_))),
+            "{results:?}"
+        );
+    }
+
+    // The retry policy, on its own over a mock link.
+
+    fn retrying(policy: RetryPolicy) -> (Retry<RetryPolicy, MockLink>, Handle<BatchRequest, ()>) {
+        let (link, handle) = mock_link();
+        (Retry::new(policy, link), handle)
+    }
+
+    fn policy(initial: Duration, max: Duration, max_attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            initial_backoff: initial,
+            max_backoff: max,
+            // The top of the jitter's range: each pause is its ceiling.
+            jitter: || 1.0,
+            ..RetryPolicy::new(&settings())
+        }
+    }
+
+    /// A request of one event, its batch waiting (not on the wire) with this deadline.
+    fn lone_request(within: Duration) -> BatchRequest {
+        let (mut request, ..) = request(&[b"a".to_vec()]);
+        request.latest_deadline = now() + within;
+        request
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_per_attempt_up_to_its_cap_and_attempts_are_bounded() {
+        let ms = Duration::from_millis;
+        let (service, mut link) = retrying(policy(ms(100), ms(350), 6));
+        let call = tokio::spawn(service.oneshot(lone_request(LONG)));
+        let mut attempts = Vec::new();
+        while let Some((_, reply)) = link.next_request().await {
+            attempts.push(tokio::time::Instant::now());
+            reply.send_error(busy());
+        }
+        assert_eq!(
+            call.await.unwrap(),
+            Err(busy()),
+            "the last error, after the last attempt"
+        );
+        let pauses: Vec<_> = attempts.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        assert_eq!(pauses, [ms(100), ms(200), ms(350), ms(350), ms(350)]);
+    }
+
+    #[test]
+    fn jitter_spreads_pauses_over_the_whole_range_below_the_ceiling() {
+        let mut policy = RetryPolicy::new(&settings());
+        policy.attempts = 3;
+        let ceiling = policy.ceiling();
+        assert_eq!(ceiling, settings().initial_backoff * 4);
+        let pauses: Vec<_> = (0..2000).map(|_| policy.backoff()).collect();
+        assert!(pauses.iter().all(|&pause| pause < ceiling));
+        assert!(pauses.iter().any(|&pause| pause < ceiling / 10));
+        assert!(pauses.iter().any(|&pause| pause > ceiling * 9 / 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_retryable_errors_are_retried() {
+        let retryable = [
+            busy(),
+            SendError::service(AmqpCondition::Timeout, "slow"),
+            SendError::service(AmqpCondition::InternalError, "oops"),
+            SendError::Connection("reset".into()),
+            SendError::NotProcessed("released"),
+        ];
+        let final_ = [
+            SendError::service(AmqpCondition::Unauthorized, "expired"),
+            SendError::service(AmqpCondition::NotFound, "no hub"),
+            argument_error(),
+            SendError::TooLarge { size: 2, limit: 1 },
+            SendError::DeadlineExceeded { last_error: None },
+        ];
+        for (error, retried) in retryable
+            .into_iter()
+            .map(|e| (e, true))
+            .chain(final_.into_iter().map(|e| (e, false)))
+        {
+            let (service, mut link) = retrying(policy(Duration::from_millis(10), LINGER, 3));
+            let call = tokio::spawn(service.oneshot(lone_request(LONG)));
+            let (_, reply) = link.next_request().await.unwrap();
+            reply.send_error(error.clone());
+            // Bounded, so that a retry nobody answers fails the test instead of hanging it.
+            let call = tokio::time::timeout(LONG, call);
+            if retried {
+                let (_, reply) = link.next_request().await.expect("retried");
+                reply.send_response(());
+                assert_eq!(call.await.unwrap().unwrap(), Ok(()), "{error}");
+            } else {
+                let result = call.await.expect("answered without a retry").unwrap();
+                assert_eq!(result, Err(error.clone()));
+                assert!(
+                    link.next_request().await.is_none(),
+                    "{error} is not retried"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_at_the_batchs_deadline_without_sleeping_towards_it() {
+        let ms = Duration::from_millis;
+        let (service, mut link) = retrying(policy(ms(400), LONG, 10));
+        let started = tokio::time::Instant::now();
+        let call = tokio::spawn(service.oneshot(lone_request(ms(1000))));
+        let mut attempts = 0;
+        while let Some((_, reply)) = link.next_request().await {
+            attempts += 1;
+            reply.send_error(busy());
+        }
+        let result = call.await.unwrap();
+        // At 0 and 400 ms; the next pause (800 ms) would end past the deadline.
+        assert_eq!(attempts, 2);
+        assert_eq!(started.elapsed(), ms(400));
+        assert_eq!(
+            result,
+            Err(SendError::DeadlineExceeded {
+                last_error: Some(busy().to_string())
+            })
+        );
     }
 }
