@@ -3,6 +3,10 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+mod fixture;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use fixture::*;
+
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -916,17 +920,13 @@ impl GatewayProcess {
         rss_kib(self.child.id()) * 1024
     }
 
-    /// Samples its RSS every 50 ms on a thread until the returned flag is set; the peak (bytes) so far.
-    pub fn watch_rss(
-        &self,
-    ) -> (
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ) {
+    /// Its RSS from now on: the baseline now, then the peak sampled every 50 ms on a thread until stopped.
+    pub fn watch_rss(&self) -> RssWatch {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let baseline = self.rss_bytes();
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(self.rss_bytes()));
+        let peak = Arc::new(AtomicU64::new(baseline));
         let (stopped, highest, pid) = (Arc::clone(&stop), Arc::clone(&peak), self.child.id());
         std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
@@ -951,7 +951,11 @@ impl GatewayProcess {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        (stop, peak)
+        RssWatch {
+            baseline,
+            stop,
+            peak,
+        }
     }
 
     /// A gRPC client of it.
@@ -1024,6 +1028,35 @@ pub async fn try_client_from(
         .connect_with_connector(connector)
         .await?;
     Ok(eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::new(channel))
+}
+
+/// A process's RSS watched by [`GatewayProcess::watch_rss`]; sampling stops when it is dropped.
+pub struct RssWatch {
+    baseline: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RssWatch {
+    /// The RSS when the watch began, bytes.
+    pub fn baseline(&self) -> u64 {
+        self.baseline
+    }
+
+    /// Stops sampling; how far the peak rose above the baseline, bytes.
+    pub fn growth(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.peak
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.baseline)
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for GatewayProcess {
@@ -1188,6 +1221,17 @@ where
     channel.oneshot(request).await.expect("the gateway answers")
 }
 
+/// One unary call of the gateway's `method` with `payload` as its one frame (uncompressed); the status it
+/// ended with and the bytes of its `grpc-message` and `grpc-status-details-bin`, as [`raw_status`].
+pub async fn raw_unary(
+    address: SocketAddr,
+    method: &str,
+    payload: &[u8],
+) -> (tonic::Status, usize) {
+    let frame = grpc_frame(payload, false);
+    raw_status(raw_call(address, method, false, futures_util::stream::iter([frame])).await).await
+}
+
 /// The gRPC status a raw call ended with (trailers-only or after its body), with the bytes of its
 /// `grpc-message` and `grpc-status-details-bin` as sent.
 pub async fn raw_status(response: http::Response<tonic::body::Body>) -> (tonic::Status, usize) {
@@ -1211,4 +1255,38 @@ pub async fn raw_status(response: http::Response<tonic::body::Body>) -> (tonic::
     let trailers = collected.trailers().cloned().unwrap_or_default();
     let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status trailer");
     (status, echoed(&trailers))
+}
+
+/// Every log line written while the guard of [`capture_logs`] is held, as text.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// What was captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures every log line at `level` and above written on this thread, without colours, until the guard
+/// is dropped. A `#[tokio::test]` runtime has one thread, so every task the test starts logs into it.
+pub fn capture_logs(level: tracing::Level) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
 }
