@@ -6,7 +6,6 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use eventhub_gateway::producer::{Event, ProducerConfig, SendError};
 use eventhub_gateway::proto::v1;
 use futures_util::StreamExt;
 use support::*;

@@ -5,7 +5,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use eventhub_gateway::producer::{Event, ProducerConfig, SendError};
 use futures_util::future::join_all;
 use support::*;
 

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use eventhub_gateway::emulator::decode_stored_event;
 use eventhub_gateway::eventhubs::message::{AmqpMessage, partition_key};
 use eventhub_gateway::eventhubs::partition::partition_for_key;
-use eventhub_gateway::producer::{AmqpCondition, Event, SendError, TraceContext};
 use fe2o3_amqp_types::messaging::MessageId;
 use fe2o3_amqp_types::primitives::SimpleValue;
 use futures_util::future::join_all;

@@ -7,7 +7,6 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use eventhub_gateway::producer::{AmqpCondition, Event, SendError};
 use futures_util::future::join_all;
 use support::*;
 

@@ -8,9 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventhub_gateway::producer::{
-    ConnectStage, Event, Producer, ProducerConfig, SendError, Transport,
-};
 use support::*;
 
 /// A producer of the tests' configuration, after `edit`, for this connection string (no emulator behind it).
@@ -281,4 +278,22 @@ async fn the_producer_sends_over_every_transport() {
         );
     }
     assert_eq!(fx.stored_count("eh1", "0"), 300);
+}
+
+/// The fixture itself: what a test drops is stopped, the producer closed and the emulator's port shut.
+#[tokio::test]
+async fn a_dropped_fixture_closes_its_producer_and_its_emulator() {
+    let fx = Fixture::start(&["eh1:1"]).await;
+    let producer = fx.producer().clone();
+    producer.send("eh1", Event::text("x")).await.unwrap();
+    let addr = fx.local_addr();
+    drop(fx);
+    assert!(
+        eventually(|| async { tokio::net::TcpStream::connect(addr).await.is_err() }).await,
+        "the emulator still accepts on {addr}"
+    );
+    assert_eq!(
+        producer.send("eh1", Event::text("late")).await,
+        Err(SendError::Closed)
+    );
 }

@@ -1,9 +1,9 @@
 //! The one fixture of the emulator tests: an in-process emulator on a free loopback port and, unless a test
 //! needs none, a producer connected to it, so that a test is its assertions.
 //!
-//! Both stop when the fixture is dropped: the test's runtime ends with the test and takes their tasks (and
-//! sockets) with it. `shutdown` stops them in order, the producer flushed and closed first, for a test whose
-//! check is the stop itself.
+//! Dropping the fixture stops both: the producer closed, then the emulator shut down, by a task on the test's
+//! runtime (at the end of a test the runtime ends too, taking their tasks and sockets with it). `shutdown`
+//! does the same and waits for it, for a test whose check comes after the stop.
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
@@ -12,13 +12,17 @@ use std::time::Duration;
 
 use eventhub_gateway::emulator::{Emulator, EmulatorConfig, Faults, decode_stored_event};
 use eventhub_gateway::eventhubs::message::AmqpMessage;
-use eventhub_gateway::producer::{
-    Credential, Endpoint, Event, Producer, ProducerConfig, Receipt, SendError, TlsOptions,
-    Transport,
-};
+use eventhub_gateway::producer::{Endpoint, Receipt, TlsOptions};
 use fe2o3_amqp::Sender;
 use fe2o3_amqp::connection::ConnectionHandle;
 use futures_util::future::join_all;
+
+// The producer types the tests name, in one place for them all (each test binary uses a different subset).
+#[allow(unused_imports)]
+pub use eventhub_gateway::producer::{
+    AmqpCondition, ConnectStage, Credential, Event, Producer, ProducerConfig, SendError,
+    TraceContext, Transport,
+};
 
 use super::{Client, TIMEOUT, TestPki, body_text, config, endpoint, sas_token, start_with};
 
@@ -125,7 +129,7 @@ impl FixtureBuilder {
             arm(emulator.faults());
         }
         let mut fixture = Fixture {
-            emulator,
+            emulator: Some(emulator),
             producer: None,
             producer_config: test_producer_config(),
             partitions,
@@ -142,7 +146,8 @@ impl FixtureBuilder {
 /// An in-process emulator on a free loopback port and, unless built without, a producer connected to it.
 /// It derefs to the [`Emulator`] (faults, stored events, addresses).
 pub struct Fixture {
-    emulator: Emulator,
+    /// `None` once stopped.
+    emulator: Option<Emulator>,
     producer: Option<Producer>,
     producer_config: ProducerConfig,
     partitions: BTreeMap<String, usize>,
@@ -182,16 +187,13 @@ impl Fixture {
         let config = self.producer_config.clone();
         let producer = match how {
             Connect::Key => Producer::from_connection_string(
-                &self.emulator.connection_string(),
+                &self.connection_string(),
                 false,
                 Default::default(),
                 config,
             ),
             Connect::WrongKey(key) => Producer::from_connection_string(
-                &self
-                    .emulator
-                    .connection_string()
-                    .replace("SAS_KEY_VALUE", key),
+                &self.connection_string().replace("SAS_KEY_VALUE", key),
                 false,
                 Default::default(),
                 config,
@@ -199,7 +201,7 @@ impl Fixture {
             Connect::Signature(path, valid_for) => Producer::from_connection_string(
                 &format!(
                     "Endpoint=sb://localhost:{};SharedAccessSignature={};UseDevelopmentEmulator=true",
-                    self.emulator.local_addr().port(),
+                    self.local_addr().port(),
                     sas_token(path, valid_for)
                 ),
                 false,
@@ -215,7 +217,7 @@ impl Fixture {
 
     /// Where the emulator listens for this transport, as `localhost`.
     pub fn endpoint(&self, transport: Transport) -> Endpoint {
-        endpoint(&self.emulator, transport)
+        endpoint(self, transport)
     }
 
     /// TLS options trusting the fixture's CA, if it has one.
@@ -236,7 +238,7 @@ impl Fixture {
 
     /// Every event stored in a hub, partition by partition, with its partition id.
     pub fn stored(&self, hub: &str) -> Vec<(String, AmqpMessage)> {
-        super::stored_events(&self.emulator, hub, self.partitions[hub])
+        super::stored_events(self, hub, self.partitions[hub])
     }
 
     /// The bodies of every event stored in a hub, partition by partition.
@@ -249,8 +251,7 @@ impl Fixture {
 
     /// The bodies of the events stored in one partition, oldest first.
     pub fn partition_bodies(&self, hub: &str, partition: &str) -> Vec<String> {
-        self.emulator
-            .partition_events(hub, partition)
+        self.partition_events(hub, partition)
             .expect("the partition exists")
             .iter()
             .map(|stored| body_text(&decode_stored_event(stored).expect("decodes")))
@@ -259,17 +260,14 @@ impl Fixture {
 
     /// How many events one partition holds.
     pub fn stored_count(&self, hub: &str, partition: &str) -> usize {
-        self.emulator
-            .partition_events(hub, partition)
+        self.partition_events(hub, partition)
             .expect("the partition exists")
             .len()
     }
 
     /// A raw AMQP client on a new connection, holding a one-minute token for `path` (`eh1`, or `` for all).
     pub async fn client(&self, path: &str) -> Client {
-        let mut client = Client::connect(&self.emulator)
-            .await
-            .expect("the client connects");
+        let mut client = Client::connect(self).await.expect("the client connects");
         client.authorize(path, Duration::from_secs(60)).await;
         client
     }
@@ -283,7 +281,7 @@ impl Fixture {
 
     /// A plain AMQP connection with nothing on it (no session, no token), as `container_id`.
     pub async fn bare_connection(&self, container_id: &str) -> ConnectionHandle<()> {
-        let address = format!("amqp://{}", self.emulator.local_addr());
+        let address = format!("amqp://{}", self.local_addr());
         tokio::time::timeout(
             TIMEOUT,
             fe2o3_amqp::Connection::open(container_id, address.as_str()),
@@ -294,11 +292,18 @@ impl Fixture {
     }
 
     /// Closes the producer (flushing what it holds), then shuts the emulator down within `grace`.
-    pub async fn shutdown(self, grace: Duration) {
-        if let Some(producer) = &self.producer {
-            producer.close().await;
-        }
-        self.emulator.shutdown(grace).await;
+    pub async fn shutdown(mut self, grace: Duration) {
+        stop(self.producer.take(), self.emulator.take(), grace).await;
+    }
+}
+
+/// Closes the producer, then shuts the emulator down within `grace`.
+async fn stop(producer: Option<Producer>, emulator: Option<Emulator>, grace: Duration) {
+    if let Some(producer) = producer {
+        producer.close().await;
+    }
+    if let Some(emulator) = emulator {
+        emulator.shutdown(grace).await;
     }
 }
 
@@ -306,7 +311,18 @@ impl Deref for Fixture {
     type Target = Emulator;
 
     fn deref(&self) -> &Emulator {
-        &self.emulator
+        self.emulator
+            .as_ref()
+            .expect("the emulator runs until the fixture stops")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Stopping awaits; outside a runtime there is nothing left running to stop.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(stop(self.producer.take(), self.emulator.take(), TIMEOUT));
+        }
     }
 }
 
