@@ -17,14 +17,10 @@ use fe2o3_amqp::Sender;
 use fe2o3_amqp::connection::ConnectionHandle;
 use futures_util::future::join_all;
 
-// The producer types the tests name, in one place for them all (each test binary uses a different subset).
-#[allow(unused_imports)]
-pub use eventhub_gateway::producer::{
-    AmqpCondition, ConnectStage, Credential, Event, Producer, ProducerConfig, SendError,
-    TraceContext, Transport,
+use super::{
+    Client, Credential, Event, Producer, ProducerConfig, SendError, TIMEOUT, TestPki, Transport,
+    body_text, config, endpoint, sas_token, start_with,
 };
-
-use super::{Client, TIMEOUT, TestPki, body_text, config, endpoint, sas_token, start_with};
 
 /// The producer configuration of the tests: short backoffs, a send timeout no test reaches.
 pub fn test_producer_config() -> ProducerConfig {

@@ -10,10 +10,19 @@ pub use fixture::*;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use eventhub_gateway::emulator::{Emulator, EmulatorConfig, HubConfig};
+use eventhub_gateway::emulator::{
+    Emulator, EmulatorConfig, HubConfig, PemSource, TlsConfig, decode_stored_event,
+};
 use eventhub_gateway::eventhubs::message::{AmqpMessage, encode};
 use eventhub_gateway::eventhubs::sas::sign_token;
 use eventhub_gateway::eventhubs::{BATCH_MESSAGE_FORMAT, SAS_TOKEN_TYPE, annotations};
+use eventhub_gateway::producer::{Endpoint, TlsOptions};
+// The producer types the tests name, in one place for them all (each test binary uses a different subset).
+#[allow(unused_imports)]
+pub use eventhub_gateway::producer::{
+    AmqpCondition, ConnectStage, Credential, Event, Producer, ProducerConfig, SendError,
+    TraceContext, Transport,
+};
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::session::SessionHandle;
@@ -425,8 +434,7 @@ impl TestPki {
     }
 
     /// The emulator's TLS settings for this server certificate.
-    pub fn tls_config(&self) -> eventhub_gateway::emulator::TlsConfig {
-        use eventhub_gateway::emulator::{PemSource, TlsConfig};
+    pub fn tls_config(&self) -> TlsConfig {
         TlsConfig {
             cert: PemSource::Pem(self.server_cert_pem.clone()),
             key: PemSource::Pem(self.server_key_pem.clone()),
@@ -439,11 +447,8 @@ fn uuid() -> String {
 }
 
 /// A producer for this emulator (its connection string, plain AMQP) with this configuration.
-pub fn producer(
-    emulator: &Emulator,
-    config: eventhub_gateway::producer::ProducerConfig,
-) -> eventhub_gateway::producer::Producer {
-    eventhub_gateway::producer::Producer::from_connection_string(
+pub fn producer(emulator: &Emulator, config: ProducerConfig) -> Producer {
+    Producer::from_connection_string(
         &emulator.connection_string(),
         false,
         Default::default(),
@@ -462,8 +467,7 @@ pub fn stored_events(
     for partition in 0..partitions {
         let id = partition.to_string();
         for stored in emulator.partition_events(hub, &id).expect("hub exists") {
-            let message =
-                eventhub_gateway::emulator::decode_stored_event(&stored).expect("decodes");
+            let message = decode_stored_event(&stored).expect("decodes");
             all.push((id.clone(), message));
         }
     }
@@ -477,7 +481,7 @@ pub fn loopback() -> Option<SocketAddr> {
 
 /// An emulator with these hubs and all three listeners, its certificate signed by `pki`'s CA.
 pub async fn start_with_tls(pki: &TestPki, hubs: &[&str]) -> Emulator {
-    start_with(eventhub_gateway::emulator::EmulatorConfig {
+    start_with(EmulatorConfig {
         tls: Some(pki.tls_config()),
         tls_listen: loopback(),
         websocket_listen: loopback(),
@@ -487,22 +491,18 @@ pub async fn start_with_tls(pki: &TestPki, hubs: &[&str]) -> Emulator {
 }
 
 /// Where the emulator listens for this transport, as `localhost`.
-pub fn endpoint(
-    emulator: &Emulator,
-    transport: eventhub_gateway::producer::Transport,
-) -> eventhub_gateway::producer::Endpoint {
-    use eventhub_gateway::producer::Transport;
+pub fn endpoint(emulator: &Emulator, transport: Transport) -> Endpoint {
     let addr = match transport {
         Transport::Amqp => emulator.local_addr(),
         Transport::Amqps => emulator.tls_addr().expect("a TLS listener"),
         Transport::WebSockets => emulator.websocket_addr().expect("a WebSocket listener"),
     };
-    eventhub_gateway::producer::Endpoint::direct("localhost", addr.port(), transport)
+    Endpoint::direct("localhost", addr.port(), transport)
 }
 
 /// TLS options that trust `pki`'s CA.
-pub fn trusting(pki: &TestPki) -> eventhub_gateway::producer::TlsOptions {
-    eventhub_gateway::producer::TlsOptions {
+pub fn trusting(pki: &TestPki) -> TlsOptions {
+    TlsOptions {
         extra_root_certificates_pem: vec![pki.ca_pem.clone()],
         ..Default::default()
     }
