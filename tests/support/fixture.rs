@@ -80,7 +80,7 @@ impl FixtureBuilder {
         self
     }
 
-    /// Edits the producer's configuration (starting from [`test_producer_config`]).
+    /// Edits the producer's configuration (starting from [`test_producer_config`]); nothing without a producer.
     pub fn producer(mut self, edit: impl FnOnce(&mut ProducerConfig)) -> Self {
         if let Some((config, _)) = &mut self.producer {
             edit(config);
@@ -88,7 +88,7 @@ impl FixtureBuilder {
         self
     }
 
-    /// How the producer reaches the emulator (its connection string by default).
+    /// How the producer reaches the emulator (its connection string by default); nothing without a producer.
     pub fn connect(mut self, how: Connect) -> Self {
         if let Some((_, connect)) = &mut self.producer {
             *connect = how;
