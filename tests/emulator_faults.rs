@@ -5,24 +5,16 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use eventhub_emulator::Emulator;
 use fe2o3_amqp_types::messaging::Outcome;
 use support::{
-    Client, TIMEOUT, batch, condition_name, config, detach_error, event, rejected_condition, start,
-    start_with,
+    Client, Fixture, TIMEOUT, batch, condition_name, detach_error, event, refused_sender_condition,
+    rejected_condition,
 };
-
-async fn authorized_sender(emulator: &Emulator, address: &str) -> (Client, fe2o3_amqp::Sender) {
-    let mut client = Client::connect(emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
-    let sender = client.sender(address).await.unwrap();
-    (client, sender)
-}
 
 #[tokio::test]
 async fn throttled_sends_are_rejected_server_busy_and_not_stored() {
-    let emulator = start(&["eh1:1"]).await;
-    let (client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (client, mut sender) = emulator.sender("eh1").await;
     emulator.faults().throttle_next_sends(2);
     for _ in 0..2 {
         let outcome = sender.send(event("throttled", None)).await.unwrap();
@@ -39,8 +31,8 @@ async fn throttled_sends_are_rejected_server_busy_and_not_stored() {
 
 #[tokio::test]
 async fn released_sends_are_answered_released_and_not_stored() {
-    let emulator = start(&["eh1:1"]).await;
-    let (client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (client, mut sender) = emulator.sender("eh1").await;
     emulator.faults().release_next_sends(1);
     assert!(matches!(
         sender.send(event("released", None)).await.unwrap(),
@@ -56,8 +48,8 @@ async fn released_sends_are_answered_released_and_not_stored() {
 
 #[tokio::test]
 async fn delayed_dispositions_arrive_no_sooner_than_the_delay_and_keep_the_link_pipelined() {
-    let emulator = start(&["eh1:1"]).await;
-    let (client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (client, mut sender) = emulator.sender("eh1").await;
     let delay = Duration::from_millis(300);
     emulator.faults().delay_dispositions(delay);
     let started = Instant::now();
@@ -86,12 +78,12 @@ async fn delayed_dispositions_arrive_no_sooner_than_the_delay_and_keep_the_link_
 
 #[tokio::test]
 async fn latency_option_delays_every_disposition() {
-    let emulator = start_with(eventhub_emulator::EmulatorConfig {
-        latency_ms: 200,
-        ..config(&["eh1:1"])
-    })
-    .await;
-    let (client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::builder(&["eh1:1"])
+        .emulator(|config| config.latency_ms = 200)
+        .without_producer()
+        .start()
+        .await;
+    let (client, mut sender) = emulator.sender("eh1").await;
     let started = Instant::now();
     assert!(matches!(
         sender.send(event("slow", None)).await.unwrap(),
@@ -107,8 +99,8 @@ async fn latency_option_delays_every_disposition() {
 
 #[tokio::test]
 async fn forced_close_drops_the_connection_before_storing_the_nth_transfer() {
-    let emulator = start(&["eh1:1"]).await;
-    let (client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (client, mut sender) = emulator.sender("eh1").await;
     emulator.faults().force_close_after_transfers(3);
     for i in 0..2 {
         assert!(matches!(
@@ -138,7 +130,7 @@ async fn forced_close_drops_the_connection_before_storing_the_nth_transfer() {
     );
 
     // Other and new connections are unaffected.
-    let (client2, mut sender2) = authorized_sender(&emulator, "eh1").await;
+    let (client2, mut sender2) = emulator.sender("eh1").await;
     assert!(matches!(
         sender2.send(event("after", None)).await.unwrap(),
         Outcome::Accepted(_)
@@ -148,8 +140,8 @@ async fn forced_close_drops_the_connection_before_storing_the_nth_transfer() {
 
 #[tokio::test]
 async fn detach_all_links_detaches_with_detach_forced() {
-    let emulator = start(&["eh1:1"]).await;
-    let (mut client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (mut client, mut sender) = emulator.sender("eh1").await;
     emulator.faults().detach_all_links();
     let err = tokio::time::timeout(TIMEOUT, sender.on_detach())
         .await
@@ -166,7 +158,7 @@ async fn detach_all_links_detaches_with_detach_forced() {
 
 #[tokio::test]
 async fn a_lapsed_token_detaches_its_link_unless_refreshed() {
-    let emulator = start(&["eh1:1"]).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
     let mut client = Client::connect(&emulator).await.unwrap();
     client.authorize("eh1", Duration::from_secs(2)).await;
     let mut lapsing = client.sender("eh1").await.unwrap();
@@ -190,8 +182,8 @@ async fn a_lapsed_token_detaches_its_link_unless_refreshed() {
 
 #[tokio::test]
 async fn expire_tokens_detaches_links_and_needs_a_fresh_token() {
-    let emulator = start(&["eh1:1"]).await;
-    let (mut client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (mut client, mut sender) = emulator.sender("eh1").await;
     emulator.faults().expire_tokens();
     let err = tokio::time::timeout(TIMEOUT, sender.send(event("x", None)))
         .await
@@ -200,7 +192,7 @@ async fn expire_tokens_detaches_links_and_needs_a_fresh_token() {
     let error = detach_error(&err).unwrap_or_else(|| panic!("{err:?}"));
     assert_eq!(condition_name(&error.condition), "amqp:unauthorized-access");
     assert_eq!(
-        support::refused_sender_condition(&mut client, "eh1").await,
+        refused_sender_condition(&mut client, "eh1").await,
         "amqp:unauthorized-access"
     );
     client.authorize("eh1", Duration::from_secs(60)).await;
@@ -214,7 +206,7 @@ async fn expire_tokens_detaches_links_and_needs_a_fresh_token() {
 
 #[tokio::test]
 async fn refused_connections_recover_when_the_window_ends() {
-    let emulator = start(&["eh1:1"]).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
     emulator
         .faults()
         .refuse_connections_for(Duration::from_millis(500));
@@ -231,8 +223,8 @@ async fn refused_connections_recover_when_the_window_ends() {
 
 #[tokio::test]
 async fn clear_turns_pending_faults_off() {
-    let emulator = start(&["eh1:1"]).await;
-    let (client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (client, mut sender) = emulator.sender("eh1").await;
     emulator.faults().throttle_next_sends(100);
     emulator.faults().clear();
     assert!(matches!(
@@ -244,8 +236,8 @@ async fn clear_turns_pending_faults_off() {
 
 #[tokio::test]
 async fn shutdown_closes_clients_and_ends_in_time() {
-    let emulator = start(&["eh1:1"]).await;
-    let (_client, mut sender) = authorized_sender(&emulator, "eh1").await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let (_client, mut sender) = emulator.sender("eh1").await;
     let started = Instant::now();
     emulator.shutdown(Duration::from_secs(5)).await;
     assert!(started.elapsed() < Duration::from_secs(6));

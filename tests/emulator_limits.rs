@@ -5,14 +5,18 @@ mod support;
 
 use std::time::Duration;
 
-use eventhub_emulator::{EmulatorConfig, LimitsConfig};
+use eventhub_emulator::LimitsConfig;
+use eventhub_wire::SAS_TOKEN_TYPE;
 use fe2o3_amqp::link::DetachError;
 use fe2o3_amqp::{Sender, Session};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{Client, EmulatorProcess, TIMEOUT, condition_name};
+use support::{
+    Client, EmulatorProcess, Fixture, TIMEOUT, condition_name, event, eventually,
+    refused_sender_condition, sas_token,
+};
 
 /// The plain AMQP and the SASL protocol headers.
 const AMQP_HEADER: &[u8] = b"AMQP\x00\x01\x00\x00";
@@ -218,26 +222,25 @@ async fn a_flood_of_cbs_links_without_a_token_is_capped_and_the_links_detached()
     assert!(refused > LINKS / 2, "{conditions:?}");
 }
 
-fn limited(limits: LimitsConfig) -> EmulatorConfig {
-    EmulatorConfig {
-        limits,
-        ..support::config(&["eh1:2"])
-    }
+/// An emulator of hub `eh1` (two partitions) with these limits, no producer.
+async fn limited(limits: LimitsConfig) -> Fixture {
+    Fixture::builder(&["eh1:2"])
+        .emulator(|config| config.limits = limits)
+        .without_producer()
+        .start()
+        .await
 }
 
 #[tokio::test]
 async fn connections_over_the_per_peer_cap_are_closed_with_resource_limit_exceeded() {
-    let emulator = support::start_with(limited(LimitsConfig {
+    let emulator = limited(LimitsConfig {
         max_connections_per_peer: 2,
         ..LimitsConfig::default()
-    }))
+    })
     .await;
     let first = Client::connect(&emulator).await.unwrap();
     let second = Client::connect(&emulator).await.unwrap();
-    let address = format!("amqp://{}", emulator.local_addr());
-    let mut third = fe2o3_amqp::Connection::open("third", address.as_str())
-        .await
-        .unwrap();
+    let mut third = emulator.bare_connection("third").await;
     let closed = tokio::time::timeout(TIMEOUT, third.on_close()).await;
     match closed {
         Ok(Err(fe2o3_amqp::connection::Error::RemoteClosedWithError(error))) => {
@@ -256,7 +259,7 @@ async fn connections_over_the_per_peer_cap_are_closed_with_resource_limit_exceed
     // A closed connection frees its place.
     first.close().await;
     assert!(
-        support::eventually(|| async { Client::connect(&emulator).await.is_ok() }).await,
+        eventually(|| async { Client::connect(&emulator).await.is_ok() }).await,
         "no place freed"
     );
     second.close().await;
@@ -264,24 +267,23 @@ async fn connections_over_the_per_peer_cap_are_closed_with_resource_limit_exceed
 
 #[tokio::test]
 async fn links_over_the_cap_are_refused_and_a_detached_one_frees_its_place() {
-    let emulator = support::start_with(limited(LimitsConfig {
+    let emulator = limited(LimitsConfig {
         max_links_per_connection: 4,
         max_unauthorized_links_per_connection: 2,
         ..LimitsConfig::default()
-    }))
+    })
     .await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(600)).await;
+    let mut client = emulator.client("eh1").await;
     // The CBS pair and two senders fill the connection.
     let first = client.sender("eh1").await.unwrap();
     let _second = client.sender("eh1").await.unwrap();
     assert_eq!(
-        support::refused_sender_condition(&mut client, "eh1").await,
+        refused_sender_condition(&mut client, "eh1").await,
         "amqp:resource-limit-exceeded"
     );
     first.close().await.unwrap();
     let mut sender = client.sender("eh1").await.unwrap();
-    let sent = sender.send(support::event("fits", None)).await;
+    let sent = sender.send(event("fits", None)).await;
     assert!(
         sent.is_ok(),
         "the detached link's place was not freed: {sent:?}"
@@ -290,22 +292,16 @@ async fn links_over_the_cap_are_refused_and_a_detached_one_frees_its_place() {
 
 #[tokio::test]
 async fn cbs_links_of_a_connection_that_puts_no_token_are_detached_and_capped() {
-    let emulator = support::start_with(limited(LimitsConfig {
+    let emulator = limited(LimitsConfig {
         authorization_timeout_ms: 300,
         max_unauthorized_links_per_connection: 2,
         ..LimitsConfig::default()
-    }))
+    })
     .await;
     // An authorized connection keeps its CBS pair past the timeout and can put tokens again.
-    let mut authorized = Client::connect(&emulator).await.unwrap();
-    authorized.authorize("eh1", Duration::from_secs(600)).await;
+    let mut authorized = emulator.client("eh1").await;
 
-    let mut connection = fe2o3_amqp::Connection::open(
-        "no-token",
-        format!("amqp://{}", emulator.local_addr()).as_str(),
-    )
-    .await
-    .unwrap();
+    let mut connection = emulator.bare_connection("no-token").await;
     let mut session = Session::begin(&mut connection).await.unwrap();
     let mut first = Sender::attach(&mut session, "cbs-1", "$cbs").await.unwrap();
     let mut second = Sender::attach(&mut session, "mgmt-1", "$management")
@@ -325,8 +321,8 @@ async fn cbs_links_of_a_connection_that_puts_no_token_are_detached_and_capped() 
     let (status, _) = authorized
         .put_token(
             "sb://localhost/eh1",
-            eventhub_wire::SAS_TOKEN_TYPE,
-            &support::sas_token("eh1", Duration::from_secs(600)),
+            SAS_TOKEN_TYPE,
+            &sas_token("eh1", Duration::from_secs(600)),
         )
         .await;
     assert_eq!(status, 202, "the authorized connection lost its CBS link");
@@ -334,17 +330,13 @@ async fn cbs_links_of_a_connection_that_puts_no_token_are_detached_and_capped() 
 
 #[tokio::test]
 async fn a_connection_without_links_is_closed_after_the_idle_timeout() {
-    let emulator = support::start_with(limited(LimitsConfig {
+    let emulator = limited(LimitsConfig {
         idle_connection_timeout_ms: 300,
         ..LimitsConfig::default()
-    }))
+    })
     .await;
-    let mut busy = Client::connect(&emulator).await.unwrap();
-    busy.authorize("eh1", Duration::from_secs(600)).await;
-    let mut idle =
-        fe2o3_amqp::Connection::open("idle", format!("amqp://{}", emulator.local_addr()).as_str())
-            .await
-            .unwrap();
+    let mut busy = emulator.client("eh1").await;
+    let mut idle = emulator.bare_connection("idle").await;
     match tokio::time::timeout(TIMEOUT, idle.on_close()).await {
         Ok(Err(fe2o3_amqp::connection::Error::RemoteClosedWithError(error))) => {
             assert_eq!(condition_name(&error.condition), "amqp:connection:forced");
@@ -353,15 +345,15 @@ async fn a_connection_without_links_is_closed_after_the_idle_timeout() {
     }
     // The connection with links is still there.
     let mut sender = busy.sender("eh1").await.unwrap();
-    sender.send(support::event("alive", None)).await.unwrap();
+    sender.send(event("alive", None)).await.unwrap();
 }
 
 #[tokio::test]
 async fn the_idle_time_out_is_announced_and_a_silent_peer_dropped() {
-    let emulator = support::start_with(limited(LimitsConfig {
+    let emulator = limited(LimitsConfig {
         idle_time_out_ms: 1000,
         ..LimitsConfig::default()
-    }))
+    })
     .await;
     let mut stream = TcpStream::connect(emulator.local_addr()).await.unwrap();
     stream

@@ -8,17 +8,18 @@ use std::time::Duration;
 use eventhub_emulator::decode_stored_event;
 use eventhub_wire::message::{annotation, decode};
 use eventhub_wire::partition::partition_for_key;
+use eventhub_wire::sas::sign_token;
 use eventhub_wire::{JWT_TOKEN_TYPE, SAS_TOKEN_TYPE, annotations};
 use fe2o3_amqp_types::messaging::Outcome;
 use serde_amqp::Value;
 use support::{
-    Client, TIMEOUT, batch, body_text, event, refused_sender_condition, rejected_condition,
-    sas_token, start,
+    Client, Fixture, TIMEOUT, batch, body_text, event, refused_sender_condition,
+    rejected_condition, sas_token, unix_now,
 };
 
 #[tokio::test]
 async fn a_link_without_a_token_is_refused_as_unauthorized() {
-    let emulator = start(&["eh1:2"]).await;
+    let emulator = Fixture::emulator(&["eh1:2"]).await;
     let mut client = Client::connect(&emulator).await.unwrap();
     assert_eq!(
         refused_sender_condition(&mut client, "eh1").await,
@@ -35,13 +36,13 @@ async fn a_link_without_a_token_is_refused_as_unauthorized() {
 
 #[tokio::test]
 async fn cbs_answers_like_the_service() {
-    let emulator = start(&["eh1:2", "eh2:1"]).await;
+    let emulator = Fixture::emulator(&["eh1:2", "eh2:1"]).await;
     let mut client = Client::connect(&emulator).await.unwrap();
-    let wrong_key = eventhub_wire::sas::sign_token(
+    let wrong_key = sign_token(
         "sb://localhost/eh1",
         "RootManageSharedAccessKey",
         "not the key",
-        support::unix_now() + 60,
+        unix_now() + 60,
     );
     let cases = [
         (
@@ -90,9 +91,8 @@ async fn cbs_answers_like_the_service() {
 
 #[tokio::test]
 async fn unknown_hubs_partitions_and_consumer_groups_are_not_found() {
-    let emulator = start(&["eh1:2"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:2"]).await;
+    let mut client = emulator.client("").await;
     for address in [
         "nope",
         "eh1/Partitions/2",
@@ -133,9 +133,8 @@ async fn unknown_hubs_partitions_and_consumer_groups_are_not_found() {
 
 #[tokio::test]
 async fn keyed_batches_land_atomically_on_the_hashed_partition() {
-    let emulator = start(&["eh1:32"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:32"]).await;
+    let mut client = emulator.client("eh1").await;
     let mut sender = client.sender("amqps://localhost/eh1").await.unwrap();
     let keys = ["user-42", "order-1001", "café", "東京", "🚀 launch", ""];
     for key in keys {
@@ -182,9 +181,8 @@ async fn keyed_batches_land_atomically_on_the_hashed_partition() {
 
 #[tokio::test]
 async fn keyless_sends_spread_round_robin_and_partition_links_pin() {
-    let emulator = start(&["eh1:4"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:4"]).await;
+    let mut client = emulator.client("eh1").await;
     let mut hub = client.sender("eh1").await.unwrap();
     for i in 0..8 {
         hub.send(event(&format!("spread {i}"), None)).await.unwrap();
@@ -213,9 +211,8 @@ async fn keyless_sends_spread_round_robin_and_partition_links_pin() {
 
 #[tokio::test]
 async fn malformed_batches_are_rejected_and_stored_nowhere() {
-    let emulator = start(&["eh1:1"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let mut client = emulator.client("eh1").await;
     let mut sender = client.sender("eh1").await.unwrap();
     let mixed = batch(
         &[event("a", Some("k1")), event("b", Some("k2"))],
@@ -239,9 +236,8 @@ async fn malformed_batches_are_rejected_and_stored_nowhere() {
 
 #[tokio::test]
 async fn pipelined_batches_are_all_accepted_in_order() {
-    let emulator = start(&["eh1:1"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let mut client = emulator.client("eh1").await;
     let mut sender = client.sender("eh1/Partitions/0").await.unwrap();
     let mut pending = Vec::new();
     for b in 0..200 {
@@ -265,9 +261,8 @@ async fn pipelined_batches_are_all_accepted_in_order() {
 
 #[tokio::test]
 async fn consumers_read_stored_then_live_events_from_their_filter() {
-    let emulator = start(&["eh1:1"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let mut client = emulator.client("eh1").await;
     let mut sender = client.sender("eh1").await.unwrap();
     for i in 0..5 {
         sender
@@ -337,9 +332,8 @@ async fn consumers_read_stored_then_live_events_from_their_filter() {
 
 #[tokio::test]
 async fn stored_events_decode_with_the_service_annotations() {
-    let emulator = start(&["eh1:1"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let mut client = emulator.client("eh1").await;
     client
         .sender("eh1")
         .await
@@ -361,9 +355,8 @@ async fn stored_events_decode_with_the_service_annotations() {
 #[tokio::test]
 async fn garbage_on_one_connection_leaves_the_others_alone() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let emulator = start(&["eh1:1"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let mut client = emulator.client("eh1").await;
     let mut sender = client.sender("eh1").await.unwrap();
 
     for garbage in [
@@ -386,13 +379,12 @@ async fn garbage_on_one_connection_leaves_the_others_alone() {
 
 #[tokio::test]
 async fn sender_links_announce_the_configured_max_message_size() {
-    let emulator = support::start_with(eventhub_emulator::EmulatorConfig {
-        max_message_size: 4096,
-        ..support::config(&["eh1:1"])
-    })
-    .await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::builder(&["eh1:1"])
+        .emulator(|config| config.max_message_size = 4096)
+        .without_producer()
+        .start()
+        .await;
+    let mut client = emulator.client("eh1").await;
     let mut sender = client.sender("eh1").await.unwrap();
     // Clients read the limit from the attach and refuse bigger messages themselves (fe2o3 as the SDKs do);
     // a transfer that still exceeds it is refused by fe2o3's receiver with amqp:link:message-size-exceeded.
@@ -416,9 +408,8 @@ async fn sender_links_announce_the_configured_max_message_size() {
 #[tokio::test]
 async fn a_higher_epoch_receiver_takes_the_partition_over() {
     use fe2o3_amqp_types::messaging::Body;
-    let emulator = start(&["eh1:1"]).await;
-    let mut client = Client::connect(&emulator).await.unwrap();
-    client.authorize("eh1", Duration::from_secs(60)).await;
+    let emulator = Fixture::emulator(&["eh1:1"]).await;
+    let mut client = emulator.client("eh1").await;
     let address = "eh1/ConsumerGroups/$Default/Partitions/0";
     let from_start = "amqp.annotation.x-opt-offset > '-1'";
     let mut owner = client

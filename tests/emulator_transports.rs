@@ -5,14 +5,24 @@ mod support;
 
 use std::time::Duration;
 
-use eventhub_emulator::{Emulator, EmulatorConfig};
+use std::sync::Arc;
+
+use eventhub_emulator::{Emulator, EmulatorConfig, PemSource, TlsConfig};
 use eventhub_producer::transport::{
     ConnectionOptions, Endpoint, TlsOptions, Transport, TransportError, open_connection,
 };
 use fe2o3_amqp_types::messaging::Outcome;
-use support::{
-    Client, TIMEOUT, TestPki, batch, body_text, endpoint, event, loopback, start_with_tls, trusting,
-};
+use support::{Client, Fixture, TIMEOUT, TestPki, batch, config, event, loopback, trusting};
+
+/// An emulator of hub `eh1` (two partitions) on all three transports, its certificate signed by a CA of
+/// its own; no producer.
+async fn tls_emulator() -> Fixture {
+    Fixture::builder(&["eh1:2"])
+        .tls(&Arc::new(TestPki::generate()))
+        .without_producer()
+        .start()
+        .await
+}
 
 async fn open(endpoint: &Endpoint, tls: &TlsOptions) -> Result<Client, TransportError> {
     let connection = tokio::time::timeout(
@@ -28,11 +38,10 @@ async fn open(endpoint: &Endpoint, tls: &TlsOptions) -> Result<Client, Transport
 
 #[tokio::test]
 async fn every_transport_carries_cbs_and_a_batch_to_storage() {
-    let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
-    let tls = trusting(&pki);
+    let emulator = tls_emulator().await;
+    let tls = emulator.tls();
     for transport in [Transport::Amqp, Transport::Amqps, Transport::WebSockets] {
-        let mut client = open(&endpoint(&emulator, transport), &tls)
+        let mut client = open(&emulator.endpoint(transport), &tls)
             .await
             .unwrap_or_else(|err| panic!("{transport:?}: {err}"));
         client.authorize("eh1", Duration::from_secs(60)).await;
@@ -54,10 +63,8 @@ async fn every_transport_carries_cbs_and_a_batch_to_storage() {
         client.close().await;
 
         let stored: Vec<String> = emulator
-            .partition_events("eh1", "1")
-            .unwrap()
-            .iter()
-            .map(|e| body_text(&eventhub_emulator::decode_stored_event(e).unwrap()))
+            .partition_bodies("eh1", "1")
+            .into_iter()
             .filter(|body| body.starts_with(&label))
             .collect();
         assert_eq!(stored, [format!("{label}-a"), format!("{label}-b")]);
@@ -67,12 +74,11 @@ async fn every_transport_carries_cbs_and_a_batch_to_storage() {
 
 #[tokio::test]
 async fn a_client_that_does_not_trust_the_ca_fails_the_tls_handshake() {
-    let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
+    let emulator = tls_emulator().await;
     let stranger = TestPki::generate();
     for transport in [Transport::Amqps, Transport::WebSockets] {
         for tls in [TlsOptions::default(), trusting(&stranger)] {
-            let Err(err) = open(&endpoint(&emulator, transport), &tls).await else {
+            let Err(err) = open(&emulator.endpoint(transport), &tls).await else {
                 panic!("{transport:?}: connected without trusting the CA");
             };
             assert!(
@@ -92,9 +98,9 @@ async fn a_client_that_does_not_trust_the_ca_fails_the_tls_handshake() {
     // The name is checked too: the certificate is for localhost, not 127.0.0.1.
     let wrong_name = Endpoint {
         host: "127.0.0.1".into(),
-        ..endpoint(&emulator, Transport::Amqps)
+        ..emulator.endpoint(Transport::Amqps)
     };
-    let err = open(&wrong_name, &trusting(&pki))
+    let err = open(&wrong_name, &emulator.tls())
         .await
         .err()
         .expect("refused");
@@ -118,11 +124,11 @@ async fn a_client_that_does_not_trust_the_ca_fails_the_tls_handshake() {
 async fn websocket_upgrades_elsewhere_than_the_service_path_are_refused() {
     use fe2o3_amqp_ws::tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
     // Plain ws (no certificate configured) so the raw handshake below needs no TLS.
-    let emulator = support::start_with(EmulatorConfig {
-        websocket_listen: loopback(),
-        ..support::config(&["eh1:1"])
-    })
-    .await;
+    let emulator = Fixture::builder(&["eh1:1"])
+        .emulator(|config| config.websocket_listen = loopback())
+        .without_producer()
+        .start()
+        .await;
     let addr = emulator.websocket_addr().expect("a WebSocket listener");
     let attempt = |path: &'static str, protocol: &'static str| async move {
         let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
@@ -149,14 +155,13 @@ async fn websocket_upgrades_elsewhere_than_the_service_path_are_refused() {
 
 #[tokio::test]
 async fn a_tls_server_that_does_not_speak_websocket_is_a_websocket_error() {
-    let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
+    let emulator = tls_emulator().await;
     // The AMQPS port completes TLS, then answers the HTTP upgrade request with an AMQP header.
     let amqps_as_websocket = Endpoint {
         transport: Transport::WebSockets,
-        ..endpoint(&emulator, Transport::Amqps)
+        ..emulator.endpoint(Transport::Amqps)
     };
-    let err = open(&amqps_as_websocket, &trusting(&pki))
+    let err = open(&amqps_as_websocket, &emulator.tls())
         .await
         .err()
         .expect("not a WebSocket server");
@@ -168,24 +173,24 @@ async fn a_tls_server_that_does_not_speak_websocket_is_a_websocket_error() {
 async fn tls_configuration_errors_name_the_field() {
     let pki = TestPki::generate();
     let broken_key = EmulatorConfig {
-        tls: Some(eventhub_emulator::TlsConfig {
-            key: eventhub_emulator::PemSource::Pem("not a key".into()),
+        tls: Some(TlsConfig {
+            key: PemSource::Pem("not a key".into()),
             ..pki.tls_config()
         }),
         tls_listen: loopback(),
-        ..support::config(&["eh1:1"])
+        ..config(&["eh1:1"])
     };
     let err = Emulator::start(broken_key).await.unwrap_err().to_string();
     assert!(err.starts_with("tls.key: "), "{err}");
     assert!(!err.contains("not a key"), "{err}");
 
     let missing_cert = EmulatorConfig {
-        tls: Some(eventhub_emulator::TlsConfig {
-            cert: eventhub_emulator::PemSource::Path("/nonexistent/cert.pem".into()),
+        tls: Some(TlsConfig {
+            cert: PemSource::Path("/nonexistent/cert.pem".into()),
             ..pki.tls_config()
         }),
         websocket_listen: loopback(),
-        ..support::config(&["eh1:1"])
+        ..config(&["eh1:1"])
     };
     let err = Emulator::start(missing_cert).await.unwrap_err().to_string();
     assert!(err.starts_with("tls.cert: cannot read"), "{err}");
@@ -193,15 +198,14 @@ async fn tls_configuration_errors_name_the_field() {
 
 #[tokio::test]
 async fn shutdown_closes_the_tls_and_websocket_listeners() {
-    let pki = TestPki::generate();
-    let emulator = start_with_tls(&pki, &["eh1:2"]).await;
+    let emulator = tls_emulator().await;
     let tls_addr = emulator.tls_addr().unwrap();
     let websocket_addr = emulator.websocket_addr().unwrap();
     // Connections open on both transports end with the emulator, well inside the grace period.
     let mut open_clients = Vec::new();
     for transport in [Transport::Amqps, Transport::WebSockets] {
         open_clients.push(
-            open(&endpoint(&emulator, transport), &trusting(&pki))
+            open(&emulator.endpoint(transport), &emulator.tls())
                 .await
                 .unwrap(),
         );

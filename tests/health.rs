@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use eventhub_emulator::Emulator;
 use eventhub_gateway::proto::v1::SendEventRequest;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -294,7 +295,7 @@ type Window = (Instant, Option<Instant>);
 /// checked against what the emulator stored.
 async fn blackhole_run(
     gateway: &GatewayProcess,
-    emulator: &eventhub_emulator::Emulator,
+    emulator: &Emulator,
     blackhole: impl Fn(bool),
 ) -> Figures {
     assert!(
@@ -610,16 +611,16 @@ fn nix_is_root() -> bool {
 
 /// A producer of `emulator` reached through `relay`, with `edit` applied to a test configuration, serving `HUB`.
 fn relayed_producer(
-    emulator: &eventhub_emulator::Emulator,
+    emulator: &Emulator,
     relay: &Relay,
-    edit: impl FnOnce(&mut eventhub_producer::ProducerConfig),
-) -> eventhub_producer::Producer {
-    let mut config = eventhub_producer::ProducerConfig {
+    edit: impl FnOnce(&mut ProducerConfig),
+) -> Producer {
+    let mut config = ProducerConfig {
         send_timeout: 10.0,
         ..Default::default()
     };
     edit(&mut config);
-    let producer = eventhub_producer::Producer::from_connection_string(
+    let producer = Producer::from_connection_string(
         &with_port(&emulator.connection_string(), relay.addr.port()),
         false,
         Default::default(),
@@ -642,7 +643,7 @@ async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_t
         producer.readiness()
     );
     producer
-        .send(HUB, eventhub_producer::Event::text("before"))
+        .send(HUB, Event::text("before"))
         .await
         .expect("sent before the blackhole");
 
@@ -650,11 +651,7 @@ async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_t
     let cut = Instant::now();
     let send = tokio::spawn({
         let producer = producer.clone();
-        async move {
-            producer
-                .send(HUB, eventhub_producer::Event::text("in the blackhole"))
-                .await
-        }
+        async move { producer.send(HUB, Event::text("in the blackhole")).await }
     });
     assert!(
         eventually(|| async { !producer.is_ready() }).await,
@@ -681,7 +678,7 @@ async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_t
         // Resent on a fresh connection (the first copy may land too: at least once).
         Ok(_) => assert!(stored.iter().any(|body| body == "in the blackhole")),
         Err(error) => assert!(
-            matches!(error, eventhub_producer::SendError::OutcomeUnknown { .. }),
+            matches!(error, SendError::OutcomeUnknown { .. }),
             "a send in doubt is OK or OUTCOME_UNKNOWN, not {error:?}"
         ),
     }
@@ -725,7 +722,7 @@ async fn a_slow_peer_that_heartbeats_is_not_taken_for_dead() {
         }
     });
     producer
-        .send(HUB, eventhub_producer::Event::text("slow"))
+        .send(HUB, Event::text("slow"))
         .await
         .expect("a slow disposition is still an answer");
     watcher.abort();

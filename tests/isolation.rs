@@ -189,12 +189,13 @@ async fn a_batch_on_the_wire_past_the_send_timeout_is_answered_outcome_unknown()
 
 #[tokio::test]
 async fn an_event_on_the_wire_gets_its_real_outcome_after_its_deadline() {
-    let emulator = start(&["eh1:2"]).await;
-    let producer = producer(&emulator, ProducerConfig::default());
+    let fx = Fixture::builder(&["eh1:2"])
+        .producer(|config| *config = ProducerConfig::default())
+        .start()
+        .await;
+    let producer = fx.producer();
     producer.send("eh1", Event::text("warm")).await.unwrap();
-    emulator
-        .faults()
-        .delay_dispositions(Duration::from_millis(800));
+    fx.faults().delay_dispositions(Duration::from_millis(800));
     let started = Instant::now();
     let deadline = started + Duration::from_millis(200);
     let outcome = producer
@@ -205,13 +206,12 @@ async fn an_event_on_the_wire_gets_its_real_outcome_after_its_deadline() {
         "an event on the wire was answered {outcome:?} at its deadline"
     );
     assert!(started.elapsed() >= Duration::from_millis(800));
-    let stored: Vec<_> = stored_events(&emulator, "eh1", 2)
-        .iter()
-        .map(|(_, message)| body_text(message))
-        .collect();
-    assert!(stored.contains(&"late but true".to_owned()));
+    assert!(
+        fx.stored_bodies("eh1")
+            .contains(&"late but true".to_owned())
+    );
     // Before its batch goes out, the deadline still answers (and the event is never sent).
-    emulator.faults().delay_dispositions(Duration::ZERO);
+    fx.faults().delay_dispositions(Duration::ZERO);
     let past = Instant::now() - Duration::from_millis(1);
     let outcome = producer
         .send_with_deadline("eh1", Event::text("too late"), past)
@@ -221,11 +221,7 @@ async fn an_event_on_the_wire_gets_its_real_outcome_after_its_deadline() {
         "{outcome:?}"
     );
     producer.close().await;
-    let stored: Vec<_> = stored_events(&emulator, "eh1", 2)
-        .iter()
-        .map(|(_, message)| body_text(message))
-        .collect();
-    assert!(!stored.contains(&"too late".to_owned()));
+    assert!(!fx.stored_bodies("eh1").contains(&"too late".to_owned()));
 }
 
 /// `SendEvents` requests of `per_request` events, each with a partition key never used before.

@@ -9,12 +9,54 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use eventhub_gateway::proto::v1;
+use eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient;
 use futures_util::StreamExt;
 use prost::Message;
 use support::*;
 use tonic::Code;
+use tonic::transport::Channel;
 
 const MIB: u64 = 1024 * 1024;
+
+/// The gateway process over its own emulator, hub `eh1`.
+fn gateway() -> GatewayProcess {
+    GatewayProcess::start_emulated(&["--event-hub", "eh1"], &[])
+}
+
+/// The gateway after one call, so that an RSS baseline includes a connected producer; the caller's client.
+async fn warm_gateway() -> (GatewayProcess, EventHubGatewayClient<Channel>) {
+    let gateway = gateway();
+    let mut client = gateway.client().await;
+    send_text(&mut client, "warm").await.unwrap();
+    (gateway, client)
+}
+
+/// `copies` gzip-compressed `SendEvents` calls of `frame` at once (`label` in the printed figures); how each
+/// ended, and how far the gateway's RSS rose meanwhile.
+async fn compressed_calls(
+    label: &str,
+    gateway: &GatewayProcess,
+    frame: bytes::Bytes,
+    copies: usize,
+) -> (Vec<tonic::Status>, u64) {
+    let rss = gateway.watch_rss();
+    let calls = (0..copies).map(|_| {
+        let body = futures_util::stream::iter([frame.clone()]);
+        async move { raw_status(raw_call(gateway.address, "SendEvents", true, body).await).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let growth = rss.growth();
+    eprintln!(
+        "{label}: {} compressed bytes x {copies}, RSS {} MiB -> peak +{} MiB",
+        frame.len(),
+        rss.baseline() / MIB,
+        growth / MIB
+    );
+    (
+        answers.into_iter().map(|(status, _)| status).collect(),
+        growth,
+    )
+}
 
 /// A client writes 25 MiB of empty stream messages (5 bytes each, every one nacked: no event) and reads no
 /// ack. Each message read takes the stream's budget until its nack is taken by the acker, so the gateway
@@ -23,12 +65,8 @@ const MIB: u64 = 1024 * 1024;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refused_stream_messages_whose_acks_are_not_read_stays_within_the_streams_ceiling()
  {
-    let gateway = GatewayProcess::start_emulated(&["--event-hub", "eh1"], &[]);
-    // One call first, so the baseline includes a connected producer.
-    let mut client = gateway.client().await;
-    send_text(&mut client, "warm").await.unwrap();
-    let baseline = gateway.rss_bytes();
-    let (stop, peak) = gateway.watch_rss();
+    let (gateway, mut client) = warm_gateway().await;
+    let rss = gateway.watch_rss();
 
     let total: usize = 25 * MIB as usize;
     let chunk = bytes::Bytes::from(vec![0u8; 65_535]); // 13,107 empty messages
@@ -50,14 +88,13 @@ async fn a_flood_of_refused_stream_messages_whose_acks_are_not_read_stays_within
         }
         last = now;
     }
-    stop.store(true, Ordering::Relaxed);
-    let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
+    let growth = rss.growth();
     let written = written.load(Ordering::Relaxed);
     eprintln!(
         "nack flood: {} KiB written of {} KiB, RSS {} MiB -> peak +{} MiB",
         written / 1024,
         total / 1024,
-        baseline / MIB,
+        rss.baseline() / MIB,
         growth / MIB
     );
     // Here: 10,000 pending nacks and 17,408 queued, about half a KiB each (~14 MiB); the stream's ceiling
@@ -87,32 +124,11 @@ fn empty_events(count: usize) -> Vec<u8> {
 /// each was decoded whole (500,000 events, a few hundred bytes each) before the count was checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_floods_of_empty_events_are_refused_by_their_count_before_they_are_decoded() {
-    let gateway = GatewayProcess::start_emulated(&["--event-hub", "eh1"], &[]);
-    let mut client = gateway.client().await;
-    send_text(&mut client, "warm").await.unwrap();
-    let baseline = gateway.rss_bytes();
-    let (stop, peak) = gateway.watch_rss();
-
+    let (gateway, mut client) = warm_gateway().await;
     let plain = empty_events(500_000); // 1,000,000 bytes
-    let compressed = grpc_frame(&gzip(&plain), true);
-    let calls = (0..8).map(|_| {
-        let frame = compressed.clone();
-        let address = gateway.address;
-        async move {
-            let body = futures_util::stream::iter([frame]);
-            raw_status(raw_call(address, "SendEvents", true, body).await).await
-        }
-    });
-    let answers = futures_util::future::join_all(calls).await;
-    stop.store(true, Ordering::Relaxed);
-    let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
-    eprintln!(
-        "decode bomb: {} compressed bytes x 8, RSS {} MiB -> peak +{} MiB",
-        compressed.len(),
-        baseline / MIB,
-        growth / MIB
-    );
-    for (status, _) in &answers {
+    let (answers, growth) =
+        compressed_calls("decode bomb", &gateway, grpc_frame(&gzip(&plain), true), 8).await;
+    for status in &answers {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         let rich = rich_status(status);
         assert_eq!(error_reason(&rich), "INVALID_EVENT");
@@ -132,33 +148,11 @@ async fn compressed_floods_of_empty_events_are_refused_by_their_count_before_the
 /// cap. Before: 2.5 GiB each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_request_beyond_the_compression_ratio_is_refused_as_too_large() {
-    let gateway = GatewayProcess::start_emulated(&["--event-hub", "eh1"], &[]);
-    let mut client = gateway.client().await;
-    send_text(&mut client, "warm").await.unwrap();
-    let baseline = gateway.rss_bytes();
-    let (stop, peak) = gateway.watch_rss();
-
+    let (gateway, mut client) = warm_gateway().await;
     let plain = empty_events((16 << 20) / 2 - 8);
-    let compressed = gzip(&plain);
-    let frame = grpc_frame(&compressed, true);
-    let calls = (0..4).map(|_| {
-        let frame = frame.clone();
-        let address = gateway.address;
-        async move {
-            let body = futures_util::stream::iter([frame]);
-            raw_status(raw_call(address, "SendEvents", true, body).await).await
-        }
-    });
-    let answers = futures_util::future::join_all(calls).await;
-    stop.store(true, Ordering::Relaxed);
-    let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
-    eprintln!(
-        "16 MiB bomb: {} compressed bytes x 4, RSS {} MiB -> peak +{} MiB",
-        compressed.len(),
-        baseline / MIB,
-        growth / MIB
-    );
-    for (status, _) in &answers {
+    let (answers, growth) =
+        compressed_calls("16 MiB bomb", &gateway, grpc_frame(&gzip(&plain), true), 4).await;
+    for status in &answers {
         assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
         assert_eq!(error_reason(&rich_status(status)), "REQUEST_TOO_LARGE");
         assert!(status.message().contains("128 times"), "{status:?}");
@@ -172,24 +166,14 @@ async fn a_compressed_request_beyond_the_compression_ratio_is_refused_as_too_lar
 /// grpc-status-details-bin.
 #[tokio::test]
 async fn errors_repeat_at_most_a_clipped_part_of_what_the_client_sent() {
-    let gateway = GatewayProcess::start_emulated(&["--event-hub", "eh1"], &[]);
+    let gateway = gateway();
     let long_name = "h".repeat(1 << 20);
 
     let request = v1::SendEventRequest {
         event_hub: long_name.clone(),
         event: Some(text_event("x")),
     };
-    let frame = grpc_frame(&request.encode_to_vec(), false);
-    let (status, echoed) = raw_status(
-        raw_call(
-            gateway.address,
-            "SendEvent",
-            false,
-            futures_util::stream::iter([frame]),
-        )
-        .await,
-    )
-    .await;
+    let (status, echoed) = raw_unary(gateway.address, "SendEvent", &request.encode_to_vec()).await;
     eprintln!(
         "error echo: SendEvent with a 1 MiB hub name: {echoed} bytes of grpc-message and details"
     );
@@ -232,15 +216,10 @@ async fn errors_repeat_at_most_a_clipped_part_of_what_the_client_sent() {
     let properties = v1::GetEventHubPropertiesRequest {
         event_hub: long_name,
     };
-    let frame = grpc_frame(&properties.encode_to_vec(), false);
-    let (status, echoed) = raw_status(
-        raw_call(
-            gateway.address,
-            "GetEventHubProperties",
-            false,
-            futures_util::stream::iter([frame]),
-        )
-        .await,
+    let (status, echoed) = raw_unary(
+        gateway.address,
+        "GetEventHubProperties",
+        &properties.encode_to_vec(),
     )
     .await;
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
@@ -251,24 +230,18 @@ async fn errors_repeat_at_most_a_clipped_part_of_what_the_client_sent() {
 /// (INVALID_ARGUMENT, with the field where known), not INTERNAL.
 #[tokio::test]
 async fn malformed_requests_are_invalid_argument_naming_the_field() {
-    let gateway = GatewayProcess::start_emulated(&["--event-hub", "eh1"], &[]);
-    let call = |method: &'static str, payload: Vec<u8>| {
-        let address = gateway.address;
-        async move {
-            let frame = grpc_frame(&payload, false);
-            raw_status(raw_call(address, method, false, futures_util::stream::iter([frame])).await)
-                .await
-                .0
-        }
+    let gateway = gateway();
+    let call = |payload: &'static [u8]| async move {
+        raw_unary(gateway.address, "SendEvent", payload).await.0
     };
 
     // A length past the end of the message.
-    let status = call("SendEvent", vec![0x0a, 0x05, b'a']).await;
+    let status = call(&[0x0a, 0x05, b'a']).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(error_reason(&rich_status(&status)), "MALFORMED_REQUEST");
 
     // Invalid UTF-8 in a string field.
-    let status = call("SendEvent", vec![0x0a, 0x02, 0xc3, 0x28]).await;
+    let status = call(&[0x0a, 0x02, 0xc3, 0x28]).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let rich = rich_status(&status);
     assert_eq!(error_reason(&rich), "MALFORMED_REQUEST");

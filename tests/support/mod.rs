@@ -3,13 +3,26 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+mod fixture;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use fixture::*;
+
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use eventhub_emulator::{Emulator, EmulatorConfig, HubConfig};
+use eventhub_emulator::{
+    Emulator, EmulatorConfig, HubConfig, PemSource, TlsConfig, decode_stored_event,
+};
+use eventhub_producer::{Endpoint, TlsOptions};
 use eventhub_wire::message::{AmqpMessage, encode};
 use eventhub_wire::sas::sign_token;
 use eventhub_wire::{BATCH_MESSAGE_FORMAT, SAS_TOKEN_TYPE, annotations};
+// The producer types the tests name, in one place for them all (each test binary uses a different subset).
+#[allow(unused_imports)]
+pub use eventhub_producer::{
+    AmqpCondition, ConnectStage, Credential, Event, Producer, ProducerConfig, SendError,
+    TraceContext, Transport,
+};
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::session::SessionHandle;
@@ -421,8 +434,7 @@ impl TestPki {
     }
 
     /// The emulator's TLS settings for this server certificate.
-    pub fn tls_config(&self) -> eventhub_emulator::TlsConfig {
-        use eventhub_emulator::{PemSource, TlsConfig};
+    pub fn tls_config(&self) -> TlsConfig {
         TlsConfig {
             cert: PemSource::Pem(self.server_cert_pem.clone()),
             key: PemSource::Pem(self.server_key_pem.clone()),
@@ -435,11 +447,8 @@ fn uuid() -> String {
 }
 
 /// A producer for this emulator (its connection string, plain AMQP) with this configuration.
-pub fn producer(
-    emulator: &Emulator,
-    config: eventhub_producer::ProducerConfig,
-) -> eventhub_producer::Producer {
-    eventhub_producer::Producer::from_connection_string(
+pub fn producer(emulator: &Emulator, config: ProducerConfig) -> Producer {
+    Producer::from_connection_string(
         &emulator.connection_string(),
         false,
         Default::default(),
@@ -458,7 +467,7 @@ pub fn stored_events(
     for partition in 0..partitions {
         let id = partition.to_string();
         for stored in emulator.partition_events(hub, &id).expect("hub exists") {
-            let message = eventhub_emulator::decode_stored_event(&stored).expect("decodes");
+            let message = decode_stored_event(&stored).expect("decodes");
             all.push((id.clone(), message));
         }
     }
@@ -472,7 +481,7 @@ pub fn loopback() -> Option<SocketAddr> {
 
 /// An emulator with these hubs and all three listeners, its certificate signed by `pki`'s CA.
 pub async fn start_with_tls(pki: &TestPki, hubs: &[&str]) -> Emulator {
-    start_with(eventhub_emulator::EmulatorConfig {
+    start_with(EmulatorConfig {
         tls: Some(pki.tls_config()),
         tls_listen: loopback(),
         websocket_listen: loopback(),
@@ -482,22 +491,18 @@ pub async fn start_with_tls(pki: &TestPki, hubs: &[&str]) -> Emulator {
 }
 
 /// Where the emulator listens for this transport, as `localhost`.
-pub fn endpoint(
-    emulator: &Emulator,
-    transport: eventhub_producer::Transport,
-) -> eventhub_producer::Endpoint {
-    use eventhub_producer::Transport;
+pub fn endpoint(emulator: &Emulator, transport: Transport) -> Endpoint {
     let addr = match transport {
         Transport::Amqp => emulator.local_addr(),
         Transport::Amqps => emulator.tls_addr().expect("a TLS listener"),
         Transport::WebSockets => emulator.websocket_addr().expect("a WebSocket listener"),
     };
-    eventhub_producer::Endpoint::direct("localhost", addr.port(), transport)
+    Endpoint::direct("localhost", addr.port(), transport)
 }
 
 /// TLS options that trust `pki`'s CA.
-pub fn trusting(pki: &TestPki) -> eventhub_producer::TlsOptions {
-    eventhub_producer::TlsOptions {
+pub fn trusting(pki: &TestPki) -> TlsOptions {
+    TlsOptions {
         extra_root_certificates_pem: vec![pki.ca_pem.clone()],
         ..Default::default()
     }
@@ -915,17 +920,13 @@ impl GatewayProcess {
         rss_kib(self.child.id()) * 1024
     }
 
-    /// Samples its RSS every 50 ms on a thread until the returned flag is set; the peak (bytes) so far.
-    pub fn watch_rss(
-        &self,
-    ) -> (
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ) {
+    /// Its RSS from now on: the baseline now, then the peak sampled every 50 ms on a thread until stopped.
+    pub fn watch_rss(&self) -> RssWatch {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let baseline = self.rss_bytes();
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(self.rss_bytes()));
+        let peak = Arc::new(AtomicU64::new(baseline));
         let (stopped, highest, pid) = (Arc::clone(&stop), Arc::clone(&peak), self.child.id());
         std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
@@ -950,7 +951,11 @@ impl GatewayProcess {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        (stop, peak)
+        RssWatch {
+            baseline,
+            stop,
+            peak,
+        }
     }
 
     /// A gRPC client of it.
@@ -1023,6 +1028,35 @@ pub async fn try_client_from(
         .connect_with_connector(connector)
         .await?;
     Ok(eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::new(channel))
+}
+
+/// A process's RSS watched by [`GatewayProcess::watch_rss`]; sampling stops when it is dropped.
+pub struct RssWatch {
+    baseline: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RssWatch {
+    /// The RSS when the watch began, bytes.
+    pub fn baseline(&self) -> u64 {
+        self.baseline
+    }
+
+    /// Stops sampling; how far the peak rose above the baseline, bytes.
+    pub fn growth(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.peak
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.baseline)
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for GatewayProcess {
@@ -1187,6 +1221,17 @@ where
     channel.oneshot(request).await.expect("the gateway answers")
 }
 
+/// One unary call of the gateway's `method` with `payload` as its one frame (uncompressed); the status it
+/// ended with and the bytes of its `grpc-message` and `grpc-status-details-bin`, as [`raw_status`].
+pub async fn raw_unary(
+    address: SocketAddr,
+    method: &str,
+    payload: &[u8],
+) -> (tonic::Status, usize) {
+    let frame = grpc_frame(payload, false);
+    raw_status(raw_call(address, method, false, futures_util::stream::iter([frame])).await).await
+}
+
 /// The gRPC status a raw call ended with (trailers-only or after its body), with the bytes of its
 /// `grpc-message` and `grpc-status-details-bin` as sent.
 pub async fn raw_status(response: http::Response<tonic::body::Body>) -> (tonic::Status, usize) {
@@ -1210,4 +1255,38 @@ pub async fn raw_status(response: http::Response<tonic::body::Body>) -> (tonic::
     let trailers = collected.trailers().cloned().unwrap_or_default();
     let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status trailer");
     (status, echoed(&trailers))
+}
+
+/// Every log line written while the guard of [`capture_logs`] is held, as text.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// What was captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures every log line at `level` and above written on this thread, without colours, until the guard
+/// is dropped. A `#[tokio::test]` runtime has one thread, so every task the test starts logs into it.
+pub fn capture_logs(level: tracing::Level) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
 }

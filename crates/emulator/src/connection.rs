@@ -558,6 +558,64 @@ async fn accept_link(
 /// Checks an attach the way the service does: a known address, an existing entity, a valid token.
 fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, definitions::Error> {
     let client_sends = matches!(attach.role, Role::Sender);
+    let address = link_address(attach, client_sends)?;
+    let entity = EntityAddress::parse(&address)
+        .map_err(|err| amqp_error(AmqpError::NotFound, err.to_string()))?;
+    let hub = match entity.hub() {
+        Some(name) => Some(hub_named(context, name, &address)?),
+        None => None,
+    };
+    // Every hub entity authorizes against its own path; None for the $cbs/$management nodes.
+    let authorization_path = entity.authorization_path().unwrap_or_default();
+    match (client_sends, &entity, hub) {
+        (true, EntityAddress::Cbs, _) => Ok(LinkPlan::Requests(Node::Cbs)),
+        (true, EntityAddress::Management, _) => Ok(LinkPlan::Requests(Node::Management)),
+        (false, EntityAddress::Cbs, _) => Ok(LinkPlan::Replies(Node::Cbs)),
+        (false, EntityAddress::Management, _) => Ok(LinkPlan::Replies(Node::Management)),
+        (true, EntityAddress::Hub { .. }, Some(hub)) => {
+            plan_ingest(context, hub, None, authorization_path)
+        }
+        (true, EntityAddress::Partition { partition, .. }, Some(hub)) => {
+            let partition = hub
+                .partition_index(partition)
+                .ok_or_else(|| entity_not_found(&address))?;
+            plan_ingest(context, hub, Some(partition), authorization_path)
+        }
+        (
+            false,
+            EntityAddress::ConsumerPartition {
+                consumer_group,
+                partition,
+                ..
+            },
+            Some(hub),
+        ) => plan_consumer(
+            attach,
+            context,
+            ConsumerAddress {
+                address: &address,
+                consumer_group,
+                partition,
+            },
+            hub,
+            authorization_path,
+        ),
+        (true, EntityAddress::ConsumerPartition { .. }, _) => Err(amqp_error(
+            AmqpError::NotAllowed,
+            format!("'{address}' is a consumer group: send to the hub or a partition"),
+        )),
+        (false, _, _) => Err(amqp_error(
+            AmqpError::NotFound,
+            format!(
+                "'{address}' is not a consumer group partition: receive from <hub>/ConsumerGroups/<group>/Partitions/<id>"
+            ),
+        )),
+        (true, _, None) => Err(entity_not_found(&address)),
+    }
+}
+
+/// The address a link names: its target when the client sends, its source when it receives.
+fn link_address(attach: &Attach, client_sends: bool) -> Result<String, definitions::Error> {
     let address = if client_sends {
         attach.target.as_deref().and_then(|target| match target {
             TargetArchetype::Target(target) => target.address.clone(),
@@ -570,109 +628,110 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
             .as_deref()
             .and_then(|source| source.address.clone())
     };
-    let address = address.ok_or_else(|| {
+    address.ok_or_else(|| {
         let side = if client_sends { "target" } else { "source" };
         amqp_error(
             AmqpError::InvalidField,
             format!("the link has no {side} address"),
         )
-    })?;
-    let entity = EntityAddress::parse(&address)
-        .map_err(|err| amqp_error(AmqpError::NotFound, err.to_string()))?;
-    let namespace = &context.shared.namespace;
-    let not_found = || {
-        amqp_error(
-            AmqpError::NotFound,
-            format!("the messaging entity '{address}' could not be found"),
-        )
-    };
-    let hub = match entity.hub() {
-        Some(name) => Some(Arc::clone(namespace.hub(name).ok_or_else(not_found)?)),
-        None => None,
-    };
-    let authorized = |path: &str| {
-        let generation = context.shared.faults.token_generation();
-        if context
-            .grants
-            .expiry_covering(path, now_ms(), generation)
-            .is_some()
-        {
-            Ok(())
-        } else {
-            Err(amqp_error(
-                AmqpError::UnauthorizedAccess,
-                format!("unauthorized access: put a valid token for '{path}' on $cbs first"),
-            ))
-        }
-    };
-    // Every hub entity authorizes against its own path; None for the $cbs/$management nodes.
-    let authorization_path = entity.authorization_path().unwrap_or_default();
-    match (client_sends, &entity, hub) {
-        (true, EntityAddress::Cbs, _) => Ok(LinkPlan::Requests(Node::Cbs)),
-        (true, EntityAddress::Management, _) => Ok(LinkPlan::Requests(Node::Management)),
-        (false, EntityAddress::Cbs, _) => Ok(LinkPlan::Replies(Node::Cbs)),
-        (false, EntityAddress::Management, _) => Ok(LinkPlan::Replies(Node::Management)),
-        (true, EntityAddress::Hub { .. }, Some(hub)) => {
-            authorized(&authorization_path)?;
-            Ok(LinkPlan::Ingest {
-                hub,
-                partition: None,
-                authorization_path,
-            })
-        }
-        (true, EntityAddress::Partition { partition, .. }, Some(hub)) => {
-            let partition = Some(hub.partition_index(partition).ok_or_else(not_found)?);
-            authorized(&authorization_path)?;
-            Ok(LinkPlan::Ingest {
-                hub,
-                partition,
-                authorization_path,
-            })
-        }
-        (
-            false,
-            EntityAddress::ConsumerPartition {
-                consumer_group,
-                partition,
-                ..
-            },
-            Some(hub),
-        ) => {
-            if !hub.has_consumer_group(consumer_group) {
-                return Err(not_found());
-            }
-            let partition = hub.partition_index(partition).ok_or_else(not_found)?;
-            authorized(&authorization_path)?;
-            let filters = attach
-                .source
-                .as_deref()
-                .and_then(|source| source.filter.as_ref());
-            let position = start_position(filters)
-                .map_err(|err| amqp_error(AmqpError::NotImplemented, err.to_string()))?;
-            let reader = hub
-                .readers
-                .register(consumer_group, partition, epoch_of(attach)?)
-                .map_err(|reason| service_error(conditions::RECEIVER_DISCONNECTED, reason))?;
-            Ok(LinkPlan::Consume(consume::ConsumerLink {
-                hub,
-                partition,
-                position,
-                authorization_path,
-                reader,
-            }))
-        }
-        (true, EntityAddress::ConsumerPartition { .. }, _) => Err(amqp_error(
-            AmqpError::NotAllowed,
-            format!("'{address}' is a consumer group: send to the hub or a partition"),
-        )),
-        (false, _, _) => Err(amqp_error(
-            AmqpError::NotFound,
-            format!(
-                "'{address}' is not a consumer group partition: receive from <hub>/ConsumerGroups/<group>/Partitions/<id>"
-            ),
-        )),
-        (true, _, None) => Err(not_found()),
+    })
+}
+
+/// The hub an address names, if the namespace has it.
+fn hub_named(
+    context: &ConnectionContext,
+    name: &str,
+    address: &str,
+) -> Result<Arc<Hub>, definitions::Error> {
+    context
+        .shared
+        .namespace
+        .hub(name)
+        .map(Arc::clone)
+        .ok_or_else(|| entity_not_found(address))
+}
+
+/// A sender to a hub (`partition` None: the emulator routes) or one of its partitions, once the token covers it.
+fn plan_ingest(
+    context: &ConnectionContext,
+    hub: Arc<Hub>,
+    partition: Option<usize>,
+    authorization_path: String,
+) -> Result<LinkPlan, definitions::Error> {
+    authorize_link(context, &authorization_path)?;
+    Ok(LinkPlan::Ingest {
+        hub,
+        partition,
+        authorization_path,
+    })
+}
+
+/// The service's refusal of an address naming no hub, partition or consumer group it has.
+fn entity_not_found(address: &str) -> definitions::Error {
+    amqp_error(
+        AmqpError::NotFound,
+        format!("the messaging entity '{address}' could not be found"),
+    )
+}
+
+/// Refuses a link to `path` unless this connection holds a live token covering it (expired or revoked by
+/// the `expire_tokens` fault: no).
+fn authorize_link(context: &ConnectionContext, path: &str) -> Result<(), definitions::Error> {
+    let generation = context.shared.faults.token_generation();
+    if context
+        .grants
+        .expiry_covering(path, now_ms(), generation)
+        .is_some()
+    {
+        Ok(())
+    } else {
+        Err(amqp_error(
+            AmqpError::UnauthorizedAccess,
+            format!("unauthorized access: put a valid token for '{path}' on $cbs first"),
+        ))
     }
+}
+
+/// A consumer link's address, as parsed: the whole text (for errors), its consumer group and partition id.
+struct ConsumerAddress<'a> {
+    address: &'a str,
+    consumer_group: &'a str,
+    partition: &'a str,
+}
+
+/// A receiver on a consumer group partition: the group and partition exist, the token covers them, the
+/// filter gives a start position, and the epoch rule lets this reader in (registered as it is planned).
+fn plan_consumer(
+    attach: &Attach,
+    context: &ConnectionContext,
+    target: ConsumerAddress<'_>,
+    hub: Arc<Hub>,
+    authorization_path: String,
+) -> Result<LinkPlan, definitions::Error> {
+    if !hub.has_consumer_group(target.consumer_group) {
+        return Err(entity_not_found(target.address));
+    }
+    let partition = hub
+        .partition_index(target.partition)
+        .ok_or_else(|| entity_not_found(target.address))?;
+    authorize_link(context, &authorization_path)?;
+    let filters = attach
+        .source
+        .as_deref()
+        .and_then(|source| source.filter.as_ref());
+    let position = start_position(filters)
+        .map_err(|err| amqp_error(AmqpError::NotImplemented, err.to_string()))?;
+    let reader = hub
+        .readers
+        .register(target.consumer_group, partition, epoch_of(attach)?)
+        .map_err(|reason| service_error(conditions::RECEIVER_DISCONNECTED, reason))?;
+    Ok(LinkPlan::Consume(consume::ConsumerLink {
+        hub,
+        partition,
+        position,
+        authorization_path,
+        reader,
+    }))
 }
 
 /// The `com.microsoft:epoch` link property (owner level) of a receiver, if it set one.
