@@ -87,7 +87,7 @@ async fn delayed_dispositions_arrive_no_sooner_than_the_delay_and_keep_the_link_
 #[tokio::test]
 async fn latency_option_delays_every_disposition() {
     let emulator = start_with(eventhub_gateway::emulator::EmulatorConfig {
-        latency_ms: 200,
+        latency: Duration::from_millis(200),
         ..config(&["eh1:1"])
     })
     .await;

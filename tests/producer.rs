@@ -3,6 +3,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,9 +21,9 @@ use support::*;
 
 fn base() -> ProducerConfig {
     ProducerConfig {
-        send_timeout: 20.0,
-        retry_initial_backoff_ms: 20.0,
-        retry_max_backoff_ms: 200.0,
+        send_timeout: Duration::from_secs(20),
+        retry_initial_backoff: Duration::from_millis(20),
+        retry_max_backoff: Duration::from_millis(200),
         ..ProducerConfig::default()
     }
 }
@@ -105,7 +106,7 @@ async fn concurrent_events_share_batches_and_all_arrive() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            linger_ms: 50.0,
+            linger: Duration::from_millis(50),
             ..base()
         },
     );
@@ -138,7 +139,7 @@ async fn a_batch_never_exceeds_the_link_limit() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            linger_ms: 100.0,
+            linger: Duration::from_millis(100),
             ..base()
         },
     );
@@ -223,7 +224,7 @@ async fn local_partitioning_batches_many_keys_per_partition() {
         &emulator,
         ProducerConfig {
             local_partitioning: true,
-            linger_ms: 50.0,
+            linger: Duration::from_millis(50),
             ..base()
         },
     );
@@ -371,7 +372,7 @@ async fn a_forced_close_mid_flight_loses_nothing() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            linger_ms: 1.0,
+            linger: Duration::from_millis(1),
             ..base()
         },
     );
@@ -426,7 +427,7 @@ async fn short_lived_tokens_are_refreshed_without_failed_sends() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            sas_token_lifetime_seconds: 2.0,
+            sas_token_lifetime: Duration::from_secs(2),
             ..base()
         },
     );
@@ -456,7 +457,7 @@ async fn close_flushes_lingering_events() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            linger_ms: 30_000.0,
+            linger: Duration::from_millis(30000),
             ..base()
         },
     );
@@ -575,7 +576,7 @@ async fn pool_get_timeout_is_honoured() {
             max_size: 1,
             min_size: 1,
             client_limit: 1,
-            pool_get_timeout: 0.3,
+            pool_get_timeout: Duration::from_millis(300),
             ..base()
         },
     );
@@ -604,7 +605,7 @@ async fn idle_links_free_their_slot_and_idle_connections_close() {
             max_size: 1,
             min_size: 0,
             client_limit: 1,
-            max_idle_seconds: 0.3,
+            max_idle: Duration::from_millis(300),
             ..base()
         },
     );
@@ -633,8 +634,8 @@ async fn connections_past_their_lifespan_are_replaced_without_failures() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            max_lifespan_seconds: 0.5,
-            linger_ms: 2.0,
+            max_lifespan: Duration::from_millis(500),
+            linger: Duration::from_millis(2),
             ..base()
         },
     );
@@ -679,7 +680,7 @@ async fn connection_create_timeout_bounds_a_silent_peer() {
         false,
         Default::default(),
         ProducerConfig {
-            pool_connection_create_timeout: 0.3,
+            pool_connection_create_timeout: Duration::from_millis(300),
             retry_max_attempts: 1,
             min_size: 0,
             ..base()
@@ -734,8 +735,8 @@ async fn an_unreachable_event_hubs_is_retried_with_backoff_then_recovers() {
         Default::default(),
         ProducerConfig {
             min_size: 1, // the pool keeps trying on its own
-            reconnect_backoff_initial_seconds: 0.2,
-            reconnect_backoff_max_seconds: 2.0,
+            reconnect_backoff_initial: Duration::from_millis(200),
+            reconnect_backoff_max: Duration::from_secs(2),
             ..base()
         },
     )
@@ -975,7 +976,7 @@ async fn events_linger_for_company_then_go_together() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            linger_ms: 300.0,
+            linger: Duration::from_millis(300),
             ..base()
         },
     );
@@ -1005,7 +1006,7 @@ async fn many_batches_are_in_flight_on_one_link() {
         &emulator,
         ProducerConfig {
             max_size: 1,
-            linger_ms: 0.0,
+            linger: Duration::from_millis(0),
             max_in_flight_unordered: 8,
             ..base()
         },
@@ -1037,8 +1038,8 @@ async fn the_rate_limit_paces_batches_and_every_event_still_arrives() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            rate_limit_events_per_second: Some(400),
-            rate_limit_bytes_per_second: Some(1_000_000),
+            rate_limit_events_per_second: NonZeroU32::new(400),
+            rate_limit_bytes_per_second: NonZeroU32::new(1_000_000),
             ..base()
         },
     );
@@ -1134,7 +1135,7 @@ async fn a_batch_refused_for_one_event_is_sent_apart_and_only_that_event_fails()
     let producer = producer(
         &emulator,
         ProducerConfig {
-            linger_ms: 50.0,
+            linger: Duration::from_millis(50),
             ..base()
         },
     );
@@ -1206,7 +1207,7 @@ async fn an_event_over_a_limit_fails_alone_before_it_joins_a_batch() {
     let producer = producer(
         &emulator,
         ProducerConfig {
-            linger_ms: 50.0,
+            linger: Duration::from_millis(50),
             ..base()
         },
     );

@@ -5,13 +5,13 @@ pub mod codec;
 pub mod convert;
 pub mod deadline;
 pub mod guard;
+pub mod limits;
 pub mod prescan;
 pub mod shares;
 pub mod status;
 pub mod stream;
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,13 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::Limits;
 use crate::middleware::{ClientId, RateLimits, peer_ip};
 use crate::producer::{Producer, Ticket, TraceContext};
 use crate::proto::v1;
 use crate::telemetry::metrics::{HubEvents, Rpc};
 use crate::telemetry::otel;
 use convert::event_from_proto;
+use limits::Limits;
 use prost::Message;
 use shares::{BufferShares, HeldShare};
 pub use status::GatewayError;
@@ -53,8 +53,8 @@ impl GatewayState {
         send_timeout: Duration,
     ) -> Self {
         let rate_limits = RateLimits::new(
-            limits.global_events_per_second.and_then(NonZeroU32::new),
-            limits.client_events_per_second.and_then(NonZeroU32::new),
+            limits.global_events_per_second,
+            limits.client_events_per_second,
         );
         Self {
             producer,
