@@ -303,12 +303,21 @@ pub enum ConfigError {
 }
 
 impl EmulatorConfig {
-    /// Loads a TOML file over the defaults (fields missing from the file keep their defaults).
+    /// Loads a TOML file over the defaults (fields missing from the file keep their defaults). A value that
+    /// does not parse is refused naming its field, as a value out of range is.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         Figment::from(Serialized::defaults(Self::default()))
             .merge(Toml::file_exact(path))
             .extract()
-            .map_err(|err| ConfigError::Load(Box::new(err)))
+            .map_err(|error| {
+                if error.path.is_empty() || error.count() != 1 {
+                    return ConfigError::Load(Box::new(error));
+                }
+                ConfigError::Invalid {
+                    field: error.path.join("."),
+                    problem: format!("{} (in {})", error.kind, path.display()),
+                }
+            })
     }
 
     /// The hubs, each with `$Default` among its consumer groups.
@@ -637,7 +646,13 @@ mod tests {
         std::fs::write(&path, "latency_ms = \"2 parsecs\"\n").unwrap();
         let err = EmulatorConfig::from_file(&path).unwrap_err().to_string();
         assert!(
-            err.contains("latency_ms") && err.contains("is not a duration"),
+            err.starts_with("latency_ms: \"2 parsecs\" is not a duration"),
+            "{err}"
+        );
+        std::fs::write(&path, "[limits]\nidle_time_out_ms = -1\n").unwrap();
+        let err = EmulatorConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("limits.idle_time_out_ms: must not be negative (in "),
             "{err}"
         );
 
