@@ -1,15 +1,21 @@
 //! The gateway's configuration: one typed struct loaded from defaults, a TOML or YAML file, the environment
 //! (`EVENTHUB_GATEWAY_*`, `__` between nested keys) and flags, in that order of precedence, validated once.
+//! Each section's type lives with its owner (`Limits` in the gateway, `ProducerConfig` in the producer); this
+//! module wires the sections together and checks what spans them. Durations read as humantime strings or
+//! numbers of seconds (`eventhubs::settings`); every error names its setting by its dotted path.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml, Yaml};
 use serde::{Deserialize, Serialize};
 
+use crate::gateway::limits::Limits;
 use eventhub_producer::{HttpProxy, ProducerConfig, ProxyCredentials};
+use eventhub_wire::settings::seconds;
 
 /// Prefix of the environment variables the gateway reads.
 pub const ENV_PREFIX: &str = "EVENTHUB_GATEWAY_";
@@ -43,8 +49,9 @@ pub struct GatewayConfig {
     pub emulator: bool,
     /// Partitions of each hub of the in-process emulator.
     pub emulator_partitions: u32,
-    /// How long a graceful shutdown may take before the process exits anyway, seconds.
-    pub drain_timeout_seconds: f64,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    #[serde(rename = "drain_timeout_seconds", with = "seconds")]
+    pub drain_timeout: Duration,
     /// TLS for the gRPC listener.
     pub tls: Option<ServerTls>,
     /// Per-call and per-client limits.
@@ -54,7 +61,7 @@ pub struct GatewayConfig {
 }
 
 /// Where Entra ID tokens come from (azure_identity credentials).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CredentialKind {
     /// Workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set (Kubernetes), else managed identity.
@@ -106,70 +113,6 @@ pub struct ServerTls {
     pub client_ca: Option<PathBuf>,
 }
 
-/// Bounds on calls, streams and clients.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Most events in one `SendEvents` request or `SendStream` message (counted on the wire before decoding).
-    pub max_events_per_request: usize,
-    /// Most unacknowledged events per `SendStream`; beyond it the gateway stops reading the stream.
-    pub max_unacked_per_stream: usize,
-    /// Largest `SendEvents` request or `SendStream` message, bytes, as sent and once decompressed (a
-    /// `SendEvent` has its own bound: one full event plus overhead).
-    pub max_request_bytes: usize,
-    /// Most calls (unary or streaming) served at once; more are shed with RESOURCE_EXHAUSTED.
-    pub max_concurrent_calls: usize,
-    /// Most of those calls from one peer address, so no one client can take every slot.
-    pub max_calls_per_client: usize,
-    /// Most gRPC connections open at once from one peer address; more are closed as they are accepted.
-    pub max_connections_per_client: usize,
-    /// Most encoded event bytes one peer address may have buffered or in flight in the producer (its share of
-    /// `producer.max_buffered_bytes`); beyond it its events wait, until their deadline, for its own to finish.
-    pub max_buffered_bytes_per_client: u64,
-    /// A `SendStream` that has read nothing and has nothing unacknowledged for this long is ended
-    /// (UNAVAILABLE, STREAM_IDLE), freeing its call slot, seconds.
-    pub stream_idle_timeout_seconds: f64,
-    /// Most calls open at once on one HTTP/2 connection; a client's further calls wait on its side. Without
-    /// it, a client faster than the gateway makes it hold every call it cannot even refuse yet.
-    pub http2_max_concurrent_streams: u32,
-    /// HTTP/2 flow-control window of one call, bytes: what a client may send beyond what the gateway read.
-    pub http2_stream_window_bytes: u32,
-    /// HTTP/2 flow-control window of one connection, bytes. h2 drops a connection whose unread small DATA
-    /// frames cost more than half of it (its flood guard), so it must stay well above the stream window.
-    pub http2_connection_window_bytes: u32,
-    /// Events per second across all clients; unlimited when unset.
-    pub global_events_per_second: Option<u32>,
-    /// Events per second per client (`x-client-id`, else the peer address); unlimited when unset.
-    pub client_events_per_second: Option<u32>,
-}
-
-impl Limits {
-    /// `stream_idle_timeout_seconds` as a duration.
-    pub fn stream_idle_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.stream_idle_timeout_seconds)
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_events_per_request: 1000,
-            max_unacked_per_stream: 10_000,
-            max_request_bytes: 16 * 1024 * 1024,
-            max_concurrent_calls: 10_000,
-            max_calls_per_client: 1000,
-            max_connections_per_client: 256,
-            max_buffered_bytes_per_client: 64 * 1024 * 1024,
-            stream_idle_timeout_seconds: 300.0,
-            http2_max_concurrent_streams: 1000,
-            http2_stream_window_bytes: 128 * 1024,
-            http2_connection_window_bytes: 32 * 1024 * 1024,
-            global_events_per_second: None,
-            client_events_per_second: None,
-        }
-    }
-}
-
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -185,7 +128,7 @@ impl Default for GatewayConfig {
             event_hubs_proxy: None,
             emulator: false,
             emulator_partitions: 4,
-            drain_timeout_seconds: 30.0,
+            drain_timeout: Duration::from_secs(30),
             tls: None,
             limits: Limits::default(),
             producer: ProducerConfig::default(),
@@ -193,19 +136,21 @@ impl Default for GatewayConfig {
     }
 }
 
-/// A configuration that cannot be loaded or is out of range; names the setting at fault.
+/// A configuration that cannot be loaded or is out of range; names the setting at fault. The producer's and
+/// the emulator's configuration errors have the same `{ field, problem }` shape.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file, the environment or a flag does not parse into the config.
+    /// The file, the environment or a flag does not parse into the config, and no one setting is at fault
+    /// (a file that is not TOML, say).
     #[error("configuration: {0}")]
     Load(Box<figment::Error>),
-    /// A value is out of range.
-    #[error("configuration: {field}: {reason}")]
+    /// A value is refused: out of range, or not of its setting's form (`"30x"` for a duration).
+    #[error("configuration: {field}: {problem}")]
     Invalid {
         /// The setting, as a dotted path (`limits.max_unacked_per_stream`).
         field: String,
-        /// What is allowed.
-        reason: String,
+        /// What is wrong, and what is allowed.
+        problem: String,
     },
     /// A file the configuration names cannot be read.
     #[error("configuration: {field}: cannot read {path}: {source}")]
@@ -219,9 +164,52 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A refused value of `field`.
+    pub fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The same error with its field inside `section` (`max_size` -> `producer.max_size`).
+    fn within(self, section: &str) -> Self {
+        match self {
+            Self::Invalid { field, problem } => Self::Invalid {
+                field: format!("{section}.{field}"),
+                problem,
+            },
+            other => other,
+        }
+    }
+}
+
+impl From<eventhub_producer::ConfigError> for ConfigError {
+    fn from(error: eventhub_producer::ConfigError) -> Self {
+        match error {
+            eventhub_producer::ConfigError::Invalid { field, problem } => {
+                Self::invalid(field, problem).within("producer")
+            }
+        }
+    }
+}
+
+/// A value of one setting that does not parse names that setting, and where it came from (the file, the
+/// variable); anything else (a file that is not TOML, several errors) stays figment's own message.
 impl From<figment::Error> for ConfigError {
     fn from(error: figment::Error) -> Self {
-        Self::Load(Box::new(error))
+        if error.path.is_empty() || error.count() != 1 {
+            return Self::Load(Box::new(error));
+        }
+        let origin = match &error.metadata {
+            Some(metadata) => match &metadata.source {
+                Some(source) => format!(" (in {source} {})", metadata.name),
+                None => format!(" (in {})", metadata.name),
+            },
+            None => String::new(),
+        };
+        Self::invalid(error.path.join("."), format!("{}{origin}", error.kind))
     }
 }
 
@@ -311,18 +299,26 @@ impl GatewayConfig {
 
     /// Checks every setting; the error names the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &str, reason: &str| {
-            Err(ConfigError::Invalid {
-                field: field.to_owned(),
-                reason: reason.to_owned(),
-            })
-        };
-        self.producer
+        self.producer.validate()?;
+        self.validate_event_hubs()?;
+        self.validate_proxy()?;
+        self.validate_listeners()?;
+        if !(1..=1024).contains(&self.emulator_partitions) {
+            return invalid("emulator_partitions", "must be between 1 and 1024");
+        }
+        if self.drain_timeout.is_zero() || self.drain_timeout > Duration::from_secs(3600) {
+            return invalid(
+                "drain_timeout_seconds",
+                "must be above 0 and at most 3600 s (an hour)",
+            );
+        }
+        self.limits
             .validate()
-            .map_err(|error| ConfigError::Invalid {
-                field: format!("producer.{}", error.field),
-                reason: error.reason,
-            })?;
+            .map_err(|error| error.within("limits"))
+    }
+
+    /// The hubs' names, and exactly one place they are reached (emulator, connection string, namespace).
+    fn validate_event_hubs(&self) -> Result<(), ConfigError> {
         for (index, hub) in self.event_hubs.iter().enumerate() {
             let valid = !hub.is_empty()
                 && hub.len() <= 256
@@ -372,125 +368,50 @@ impl GatewayConfig {
                 "must be a host name such as my-namespace.servicebus.windows.net",
             );
         }
-        if let Some(proxy) = &self.event_hubs_proxy {
-            let parsed = parse_proxy_url(&proxy.url).map_err(|reason| ConfigError::Invalid {
-                field: "event_hubs_proxy.url".into(),
-                reason,
-            })?;
-            if parsed.credentials.is_some() {
-                return invalid(
-                    "event_hubs_proxy.url",
-                    "must not hold credentials: set event_hubs_proxy.username and password_file",
-                );
-            }
-            if proxy.password.is_some() && proxy.password_file.is_some() {
-                return invalid(
-                    "event_hubs_proxy.password",
-                    "give password or password_file, not both",
-                );
-            }
-            if proxy.username.is_none()
-                && (proxy.password.is_some() || proxy.password_file.is_some())
-            {
-                return invalid(
-                    "event_hubs_proxy.username",
-                    "needed with a password (basic authentication)",
-                );
-            }
-            if self.emulator || !self.websockets {
-                return invalid(
-                    "event_hubs_proxy",
-                    "needs websockets = true: a proxy carries AMQP over WebSockets (port 443), as with the \
-                     Azure SDKs' http_proxy",
-                );
-            }
+        Ok(())
+    }
+
+    /// The proxy toward Event Hubs: a URL without credentials, one password source, over WebSockets only.
+    fn validate_proxy(&self) -> Result<(), ConfigError> {
+        let Some(proxy) = &self.event_hubs_proxy else {
+            return Ok(());
+        };
+        let parsed = parse_proxy_url(&proxy.url)
+            .map_err(|problem| ConfigError::invalid("event_hubs_proxy.url", problem))?;
+        if parsed.credentials.is_some() {
+            return invalid(
+                "event_hubs_proxy.url",
+                "must not hold credentials: set event_hubs_proxy.username and password_file",
+            );
         }
+        if proxy.password.is_some() && proxy.password_file.is_some() {
+            return invalid(
+                "event_hubs_proxy.password",
+                "give password or password_file, not both",
+            );
+        }
+        if proxy.username.is_none() && (proxy.password.is_some() || proxy.password_file.is_some()) {
+            return invalid(
+                "event_hubs_proxy.username",
+                "needed with a password (basic authentication)",
+            );
+        }
+        if self.emulator || !self.websockets {
+            return invalid(
+                "event_hubs_proxy",
+                "needs websockets = true: a proxy carries AMQP over WebSockets (port 443), as with the \
+                 Azure SDKs' http_proxy",
+            );
+        }
+        Ok(())
+    }
+
+    /// The gRPC and metrics listeners are two sockets.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
         if self.metrics_listen == self.listen && self.listen.port() != 0 {
             return invalid(
                 "metrics_listen",
                 "must differ from listen (the gRPC listener)",
-            );
-        }
-        if !(1..=1024).contains(&self.emulator_partitions) {
-            return invalid("emulator_partitions", "must be between 1 and 1024");
-        }
-        if !(self.drain_timeout_seconds > 0.0 && self.drain_timeout_seconds <= 3600.0) {
-            return invalid("drain_timeout_seconds", "must be above 0 and at most 3600");
-        }
-        let limits = &self.limits;
-        if !(1..=100_000).contains(&limits.max_events_per_request) {
-            return invalid(
-                "limits.max_events_per_request",
-                "must be between 1 and 100000",
-            );
-        }
-        if !(1..=1_000_000).contains(&limits.max_unacked_per_stream) {
-            return invalid(
-                "limits.max_unacked_per_stream",
-                "must be between 1 and 1000000",
-            );
-        }
-        if !(1024 * 1024 + 64 * 1024..=1024 * 1024 * 1024).contains(&limits.max_request_bytes) {
-            return invalid(
-                "limits.max_request_bytes",
-                "must be between 1088 KiB (a full 1 MiB event plus overhead) and 1 GiB",
-            );
-        }
-        if limits.max_concurrent_calls == 0 {
-            return invalid("limits.max_concurrent_calls", "must be at least 1");
-        }
-        if limits.max_calls_per_client == 0 {
-            return invalid("limits.max_calls_per_client", "must be at least 1");
-        }
-        if limits.max_connections_per_client == 0 {
-            return invalid("limits.max_connections_per_client", "must be at least 1");
-        }
-        if !(1024 * 1024..=u32::MAX as u64).contains(&limits.max_buffered_bytes_per_client) {
-            return invalid(
-                "limits.max_buffered_bytes_per_client",
-                "must be between 1 MiB (one full event) and 4 GiB",
-            );
-        }
-        if !(limits.stream_idle_timeout_seconds > 0.0
-            && limits.stream_idle_timeout_seconds <= 86_400.0)
-        {
-            return invalid(
-                "limits.stream_idle_timeout_seconds",
-                "must be above 0 and at most 86400",
-            );
-        }
-        if !(1..=1_000_000).contains(&limits.http2_max_concurrent_streams) {
-            return invalid(
-                "limits.http2_max_concurrent_streams",
-                "must be between 1 and 1000000",
-            );
-        }
-        if !(64 * 1024..=16 * 1024 * 1024).contains(&limits.http2_stream_window_bytes) {
-            return invalid(
-                "limits.http2_stream_window_bytes",
-                "must be between 64 KiB and 16 MiB",
-            );
-        }
-        // Small messages cost h2's flood guard up to ~25 times their size while unread: a stalled stream
-        // must fit many times in half the connection window.
-        if limits.http2_connection_window_bytes / 64 < limits.http2_stream_window_bytes
-            || limits.http2_connection_window_bytes > 1024 * 1024 * 1024
-        {
-            return invalid(
-                "limits.http2_connection_window_bytes",
-                "must be at least 64 times http2_stream_window_bytes and at most 1 GiB",
-            );
-        }
-        if limits.global_events_per_second == Some(0) {
-            return invalid(
-                "limits.global_events_per_second",
-                "must be at least 1 when set (leave it unset for no limit)",
-            );
-        }
-        if limits.client_events_per_second == Some(0) {
-            return invalid(
-                "limits.client_events_per_second",
-                "must be at least 1 when set (leave it unset for no limit)",
             );
         }
         Ok(())
@@ -526,10 +447,10 @@ impl GatewayConfig {
                 namespace: namespace.clone(),
                 credential: self.credential,
             }),
-            None => Err(ConfigError::Invalid {
-                field: "connection_string".into(),
-                reason: "no Event Hubs source configured".into(),
-            }),
+            None => Err(ConfigError::invalid(
+                "connection_string",
+                "no Event Hubs source configured",
+            )),
         }
     }
 
@@ -543,11 +464,8 @@ impl GatewayConfig {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<HttpProxy>, ConfigError> {
         if let Some(settings) = &self.event_hubs_proxy {
-            let mut proxy =
-                parse_proxy_url(&settings.url).map_err(|reason| ConfigError::Invalid {
-                    field: "event_hubs_proxy.url".into(),
-                    reason,
-                })?;
+            let mut proxy = parse_proxy_url(&settings.url)
+                .map_err(|problem| ConfigError::invalid("event_hubs_proxy.url", problem))?;
             let password = match (&settings.password, &settings.password_file) {
                 (Some(password), _) => Some(password.clone()),
                 (None, Some(path)) => Some(
@@ -583,16 +501,13 @@ impl GatewayConfig {
         }
         parse_proxy_url(&url)
             .map(Some)
-            .map_err(|reason| ConfigError::Invalid {
-                field: "HTTPS_PROXY".into(),
-                reason,
-            })
+            .map_err(|problem| ConfigError::invalid("HTTPS_PROXY", problem))
     }
+}
 
-    /// The drain timeout as a duration.
-    pub fn drain_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.drain_timeout_seconds)
-    }
+/// A refused value of `field`, as the `Err` of a check.
+fn invalid(field: &str, problem: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::invalid(field, problem))
 }
 
 /// Parses `[http://][user:password@]host[:port][/]`; the port defaults to 80. Errors never echo the URL,
@@ -732,7 +647,11 @@ mod tests {
             .unwrap();
             assert_eq!(config.event_hubs, ["from-file"]);
             assert_eq!(config.producer.max_size, 6, "environment over file");
-            assert_eq!(config.producer.linger_ms, 7.0, "file over defaults");
+            assert_eq!(
+                config.producer.linger,
+                Duration::from_millis(7),
+                "file over defaults"
+            );
             assert_eq!(config.limits.max_unacked_per_stream, 11, "flags over all");
             Ok(())
         });
@@ -864,6 +783,110 @@ mod tests {
         }
     }
 
+    fn toml(text: &str) -> Result<GatewayConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, format!("emulator = true\n{text}")).unwrap();
+        GatewayConfig::load_with_env(Some(&file), no_env(), Figment::new())
+    }
+
+    #[test]
+    fn durations_are_humantime_strings_or_numbers_under_the_documented_keys() {
+        let config = toml(
+            "drain_timeout_seconds = \"1m 30s\"\n\
+             [limits]\nstream_idle_timeout_seconds = \"30s\"\n\
+             [producer]\npool_get_timeout = 2.5\nlinger_ms = \"250ms\"\nmax_idle_seconds = 300\n\
+             retry_max_backoff_ms = 2000\nsend_timeout = \"45s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.drain_timeout, Duration::from_secs(90));
+        assert_eq!(config.limits.stream_idle_timeout, Duration::from_secs(30));
+        assert_eq!(
+            config.producer.pool_get_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(config.producer.linger, Duration::from_millis(250));
+        assert_eq!(config.producer.max_idle, Duration::from_secs(300));
+        assert_eq!(config.producer.retry_max_backoff, Duration::from_secs(2));
+        assert_eq!(config.producer.send_timeout, Duration::from_secs(45));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own error type
+    fn durations_come_from_the_environment_in_either_form() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("EVENTHUB_GATEWAY_EMULATOR", "true");
+            jail.set_env("EVENTHUB_GATEWAY_PRODUCER__STALL_TIMEOUT", "1500ms");
+            jail.set_env("EVENTHUB_GATEWAY_DRAIN_TIMEOUT_SECONDS", "2.5");
+            let config = GatewayConfig::load(None, Figment::new()).unwrap();
+            assert_eq!(config.producer.stall_timeout, Duration::from_millis(1500));
+            assert_eq!(config.drain_timeout, Duration::from_millis(2500));
+            jail.set_env("EVENTHUB_GATEWAY_PRODUCER__STALL_TIMEOUT", "soon");
+            let error = GatewayConfig::load(None, Figment::new()).unwrap_err();
+            assert!(
+                error.to_string().starts_with(
+                    "configuration: producer.stall_timeout: \"soon\" is not a duration"
+                ),
+                "{error}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_value_that_does_not_parse_names_its_setting_and_its_file() {
+        for (text, field, problem) in [
+            (
+                "[producer]\npool_get_timeout = \"30x\"\n",
+                "producer.pool_get_timeout",
+                "\"30x\" is not a duration (\"30s\", \"250ms\", \"1m 30s\") or a number of seconds",
+            ),
+            (
+                "[limits]\nstream_idle_timeout_seconds = -1\n",
+                "limits.stream_idle_timeout_seconds",
+                "must not be negative",
+            ),
+            (
+                "[limits]\nglobal_events_per_second = 0\n",
+                "limits.global_events_per_second",
+                "must be at least 1 when set (leave it unset for no limit)",
+            ),
+            (
+                "[producer]\nrate_limit_events_per_second = 0\n",
+                "producer.rate_limit_events_per_second",
+                "must be at least 1 when set",
+            ),
+            (
+                "[limits]\nmax_evnets = 3\n",
+                "limits.max_evnets",
+                "unknown field: found `max_evnets`",
+            ),
+            (
+                "[producer]\nmax_size = \"four\"\n",
+                "producer.max_size",
+                "invalid type",
+            ),
+        ] {
+            match toml(text) {
+                Err(ConfigError::Invalid {
+                    field: found,
+                    problem: text,
+                }) => {
+                    assert_eq!(found, field, "{text}");
+                    assert!(text.contains(problem), "{field}: {text}");
+                    assert!(text.contains("gateway.toml"), "{field}: {text}");
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let config = toml("[limits]\nclient_events_per_second = 50\n").unwrap();
+        assert_eq!(
+            config.limits.client_events_per_second,
+            std::num::NonZeroU32::new(50)
+        );
+        assert!(matches!(toml("[limits\n"), Err(ConfigError::Load(_))));
+    }
+
     #[test]
     fn unknown_settings_are_refused_with_their_name() {
         let error = GatewayConfig::load_with_env(
@@ -904,7 +927,7 @@ mod tests {
         let producer: ProducerConfig = chart.extract_inner("config.producer").unwrap();
         assert_eq!(producer, defaults.producer);
         let drain: f64 = chart.extract_inner("config.drain_timeout_seconds").unwrap();
-        assert_eq!(drain, defaults.drain_timeout_seconds);
+        assert_eq!(Duration::from_secs_f64(drain), defaults.drain_timeout);
         let partitions: u32 = chart.extract_inner("emulator.partitions").unwrap();
         assert_eq!(partitions, defaults.emulator_partitions);
     }
@@ -1087,9 +1110,9 @@ mod tests {
         ];
         for (config, expected) in cases {
             match config.validate() {
-                Err(ConfigError::Invalid { field, reason }) => {
-                    assert_eq!(field, expected, "{reason}");
-                    assert!(!reason.contains("SECRET"));
+                Err(ConfigError::Invalid { field, problem }) => {
+                    assert_eq!(field, expected, "{problem}");
+                    assert!(!problem.contains("SECRET"));
                 }
                 other => panic!("{expected}: {other:?}"),
             }

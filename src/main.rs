@@ -25,13 +25,58 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 )]
 struct Cli {
     /// How logs are written to stderr (RUST_LOG filters them).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EVENTHUB_GATEWAY_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text, env = "EVENTHUB_GATEWAY_LOG_FORMAT")]
+    log_format: LogFormatArg,
     /// On failure, print the whole error with its causes and, when RUST_BACKTRACE is set, the backtrace.
     #[arg(short, long, global = true)]
     verbose: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `LogFormat` as a flag: the library's types know nothing of clap.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines (coloured on a terminal).
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(format: LogFormatArg) -> Self {
+        match format {
+            LogFormatArg::Text => Self::Text,
+            LogFormatArg::Json => Self::Json,
+        }
+    }
+}
+
+/// `CredentialKind` as a flag: the configuration's types know nothing of clap.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CredentialArg {
+    /// Workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set (Kubernetes), else managed identity.
+    Auto,
+    /// Azure Workload Identity: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`.
+    WorkloadIdentity,
+    /// The host's managed identity (user-assigned when `AZURE_CLIENT_ID` is set).
+    ManagedIdentity,
+    /// The signed-in Azure CLI (`az login`).
+    AzureCli,
+    /// A service principal secret: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`.
+    ClientSecret,
+}
+
+impl From<CredentialArg> for CredentialKind {
+    fn from(credential: CredentialArg) -> Self {
+        match credential {
+            CredentialArg::Auto => Self::Auto,
+            CredentialArg::WorkloadIdentity => Self::WorkloadIdentity,
+            CredentialArg::ManagedIdentity => Self::ManagedIdentity,
+            CredentialArg::AzureCli => Self::AzureCli,
+            CredentialArg::ClientSecret => Self::ClientSecret,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -135,7 +180,7 @@ struct ServeArgs {
     namespace: Option<String>,
     /// Where Entra ID tokens come from, with --namespace [default: auto].
     #[arg(long, value_enum)]
-    credential: Option<CredentialKind>,
+    credential: Option<CredentialArg>,
     /// Reach Event Hubs over AMQP on WebSockets (port 443) instead of AMQPS (port 5671).
     #[arg(long)]
     websockets: bool,
@@ -194,7 +239,7 @@ impl ServeArgs {
         if let Some(credential) = self.credential {
             set(
                 "credential",
-                serde_json::to_value(credential).unwrap_or_default(),
+                serde_json::to_value(CredentialKind::from(credential)).unwrap_or_default(),
             );
         }
         if self.websockets {
@@ -242,7 +287,7 @@ impl EmulatorArgs {
             config.key = key;
         }
         if let Some(latency_ms) = self.latency_ms {
-            config.latency_ms = latency_ms;
+            config.latency = Duration::from_millis(latency_ms);
         }
         if let Some(max_message_size) = self.max_message_size {
             config.max_message_size = max_message_size;
@@ -291,13 +336,13 @@ impl EmulatorArgs {
             }
         }
         if let Some(ms) = self.authorization_timeout_ms {
-            limits.authorization_timeout_ms = ms;
+            limits.authorization_timeout = Duration::from_millis(ms);
         }
         if let Some(ms) = self.idle_connection_timeout_ms {
-            limits.idle_connection_timeout_ms = ms;
+            limits.idle_connection_timeout = Duration::from_millis(ms);
         }
         if let Some(ms) = self.idle_time_out_ms {
-            limits.idle_time_out_ms = ms;
+            limits.idle_time_out = Duration::from_millis(ms.into());
         }
         Ok(config)
     }
@@ -336,7 +381,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let otlp = OtlpSettings::from_env()?;
-    let telemetry = logging::init(cli.log_format, otlp.as_ref())?;
+    let telemetry = logging::init(cli.log_format.into(), otlp.as_ref())?;
     let outcome = match cli.command {
         Command::Emulator(args) => match args.into_config() {
             Ok(config) => run_emulator(config).await,

@@ -287,11 +287,10 @@ fn with_proxy(config: &GatewayConfig, endpoint: Endpoint) -> Result<Endpoint, Se
     match (endpoint.transport, proxy) {
         (Transport::WebSockets, proxy) => Ok(Endpoint { proxy, ..endpoint }),
         (_, Some(_)) if config.event_hubs_proxy.is_some() => {
-            Err(ServeError::Config(ConfigError::Invalid {
-                field: "event_hubs_proxy".into(),
-                reason: "the connection string says UseDevelopmentEmulator (plain AMQP): no proxy applies"
-                    .into(),
-            }))
+            Err(ServeError::Config(ConfigError::invalid(
+                "event_hubs_proxy",
+                "the connection string says UseDevelopmentEmulator (plain AMQP): no proxy applies",
+            )))
         }
         (transport, Some(proxy)) => {
             tracing::warn!(
@@ -413,7 +412,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         producer,
         hubs,
         config.limits.clone(),
-        config.producer.default_deadline(),
+        config.producer.send_timeout,
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -516,7 +515,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         server,
         emulator,
         metrics,
-        drain_timeout: config.drain_timeout(),
+        drain_timeout: config.drain_timeout,
     })
 }
 

@@ -79,7 +79,7 @@ async fn delayed_dispositions_arrive_no_sooner_than_the_delay_and_keep_the_link_
 #[tokio::test]
 async fn latency_option_delays_every_disposition() {
     let emulator = Fixture::builder(&["eh1:1"])
-        .emulator(|config| config.latency_ms = 200)
+        .emulator(|config| config.latency = Duration::from_millis(200))
         .without_producer()
         .start()
         .await;

@@ -196,7 +196,7 @@ async fn a_flood_of_cbs_links_without_a_token_is_capped_and_the_links_detached()
 
     // Every link is detached: those over the cap at once, the others once the authorization timeout passes.
     let mut conditions = std::collections::BTreeMap::<String, usize>::new();
-    let wait = Duration::from_millis(LimitsConfig::default().authorization_timeout_ms) + TIMEOUT;
+    let wait = LimitsConfig::default().authorization_timeout + TIMEOUT;
     for sender in &mut attached {
         let condition = detach_condition(sender, wait)
             .await
@@ -293,7 +293,7 @@ async fn links_over_the_cap_are_refused_and_a_detached_one_frees_its_place() {
 #[tokio::test]
 async fn cbs_links_of_a_connection_that_puts_no_token_are_detached_and_capped() {
     let emulator = limited(LimitsConfig {
-        authorization_timeout_ms: 300,
+        authorization_timeout: Duration::from_millis(300),
         max_unauthorized_links_per_connection: 2,
         ..LimitsConfig::default()
     })
@@ -331,7 +331,7 @@ async fn cbs_links_of_a_connection_that_puts_no_token_are_detached_and_capped() 
 #[tokio::test]
 async fn a_connection_without_links_is_closed_after_the_idle_timeout() {
     let emulator = limited(LimitsConfig {
-        idle_connection_timeout_ms: 300,
+        idle_connection_timeout: Duration::from_millis(300),
         ..LimitsConfig::default()
     })
     .await;
@@ -351,7 +351,7 @@ async fn a_connection_without_links_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn the_idle_time_out_is_announced_and_a_silent_peer_dropped() {
     let emulator = limited(LimitsConfig {
-        idle_time_out_ms: 1000,
+        idle_time_out: Duration::from_millis(1000),
         ..LimitsConfig::default()
     })
     .await;

@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use eventhub_gateway::proto::v1;
@@ -395,7 +396,8 @@ async fn a_stream_stops_reading_at_its_unacked_limit() {
 
 #[tokio::test]
 async fn per_client_and_global_rate_limits_answer_resource_exhausted_with_retry_info() {
-    let gateway = start_gateway(|config| config.limits.client_events_per_second = Some(50)).await;
+    let gateway =
+        start_gateway(|config| config.limits.client_events_per_second = NonZeroU32::new(50)).await;
     let mut client = gateway_client(&gateway).await;
     let batch = |n: usize| v1::SendEventsRequest {
         event_hub: String::new(),
@@ -429,7 +431,8 @@ async fn per_client_and_global_rate_limits_answer_resource_exhausted_with_retry_
         .unwrap();
     gateway.shutdown().await.unwrap();
 
-    let gateway = start_gateway(|config| config.limits.global_events_per_second = Some(50)).await;
+    let gateway =
+        start_gateway(|config| config.limits.global_events_per_second = NonZeroU32::new(50)).await;
     let mut client = gateway_client(&gateway).await;
     client
         .send_events(with_client_id(batch(40), "a"))
@@ -957,7 +960,8 @@ async fn unreadable_stream_messages_end_the_stream_with_invalid_argument_after_t
 
 #[tokio::test]
 async fn a_streams_deadline_ends_it_with_deadline_exceeded_after_acking_every_event_read() {
-    let gateway = start_gateway(|config| config.producer.send_timeout = 30.0).await;
+    let gateway =
+        start_gateway(|config| config.producer.send_timeout = Duration::from_secs(30)).await;
     let mut client = gateway_client(&gateway).await;
     send_text(&mut client, "warm").await.unwrap();
     let (sender, receiver) = mpsc::channel(16);
@@ -1014,7 +1018,8 @@ async fn a_streams_deadline_ends_it_with_deadline_exceeded_after_acking_every_ev
 
 #[tokio::test]
 async fn a_cancelled_stream_stops_waiting_for_its_events_at_once() {
-    let gateway = start_gateway(|config| config.producer.send_timeout = 60.0).await;
+    let gateway =
+        start_gateway(|config| config.producer.send_timeout = Duration::from_secs(60)).await;
     let mut client = gateway_client(&gateway).await;
     send_text(&mut client, "warm").await.unwrap();
     let (sender, receiver) = mpsc::channel(16);
@@ -1061,7 +1066,7 @@ async fn a_cancelled_stream_stops_waiting_for_its_events_at_once() {
 
 #[tokio::test]
 async fn a_poison_event_fails_alone_and_its_batch_mates_are_stored() {
-    let gateway = start_gateway(|config| config.producer.linger_ms = 50.0).await;
+    let gateway = start_gateway(|config| config.producer.linger = Duration::from_millis(50)).await;
     let emulator = gateway.emulator().unwrap();
     // A rule only Event Hubs knows (here an injected one): the gateway cannot refuse the event first.
     emulator.faults().refuse_events_containing(Some(b"POISON"));

@@ -616,7 +616,7 @@ fn relayed_producer(
     edit: impl FnOnce(&mut ProducerConfig),
 ) -> Producer {
     let mut config = ProducerConfig {
-        send_timeout: 10.0,
+        send_timeout: Duration::from_secs(10),
         ..Default::default()
     };
     edit(&mut config);
@@ -636,7 +636,9 @@ async fn silence_with_a_send_awaiting_its_disposition_kills_the_connection_and_t
  {
     let emulator = start(&[&format!("{HUB}:{PARTITIONS}")]).await;
     let relay = Relay::start(emulator.local_addr()).await;
-    let producer = relayed_producer(&emulator, &relay, |config| config.stall_timeout = 1.0);
+    let producer = relayed_producer(&emulator, &relay, |config| {
+        config.stall_timeout = Duration::from_secs(1)
+    });
     assert!(
         eventually(|| async { producer.is_ready() }).await,
         "{:?}",
@@ -698,8 +700,8 @@ async fn a_slow_peer_that_heartbeats_is_not_taken_for_dead() {
     let relay = Relay::start(emulator.local_addr()).await;
     // Announcing 0.5 s (half of idle_timeout_seconds) makes the emulator send an empty frame every 0.5 s.
     let producer = relayed_producer(&emulator, &relay, |config| {
-        config.stall_timeout = 1.0;
-        config.idle_timeout_seconds = 1.0;
+        config.stall_timeout = Duration::from_secs(1);
+        config.idle_timeout = Duration::from_secs(1);
     });
     assert!(
         eventually(|| async { producer.is_ready() }).await,

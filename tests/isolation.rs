@@ -164,7 +164,8 @@ async fn an_event_whose_deadline_passes_while_it_waits_is_refused_and_never_sent
 
 #[tokio::test]
 async fn a_batch_on_the_wire_past_the_send_timeout_is_answered_outcome_unknown() {
-    let gateway = start_gateway(|config| config.producer.send_timeout = 0.8).await;
+    let gateway =
+        start_gateway(|config| config.producer.send_timeout = Duration::from_millis(800)).await;
     let mut client = gateway_client(&gateway).await;
     send_text(&mut client, "warm").await.unwrap();
     gateway
@@ -422,7 +423,9 @@ async fn one_client_holds_at_most_its_share_of_connections() {
 
 #[tokio::test]
 async fn an_idle_stream_is_ended_with_stream_idle_after_its_acks() {
-    let gateway = start_gateway(|config| config.limits.stream_idle_timeout_seconds = 0.5).await;
+    let gateway =
+        start_gateway(|config| config.limits.stream_idle_timeout = Duration::from_millis(500))
+            .await;
     let mut client = gateway_client(&gateway).await;
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let mut responses = client

@@ -5,6 +5,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
 
 use eventhub_gateway::proto::v1;
 use support::*;
@@ -180,7 +182,7 @@ async fn refused_events_are_counted_by_reason_and_the_rate_limit_total() {
     let hub = "metrics-refusals";
     let gateway = start_gateway(|config| {
         config.event_hubs = vec![hub.into()];
-        config.limits.client_events_per_second = Some(2);
+        config.limits.client_events_per_second = NonZeroU32::new(2);
     })
     .await;
     let mut client = gateway_client(&gateway).await;
@@ -403,8 +405,8 @@ async fn throttled_batches_are_retried_and_counted() {
     let hub = "metrics-retries";
     let gateway = start_gateway(|config| {
         config.event_hubs = vec![hub.into()];
-        config.producer.retry_initial_backoff_ms = 1.0;
-        config.producer.retry_max_backoff_ms = 10.0;
+        config.producer.retry_initial_backoff = Duration::from_millis(1);
+        config.producer.retry_max_backoff = Duration::from_millis(10);
     })
     .await;
     let mut client = gateway_client(&gateway).await;

@@ -86,7 +86,7 @@ async fn a_wrong_key_is_not_retried() {
 async fn short_lived_tokens_are_refreshed_without_failed_sends() {
     // Two-second tokens, refreshed at 90%: a 5 s run needs at least two refreshes per connection.
     let fx = Fixture::builder(&["eh1:1"])
-        .producer(|config| config.sas_token_lifetime_seconds = 2.0)
+        .producer(|config| config.sas_token_lifetime = Duration::from_secs(2))
         .start()
         .await;
     let producer = fx.producer();

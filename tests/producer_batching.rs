@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -11,7 +12,7 @@ use support::*;
 #[tokio::test]
 async fn concurrent_events_share_batches_and_all_arrive() {
     let fx = Fixture::builder(&["eh1:4"])
-        .producer(|config| config.linger_ms = 50.0)
+        .producer(|config| config.linger = Duration::from_millis(50))
         .start()
         .await;
     let outcomes = fx
@@ -34,7 +35,7 @@ async fn concurrent_events_share_batches_and_all_arrive() {
 async fn a_batch_never_exceeds_the_link_limit() {
     let fx = Fixture::builder(&["eh1:1"])
         .emulator(|config| config.max_message_size = 64 * 1024)
-        .producer(|config| config.linger_ms = 100.0)
+        .producer(|config| config.linger = Duration::from_millis(100))
         .start()
         .await;
     // 200 events of 1 KiB: at least four batches of at most 64 KiB, none refused for size.
@@ -59,7 +60,7 @@ async fn a_batch_never_exceeds_the_link_limit() {
 #[tokio::test]
 async fn events_linger_for_company_then_go_together() {
     let fx = Fixture::builder(&["eh1:1"])
-        .producer(|config| config.linger_ms = 300.0)
+        .producer(|config| config.linger = Duration::from_millis(300))
         .start()
         .await;
     let started = Instant::now();
@@ -79,7 +80,7 @@ async fn many_batches_are_in_flight_on_one_link() {
         .faults(|faults| faults.delay_dispositions(Duration::from_millis(500)))
         .producer(|config| {
             config.max_size = 1;
-            config.linger_ms = 0.0;
+            config.linger = Duration::from_millis(0);
             config.max_in_flight_unordered = 8;
         })
         .start()
@@ -108,8 +109,8 @@ async fn many_batches_are_in_flight_on_one_link() {
 async fn the_rate_limit_paces_batches_and_every_event_still_arrives() {
     let fx = Fixture::builder(&["eh1:2"])
         .producer(|config| {
-            config.rate_limit_events_per_second = Some(400);
-            config.rate_limit_bytes_per_second = Some(1_000_000);
+            config.rate_limit_events_per_second = NonZeroU32::new(400);
+            config.rate_limit_bytes_per_second = NonZeroU32::new(1_000_000);
         })
         .start()
         .await;
@@ -135,7 +136,7 @@ async fn the_rate_limit_paces_batches_and_every_event_still_arrives() {
 #[tokio::test]
 async fn close_flushes_lingering_events() {
     let fx = Fixture::builder(&["eh1:1"])
-        .producer(|config| config.linger_ms = 30_000.0)
+        .producer(|config| config.linger = Duration::from_secs(30))
         .start()
         .await;
     let producer = fx.producer();

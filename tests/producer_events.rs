@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use eventhub_emulator::decode_stored_event;
 use eventhub_wire::message::{AmqpMessage, partition_key};
@@ -122,7 +123,7 @@ async fn local_partitioning_batches_many_keys_per_partition() {
     let fx = Fixture::builder(&["eh1:4"])
         .producer(|config| {
             config.local_partitioning = true;
-            config.linger_ms = 50.0;
+            config.linger = Duration::from_millis(50);
         })
         .start()
         .await;
@@ -193,7 +194,7 @@ async fn bad_events_fail_alone_with_the_field_at_fault() {
 #[tokio::test]
 async fn an_event_over_a_limit_fails_alone_before_it_joins_a_batch() {
     let fx = Fixture::builder(&["eh1:2"])
-        .producer(|config| config.linger_ms = 50.0)
+        .producer(|config| config.linger = Duration::from_millis(50))
         .start()
         .await;
     let transfers_before = fx.faults().transfers_seen();

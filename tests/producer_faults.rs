@@ -59,7 +59,7 @@ async fn retries_stop_at_the_attempt_limit() {
 #[tokio::test]
 async fn a_forced_close_mid_flight_loses_nothing() {
     let fx = Fixture::builder(&["eh1:2"])
-        .producer(|config| config.linger_ms = 1.0)
+        .producer(|config| config.linger = Duration::from_millis(1))
         .start()
         .await;
     fx.faults().force_close_after_transfers(5);
@@ -100,7 +100,7 @@ async fn a_batch_refused_for_one_event_is_sent_apart_and_only_that_event_fails()
     // A rule only the emulator knows: the producer cannot check it first, so the batch is refused whole.
     let fx = Fixture::builder(&["eh1:2"])
         .faults(|faults| faults.refuse_events_containing(Some(b"POISON")))
-        .producer(|config| config.linger_ms = 50.0)
+        .producer(|config| config.linger = Duration::from_millis(50))
         .start()
         .await;
     let keyless = fx.send_many("eh1", 600, |i| {

@@ -54,7 +54,7 @@ async fn ready_message_is_sent_once_per_connection() {
 async fn pool_get_timeout_is_honoured() {
     let fx = one_link(|config| {
         config.min_size = 1;
-        config.pool_get_timeout = 0.3;
+        config.pool_get_timeout = Duration::from_millis(300);
     })
     .await;
     let producer = fx.producer();
@@ -76,7 +76,7 @@ async fn pool_get_timeout_is_honoured() {
 async fn idle_links_free_their_slot_and_idle_connections_close() {
     let fx = one_link(|config| {
         config.min_size = 0;
-        config.max_idle_seconds = 0.3;
+        config.max_idle = Duration::from_millis(300);
     })
     .await;
     let producer = fx.producer();
@@ -101,8 +101,8 @@ async fn idle_links_free_their_slot_and_idle_connections_close() {
 async fn connections_past_their_lifespan_are_replaced_without_failures() {
     let fx = Fixture::builder(&["eh1:2"])
         .producer(|config| {
-            config.max_lifespan_seconds = 0.5;
-            config.linger_ms = 2.0;
+            config.max_lifespan = Duration::from_millis(500);
+            config.linger = Duration::from_millis(2);
         })
         .start()
         .await;
@@ -138,7 +138,7 @@ async fn connection_create_timeout_bounds_a_silent_peer() {
             "Endpoint=sb://localhost:{port};SharedAccessKeyName=a;SharedAccessKey=b;UseDevelopmentEmulator=true"
         ),
         |config| {
-            config.pool_connection_create_timeout = 0.3;
+            config.pool_connection_create_timeout = Duration::from_millis(300);
             config.retry_max_attempts = 1;
             config.min_size = 0;
         },
@@ -180,8 +180,8 @@ async fn an_unreachable_event_hubs_is_retried_with_backoff_then_recovers() {
         ),
         |config| {
             config.min_size = 1; // the pool keeps trying on its own
-            config.reconnect_backoff_initial_seconds = 0.2;
-            config.reconnect_backoff_max_seconds = 2.0;
+            config.reconnect_backoff_initial = Duration::from_millis(200);
+            config.reconnect_backoff_max = Duration::from_secs(2);
         },
     );
     let outage = Instant::now();

@@ -275,6 +275,51 @@ fn check_config_refuses_what_serve_refuses_naming_the_file_and_the_problem() {
     );
 }
 
+#[test]
+fn check_config_reads_durations_as_strings_or_numbers_and_names_a_bad_one() {
+    let files = Files::new();
+    let good = files.write(
+        "gateway.yaml",
+        "emulator: true\ndrain_timeout_seconds: 45s\nlimits:\n  stream_idle_timeout_seconds: 1m 30s\n\
+         producer:\n  pool_get_timeout: 2.5\n  linger_ms: 250ms\n  max_idle_seconds: 300\n  send_timeout: \"30\"\n",
+    );
+    let (code, stderr) = serve(&["--config", text(&good)], &[], true);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("configuration is valid"), "{stderr}");
+    let (code, stderr) = serve(
+        &["--config", text(&good)],
+        &[("EVENTHUB_GATEWAY_PRODUCER__STALL_TIMEOUT", "2s")],
+        true,
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    for (case, yaml, env, expected) in [
+        (
+            "a duration that is not one",
+            "producer:\n  stall_timeout: 10 sekunden\n",
+            None,
+            "configuration: producer.stall_timeout: \"10 sekunden\" is not a duration",
+        ),
+        (
+            "a duration from the environment that is not one",
+            "",
+            Some(("EVENTHUB_GATEWAY_LIMITS__STREAM_IDLE_TIMEOUT_SECONDS", "-5")),
+            "configuration: limits.stream_idle_timeout_seconds: must not be negative",
+        ),
+        (
+            "a zero rate",
+            "limits:\n  client_events_per_second: 0\n",
+            None,
+            "configuration: limits.client_events_per_second: must be at least 1 when set",
+        ),
+    ] {
+        let file = files.write("bad.yaml", &format!("emulator: true\n{yaml}"));
+        let env: Vec<(&str, &str)> = env.into_iter().collect();
+        let (code, stderr) = serve(&["--config", text(&file)], &env, true);
+        assert_eq!(code, Some(1), "{case}: {stderr}");
+        assert!(stderr.contains(expected), "{case}: {stderr}");
+    }
+}
+
 /// A connection string to the emulator's TLS listener on `port` (no UseDevelopmentEmulator: TLS, as Azure).
 fn tls_connection_string(port: u16) -> String {
     let defaults = EmulatorConfig::default();
@@ -303,8 +348,8 @@ fn stored_texts(emulator: &Emulator) -> Vec<String> {
 
 /// Bounds so an unreachable Event Hubs fails a send in seconds.
 fn fail_fast(config: &mut GatewayConfig) {
-    config.producer.pool_connection_create_timeout = 2.0;
-    config.producer.send_timeout = 4.0;
+    config.producer.pool_connection_create_timeout = Duration::from_secs(2);
+    config.producer.send_timeout = Duration::from_secs(4);
     config.producer.retry_max_attempts = 1;
 }
 

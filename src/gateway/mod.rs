@@ -5,6 +5,7 @@ pub mod codec;
 pub mod convert;
 pub mod deadline;
 pub mod guard;
+pub mod limits;
 pub mod prescan;
 pub mod rate_limit;
 pub mod shares;
@@ -12,7 +13,6 @@ pub mod status;
 pub mod stream;
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::Limits;
 use crate::middleware::{ClientId, peer_ip};
 use crate::proto::v1;
 use crate::telemetry::http::Readiness;
@@ -29,6 +28,7 @@ use convert::event_from_proto;
 use eventhub_producer::{Producer, Ticket, TraceContext};
 use eventhub_telemetry::metrics::{HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set_ready};
 use eventhub_telemetry::otel;
+use limits::Limits;
 use prost::Message;
 use rate_limit::RateLimits;
 use shares::{BufferShares, HeldShare};
@@ -56,8 +56,8 @@ impl GatewayState {
         send_timeout: Duration,
     ) -> Self {
         let rate_limits = RateLimits::new(
-            limits.global_events_per_second.and_then(NonZeroU32::new),
-            limits.client_events_per_second.and_then(NonZeroU32::new),
+            limits.global_events_per_second,
+            limits.client_events_per_second,
         );
         Self {
             producer,

@@ -156,7 +156,7 @@ async fn read(
     pending: mpsc::UnboundedSender<PendingAck>,
 ) -> ReadEnd {
     let budget = state.limits.max_unacked_per_stream;
-    let idle_timeout = state.limits.stream_idle_timeout();
+    let idle_timeout = state.limits.stream_idle_timeout;
     let unacked = Arc::new(Semaphore::new(budget));
     let mut counters = HubEventsCache::new(Rpc::SendStream);
     let mut progress = StreamProgress::default();

@@ -10,7 +10,7 @@ use tracing_subscriber::{Layer, fmt};
 use super::export::{self, OtelError, OtlpSettings};
 
 /// How logs are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines (coloured on a terminal).
     #[default]

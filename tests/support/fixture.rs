@@ -25,9 +25,9 @@ use super::{
 /// The producer configuration of the tests: short backoffs, a send timeout no test reaches.
 pub fn test_producer_config() -> ProducerConfig {
     ProducerConfig {
-        send_timeout: 20.0,
-        retry_initial_backoff_ms: 20.0,
-        retry_max_backoff_ms: 200.0,
+        send_timeout: Duration::from_secs(20),
+        retry_initial_backoff: Duration::from_millis(20),
+        retry_max_backoff: Duration::from_millis(200),
         ..ProducerConfig::default()
     }
 }

@@ -524,8 +524,8 @@ pub async fn start_gateway(
         event_hubs: vec!["eh1".into(), "eh2".into()],
         ..Default::default()
     };
-    config.producer.send_timeout = 10.0;
-    config.drain_timeout_seconds = 10.0;
+    config.producer.send_timeout = Duration::from_secs(10);
+    config.drain_timeout = Duration::from_secs(10);
     edit(&mut config);
     eventhub_gateway::server::start(config)
         .await

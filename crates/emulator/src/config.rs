@@ -1,13 +1,17 @@
 //! The emulator's configuration: hubs, keys, limits; loaded from a TOML file and flags, validated once.
+//! Durations read as humantime strings or numbers of milliseconds under their `*_ms` keys
+//! (`eventhubs::settings`); errors have the gateway's `{ field, problem }` shape.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use eventhub_wire::DEFAULT_CONSUMER_GROUP;
+use eventhub_wire::settings::millis;
 
 /// The default hub's name, the one Microsoft's emulator configures out of the box.
 pub const DEFAULT_HUB: &str = "eh1";
@@ -39,7 +43,8 @@ pub struct EmulatorConfig {
     /// Accept Entra ID (`jwt`) CBS tokens, checking only their form, audience and expiry.
     pub accept_jwt: bool,
     /// A delay before every disposition, to model a network round trip.
-    pub latency_ms: u64,
+    #[serde(rename = "latency_ms", with = "millis")]
+    pub latency: Duration,
     /// How much each partition keeps before dropping its oldest events.
     pub retention: RetentionConfig,
     /// The server certificate for AMQPS and wss; needed by `tls_listen`, optional for `websocket_listen`.
@@ -69,12 +74,15 @@ pub struct LimitsConfig {
     pub max_unauthorized_links_per_connection: usize,
     /// A `$cbs`/`$management` link whose connection has put no valid token within this long is detached with
     /// `amqp:unauthorized-access`.
-    pub authorization_timeout_ms: u64,
+    #[serde(rename = "authorization_timeout_ms", with = "millis")]
+    pub authorization_timeout: Duration,
     /// A connection with no links for this long is closed with `amqp:connection:forced` (the service: 5 min).
-    pub idle_connection_timeout_ms: u64,
+    #[serde(rename = "idle_connection_timeout_ms", with = "millis")]
+    pub idle_connection_timeout: Duration,
     /// The AMQP `idle-time-out` announced in the emulator's `open`: a client sends at least a heartbeat this
-    /// often, and one silent for twice as long is taken for dead and dropped. 0 announces and checks nothing.
-    pub idle_time_out_ms: u32,
+    /// often, and one silent for twice as long is taken for dead and dropped. Zero announces and checks nothing.
+    #[serde(rename = "idle_time_out_ms", with = "millis")]
+    pub idle_time_out: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -85,9 +93,9 @@ impl Default for LimitsConfig {
             max_sessions_per_connection: 256,
             max_links_per_connection: 1024,
             max_unauthorized_links_per_connection: 16,
-            authorization_timeout_ms: 5_000,
-            idle_connection_timeout_ms: 300_000,
-            idle_time_out_ms: 60_000,
+            authorization_timeout: Duration::from_secs(5),
+            idle_connection_timeout: Duration::from_secs(300),
+            idle_time_out: Duration::from_secs(60),
         }
     }
 }
@@ -95,9 +103,9 @@ impl Default for LimitsConfig {
 impl LimitsConfig {
     /// Checks each bound; errors name the field as `limits.<name>`.
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+        let invalid = |field: &str, problem: String| ConfigError::Invalid {
             field: format!("limits.{field}"),
-            reason,
+            problem,
         };
         for (field, value) in [
             ("max_connections", self.max_connections),
@@ -138,20 +146,22 @@ impl LimitsConfig {
             ));
         }
         for (field, value) in [
-            ("authorization_timeout_ms", self.authorization_timeout_ms),
-            (
-                "idle_connection_timeout_ms",
-                self.idle_connection_timeout_ms,
-            ),
+            ("authorization_timeout_ms", self.authorization_timeout),
+            ("idle_connection_timeout_ms", self.idle_connection_timeout),
         ] {
-            if !(100..=MAX_TIMEOUT_MS).contains(&value) {
+            if !(Duration::from_millis(100)..=MAX_TIMEOUT).contains(&value) {
                 return Err(invalid(
                     field,
-                    format!("must be between 100 and {MAX_TIMEOUT_MS} milliseconds"),
+                    format!(
+                        "must be between 100 and {} milliseconds",
+                        MAX_TIMEOUT.as_millis()
+                    ),
                 ));
             }
         }
-        if self.idle_time_out_ms != 0 && !(1_000..=3_600_000).contains(&self.idle_time_out_ms) {
+        if !self.idle_time_out.is_zero()
+            && !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.idle_time_out)
+        {
             return Err(invalid(
                 "idle_time_out_ms",
                 "must be 0 (none) or between 1000 and 3600000 milliseconds".into(),
@@ -159,12 +169,17 @@ impl LimitsConfig {
         }
         Ok(())
     }
+
+    /// `idle_time_out` as announced in `open`, milliseconds (0: none); validation keeps it within an hour.
+    pub fn idle_time_out_ms(&self) -> u32 {
+        u32::try_from(self.idle_time_out.as_millis()).unwrap_or(u32::MAX)
+    }
 }
 
 /// The largest value a count limit takes: beyond it, it would bound nothing.
 const MAX_COUNT_LIMIT: usize = 1_000_000;
 /// The longest timeout accepted: one day.
-const MAX_TIMEOUT_MS: u64 = 86_400_000;
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// The emulator's TLS identity: a certificate chain (leaf first) and its private key, both PEM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,7 +267,7 @@ impl Default for EmulatorConfig {
             }],
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             accept_jwt: false,
-            latency_ms: 0,
+            latency: Duration::ZERO,
             retention: RetentionConfig::default(),
             tls: None,
             tls_listen: None,
@@ -262,37 +277,47 @@ impl Default for EmulatorConfig {
     }
 }
 
-/// A configuration the emulator cannot start with; says which field and why.
+/// A configuration the emulator cannot start with; says which field and why (the gateway's and the
+/// producer's configuration errors have the same `{ field, problem }` shape).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file or a value in it could not be read.
+    /// The file or a value in it could not be read (figment's message names the key and the file).
     #[error("cannot load the emulator configuration: {0}")]
     Load(#[from] Box<figment::Error>),
     /// A `--event-hub` value is not `NAME:PARTITIONS[:GROUP,...]`.
-    #[error("--event-hub {value:?}: {reason}")]
+    #[error("--event-hub {value:?}: {problem}")]
     HubSpec {
         /// The value given.
         value: String,
         /// What is wrong with it.
-        reason: String,
+        problem: String,
     },
     /// A field has a value the emulator cannot use.
-    #[error("{field}: {reason}")]
+    #[error("{field}: {problem}")]
     Invalid {
         /// The field's path, e.g. `event_hubs[1].partitions`.
         field: String,
         /// What is wrong with it.
-        reason: String,
+        problem: String,
     },
 }
 
 impl EmulatorConfig {
-    /// Loads a TOML file over the defaults (fields missing from the file keep their defaults).
+    /// Loads a TOML file over the defaults (fields missing from the file keep their defaults). A value that
+    /// does not parse is refused naming its field, as a value out of range is.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         Figment::from(Serialized::defaults(Self::default()))
             .merge(Toml::file_exact(path))
             .extract()
-            .map_err(|err| ConfigError::Load(Box::new(err)))
+            .map_err(|error| {
+                if error.path.is_empty() || error.count() != 1 {
+                    return ConfigError::Load(Box::new(error));
+                }
+                ConfigError::Invalid {
+                    field: error.path.join("."),
+                    problem: format!("{} (in {})", error.kind, path.display()),
+                }
+            })
     }
 
     /// The hubs, each with `$Default` among its consumer groups.
@@ -312,16 +337,16 @@ impl EmulatorConfig {
 
     /// Checks every field; the first problem found is returned with its field path.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: String, reason: &str| ConfigError::Invalid {
+        let invalid = |field: String, problem: &str| ConfigError::Invalid {
             field,
-            reason: reason.into(),
+            problem: problem.into(),
         };
         if self.event_hubs.is_empty() {
             return Err(invalid("event_hubs".into(), "at least one hub is needed"));
         }
         for (i, hub) in self.event_hubs.iter().enumerate() {
             validate_entity_name(&hub.name)
-                .map_err(|reason| invalid(format!("event_hubs[{i}].name"), reason))?;
+                .map_err(|problem| invalid(format!("event_hubs[{i}].name"), problem))?;
             if self.event_hubs[..i]
                 .iter()
                 .any(|other| other.name.eq_ignore_ascii_case(&hub.name))
@@ -339,8 +364,8 @@ impl EmulatorConfig {
             }
             for (j, group) in hub.consumer_groups.iter().enumerate() {
                 if !group.eq_ignore_ascii_case(DEFAULT_CONSUMER_GROUP) {
-                    validate_entity_name(group).map_err(|reason| {
-                        invalid(format!("event_hubs[{i}].consumer_groups[{j}]"), reason)
+                    validate_entity_name(group).map_err(|problem| {
+                        invalid(format!("event_hubs[{i}].consumer_groups[{j}]"), problem)
                     })?;
                 }
             }
@@ -389,9 +414,9 @@ impl std::str::FromStr for HubConfig {
 
     /// Parses `NAME:PARTITIONS[:GROUP,GROUP...]`, as `--event-hub` takes it.
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let fail = |reason: &str| ConfigError::HubSpec {
+        let fail = |problem: &str| ConfigError::HubSpec {
             value: value.into(),
-            reason: reason.into(),
+            problem: problem.into(),
         };
         let mut parts = value.splitn(3, ':');
         let name = parts.next().unwrap_or_default();
@@ -540,7 +565,7 @@ mod tests {
         );
         assert_eq!(
             with_limits(LimitsConfig {
-                authorization_timeout_ms: 10,
+                authorization_timeout: Duration::from_millis(10),
                 ..LimitsConfig::default()
             }),
             Err(
@@ -550,14 +575,14 @@ mod tests {
         );
         assert_eq!(
             with_limits(LimitsConfig {
-                idle_time_out_ms: 500,
+                idle_time_out: Duration::from_millis(500),
                 ..LimitsConfig::default()
             }),
             Err("limits.idle_time_out_ms: must be 0 (none) or between 1000 and 3600000 milliseconds".into())
         );
         assert_eq!(
             with_limits(LimitsConfig {
-                idle_time_out_ms: 0,
+                idle_time_out: Duration::ZERO,
                 ..LimitsConfig::default()
             }),
             Ok(())
@@ -594,6 +619,41 @@ mod tests {
         assert_eq!(
             config.websocket_listen,
             Some("127.0.0.1:443".parse().unwrap())
+        );
+
+        std::fs::write(
+            &path,
+            "latency_ms = 2\n[limits]\nauthorization_timeout_ms = \"1s\"\nidle_time_out_ms = 1500\n",
+        )
+        .unwrap();
+        let config = EmulatorConfig::from_file(&path).unwrap();
+        assert_eq!(config.latency, Duration::from_millis(2));
+        assert_eq!(config.limits.authorization_timeout, Duration::from_secs(1));
+        assert_eq!(config.limits.idle_time_out_ms(), 1500);
+
+        std::fs::write(
+            &path,
+            "[limits]\nidle_connection_timeout_ms = \"5 minutes\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            EmulatorConfig::from_file(&path)
+                .unwrap()
+                .limits
+                .idle_connection_timeout,
+            Duration::from_secs(300)
+        );
+        std::fs::write(&path, "latency_ms = \"2 parsecs\"\n").unwrap();
+        let err = EmulatorConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("latency_ms: \"2 parsecs\" is not a duration"),
+            "{err}"
+        );
+        std::fs::write(&path, "[limits]\nidle_time_out_ms = -1\n").unwrap();
+        let err = EmulatorConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("limits.idle_time_out_ms: must not be negative (in "),
+            "{err}"
         );
 
         std::fs::write(&path, "max_mesage_size = 1\n").unwrap();

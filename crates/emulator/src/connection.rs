@@ -210,7 +210,7 @@ impl ConnectionContext {
             }
         }
         self.links.send_modify(|links| *links += 1);
-        let timeout = Duration::from_millis(limits.authorization_timeout_ms);
+        let timeout = limits.authorization_timeout;
         Ok(LinkSlot {
             context: Arc::clone(self),
             unauthorized,
@@ -257,7 +257,7 @@ pub(crate) fn authorization_timed_out(context: &ConnectionContext) -> definition
         AmqpError::UnauthorizedAccess,
         format!(
             "no valid token was put on $cbs within {} ms of this link's attach (limits.authorization_timeout_ms)",
-            context.shared.limits.authorization_timeout_ms
+            context.shared.limits.authorization_timeout.as_millis()
         ),
     )
 }
@@ -317,7 +317,7 @@ where
     let handshake = async {
         let (header, stream) = read_protocol_header(stream).await?;
         let stream = FullFieldFrames::new(Replay::new(header, stream))
-            .announcing_idle_time_out(limits.idle_time_out_ms)
+            .announcing_idle_time_out(limits.idle_time_out_ms())
             .recording_activity(Arc::clone(&activity))
             .cut_by(cut.clone());
         Some(if header[4] == SASL_PROTOCOL_ID {
@@ -354,11 +354,10 @@ where
         unauthorized_links: AtomicUsize::new(0),
         sessions: AtomicUsize::new(0),
     });
-    let idle_connection_timeout = Duration::from_millis(limits.idle_connection_timeout_ms);
+    let idle_connection_timeout = limits.idle_connection_timeout;
     let idle = no_links_for(&context.links, idle_connection_timeout);
     // A peer heartbeats at most every idle-time-out (fe2o3 at exactly that period): twice that is slack enough.
-    let silence = (limits.idle_time_out_ms > 0)
-        .then(|| Duration::from_millis(u64::from(limits.idle_time_out_ms) * 2));
+    let silence = (!limits.idle_time_out.is_zero()).then(|| limits.idle_time_out * 2);
     let silent = peer_silent(&activity, silence);
     tokio::pin!(idle, silent);
     // fe2o3 writes a field equal to its default as null, and pyamqp cannot compare a null handle-max;
@@ -408,7 +407,7 @@ where
                     ConnectionError::ConnectionForced,
                     format!(
                         "the connection had no links for {} ms (limits.idle_connection_timeout_ms)",
-                        limits.idle_connection_timeout_ms
+                        limits.idle_connection_timeout.as_millis()
                     ),
                 );
                 bounded_close(connection.close_with_error(error)).await;
@@ -418,7 +417,7 @@ where
                 info!(?silence, "closing a connection whose peer has sent nothing, not even a heartbeat");
                 let error = resource_limit(format!(
                     "nothing was received for twice the idle-time-out of {} ms (limits.idle_time_out_ms)",
-                    limits.idle_time_out_ms
+                    limits.idle_time_out.as_millis()
                 ));
                 bounded_close(connection.close_with_error(error)).await;
                 return;

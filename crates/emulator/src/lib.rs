@@ -102,7 +102,7 @@ impl Emulator {
         let shared = Arc::new(Shared {
             namespace: Namespace::new(&config, now_ms()),
             faults: Arc::new(Faults::default()),
-            latency: Duration::from_millis(config.latency_ms),
+            latency: config.latency,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             sasl_acceptor: ConnectionAcceptor::builder()

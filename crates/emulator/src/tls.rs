@@ -16,9 +16,9 @@ use super::connection::{self, ConnectionSlot, HANDSHAKE_TIMEOUT, Shared};
 
 /// The rustls server configuration for a certificate chain and key; errors name `tls.cert` or `tls.key`.
 pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
-    let invalid = |field: &str, reason: String| ConfigError::Invalid {
+    let invalid = |field: &str, problem: String| ConfigError::Invalid {
         field: field.into(),
-        reason,
+        problem,
     };
     let cert_pem = tls
         .cert

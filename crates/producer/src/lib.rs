@@ -135,7 +135,7 @@ pub fn credential_for(connection: &ConnectionString, config: &ProducerConfig) ->
         SharedAccess::Key { name, key } => Credential::SharedKey {
             name,
             key,
-            token_lifetime: config.sas_token_lifetime(),
+            token_lifetime: config.sas_token_lifetime,
         },
         SharedAccess::Signature(token) => Credential::SharedAccessSignature(token),
     }
@@ -179,24 +179,24 @@ impl Producer {
             tokens: Arc::clone(&tokens),
             link_settings: LinkSettings {
                 window: config.max_in_flight_per_link,
-                disposition_wait: config.disposition_wait(),
+                disposition_wait: config.disposition_timeout,
             },
-            idle_timeout: config.idle_timeout(),
-            request_timeout: config.create_timeout(),
+            idle_timeout: config.idle_timeout,
+            request_timeout: config.pool_connection_create_timeout,
             ready_message: config.ready_message.clone(),
         };
         let pool = Pool::new(config.clone(), context, stop.clone());
         let route_settings = RouteSettings {
-            linger: config.linger(),
+            linger: config.linger,
             max_in_flight: 1,
-            idle_exit: config.max_idle(),
+            idle_exit: config.max_idle,
             max_attempts: config.retry_max_attempts,
-            initial_backoff: config.initial_backoff(),
-            max_backoff: config.max_backoff(),
+            initial_backoff: config.retry_initial_backoff,
+            max_backoff: config.retry_max_backoff,
             max_batch_events: config
                 .rate_limit_events_per_second
-                .map_or(usize::MAX, |rate| rate as usize),
-            send_timeout: config.default_deadline(),
+                .map_or(usize::MAX, |rate| rate.get() as usize),
+            send_timeout: config.send_timeout,
         };
         let throttle = config.throttle();
         let stack = route::send_stack(Arc::clone(&pool), throttle.clone(), &route_settings);
@@ -224,7 +224,7 @@ impl Producer {
 
     /// Sends one event to `hub` within the configured `send_timeout`; resolves with its real outcome.
     pub async fn send(&self, hub: &str, event: Event) -> Result<Receipt, SendError> {
-        let deadline = Instant::now() + self.inner.config.default_deadline();
+        let deadline = Instant::now() + self.inner.config.send_timeout;
         self.send_with_deadline(hub, event, deadline).await
     }
 
@@ -447,7 +447,7 @@ impl Producer {
 
     /// The hub's properties, through `$management`.
     pub async fn hub_properties(&self, hub: &str) -> Result<HubProperties, SendError> {
-        let deadline = Instant::now() + self.inner.config.default_deadline();
+        let deadline = Instant::now() + self.inner.config.send_timeout;
         self.inner.hub_properties(hub, deadline).await
     }
 
@@ -457,7 +457,7 @@ impl Producer {
         hub: &str,
         partition: &str,
     ) -> Result<PartitionProperties, SendError> {
-        let deadline = Instant::now() + self.inner.config.default_deadline();
+        let deadline = Instant::now() + self.inner.config.send_timeout;
         let connection = self.inner.pool.any_connection(deadline).await?;
         let body = connection.management_read(hub, Some(partition)).await?;
         PartitionProperties::from_response(&body)
@@ -511,7 +511,7 @@ impl Producer {
         // Dropping the route senders lets each route flush what it holds and end.
         inner.routes.lock().clear();
         inner.tasks.close();
-        let answered = tokio::time::timeout(inner.config.default_deadline(), inner.tasks.wait())
+        let answered = tokio::time::timeout(inner.config.send_timeout, inner.tasks.wait())
             .await
             .is_ok();
         inner.stop.cancel();

@@ -300,8 +300,8 @@ impl Pool {
         stop: CancellationToken,
     ) -> Arc<Self> {
         let backoff = Backoff::new(
-            config.reconnect_backoff_initial(),
-            config.reconnect_backoff_max(),
+            config.reconnect_backoff_initial,
+            config.reconnect_backoff_max,
         );
         let pool = Arc::new(Self {
             config,
@@ -373,7 +373,7 @@ impl Pool {
         deadline: Instant,
     ) -> Result<Arc<Link>, SendError> {
         let address = link_address(hub, partition);
-        let get_timeout = self.config.get_timeout();
+        let get_timeout = self.config.pool_get_timeout;
         let pool_limit = Instant::now() + get_timeout;
         loop {
             // Registered before deciding, so a release between the decision and the wait is not missed.
@@ -428,7 +428,7 @@ impl Pool {
                 last_error: Some("waiting for a pooled connection".into()),
             },
             None => SendError::PoolTimeout {
-                timeout: self.config.get_timeout(),
+                timeout: self.config.pool_get_timeout,
             },
         })
     }
@@ -482,7 +482,7 @@ impl Pool {
         let started = tokio::time::Instant::now();
         self.counts.attempts.fetch_add(1, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let timeout = self.config.create_timeout();
+        let timeout = self.config.pool_connection_create_timeout;
         let endpoint = &self.context.endpoint;
         // Boxed, as every slow path of the pool: opening a connection is a large future.
         let opened = tokio::time::timeout(
@@ -528,7 +528,7 @@ impl Pool {
         self.capacity.notify_waiters();
         let host = format!("{}:{}", endpoint.host, endpoint.port);
         let retry_in = next_attempt.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
-        let max_pause = self.config.reconnect_backoff_max();
+        let max_pause = self.config.reconnect_backoff_max;
         // State changes are logged, not every attempt: an unreachable namespace must not flood the log.
         match (&opened, transition) {
             (Err(error), Transition::Down) => warn!(
@@ -570,7 +570,7 @@ impl Pool {
         self: &Arc<Self>,
         deadline: Instant,
     ) -> Result<Arc<PooledConnection>, SendError> {
-        let pool_limit = Instant::now() + self.config.get_timeout();
+        let pool_limit = Instant::now() + self.config.pool_get_timeout;
         loop {
             let capacity = self.capacity.notified();
             let retry_at = {
@@ -653,8 +653,8 @@ impl Pool {
     }
 
     async fn maintain_once(self: &Arc<Self>) {
-        let max_idle = self.config.max_idle();
-        let stall_timeout = self.config.stall_timeout();
+        let max_idle = self.config.max_idle;
+        let stall_timeout = self.config.stall_timeout;
         let hubs = Arc::clone(&self.hubs.read());
         let (replace, close, warm, warm_ups) = {
             let mut state = self.state.lock();
@@ -701,7 +701,7 @@ impl Pool {
                     continue;
                 }
                 if replace.is_none()
-                    && connection.age() >= self.config.max_lifespan()
+                    && connection.age() >= self.config.max_lifespan
                     && state.opening == 0
                 {
                     replace = Some(Arc::clone(connection));

@@ -1,10 +1,12 @@
-//! Event Hubs wire facts shared by the producer and the emulator: partition hash, SAS tokens, addresses, names.
+//! Event Hubs wire facts shared by the producer and the emulator: partition hash, SAS tokens, addresses, names;
+//! and how their settings read durations and rates (`settings`).
 
 pub mod address;
 pub mod limits;
 pub mod message;
 pub mod partition;
 pub mod sas;
+pub mod settings;
 
 /// `message-format` of a batch transfer: one Data section per event, each an encoded inner message.
 pub const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
