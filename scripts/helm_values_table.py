@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""The README's table of the Helm chart's values, generated from the "# --" comments of values.yaml.
+"""The chart README's table of the Helm chart's values, generated from the "# --" comments of values.yaml.
 
     .venv/bin/python scripts/helm_values_table.py           # prints the table
-    .venv/bin/python scripts/helm_values_table.py --write   # rewrites it in README.md, between the markers
+    .venv/bin/python scripts/helm_values_table.py --write   # rewrites it in the chart's README.md, between the markers
 
 A key is documented by the "# -- text" comment right above it (further "# " lines continue the text). Keys
 under a documented key are covered by it; every other key must be documented (tests/python/test_helm.py checks
-that, and that the README's table is the one this prints). Needs PyYAML (in the test venv).
+that, and that the chart README's table is the one this prints). Needs PyYAML (in the test venv).
 """
 
 import json
@@ -18,7 +18,7 @@ import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VALUES = REPO / "helm" / "eventhub-gateway" / "values.yaml"
-README = REPO / "README.md"
+README = REPO / "helm" / "eventhub-gateway" / "README.md"
 START = "<!-- helm-values:start (scripts/helm_values_table.py --write) -->"
 END = "<!-- helm-values:end -->"
 KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.-]+):(?P<rest>.*)$")
@@ -87,7 +87,7 @@ def table(values_text=None):
 
 
 def readme_block(readme_text):
-    """The table in the README, between the markers (None when the markers are missing)."""
+    """The table in the chart's README, between the markers (None when the markers are missing)."""
     if START not in readme_text or END not in readme_text:
         return None
     return readme_text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"

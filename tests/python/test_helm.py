@@ -618,7 +618,7 @@ def test_the_notes_say_where_events_go():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# values.yaml, its README table, the Dockerfile
+# values.yaml, its table in the chart's README, the Dockerfile
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -626,7 +626,7 @@ def test_every_value_is_documented_and_the_readme_table_is_current():
     documented, undocumented = helm_values_table.documented_keys(helm_values_table.VALUES.read_text())
     assert undocumented == []
     assert len(documented) > 60
-    readme = helm_values_table.readme_block((REPO / "README.md").read_text())
+    readme = helm_values_table.readme_block(helm_values_table.README.read_text())
     assert readme == helm_values_table.table(), "run .venv/bin/python scripts/helm_values_table.py --write"
 
 
