@@ -42,6 +42,9 @@ else
     echo "WARNING: not root: the nftables blackhole test will SKIP (the relay variant still runs)" >&2
 fi
 
+step "The gateway builds without its emulator (the default feature \`emulator\` off)"
+cargo check --locked -p eventhub-gateway --no-default-features
+
 step "Build"
 cargo build --all-targets --locked
 export EVENTHUB_GATEWAY_BIN="$root/target/debug/eventhub-gateway"

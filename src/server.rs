@@ -22,6 +22,7 @@ use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_
 use crate::telemetry::http::Exposed;
 use crate::telemetry::http::{HttpError, MetricsListener, MetricsServer};
 use crate::tls_material::{self, TlsFileError};
+#[cfg(feature = "emulator")]
 use eventhub_emulator::{Emulator, EmulatorConfig, HubConfig};
 use eventhub_producer::transport::{client_config, native_roots};
 use eventhub_producer::{
@@ -53,6 +54,11 @@ pub enum ServeError {
     /// The in-process emulator did not start.
     #[error("the in-process emulator: {0}")]
     Emulator(String),
+    /// The configuration asks for the in-process emulator, and this build has none.
+    #[error(
+        "emulator: this build has no Event Hubs emulator (built without the `emulator` feature); give a connection string or namespace"
+    )]
+    NoEmulatorInThisBuild,
     /// An Entra ID credential could not be built.
     #[error("credential {kind:?}: {message}")]
     Credential {
@@ -101,13 +107,20 @@ const STREAM_LINGER: Duration = Duration::from_millis(500);
 /// their connections.
 const CLIENT_READ_GRACE: Duration = Duration::from_secs(5);
 
+/// The emulator `serve --emulator` runs in the process.
+#[cfg(feature = "emulator")]
+type InProcessEmulator = Emulator;
+/// A build without the `emulator` feature never has one.
+#[cfg(not(feature = "emulator"))]
+type InProcessEmulator = std::convert::Infallible;
+
 /// A running gateway.
 pub struct RunningGateway {
     local_addr: SocketAddr,
     state: Arc<GatewayState>,
     stop: CancellationToken,
     server: JoinHandle<Result<(), ServeError>>,
-    emulator: Option<Emulator>,
+    emulator: Option<InProcessEmulator>,
     metrics: MetricsServer,
     drain_timeout: Duration,
 }
@@ -129,8 +142,20 @@ impl RunningGateway {
     }
 
     /// The in-process emulator, when serving against one.
+    #[cfg(feature = "emulator")]
     pub fn emulator(&self) -> Option<&Emulator> {
         self.emulator.as_ref()
+    }
+
+    /// The in-process emulator's connection string and address, when serving against one.
+    pub fn emulator_endpoint(&self) -> Option<(String, SocketAddr)> {
+        #[cfg(feature = "emulator")]
+        return self
+            .emulator
+            .as_ref()
+            .map(|emulator| (emulator.connection_string(), emulator.local_addr()));
+        #[cfg(not(feature = "emulator"))]
+        self.emulator.map(|never| match never {})
     }
 
     /// Drains: new calls are refused with DRAINING and streams stop reading; the producer flushes and every
@@ -170,6 +195,7 @@ impl RunningGateway {
         };
         // Kept to the end of the drain, so probes and scrapes see it happen.
         self.metrics.shutdown().await;
+        #[cfg(feature = "emulator")]
         if let Some(emulator) = self.emulator {
             emulator.shutdown(Duration::from_secs(1)).await;
         }
@@ -213,7 +239,8 @@ pub fn prepare(config: GatewayConfig) -> Result<PreparedGateway, ServeError> {
     config.validate()?;
     let listener_tls = config.tls.as_ref().map(listener_tls).transpose()?;
     let upstream = match config.source()? {
-        EventHubsSource::Emulator => Upstream::Emulator,
+        EventHubsSource::Emulator if cfg!(feature = "emulator") => Upstream::Emulator,
+        EventHubsSource::Emulator => return Err(ServeError::NoEmulatorInThisBuild),
         EventHubsSource::ConnectionString(text) => {
             let parsed: ConnectionString = text.parse().map_err(ProducerError::from)?;
             event_hubs_upstream(
@@ -372,29 +399,13 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     let metrics = Metrics::install()?;
     let hubs = config.hubs();
     let (producer, emulator) = match upstream {
+        #[cfg(feature = "emulator")]
         Upstream::Emulator => {
-            let emulator = Emulator::start(EmulatorConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                event_hubs: hubs
-                    .iter()
-                    .map(|name| HubConfig {
-                        name: name.clone(),
-                        partitions: config.emulator_partitions,
-                        consumer_groups: Vec::new(),
-                    })
-                    .collect(),
-                ..EmulatorConfig::default()
-            })
-            .await
-            .map_err(|error| ServeError::Emulator(error.to_string()))?;
-            let producer = Producer::from_connection_string(
-                &emulator.connection_string(),
-                false,
-                TlsOptions::default(),
-                config.producer.clone(),
-            )?;
+            let (producer, emulator) = start_in_process_emulator(&config, &hubs).await?;
             (producer, Some(emulator))
         }
+        #[cfg(not(feature = "emulator"))]
+        Upstream::Emulator => return Err(ServeError::NoEmulatorInThisBuild),
         Upstream::EventHubs(target) => {
             let EventHubsTarget {
                 endpoint,
@@ -647,4 +658,33 @@ fn entra_credential(
         )
         .map_err(failed)?,
     })
+}
+
+/// Starts the in-process emulator with the configured hubs on a free loopback port, and a producer to it.
+#[cfg(feature = "emulator")]
+async fn start_in_process_emulator(
+    config: &GatewayConfig,
+    hubs: &[String],
+) -> Result<(Producer, Emulator), ServeError> {
+    let emulator = Emulator::start(EmulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        event_hubs: hubs
+            .iter()
+            .map(|name| HubConfig {
+                name: name.clone(),
+                partitions: config.emulator_partitions,
+                consumer_groups: Vec::new(),
+            })
+            .collect(),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .map_err(|error| ServeError::Emulator(error.to_string()))?;
+    let producer = Producer::from_connection_string(
+        &emulator.connection_string(),
+        false,
+        TlsOptions::default(),
+        config.producer.clone(),
+    )?;
+    Ok((producer, emulator))
 }
