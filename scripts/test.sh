@@ -45,6 +45,9 @@ fi
 step "The gateway builds without its emulator (the default feature \`emulator\` off)"
 cargo check --locked -p eventhub-gateway --no-default-features
 
+step "API docs of every crate build without a warning"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace --quiet
+
 step "Build"
 cargo build --all-targets --locked
 export EVENTHUB_GATEWAY_BIN="$root/target/debug/eventhub-gateway"

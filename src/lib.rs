@@ -1,5 +1,7 @@
 //! eventhub-gateway: publish events to Azure Event Hubs through gRPC, with an embedded Event Hubs emulator.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod config;
 pub mod gateway;

@@ -20,7 +20,8 @@ pub mod eventhub {
 pub mod google {
     /// `google.rpc`: `Status`, `Code` and the error details (`ErrorInfo`, `BadRequest`, `RetryInfo`,
     /// `QuotaFailure`, ...), vendored under `proto/google/rpc/`.
-    #[allow(clippy::all, missing_docs)]
+    // Google's comments hold `<ip>` and `<owner>` placeholders rustdoc would read as HTML.
+    #[allow(clippy::all, missing_docs, rustdoc::invalid_html_tags)]
     pub mod rpc {
         tonic::include_proto!("google.rpc");
     }

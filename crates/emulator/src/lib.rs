@@ -1,6 +1,10 @@
 //! A local Azure Event Hubs over plain AMQP, AMQPS and AMQP over WebSockets: CBS, sending, batches, partition logs, consumers, management
 //! and injected faults; the official SDKs cannot tell it from the service. Start one with [`Emulator::start`].
 
+#![doc = ""]
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
 mod cbs;
 mod codec;
 pub mod config;

@@ -1,6 +1,8 @@
 //! The pooled AMQP producer: `Producer::send(hub, event)` answers each event with its real outcome after batching,
 //! pipelining and retrying it over a pool of connections. Knows nothing of gRPC.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod batch;
 pub mod claim;

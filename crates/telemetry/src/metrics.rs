@@ -6,7 +6,7 @@
 //! The recorder is global to the process (the `metrics` facade has one). Counters and histograms recorded by
 //! handlers and routes are therefore process-wide sums: in a process running several gateways (in-process
 //! tests) they add up across them. The values copied at scrape time (pool, buffers, calls, streams' sources)
-//! describe the gateway whose listener was scraped; the copied totals (`*_total` from [`ProducerStats`]-style
+//! describe the gateway whose listener was scraped; the copied totals (`*_total` from the owners' own
 //! counts) only move up, so with several gateways they show the largest one's.
 
 use std::sync::{Arc, OnceLock};

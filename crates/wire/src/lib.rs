@@ -1,6 +1,8 @@
 //! Event Hubs wire facts shared by the producer and the emulator: partition hash, SAS tokens, addresses, names;
 //! and how their settings read durations and rates (`settings`).
 
+#![warn(missing_docs)]
+
 pub mod address;
 pub mod limits;
 pub mod message;
