@@ -24,11 +24,11 @@ use crate::telemetry::http::{HttpError, MetricsListener, MetricsServer};
 use crate::tls_material::{self, TlsFileError};
 #[cfg(feature = "emulator")]
 use eventhub_emulator::{Emulator, EmulatorConfig, HubConfig};
-use eventhub_producer::transport::{client_config, native_roots};
 use eventhub_producer::{
     ConnectionString, Credential, Endpoint, Producer, ProducerError, TlsOptions, Transport,
     credential_for, endpoint_for,
 };
+use eventhub_producer::{client_config, native_roots};
 use eventhub_telemetry::metrics::{Metrics, MetricsError, Reports};
 
 /// How often health follows the producer's readiness.

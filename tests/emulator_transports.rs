@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use eventhub_emulator::{Emulator, EmulatorConfig, PemSource, TlsConfig};
-use eventhub_producer::transport::{
+use eventhub_producer::{
     ConnectionOptions, Endpoint, TlsOptions, Transport, TransportError, open_connection,
 };
 use fe2o3_amqp_types::messaging::Outcome;

@@ -7,21 +7,21 @@
 
 mod cbs;
 mod codec;
-pub mod config;
+mod config;
 mod connection;
 mod consume;
-pub mod faults;
+mod faults;
 mod filter;
 mod framing;
 mod ingest;
 mod management;
 mod namespace;
 mod node;
-pub mod partition_log;
+mod partition_log;
 mod readers;
 mod sasl;
 mod tls;
-pub mod websocket;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -232,11 +232,6 @@ impl SealedBatch {
         self.claims.len()
     }
 
-    /// Whether it holds no event.
-    pub fn is_empty(&self) -> bool {
-        self.claims.is_empty()
-    }
-
     /// After Event Hubs refused its transfer whole (nothing of it stored), the events that were on the wire in two
     /// batches, first half and second half in order, each with the indices (in this batch) of its events; `None`
     /// when fewer than two went on the wire. Their claims are on the wire already: the halves carry the same

@@ -537,7 +537,6 @@ impl PooledConnection {
             Link::attach(
                 &mut session,
                 address.clone(),
-                partition.map(str::to_owned),
                 self.context.link_settings,
                 self.lost.clone(),
             ),

@@ -3,22 +3,22 @@
 
 #![warn(missing_docs)]
 
-pub mod auth;
-pub mod batch;
-pub mod claim;
-pub mod config;
-pub mod connection;
-pub mod connection_string;
-pub mod error;
-pub mod event;
-pub mod link;
-pub mod node;
-pub mod pool;
-pub mod properties;
+mod auth;
+mod batch;
+mod claim;
+mod config;
+mod connection;
+mod connection_string;
+mod error;
+mod event;
+mod link;
+mod node;
+mod pool;
+mod properties;
 mod report;
-pub mod route;
-pub mod throttle;
-pub mod transport;
+mod route;
+mod throttle;
+mod transport;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -41,10 +41,18 @@ pub use event::{Event, Routing, TraceContext};
 pub use pool::PoolStats;
 pub use properties::{HubProperties, PartitionProperties};
 pub use route::Receipt;
-pub use transport::{Endpoint, HttpProxy, ProxyCredentials, TlsOptions, Transport};
+pub use transport::{
+    ConnectionOptions, Endpoint, HttpProxy, NativeRoots, ProxyCredentials, TlsOptions, Transport,
+    TransportError, client_config, native_roots, open_connection,
+};
+
+// The building blocks of a send, for callers that drive AMQP themselves (the benchmark's raw-ingest ceiling).
+pub use batch::BatchBuilder;
+pub use connection::link_address;
+pub use node::NodeClient;
 
 use auth::{RefreshPolicy, TokenCache};
-use batch::BatchBuilder;
+
 use claim::Claim;
 use connection::ConnectionContext;
 use link::LinkSettings;

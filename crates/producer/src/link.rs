@@ -32,7 +32,6 @@ struct Delivery {
 /// A handle to a sender link task. Cheap to share; sending queues onto the link's window.
 pub struct Link {
     address: String,
-    partition: Option<String>,
     max_message_size: u64,
     requests: mpsc::Sender<Delivery>,
     load: AtomicUsize,
@@ -65,7 +64,6 @@ impl Link {
     pub async fn attach(
         session: &mut SessionHandle<()>,
         address: String,
-        partition: Option<String>,
         settings: LinkSettings,
         connection_lost: CancellationToken,
     ) -> Result<Arc<Self>, SendError> {
@@ -88,7 +86,6 @@ impl Link {
         Ok(Self::start(
             sender,
             address,
-            partition,
             max_message_size,
             settings,
             connection_lost,
@@ -99,7 +96,6 @@ impl Link {
     fn start<W: WireSender>(
         sender: W,
         address: String,
-        partition: Option<String>,
         max_message_size: u64,
         settings: LinkSettings,
         connection_lost: CancellationToken,
@@ -107,7 +103,6 @@ impl Link {
         let (requests, receiver) = mpsc::channel(settings.window);
         let link = Arc::new(Self {
             address,
-            partition,
             max_message_size,
             requests,
             load: AtomicUsize::new(0),
@@ -130,9 +125,10 @@ impl Link {
         &self.address
     }
 
-    /// The partition it sends to, if it is a partition link.
-    pub fn partition(&self) -> Option<&str> {
-        self.partition.as_deref()
+    /// Completes when its task has ended.
+    #[cfg(test)]
+    async fn ended(&self) {
+        self.ended.cancelled().await;
     }
 
     /// The link's `max-message-size`.
@@ -163,11 +159,6 @@ impl Link {
     /// Stops taking batches; the link detaches once those in flight are settled.
     pub fn close(&self) {
         self.stop.cancel();
-    }
-
-    /// Completes when its task has ended.
-    pub async fn ended(&self) {
-        self.ended.cancelled().await;
     }
 
     /// Sends one batch and waits for its disposition. The batch goes on the wire (its events' deadlines no
@@ -480,7 +471,6 @@ mod tests {
         let link = Link::start(
             wire,
             "eh1".into(),
-            None,
             1 << 20,
             settings,
             connection_lost.clone(),

@@ -359,11 +359,6 @@ impl Pool {
         })
     }
 
-    /// The shared connection settings.
-    pub fn context(&self) -> &ConnectionContext {
-        &self.context
-    }
-
     /// A link to `hub` (or one of its partitions) with room for a batch. Waits at most `pool_get_timeout`, and
     /// never past `deadline`, for capacity (or for the next connection attempt, while backing off).
     pub async fn link(
