@@ -16,6 +16,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig};
 use crate::gateway::guard::{GuardLimits, RequestGuard};
+use crate::gateway::limits::Limits;
 use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
@@ -398,26 +399,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     // Before any event can be counted: handles resolved earlier would be no-ops.
     let metrics = Metrics::install()?;
     let hubs = config.hubs();
-    let (producer, emulator) = match upstream {
-        #[cfg(feature = "emulator")]
-        Upstream::Emulator => {
-            let (producer, emulator) = start_in_process_emulator(&config, &hubs).await?;
-            (producer, Some(emulator))
-        }
-        #[cfg(not(feature = "emulator"))]
-        Upstream::Emulator => return Err(ServeError::NoEmulatorInThisBuild),
-        Upstream::EventHubs(target) => {
-            let EventHubsTarget {
-                endpoint,
-                credential,
-                tls,
-            } = *target;
-            (
-                Producer::new(endpoint, credential, tls, config.producer.clone())?,
-                None,
-            )
-        }
-    };
+    let (producer, emulator) = connect_upstream(&config, upstream, &hubs).await?;
     producer.expect_hubs(&hubs);
     let state = Arc::new(GatewayState::new(
         producer,
@@ -453,48 +435,11 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         },
     );
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: config.listen,
-        source,
-    })?;
-    let incoming = Box::pin(crate::listener::limit_per_client(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        config.limits.max_connections_per_client,
-    ));
+    let (local_addr, incoming) = bind_grpc(&config).await?;
     let metrics_listener = MetricsListener::bind(config.metrics_listen).await?;
 
-    let mut builder = Server::builder()
-        .max_concurrent_streams(config.limits.http2_max_concurrent_streams)
-        .initial_stream_window_size(config.limits.http2_stream_window_bytes)
-        .initial_connection_window_size(config.limits.http2_connection_window_bytes)
-        // A peer that stops answering pings is gone: its connection and every call slot it held are freed.
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
-    if let Some(tls) = listener_tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|error| ServeError::Tls(error.to_string()))?;
-    }
-    let shed = LoadShedLayer::new(
-        config.limits.max_concurrent_calls,
-        config.limits.max_calls_per_client,
-        |bound| {
-            GatewayError::Overloaded {
-                bound: match bound {
-                    ShedBound::Total => "limits.max_concurrent_calls",
-                    ShedBound::PerClient => "limits.max_calls_per_client",
-                },
-                retry_after: Duration::from_millis(100),
-            }
-            .to_status()
-        },
-    );
+    let builder = grpc_server(&config.limits, listener_tls)?;
+    let shed = load_shedding(&config.limits);
     let router = builder
         // The first layer is outermost: shed calls are still traced and attributed.
         .layer(TraceContextLayer::new())
@@ -528,6 +473,97 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         metrics,
         drain_timeout: config.drain_timeout,
     })
+}
+
+/// The producer the upstream asks for (and the in-process emulator it sends to, if that is the upstream).
+async fn connect_upstream(
+    config: &GatewayConfig,
+    upstream: Upstream,
+    hubs: &[String],
+) -> Result<(Producer, Option<InProcessEmulator>), ServeError> {
+    match upstream {
+        #[cfg(feature = "emulator")]
+        Upstream::Emulator => {
+            let (producer, emulator) = start_in_process_emulator(config, hubs).await?;
+            Ok((producer, Some(emulator)))
+        }
+        #[cfg(not(feature = "emulator"))]
+        Upstream::Emulator => {
+            let _ = hubs;
+            Err(ServeError::NoEmulatorInThisBuild)
+        }
+        Upstream::EventHubs(target) => {
+            let EventHubsTarget {
+                endpoint,
+                credential,
+                tls,
+            } = *target;
+            let producer = Producer::new(endpoint, credential, tls, config.producer.clone())?;
+            Ok((producer, None))
+        }
+    }
+}
+
+/// Binds the gRPC listener; its connections are counted per client (`limits.max_connections_per_client`).
+async fn bind_grpc(
+    config: &GatewayConfig,
+) -> Result<
+    (
+        SocketAddr,
+        impl futures_util::Stream<Item = std::io::Result<crate::listener::CountedStream>>
+        + Send
+        + 'static,
+    ),
+    ServeError,
+> {
+    let listen_error = |source| ServeError::Listen {
+        addr: config.listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(listen_error)?;
+    let local_addr = listener.local_addr().map_err(listen_error)?;
+    let incoming = Box::pin(crate::listener::limit_per_client(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        config.limits.max_connections_per_client,
+    ));
+    Ok((local_addr, incoming))
+}
+
+/// The HTTP/2 server with the gateway's windows, stream cap, keepalive and (optionally) TLS.
+fn grpc_server(limits: &Limits, tls: Option<ServerTlsConfig>) -> Result<Server, ServeError> {
+    let builder = Server::builder()
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .initial_stream_window_size(limits.http2_stream_window_bytes)
+        .initial_connection_window_size(limits.http2_connection_window_bytes)
+        // A peer that stops answering pings is gone: its connection and every call slot it held are freed.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
+    match tls {
+        Some(tls) => builder
+            .tls_config(tls)
+            .map_err(|error| ServeError::Tls(error.to_string())),
+        None => Ok(builder),
+    }
+}
+
+/// The call slots, in all and per client; a call beyond them is refused at once with OVERLOADED.
+fn load_shedding(limits: &Limits) -> LoadShedLayer {
+    LoadShedLayer::new(
+        limits.max_concurrent_calls,
+        limits.max_calls_per_client,
+        |bound| {
+            GatewayError::Overloaded {
+                bound: match bound {
+                    ShedBound::Total => "limits.max_concurrent_calls",
+                    ShedBound::PerClient => "limits.max_calls_per_client",
+                },
+                retry_after: Duration::from_millis(100),
+            }
+            .to_status()
+        },
+    )
 }
 
 /// SERVING while the gateway is ready ([`GatewayState::readiness`], as `/readyz`); NOT_SERVING otherwise
