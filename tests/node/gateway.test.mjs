@@ -36,7 +36,7 @@ before(async () => {
   gateway = await startGateway(["--emulator", "--listen", "127.0.0.1:0", "--event-hub", "eh1", "--event-hub", "eh2"]);
   client = gatewayClient(gateway.grpc);
   // Readiness, not an assertion (the health test asserts): the producer connects after start.
-  await waitServing(gateway.grpc, "eventhub.gateway.v1.EventHubGateway", 10000);
+  await waitServing(gateway.grpc, "eventhub.gateway.v1.EventHubGateway", 30000);
 });
 
 after(async () => {
@@ -91,8 +91,8 @@ function struct(object) {
 }
 
 test("health reports SERVING for the server and for EventHubGateway", { timeout: 20000 }, async () => {
-  assert.equal(await waitServing(gateway.grpc, "", 10000), "SERVING");
-  assert.equal(await waitServing(gateway.grpc, "eventhub.gateway.v1.EventHubGateway", 10000), "SERVING");
+  assert.equal(await waitServing(gateway.grpc, "", 30000), "SERVING");
+  assert.equal(await waitServing(gateway.grpc, "eventhub.gateway.v1.EventHubGateway", 30000), "SERVING");
 });
 
 test("GetEventHubProperties describes the default hub and a named one", { timeout: 20000 }, async () => {

@@ -255,7 +255,7 @@ def test_the_packaged_chart_renders_the_same(tmp_path):
 
 
 def test_the_app_version_is_the_crate_version():
-    crate = tomllib.loads((REPO / "Cargo.toml").read_text())["package"]["version"]
+    crate = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["version"]
     assert chart().metadata["appVersion"] == crate
     assert render().container["image"] == f"eventhub-gateway:{crate}"
 
