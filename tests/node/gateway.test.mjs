@@ -90,7 +90,7 @@ function struct(object) {
   return { fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, value(v)])) };
 }
 
-test("health reports SERVING for the server and for EventHubGateway", { timeout: 20000 }, async () => {
+test("health reports SERVING for the server and for EventHubGateway", { timeout: 65000 }, async () => {
   assert.equal(await waitServing(gateway.grpc, "", 30000), "SERVING");
   assert.equal(await waitServing(gateway.grpc, "eventhub.gateway.v1.EventHubGateway", 30000), "SERVING");
 });
