@@ -13,17 +13,23 @@ WORKDIR /src
 # Dependencies only: this layer is rebuilt when the manifests, the build script or the protos change, not the
 # sources. Placeholders stand in for the library and the binary.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY crates/wire/Cargo.toml crates/wire/
+COPY crates/telemetry/Cargo.toml crates/telemetry/
+COPY crates/emulator/Cargo.toml crates/emulator/
+COPY crates/producer/Cargo.toml crates/producer/
+COPY crates/bench/Cargo.toml crates/bench/
 COPY proto ./proto
-RUN mkdir -p src \
+# A layer of the dependencies alone: every workspace member stubbed, so a source change rebuilds only our crates.
+RUN mkdir -p src crates/bench/src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
+    && for crate in wire telemetry emulator producer; do mkdir -p crates/$crate/src && touch crates/$crate/src/lib.rs; done \
+    && echo 'fn main() {}' > crates/bench/src/main.rs \
     && cargo build --release --locked --bin eventhub-gateway \
-    && rm -rf src
+    && rm -rf src crates/*/src
 COPY src ./src
-# COPY keeps the sources' times, which can be older than the placeholders' build: mark them changed.
-# The release profile keeps line tables for profiling (about 130 MB); the image ships the binary without
-# them (about 24 MB) and the debug-symbols stage keeps them for symbolising a crash or a profile.
-RUN find src -name '*.rs' -exec touch {} + \
+COPY crates ./crates
+RUN find src crates -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --bin eventhub-gateway \
     && mkdir -p /out \
     && objcopy --only-keep-debug target/release/eventhub-gateway /out/eventhub-gateway.debug \

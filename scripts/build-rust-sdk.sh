@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the `rust-sdk` contender of the benchmark harness (benches/rust-sdk: the official Rust SDK for Event Hubs,
+# Builds the `rust-sdk` contender of the benchmark harness (crates/bench/contenders/rust-sdk: the official Rust SDK for Event Hubs,
 # a crate of its own with its own Cargo.lock) and prints the path of its binary on stdout, alone on the last line.
 #
 #   scripts/build-rust-sdk.sh [debug|release]     (default debug)
@@ -17,5 +17,5 @@ case "$profile" in
 esac
 
 export CARGO_TARGET_DIR="$PWD/target/rust-sdk"
-cargo build --locked "${flags[@]}" --manifest-path benches/rust-sdk/Cargo.toml >&2
+cargo build --locked "${flags[@]}" --manifest-path crates/bench/contenders/rust-sdk/Cargo.toml >&2
 echo "$CARGO_TARGET_DIR/$profile/rust-sdk-contender"

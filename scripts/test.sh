@@ -65,7 +65,7 @@ step "Official Python SDK against the emulator"
 step "Official JavaScript SDK against the emulator"
 (cd tests/node && npm test --silent)
 
-step "The official Rust SDK contender of the benchmarks (benches/rust-sdk, its own lockfile)"
+step "The official Rust SDK contender of the benchmarks (crates/bench/contenders/rust-sdk, its own lockfile)"
 scripts/build-rust-sdk.sh debug >/dev/null
 
 step "Benchmark harness smoke: every scenario, a few hundred events each; correctness and zero loss, not speed"

@@ -98,7 +98,7 @@ async fn a_flood_of_refused_stream_messages_whose_acks_are_not_read_stays_within
         growth / MIB
     );
     // Here: 10,000 pending nacks and 17,408 queued, about half a KiB each (~14 MiB); the stream's ceiling
-    // whatever it is sent is under 200 MiB (README, limits). The bound sits well below what main reached.
+    // whatever it is sent is under 200 MiB (docs/api.md, Limits). The bound sits well below what main reached.
     assert!(
         growth < 96 * MIB,
         "RSS grew by {} MiB while the client read no acks",

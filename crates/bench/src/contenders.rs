@@ -1,5 +1,5 @@
 //! The contenders that run as their own processes and print one JSON result line: the Python ones
-//! (`benches/python/contenders.py`) and the official Rust SDK (`benches/rust-sdk`).
+//! (`crates/bench/contenders/python/contenders.py`) and the official Rust SDK (`crates/bench/contenders/rust-sdk`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,7 +40,7 @@ pub fn run(scenario: &str, size: usize, budget: Budget, target: Target) -> Resul
                 "python3"
             };
             let mut command = Command::new(interpreter);
-            command.arg("benches/python/contenders.py");
+            command.arg("crates/bench/contenders/python/contenders.py");
             // `python-gateway-single` is `python-gateway` with one event per stream message.
             match scenario {
                 "python-gateway-single" => {

@@ -57,7 +57,7 @@ import threading
 import time
 from array import array
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[4]
 PROTO_FILES = [
     "eventhub/gateway/v1/gateway.proto",
     "google/rpc/status.proto",

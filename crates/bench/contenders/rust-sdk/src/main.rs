@@ -7,7 +7,7 @@
 //!                    [--senders 4] [--clients N] [--drain-timeout 30] [--setup-timeout 30] [--verbose]
 //! ```
 //!
-//! The conventions are those of `benches/python/contenders.py` (see its docstring):
+//! The conventions are those of `crates/bench/contenders/python/contenders.py` (see its docstring):
 //!
 //! - Bodies are `b"x" * size`, sent to `--hub` with no partition key or id (the service picks the partition).
 //! - `--senders` tasks each loop `create_batch` / `try_add_event_data` until the batch is full / `send_batch`, over
