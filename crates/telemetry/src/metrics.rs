@@ -504,12 +504,6 @@ pub trait Report: Send + Sync {
     fn report(&self);
 }
 
-impl<R: Report + ?Sized> Report for Arc<R> {
-    fn report(&self) {
-        (**self).report();
-    }
-}
-
 /// Several reports as one, asked in order.
 #[derive(Clone, Default)]
 pub struct Reports(Vec<Arc<dyn Report>>);
