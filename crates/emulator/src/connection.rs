@@ -22,7 +22,7 @@ use fe2o3_amqp_types::primitives::Symbol;
 use parking_lot::Mutex;
 use serde_amqp::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,7 +34,7 @@ use super::faults::Faults;
 use super::filter::start_position;
 use super::framing::{FullFieldFrames, PeerActivity};
 use super::namespace::{Hub, Namespace, now_ms};
-use super::node::{Node, ReplyRoutes};
+use super::node::{AnyMessage, Node, ReplyRoutes};
 use super::sasl::EventHubsSasl;
 use super::{consume, ingest, node};
 use eventhub_wire::address::EntityAddress;
@@ -473,7 +473,9 @@ impl Drop for SessionSlot {
 /// What a link will be served as, once its attach has been checked.
 enum LinkPlan {
     Requests(Node),
-    Replies(Node),
+    /// The route is registered with the plan, before the client learns the link is attached: a client sends
+    /// its first request once both links are, and that request's answer must find the route.
+    Replies(Node, mpsc::UnboundedReceiver<AnyMessage>),
     Ingest {
         hub: Arc<Hub>,
         partition: Option<usize>,
@@ -488,9 +490,9 @@ async fn accept_link(
     context: &Arc<ConnectionContext>,
 ) {
     // Checked after the plan so that a refused link's name is the one its address deserves; a plan holds
-    // nothing (a consumer's reader registration) that dropping it does not release.
+    // nothing (a consumer's reader registration, a reply route) that dropping it does not release.
     let plan = plan_link(&attach, context).and_then(|plan| {
-        let node = matches!(plan, LinkPlan::Requests(_) | LinkPlan::Replies(_));
+        let node = matches!(plan, LinkPlan::Requests(_) | LinkPlan::Replies(..));
         let slot = context.reserve_link(node)?;
         Ok((plan, slot))
     });
@@ -520,8 +522,7 @@ async fn accept_link(
                 .tasks
                 .spawn(node::serve_requests(receiver, node, context, slot));
         }
-        (Ok((LinkPlan::Replies(node), slot)), LinkEndpoint::Sender(sender)) => {
-            let responses = context.replies.register(node);
+        (Ok((LinkPlan::Replies(_, responses), slot)), LinkEndpoint::Sender(sender)) => {
             shared
                 .tasks
                 .spawn(node::serve_replies(sender, responses, context, slot));
@@ -569,8 +570,8 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
     match (client_sends, &entity, hub) {
         (true, EntityAddress::Cbs, _) => Ok(LinkPlan::Requests(Node::Cbs)),
         (true, EntityAddress::Management, _) => Ok(LinkPlan::Requests(Node::Management)),
-        (false, EntityAddress::Cbs, _) => Ok(LinkPlan::Replies(Node::Cbs)),
-        (false, EntityAddress::Management, _) => Ok(LinkPlan::Replies(Node::Management)),
+        (false, EntityAddress::Cbs, _) => Ok(replies(context, Node::Cbs)),
+        (false, EntityAddress::Management, _) => Ok(replies(context, Node::Management)),
         (true, EntityAddress::Hub { .. }, Some(hub)) => {
             plan_ingest(context, hub, None, authorization_path)
         }
@@ -611,6 +612,11 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
         )),
         (true, _, None) => Err(entity_not_found(&address)),
     }
+}
+
+/// A reply link's plan, its route registered.
+fn replies(context: &ConnectionContext, node: Node) -> LinkPlan {
+    LinkPlan::Replies(node, context.replies.register(node))
 }
 
 /// The address a link names: its target when the client sends, its source when it receives.
