@@ -475,7 +475,7 @@ enum LinkPlan {
     Requests(Node),
     /// The route is registered with the plan, before the client learns the link is attached: a client sends
     /// its first request once both links are, and that request's answer must find the route.
-    Replies(Node, mpsc::UnboundedReceiver<AnyMessage>),
+    Replies(mpsc::UnboundedReceiver<AnyMessage>),
     Ingest {
         hub: Arc<Hub>,
         partition: Option<usize>,
@@ -522,7 +522,7 @@ async fn accept_link(
                 .tasks
                 .spawn(node::serve_requests(receiver, node, context, slot));
         }
-        (Ok((LinkPlan::Replies(_, responses), slot)), LinkEndpoint::Sender(sender)) => {
+        (Ok((LinkPlan::Replies(responses), slot)), LinkEndpoint::Sender(sender)) => {
             shared
                 .tasks
                 .spawn(node::serve_replies(sender, responses, context, slot));
@@ -616,7 +616,7 @@ fn plan_link(attach: &Attach, context: &ConnectionContext) -> Result<LinkPlan, d
 
 /// A reply link's plan, its route registered.
 fn replies(context: &ConnectionContext, node: Node) -> LinkPlan {
-    LinkPlan::Replies(node, context.replies.register(node))
+    LinkPlan::Replies(context.replies.register(node))
 }
 
 /// The address a link names: its target when the client sends, its source when it receives.
