@@ -13,6 +13,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml, Yaml};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthConfig;
 use crate::gateway::limits::Limits;
 use eventhub_producer::{HttpProxy, ProducerConfig, ProxyCredentials};
 use eventhub_wire::settings::seconds;
@@ -58,6 +59,8 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// The pooled producer toward Event Hubs.
     pub producer: ProducerConfig,
+    /// Who may call, and which hubs each identity may reach.
+    pub auth: AuthConfig,
 }
 
 /// Where Entra ID tokens come from (azure_identity credentials).
@@ -132,6 +135,7 @@ impl Default for GatewayConfig {
             tls: None,
             limits: Limits::default(),
             producer: ProducerConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -314,7 +318,10 @@ impl GatewayConfig {
         }
         self.limits
             .validate()
-            .map_err(|error| error.within("limits"))
+            .map_err(|error| error.within("limits"))?;
+        self.auth
+            .validate(&self.hubs())
+            .map_err(|error| error.within("auth"))
     }
 
     /// The hubs' names, and exactly one place they are reached (emulator, connection string, namespace).
