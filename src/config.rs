@@ -321,7 +321,22 @@ impl GatewayConfig {
             .map_err(|error| error.within("limits"))?;
         self.auth
             .validate(&self.hubs())
-            .map_err(|error| error.within("auth"))
+            .map_err(|error| error.within("auth"))?;
+        let client_certificates = self
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca.is_some());
+        if self.auth.required
+            && self.auth.jwt.is_empty()
+            && self.auth.api_keys.is_empty()
+            && !client_certificates
+        {
+            return invalid(
+                "auth.required",
+                "no caller could prove an identity: configure auth.jwt, auth.api_keys or tls.client_ca",
+            );
+        }
+        Ok(())
     }
 
     /// The hubs' names, and exactly one place they are reached (emulator, connection string, namespace).

@@ -18,6 +18,7 @@ use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig}
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
 use crate::gateway::{Gateway, GatewayError, GatewayState};
+use crate::auth::{AuthSetupError, Authenticator};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::telemetry::http::Exposed;
@@ -49,6 +50,9 @@ pub enum ServeError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The authenticator could not start (a JWKS file unreadable, say).
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
     /// The producer could not be built.
     #[error(transparent)]
     Producer(#[from] ProducerError),
@@ -401,15 +405,24 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     let hubs = config.hubs();
     let (producer, emulator) = connect_upstream(&config, upstream, &hubs).await?;
     producer.expect_hubs(&hubs);
+    let stop = CancellationToken::new();
+    let authenticator = Authenticator::start(&config.auth, &hubs, stop.child_token()).await?;
+    if !config.auth.required && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "auth.required is false on a listener beyond loopback: any caller that reaches it may publish to \
+             every hub (set [auth] required = true with grants)"
+        );
+    }
     let state = Arc::new(GatewayState::new(
         producer,
         hubs,
         config.limits.clone(),
+        authenticator,
         config.producer.send_timeout,
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let stop = CancellationToken::new();
     tokio::spawn(follow_readiness(health, Arc::clone(&state), stop.clone()));
     // The same descriptors for both reflection versions (grpcurl speaks v1alpha, newer clients v1).
     let reflection = || {

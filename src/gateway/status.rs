@@ -7,6 +7,7 @@ use std::time::Duration;
 use prost::Message;
 use tonic::Code;
 
+use crate::auth::AuthError;
 use crate::proto::google::rpc;
 use eventhub_producer::{ErrorClass, SendError};
 
@@ -63,6 +64,24 @@ pub enum GatewayError {
         hub: String,
         /// The hubs served, comma-separated.
         served: String,
+    },
+    /// The call's credentials are missing or refused; `detail` says why and never holds the credential.
+    #[error("unauthenticated: {detail}")]
+    Unauthenticated {
+        /// A bounded label (`missing`, `expired`, ...), from [`AuthError::reason`].
+        cause: &'static str,
+        /// Why, for the caller.
+        detail: String,
+    },
+    /// The caller's identity has no grant for the hub.
+    #[error(
+        "{identity} may not publish to event hub {hub:?}: no grant of the gateway's auth.grants gives it that hub"
+    )]
+    HubNotAllowed {
+        /// The hub asked for (a served one).
+        hub: String,
+        /// The caller's identity, clipped.
+        identity: String,
     },
     /// A client or the whole gateway is over its events-per-second limit.
     #[error(
@@ -242,6 +261,8 @@ mod reason {
     pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
     pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
     pub const STREAM_IDLE: &str = "STREAM_IDLE";
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const HUB_NOT_ALLOWED: &str = "HUB_NOT_ALLOWED";
 }
 
 /// A status under construction.
@@ -306,7 +327,24 @@ fn pack(message: &impl Message, type_name: &str) -> prost_types::Any {
     }
 }
 
+impl From<AuthError> for GatewayError {
+    fn from(error: AuthError) -> Self {
+        Self::Unauthenticated {
+            cause: error.reason(),
+            detail: clip_to(&error.to_string(), MESSAGE_MAX).into_owned(),
+        }
+    }
+}
+
 impl GatewayError {
+    /// The refusal of `identity` (clipped) for `hub`.
+    pub fn hub_not_allowed(hub: &str, identity: &str) -> Self {
+        Self::HubNotAllowed {
+            hub: hub.to_owned(),
+            identity: clip(identity).into_owned(),
+        }
+    }
+
     /// The error of one event at `path` of a request.
     pub fn event(path: impl Into<String>, error: SendError) -> Self {
         // The producer's errors may quote the event (a partition id, a reason naming a property): clipped
@@ -341,6 +379,14 @@ impl GatewayError {
             }
             Self::UnknownHub { hub, .. } => {
                 Built::new(Code::NotFound, reason::UNKNOWN_EVENT_HUB).meta("event_hub", hub.clone())
+            }
+            Self::Unauthenticated { cause, .. } => {
+                Built::new(Code::Unauthenticated, reason::UNAUTHENTICATED).meta("cause", *cause)
+            }
+            Self::HubNotAllowed { hub, identity } => {
+                Built::new(Code::PermissionDenied, reason::HUB_NOT_ALLOWED)
+                    .meta("event_hub", hub.clone())
+                    .meta("identity", identity.clone())
             }
             Self::RateLimited {
                 subject,
@@ -423,6 +469,8 @@ impl GatewayError {
             reason::MALFORMED_REQUEST => "malformed_request",
             reason::OUTCOME_UNKNOWN => "outcome_unknown",
             reason::STREAM_IDLE => "stream_idle",
+            reason::UNAUTHENTICATED => "unauthenticated",
+            reason::HUB_NOT_ALLOWED => "hub_not_allowed",
             // Every reason is listed above (a test checks each); a new one shows as this until it is added.
             _ => "other",
         }
@@ -764,6 +812,19 @@ mod tests {
                 },
                 Code::Unavailable,
                 "STREAM_IDLE",
+            ),
+            (
+                GatewayError::from(AuthError::Missing),
+                Code::Unauthenticated,
+                "UNAUTHENTICATED",
+            ),
+            (
+                GatewayError::HubNotAllowed {
+                    hub: "orders".into(),
+                    identity: "billing".into(),
+                },
+                Code::PermissionDenied,
+                "HUB_NOT_ALLOWED",
             ),
         ];
         for (error, code, reason) in cases {

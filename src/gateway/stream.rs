@@ -356,7 +356,10 @@ async fn admit(
         counted.failed(error.reason(), 1);
         nack(sequence, error, permit)
     };
-    if let Err(error) = state.charge(call, 1) {
+    if let Err(error) = call
+        .check_grant(&hub, 1)
+        .and_then(|()| state.charge(call, 1))
+    {
         return refuse(counted, error, permit);
     }
     let own = Instant::now() + state.send_timeout;

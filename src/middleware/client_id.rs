@@ -16,14 +16,30 @@ pub const CLIENT_ID_HEADER: &str = "x-client-id";
 /// The longest `x-client-id` taken, in bytes; a longer one falls back to the peer address.
 const MAX_CLIENT_ID_LEN: usize = 128;
 
-/// The identity of a caller for per-client limits: its `x-client-id`, its IP address, or `unknown`.
+/// The identity of a caller for per-client limits: its authenticated identity, else its `x-client-id`, its
+/// IP address, or `unknown`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ClientId(Arc<str>);
+pub struct ClientId {
+    id: Arc<str>,
+    /// An authenticated identity never shares limits with a caller that merely names itself the same.
+    authenticated: bool,
+}
 
 impl ClientId {
     /// A client id as given; the layer, not this constructor, validates what arrives in headers.
     pub fn new(id: impl Into<Arc<str>>) -> Self {
-        Self(id.into())
+        Self {
+            id: id.into(),
+            authenticated: false,
+        }
+    }
+
+    /// The id of an authenticated identity (`[auth]`): its limits are its own, whatever `x-client-id` says.
+    pub fn authenticated(identity: impl Into<Arc<str>>) -> Self {
+        Self {
+            id: identity.into(),
+            authenticated: true,
+        }
     }
 
     /// The id of a caller that neither names itself nor has a known peer address.
@@ -33,12 +49,17 @@ impl ClientId {
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.id
     }
 
-    /// The id as a shared string, cheap to clone (the rate limiter keys on it).
-    pub(crate) fn as_arc(&self) -> &Arc<str> {
-        &self.0
+    /// `identity:<id>` for an authenticated identity, `client:<id>` otherwise (rate-limit subjects).
+    pub fn subject(&self) -> String {
+        let kind = if self.authenticated {
+            "identity"
+        } else {
+            "client"
+        };
+        format!("{kind}:{}", self.id)
     }
 
     /// The client id of a request: a valid `x-client-id`, else the peer IP, else `unknown`.
@@ -61,7 +82,7 @@ impl ClientId {
 
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.id)
     }
 }
 

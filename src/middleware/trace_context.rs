@@ -79,6 +79,7 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
             trace_id = %trace_id,
+            identity = tracing::field::Empty,
         );
         if let Some(context) = context {
             eventhub_telemetry::otel::set_remote_parent(&span, &context);

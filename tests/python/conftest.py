@@ -153,8 +153,8 @@ def start_gateway(api):
 
     started = []
 
-    def start(*args, env=None):
-        started.append(GatewayProcess(api, *args, env=env))
+    def start(*args, env=None, **options):
+        started.append(GatewayProcess(api, *args, env=env, **options))
         return started[-1]
 
     yield start

@@ -158,9 +158,9 @@ def result_status(api, status):
 class GatewayProcess:
     """A running `eventhub-gateway serve` on free loopback ports (gRPC, and `metrics`: the HTTP listener of
     /metrics and the probes). `args` are extra flags (`--emulator ...` or `--connection-string ...`), `env` extra
-    environment (`EVENTHUB_GATEWAY_LIMITS__...`)."""
+    environment (`EVENTHUB_GATEWAY_LIMITS__...`), `credentials` the channel's TLS credentials for a TLS listener."""
 
-    def __init__(self, api, *args, env=None, startup_timeout=20, log_lines=300):
+    def __init__(self, api, *args, env=None, startup_timeout=20, log_lines=300, credentials=None):
         self.api = api
         self.args = [BINARY, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *args]
         self.process = subprocess.Popen(
@@ -186,10 +186,18 @@ class GatewayProcess:
         except (IndexError, ValueError, KeyError, TypeError):
             self.stop()
             raise RuntimeError(f"`{' '.join(self.args)}` did not print its JSON line: {line}; stderr: {self.logs()}")
-        self.channel = grpc.insecure_channel(self.address)
+        self.credentials = credentials
+        self.channel = self.open_channel()
         grpc.channel_ready_future(self.channel).result(timeout=10)
         # Without stubs (`api` None) the process is driven by other clients (grpcurl).
         self.stub = api.grpc.EventHubGatewayStub(self.channel) if api is not None else None
+
+    def open_channel(self, credentials=None, options=None):
+        """A new channel to the gRPC listener (TLS with `credentials`, else the process's own)."""
+        credentials = credentials or self.credentials
+        if credentials is None:
+            return grpc.insecure_channel(self.address, options=options)
+        return grpc.secure_channel(self.address, credentials, options=options)
 
     def logs(self):
         return "".join(self.stderr)

@@ -10,37 +10,18 @@ from azure.eventhub import EventData, TransportType
 from azure.eventhub.exceptions import ConnectError, EventHubError
 
 from conftest import BINARY, producer, read_partition, stop_process
+from pki import issue, make_ca
 
 KEY = "SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE"
 # No UseDevelopmentEmulator: the SDK then uses TLS, as against the service.
 CONNECTION_STRING = f"Endpoint=sb://localhost/;{KEY}"
 
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture
 def pki(tmp_path):
-    """A throwaway CA and a server certificate for localhost it signed (openssl, in a temp dir)."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    openssl(
-        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-        "-subj", "/CN=eventhub-gateway python test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=tmp_path,
-    )
-    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=tmp_path)
-    (tmp_path / "server.ext").write_text(
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
-    )
-    openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "1", "-extfile", "server.ext",
-        cwd=tmp_path,
-    )
+    """A throwaway CA and a server certificate for localhost it signed."""
+    make_ca(tmp_path)
+    issue(tmp_path, "server", "/CN=localhost", ["DNS:localhost"], "serverAuth")
     return tmp_path
 
 

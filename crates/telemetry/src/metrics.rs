@@ -65,6 +65,12 @@ pub const PRODUCER_RATE_LIMITED_BATCHES: &str =
     "eventhub_gateway_producer_rate_limited_batches_total";
 /// Events refused by the gateway's per-client or global rate limit.
 pub const RATE_LIMITED_EVENTS: &str = "eventhub_gateway_rate_limited_events_total";
+/// Calls refused UNAUTHENTICATED, by `reason` (`missing`, `expired`, `wrong_audience`, ...).
+pub const AUTH_FAILURES: &str = "eventhub_gateway_auth_failures_total";
+/// Authenticated calls, by the `grant` of their identity (its first; `none` for an identity without one).
+pub const GRANT_CALLS: &str = "eventhub_gateway_grant_calls_total";
+/// Events admitted under each `grant`, and events refused HUB_NOT_ALLOWED (`grant="none"`).
+pub const GRANT_EVENTS: &str = "eventhub_gateway_grant_events_total";
 /// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls` or `limits.max_calls_per_client`.
 pub const SHED_CALLS: &str = "eventhub_gateway_shed_calls_total";
 /// gRPC calls in flight.
@@ -279,6 +285,21 @@ fn describe() {
         PRODUCER_RATE_LIMITED_BATCHES,
         Unit::Count,
         "Batches that waited for the producer's rate limit toward Event Hubs."
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        Unit::Count,
+        "Calls refused UNAUTHENTICATED, by reason (missing, expired, wrong_audience, ...)."
+    );
+    describe_counter!(
+        GRANT_CALLS,
+        Unit::Count,
+        "Authenticated calls by the grant of their identity (none: an identity without a grant)."
+    );
+    describe_counter!(
+        GRANT_EVENTS,
+        Unit::Count,
+        "Events by the grant that admitted them (none: refused HUB_NOT_ALLOWED)."
     );
     describe_counter!(
         RATE_LIMITED_EVENTS,
