@@ -248,6 +248,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_identity_is_never_the_client_that_names_itself_the_same() {
+        let identity = ClientId::authenticated("billing");
+        let named = ClientId::new("billing");
+        assert_ne!(identity, named);
+        assert_eq!(identity.as_str(), named.as_str());
+        assert_eq!(identity.subject(), "identity:billing");
+        assert_eq!(named.subject(), "client:billing");
+    }
+
     #[tokio::test]
     async fn no_header_and_no_peer_is_unknown() {
         let id = client_id_of(Request::new(())).await;
