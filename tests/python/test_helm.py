@@ -48,16 +48,23 @@ CASES = {"defaults": {}} | {
     path.name.removesuffix("-values.yaml"): yaml.safe_load(path.read_text())
     for path in sorted((CHART / "ci").glob("*-values.yaml"))
 }
-# The kinds each case renders besides the ConfigMap, Deployment, Service and ServiceAccount.
+# The kinds each case renders besides the ConfigMap, Deployment, Service, ServiceAccount and NetworkPolicy.
 EXTRA_KINDS = {
     "defaults": set(),
-    "workload-identity": {"NetworkPolicy"},
+    "workload-identity": set(),
     "existing-secret": set(),
     "created-secret-env": {"Secret"},
     "hpa-pdb": {"HorizontalPodAutoscaler", "PodDisruptionBudget"},
     "servicemonitor": {"ServiceMonitor"},
-    "managed-identity-tuned": {"NetworkPolicy"},
+    "managed-identity-tuned": set(),
+    "auth-kubernetes-tls": {"ClusterRoleBinding"},
+    "auth-jwks-mtls": set(),
 }
+BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
+CLUSTER_SCOPED = {"ClusterRoleBinding"}
+# Where the pod finds its service-account token and CA, and the ConfigMaps of auth.jwt[].jwksConfigMap.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+JWKS_DIR = "/var/run/eventhub-gateway/jwks"
 
 # kubernetes-validate has no schema for the Prometheus Operator's CRD: this is the part of the ServiceMonitor
 # CRD (monitoring.coreos.com/v1) that the chart writes, transcribed with its types, closed to other keys.
@@ -214,11 +221,14 @@ def test_the_chart_lints_strictly(case, kube_version):
 def test_every_object_passes_the_kubernetes_schemas(case, kube_version):
     rendering = render_case(case, kube_version)
     kinds = {doc["kind"] for doc in rendering.objects}
-    assert kinds == {"ConfigMap", "Deployment", "Service", "ServiceAccount"} | EXTRA_KINDS[case]
+    assert kinds == BASE_KINDS | EXTRA_KINDS[case]
     assert [hook["kind"] for hook in rendering.hooks] == ["Pod"]
     for doc in rendering.objects + rendering.hooks:
         validate_strictly(doc, kube_version)
-        assert doc["metadata"]["namespace"] == "teams", doc["kind"]
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], doc["kind"]
+        else:
+            assert doc["metadata"]["namespace"] == "teams", doc["kind"]
 
 
 def test_strict_validation_really_checks():
@@ -241,7 +251,7 @@ def test_the_default_values_install(tmp_path, monkeypatch):
         release = config.install(chart(), "first", dry_run="client")
     assert release["status"] == "pending-install" and release["namespace"] == "teams", release
     kinds = [doc["kind"] for doc in yaml.safe_load_all(release["manifest"]) if doc]
-    assert sorted(kinds) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "NetworkPolicy", "Service", "ServiceAccount"]
 
 
 def test_the_packaged_chart_renders_the_same(tmp_path):
@@ -285,6 +295,27 @@ SCHEMA_VIOLATIONS = {
     "pdb-fraction": ({"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
     "memory-quantity": ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
     "null-required": ({"config": {"drain_timeout_seconds": "30s"}}, "/config/drain_timeout_seconds"),
+    "api-key-hash-uppercase": ({"auth": {"api_keys": [{"identity": "a", "sha256": "A" * 64}]}}, "/auth/api_keys/0/sha256"),
+    "api-key-hash-short": ({"auth": {"api_keys": [{"identity": "a", "sha256": "a" * 63}]}}, "/auth/api_keys/0/sha256"),
+    "api-key-itself": ({"auth": {"api_keys": [{"identity": "a", "key": "s3cret"}]}}, "'key' not allowed"),
+    "grant-name-space": ({"auth": {"grants": [{"name": "bill ing", "identities": ["a"], "event_hubs": ["eh1"]}]}}, "/auth/grants/0/name"),
+    "grant-name-long": ({"auth": {"grants": [{"name": "g" * 65, "identities": ["a"], "event_hubs": ["eh1"]}]}}, "/auth/grants/0/name"),
+    "grant-no-identity": ({"auth": {"grants": [{"name": "g", "identities": [], "event_hubs": ["eh1"]}]}}, "/auth/grants/0/identities"),
+    "grant-hub-name": ({"auth": {"grants": [{"name": "g", "identities": ["a"], "event_hubs": ["a/b"]}]}}, "/auth/grants/0/event_hubs/0"),
+    "grant-zero-rate": ({"auth": {"grants": [{"name": "g", "identities": ["a"], "event_hubs": ["eh1"], "events_per_second": 0}]}}, "/auth/grants/0/events_per_second"),
+    "grant-rate-as-text": ({"auth": {"grants": [{"name": "g", "identities": ["a"], "event_hubs": ["eh1"], "events_per_second": "5k"}]}}, "/auth/grants/0/events_per_second"),
+    "jwks-over-http": ({"auth": {"jwt": [{"issuer": "https://i", "audiences": ["a"], "jwks_url": "http://i/keys"}]}}, "/auth/jwt/0/jwks_url"),
+    "jwt-issuer-not-a-url": ({"auth": {"jwt": [{"issuer": "my-idp", "audiences": ["a"], "jwks_url": "https://i/keys"}]}}, "/auth/jwt/0/issuer"),
+    "jwt-no-audience": ({"auth": {"jwt": [{"issuer": "https://i", "audiences": [], "jwks_url": "https://i/keys"}]}}, "/auth/jwt/0/audiences"),
+    "jwt-file-not-mountable": ({"auth": {"jwt": [{"issuer": "https://i", "audiences": ["a"], "jwks_file": "/keys.json"}]}}, "'jwks_file' not allowed"),
+    "jwt-leeway-negative": ({"auth": {"jwt": [{"issuer": "https://i", "audiences": ["a"], "jwks_url": "https://i/k", "leeway_seconds": -1}]}}, "/auth/jwt/0/leeway_seconds"),
+    "jwks-config-map-name": ({"auth": {"jwt": [{"issuer": "https://i", "audiences": ["a"], "jwksConfigMap": {"name": "My_Keys"}}]}}, "/auth/jwt/0/jwksConfigMap/name"),
+    "kubernetes-leeway-as-duration": ({"auth": {"kubernetes": {"leewaySeconds": "30s"}}}, "/auth/kubernetes/leewaySeconds"),
+    "kubernetes-issuer-http": ({"auth": {"kubernetes": {"issuer": "http://kubernetes.default.svc"}}}, "/auth/kubernetes/issuer"),
+    "required-as-text": ({"auth": {"required": "yes"}}, "/auth/required"),
+    "tls-secret-name": ({"tls": {"secretName": "Gateway_TLS"}}, "/tls/secretName"),
+    "tls-relative-mount": ({"tls": {"mountPath": "tls"}}, "/tls/mountPath"),
+    "api-server-port": ({"networkPolicy": {"apiServerPorts": [0]}}, "/networkPolicy/apiServerPorts/0"),
 }
 
 
@@ -298,6 +329,7 @@ def test_the_schema_refuses_nonsense(case):
 
 
 NAMESPACE = {"eventHubs": {"namespace": "contoso.servicebus.windows.net"}}
+GRANT = {"name": "billing", "identities": ["system:serviceaccount:billing:*"], "event_hubs": ["eh1"]}
 IDENTITY = {"workloadIdentity": {"enabled": True, "clientId": "00000000-1111-2222-3333-444444444444"}}
 CONTRADICTIONS = {
     "namespace-and-connection-string": (
@@ -328,6 +360,19 @@ CONTRADICTIONS = {
         "reconnect_backoff_max_seconds must be at least",
     ),
     "http2-windows": ({"config": {"limits": {"http2_stream_window_bytes": 1048576}}}, "64 times"),
+    "client-auth-without-certificate": ({"tls": {"clientAuth": True}}, "tls.clientAuth needs tls.secretName"),
+    "jwt-with-two-key-sources": (
+        {"auth": {"jwt": [{"issuer": "https://i", "audiences": ["a"], "jwks_url": "https://i/k", "jwksConfigMap": {"name": "k"}}]}},
+        "auth.jwt[0] (https://i): set jwks_url or jwksConfigMap, exactly one",
+    ),
+    "jwt-without-keys": ({"auth": {"jwt": [{"issuer": "https://i", "audiences": ["a"]}]}}, "set jwks_url or jwksConfigMap"),
+    "required-without-authentication": ({"auth": {"required": True, "grants": [GRANT]}}, "auth.required needs a way to authenticate"),
+    "required-without-grants": ({"auth": {"required": True, "kubernetes": {"enabled": True}}}, "lets no one publish"),
+    "grant-for-an-unserved-hub": (
+        {"auth": {"grants": [merged(GRANT, {"event_hubs": ["eh1", "orders"]})]}},
+        'auth.grants[0] (billing): event hub "orders" is not in eventHubs.hubs',
+    ),
+    "grant-names-twice": ({"auth": {"grants": [GRANT, GRANT]}}, 'auth.grants[1]: the name "billing" is used twice'),
 }
 
 
@@ -344,6 +389,21 @@ def test_the_templates_refuse_contradictions(case):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def tls_material(tmp_path_factory):
+    """What cert-manager writes into a kubernetes.io/tls Secret: tls.crt, tls.key and ca.crt (a self-signed
+    certificate that is its own CA here), made with openssl."""
+    directory = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "tls.key", "-out", "tls.crt", "-days", "1", "-subj", "/CN=demo-eventhub-gateway.teams.svc",
+         "-addext", "subjectAltName=DNS:demo-eventhub-gateway.teams.svc"],
+        cwd=directory, check=True, capture_output=True,
+    )
+    (directory / "ca.crt").write_bytes((directory / "tls.crt").read_bytes())
+    return directory
+
+
 def secret_value(rendering, name, key):
     """A Secret's value: decoded from the rendering when the chart makes it, else a stand-in."""
     for secret in rendering.all("Secret"):
@@ -353,7 +413,7 @@ def secret_value(rendering, name, key):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_the_config_map_passes_check_config(case, tmp_path):
+def test_the_config_map_passes_check_config(case, tmp_path, tls_material):
     """The rendered config file plus the Deployment's environment, checked by `serve --check-config` of the
     real binary. A mounted Secret is mounted under tmp_path instead (the same template, another mountPath)."""
     secrets = tmp_path / "secrets"
@@ -385,14 +445,38 @@ def test_the_config_map_passes_check_config(case, tmp_path):
         # ever change, the fetch fails here instead of reaching Entra ID.
         env["AZURE_AUTHORITY_HOST"] = "https://127.0.0.1:9/"
     volumes = {volume["name"]: volume for volume in rendering.pod["spec"]["volumes"]}
+    # Files of other mounts (TLS, JWKS ConfigMaps, the service-account token) go under tmp_path, and the config
+    # file names them there: the paths it names are exactly the mounted ones, moved.
+    text = config_file.read_text()
+    moved = lambda path: str(tmp_path / path.lstrip("/"))
     for mount in rendering.container["volumeMounts"]:
-        secret = volumes[mount["name"]].get("secret")
-        if secret:
+        volume = volumes[mount["name"]]
+        if mount["name"] == "connection-string":
+            secret = volume["secret"]
             for item in secret["items"]:
                 path = tmp_path / mount["mountPath"] / item["path"]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(secret_value(rendering, secret["secretName"], item["key"]) + "\n")
                 assert rendering.config["connection_string_file"] == str(path)
+        elif mount["name"] == "tls":
+            for item in volume["secret"]["items"]:
+                path = pathlib.Path(moved(f"{mount['mountPath']}/{item['path']}"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes((tls_material / item["key"]).read_bytes())
+            text = text.replace(mount["mountPath"], moved(mount["mountPath"]))
+        elif mount["name"].startswith("jwks-"):
+            (item,) = volume["configMap"]["items"]
+            path = pathlib.Path(moved(f"{mount['mountPath']}/{item['path']}"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"keys": []}))
+    if rendering.pod["spec"]["automountServiceAccountToken"]:
+        service_account = pathlib.Path(moved(SERVICE_ACCOUNT_DIR))
+        service_account.mkdir(parents=True)
+        (service_account / "token").write_text("fake.service-account.token")
+        (service_account / "ca.crt").write_bytes((tls_material / "ca.crt").read_bytes())
+    text = text.replace(SERVICE_ACCOUNT_DIR, moved(SERVICE_ACCOUNT_DIR)).replace(JWKS_DIR, moved(JWKS_DIR))
+    assert set(re.findall(r"(\S*)/var/run/", text)) <= {str(tmp_path)}, "every file the config names is mounted"
+    config_file.write_text(text)
 
     result = subprocess.run(
         [BINARY, "serve", "--config", str(config_file), "--check-config"],
@@ -415,6 +499,23 @@ def test_check_config_catches_what_the_schema_cannot(tmp_path):
         env={"PATH": os.environ.get("PATH", "")}, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode != 0 and "producer.max_buffered_bytes" in result.stderr, result.stderr
+
+
+def test_check_config_reads_the_auth_section_with_the_gateways_own_keys(tmp_path):
+    """The chart's auth section is parsed by the gateway, key by key (a key the gateway does not know fails,
+    naming it): the passing checks above are not vacuous for auth. What the gateway then checks of the
+    values themselves is the gateway's part."""
+    config = render_case("auth-kubernetes-tls").config
+    config.pop("namespace"), config.pop("credential"), config.pop("tls")
+    config["emulator"] = True
+    config["auth"]["grants"][0]["hubs"] = config["auth"]["grants"][0].pop("event_hubs")
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [BINARY, "serve", "--config", str(config_file), "--check-config"],
+        env={"PATH": os.environ.get("PATH", "")}, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0 and "auth.grants" in result.stderr and "hubs" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -482,7 +583,10 @@ def test_pods_run_locked_down_with_bounded_resources(case):
     rendering = render_case(case)
     pod_security = rendering.pod["spec"]["securityContext"]
     assert pod_security["runAsNonRoot"] is True and pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert rendering.pod["spec"]["automountServiceAccountToken"] is False
+    # Only auth.kubernetes needs the pod's token (to read the cluster's JWKS); the ServiceAccount never mounts it.
+    wants_token = CASES[case].get("auth", {}).get("kubernetes", {}).get("enabled", False)
+    assert rendering.pod["spec"]["automountServiceAccountToken"] is wants_token
+    assert rendering.one("ServiceAccount")["automountServiceAccountToken"] is False
     for container in [rendering.container] + [c for hook in rendering.hooks for c in hook["spec"]["containers"]]:
         security = container["securityContext"]
         assert security["readOnlyRootFilesystem"] is True
@@ -591,6 +695,162 @@ def test_the_network_policy_opens_only_what_the_gateway_uses():
     assert {"ipBlock": {"cidr": "169.254.169.254/32"}} in managed["spec"]["egress"][-1]["to"]
     emulator = render({"networkPolicy": {"enabled": True}}).one("NetworkPolicy")
     assert egress_ports(emulator) == [53, 53], "the embedded emulator needs no egress"
+
+
+def test_the_network_policy_is_on_by_default_and_lets_in_only_labelled_clients():
+    policy = render().one("NetworkPolicy")
+    grpc_rule, metrics_rule = policy["spec"]["ingress"]
+    assert grpc_rule["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"eventhub-gateway/client": "true"}}},
+        {"podSelector": {"matchLabels": {"demo-eventhub-gateway-client": "true"}}},
+    ]
+    assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert policy["spec"]["egress"] == [
+        {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    ], "the embedded emulator needs only DNS"
+    anyone = render({"networkPolicy": {"grpcFrom": [], "metricsFrom": []}}).one("NetworkPolicy")
+    assert all("from" not in rule for rule in anyone["spec"]["ingress"]), "[]: any source"
+    assert render({"networkPolicy": {"enabled": False}}).all("NetworkPolicy") == []
+
+
+def egress_rules(policy):
+    return [(sorted(port["port"] for port in rule["ports"]), rule.get("to")) for rule in policy["spec"]["egress"]]
+
+
+def test_auth_from_the_cluster_verifies_service_account_tokens():
+    """auth.kubernetes: the cluster's issuer with the API server's JWKS, read with the pod's own token and CA;
+    the RBAC to read it; the API server reachable through the NetworkPolicy."""
+    rendering = render_case("auth-kubernetes-tls")
+    auth = rendering.config["auth"]
+    assert auth["required"] is True
+    assert auth["jwt"] == [{
+        "issuer": "https://kubernetes.default.svc.cluster.local",
+        "audiences": ["eventhub-gateway"],
+        "jwks_url": "https://kubernetes.default.svc/openid/v1/jwks",
+        "ca_file": f"{SERVICE_ACCOUNT_DIR}/ca.crt",
+        "bearer_token_file": f"{SERVICE_ACCOUNT_DIR}/token",
+        "identity_claim": "sub",
+        "leeway_seconds": 30,
+    }]
+    assert auth["grants"] == CASES["auth-kubernetes-tls"]["auth"]["grants"]
+    assert "api_keys" not in auth
+    assert rendering.pod["spec"]["automountServiceAccountToken"] is True
+    binding = rendering.one("ClusterRoleBinding")
+    assert binding["metadata"]["name"] == "teams-demo-eventhub-gateway-issuer-discovery"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:service-account-issuer-discovery",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": rendering.pod["spec"]["serviceAccountName"], "namespace": "teams"}]
+    rules = egress_rules(rendering.one("NetworkPolicy"))
+    assert ([443, 6443], [{"ipBlock": {"cidr": "10.0.0.1/32"}}]) in rules
+    assert ([443, 5671], None) in rules
+
+    other_issuer = render(merged(CASES["auth-kubernetes-tls"], {"auth": {"kubernetes": {
+        "issuer": "https://westeurope.oic.prod-aks.azure.com/tenant/cluster/", "audiences": ["gw", "gw2"],
+        "leewaySeconds": 5, "clusterRoleBinding": False,
+    }}}))
+    (issuer,) = other_issuer.config["auth"]["jwt"]
+    assert (issuer["issuer"], issuer["audiences"], issuer["leeway_seconds"]) == (
+        "https://westeurope.oic.prod-aks.azure.com/tenant/cluster/", ["gw", "gw2"], 5)
+    assert other_issuer.all("ClusterRoleBinding") == []
+    off = render()
+    assert off.config["auth"] == {"required": False}
+    assert off.all("ClusterRoleBinding") == [] and off.pod["spec"]["automountServiceAccountToken"] is False
+    assert all(443 not in ports for ports, _ in egress_rules(off.one("NetworkPolicy")))
+
+
+def test_jwks_from_a_config_map_is_a_mounted_file_and_urls_get_egress():
+    rendering = render_case("auth-jwks-mtls")
+    values = CASES["auth-jwks-mtls"]["auth"]
+    config_map_issuer, url_issuer = rendering.config["auth"]["jwt"]
+    assert config_map_issuer == {
+        "issuer": "https://idp.example.com/realms/platform",
+        "audiences": ["eventhub-gateway", "events"],
+        "jwks_file": f"{JWKS_DIR}/0/jwks.json",
+        "identity_claim": "azp",
+        "leeway_seconds": 10,
+    }
+    assert url_issuer == values["jwt"][1]
+    volumes = {volume["name"]: volume for volume in rendering.pod["spec"]["volumes"]}
+    assert volumes["jwks-0"]["configMap"] == {"name": "platform-idp-jwks", "items": [{"key": "jwks.json", "path": "jwks.json"}]}
+    (mount,) = [m for m in rendering.container["volumeMounts"] if m["name"] == "jwks-0"]
+    assert mount == {"name": "jwks-0", "mountPath": f"{JWKS_DIR}/0", "readOnly": True}, "no subPath: edits reach the file"
+    assert "jwks-1" not in volumes
+    assert rendering.pod["spec"]["automountServiceAccountToken"] is False, "no cluster JWKS, no token"
+    # Event Hubs (5671, 443) and the second issuer's JWKS port, to egressTo.
+    assert egress_rules(rendering.one("NetworkPolicy"))[1] == ([443, 5671, 8443], None)
+    key = render(merged(CASES["auth-jwks-mtls"], {"auth": {"jwt": [
+        {"issuer": "https://idp.example.com", "audiences": ["a"], "jwksConfigMap": {"name": "keys", "key": "k.json"}},
+    ]}}))
+    assert key.config["auth"]["jwt"][0]["jwks_file"] == f"{JWKS_DIR}/0/k.json"
+    emulator_with_url = render({"auth": {"jwt": [values["jwt"][1]]}, "networkPolicy": {"egressTo": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}})
+    assert egress_rules(emulator_with_url.one("NetworkPolicy"))[1] == ([8443], [{"ipBlock": {"cidr": "203.0.113.0/24"}}])
+
+
+def test_api_key_hashes_and_grants_are_written_into_the_config_as_they_are():
+    """Hashes are not secrets: they go into the ConfigMap; the keys never reach the chart."""
+    rendering = render_case("auth-jwks-mtls")
+    values = CASES["auth-jwks-mtls"]["auth"]
+    assert rendering.config["auth"]["api_keys"] == values["api_keys"]
+    assert rendering.config["auth"]["grants"] == values["grants"]
+    assert rendering.all("Secret") == []
+    assert render(merged(CASES["auth-jwks-mtls"], {"auth": {"grants": [
+        {"name": "g", "identities": ["x"], "event_hubs": ["telemetry"], "events_per_second": None},
+    ]}})).config["auth"]["grants"] == [{"name": "g", "identities": ["x"], "event_hubs": ["telemetry"]}]
+    checksum = lambda values: render(values).pod["metadata"]["annotations"]["checksum/config"]
+    grants = CASES["auth-jwks-mtls"]
+    assert checksum(grants) != checksum(merged(grants, {"auth": {"grants": grants["auth"]["grants"][:1]}})), (
+        "a changed grant rolls the pods")
+
+
+@pytest.mark.parametrize("client_auth", [False, True])
+def test_tls_comes_from_a_secret_and_the_probes_stay_plain_http(client_auth):
+    rendering = render({"tls": {"secretName": "gw-tls", "clientAuth": client_auth}})
+    directory = "/var/run/secrets/eventhub-gateway/tls"
+    expected = {"cert": f"{directory}/tls.crt", "key": f"{directory}/tls.key"}
+    if client_auth:
+        expected["client_ca"] = f"{directory}/ca.crt"
+    assert rendering.config["tls"] == expected
+    volumes = {volume["name"]: volume for volume in rendering.pod["spec"]["volumes"]}
+    keys = ["tls.crt", "tls.key"] + (["ca.crt"] if client_auth else [])
+    assert volumes["tls"]["secret"] == {
+        "secretName": "gw-tls", "defaultMode": 0o440, "items": [{"key": key, "path": key} for key in keys],
+    }, "ca.crt only when needed: a public CA's Secret may not have one"
+    assert {"name": "tls", "mountPath": directory, "readOnly": True} in rendering.container["volumeMounts"]
+    # kubelet keeps probing the plain-HTTP metrics listener; only gRPC is TLS.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert rendering.container[probe]["httpGet"]["port"] == "metrics"
+        assert "scheme" not in rendering.container[probe]["httpGet"]
+    # helm test checks health over TLS, verifying the Service's name against the Secret's CA.
+    (pod,) = rendering.hooks
+    (container,) = pod["spec"]["containers"]
+    client = ["--client-cert", f"{directory}/tls.crt", "--client-key", f"{directory}/tls.key"] if client_auth else []
+    assert container["args"] == [
+        "health", "--address", "https://demo-eventhub-gateway.teams.svc:50051", "--ca-cert", f"{directory}/ca.crt",
+        *client, "--timeout", "10",
+    ]
+    (test_volume,) = pod["spec"]["volumes"]
+    assert test_volume["secret"]["secretName"] == "gw-tls"
+    assert "TLS from Secret gw-tls" in rendering.notes and "-cacert ca.crt" in rendering.notes
+    assert ("mTLS" in rendering.notes) is client_auth
+    assert "tls" not in render().config
+
+
+def test_the_notes_warn_when_anyone_may_publish_or_tokens_travel_in_clear():
+    open_warning = "WARNING: auth.required is false"
+    clear_warning = "cross the network in clear"
+    default = render().notes
+    assert open_warning in default and clear_warning not in default
+    secured = render_case("auth-kubernetes-tls").notes
+    assert open_warning not in secured and clear_warning not in secured
+    assert "to the hubs of their grants: billing, audit-writers" in secured
+    plain = merged(CASES["auth-kubernetes-tls"], {"tls": {"secretName": ""}})
+    assert clear_warning in render(plain).notes and open_warning not in render(plain).notes
+    keys_in_clear = render({"auth": {"api_keys": CASES["auth-jwks-mtls"]["auth"]["api_keys"]}}).notes
+    assert clear_warning in keys_in_clear and open_warning in keys_in_clear
+    assert "pods labelled\neventhub-gateway/client" in default
+    assert "any source" in render({"networkPolicy": {"grpcFrom": []}}).notes
+    assert "networkPolicy.enabled is false" in render({"networkPolicy": {"enabled": False}}).notes
 
 
 def test_the_helm_test_pod_checks_grpc_health_through_the_service():

@@ -107,6 +107,15 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- else if eq $cs.mountAs "file" }}
 {{- $_ := set $config "connection_string_file" (printf "%s/%s" (trimSuffix "/" $cs.mountPath) $cs.key) }}
 {{- end }}
+{{- with .Values.tls.secretName }}
+{{- $dir := trimSuffix "/" $.Values.tls.mountPath }}
+{{- $tls := dict "cert" (printf "%s/tls.crt" $dir) "key" (printf "%s/tls.key" $dir) }}
+{{- if $.Values.tls.clientAuth }}
+{{- $_ := set $tls "client_ca" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- $_ := set $config "tls" $tls }}
+{{- end }}
+{{- $_ := set $config "auth" (include "eventhub-gateway.authConfig" . | fromYaml) }}
 {{- range $section := list "limits" "producer" }}
 {{- $settings := dict }}
 {{- range $key, $value := index $.Values.config $section }}
@@ -117,6 +126,85 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- $_ := set $config $section $settings }}
 {{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* Where the ConfigMap of `auth.jwt[i].jwksConfigMap` is mounted: <this>/<i>/<key>. */}}
+{{- define "eventhub-gateway.jwksDir" -}}
+/var/run/eventhub-gateway/jwks
+{{- end }}
+
+{{/* The service-account files the pod gets when it mounts its token (auth.kubernetes). */}}
+{{- define "eventhub-gateway.serviceAccountDir" -}}
+/var/run/secrets/kubernetes.io/serviceaccount
+{{- end }}
+
+{{/*
+The gateway's `auth` section, as YAML: `required`, the `jwt` issuers (the cluster's first, with
+auth.kubernetes; a jwksConfigMap becomes the jwks_file it is mounted as), `api_keys` and `grants` as they are.
+*/}}
+{{- define "eventhub-gateway.authConfig" -}}
+{{- $auth := .Values.auth }}
+{{- $issuers := list }}
+{{- if $auth.kubernetes.enabled }}
+{{- $sa := include "eventhub-gateway.serviceAccountDir" . }}
+{{- $issuers = append $issuers (dict
+  "issuer" $auth.kubernetes.issuer
+  "audiences" $auth.kubernetes.audiences
+  "jwks_url" "https://kubernetes.default.svc/openid/v1/jwks"
+  "ca_file" (printf "%s/ca.crt" $sa)
+  "bearer_token_file" (printf "%s/token" $sa)
+  "identity_claim" "sub"
+  "leeway_seconds" $auth.kubernetes.leewaySeconds) }}
+{{- end }}
+{{- range $i, $jwt := $auth.jwt }}
+{{- $issuer := omit $jwt "jwksConfigMap" }}
+{{- with $jwt.jwksConfigMap }}
+{{- $_ := set $issuer "jwks_file" (printf "%s/%d/%s" (include "eventhub-gateway.jwksDir" $) $i (.key | default "jwks.json")) }}
+{{- end }}
+{{- $issuers = append $issuers $issuer }}
+{{- end }}
+{{- $out := dict "required" $auth.required }}
+{{- with $issuers }}
+{{- $_ := set $out "jwt" . }}
+{{- end }}
+{{- with $auth.api_keys }}
+{{- $_ := set $out "api_keys" . }}
+{{- end }}
+{{- with $auth.grants }}
+{{- $grants := list }}
+{{- range . }}
+{{- $grant := omit . "events_per_second" }}
+{{- if not (kindIs "invalid" .events_per_second) }}
+{{- $_ := set $grant "events_per_second" (int .events_per_second) }}
+{{- end }}
+{{- $grants = append $grants $grant }}
+{{- end }}
+{{- $_ := set $out "grants" $grants }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* Whether callers send bearer credentials (JWTs or API keys), which plain-text gRPC would expose. */}}
+{{- define "eventhub-gateway.bearerAuth" -}}
+{{- if or .Values.auth.kubernetes.enabled .Values.auth.jwt .Values.auth.api_keys }}true{{ end }}
+{{- end }}
+
+{{/* The TCP ports of the auth.jwt issuers' JWKS URLs (443 unless the URL names one), one per line. */}}
+{{- define "eventhub-gateway.jwksPorts" -}}
+{{- $ports := list }}
+{{- range .Values.auth.jwt }}
+{{- with .jwks_url }}
+{{- $host := (urlParse .).host }}
+{{- $port := 443 }}
+{{- if regexMatch ":[0-9]+$" $host }}
+{{- $port = regexFind "[0-9]+$" $host | atoi }}
+{{- end }}
+{{- $ports = append $ports $port }}
+{{- end }}
+{{- end }}
+{{- range $ports | uniq }}
+{{ . }}
+{{- end }}
 {{- end }}
 
 {{/* Refuses combinations the schema cannot express, naming the values at fault. */}}
@@ -156,6 +244,35 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- end }}
 {{- if lt (float64 $v.config.limits.http2_connection_window_bytes) (mulf $v.config.limits.http2_stream_window_bytes 64) }}
 {{- fail "config.limits.http2_connection_window_bytes must be at least 64 times http2_stream_window_bytes" }}
+{{- end }}
+{{- if and $v.tls.clientAuth (not $v.tls.secretName) }}
+{{- fail "tls.clientAuth needs tls.secretName (the Secret's ca.crt is the client CA)" }}
+{{- end }}
+{{- $auth := $v.auth }}
+{{- range $i, $jwt := $auth.jwt }}
+{{- if eq (empty $jwt.jwks_url) (empty $jwt.jwksConfigMap) }}
+{{- fail (printf "auth.jwt[%d] (%s): set jwks_url or jwksConfigMap, exactly one" $i $jwt.issuer) }}
+{{- end }}
+{{- end }}
+{{- $grantNames := list }}
+{{- range $i, $grant := $auth.grants }}
+{{- if has $grant.name $grantNames }}
+{{- fail (printf "auth.grants[%d]: the name %q is used twice (names label metrics)" $i $grant.name) }}
+{{- end }}
+{{- $grantNames = append $grantNames $grant.name }}
+{{- range $grant.event_hubs }}
+{{- if and (ne . "*") (not (has . $v.eventHubs.hubs)) }}
+{{- fail (printf "auth.grants[%d] (%s): event hub %q is not in eventHubs.hubs" $i $grant.name .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $auth.required }}
+{{- if not (or (include "eventhub-gateway.bearerAuth" .) $v.tls.clientAuth) }}
+{{- fail "auth.required needs a way to authenticate: auth.kubernetes.enabled, auth.jwt, auth.api_keys or tls.clientAuth" }}
+{{- end }}
+{{- if not $auth.grants }}
+{{- fail "auth.required with no auth.grants lets no one publish: grant identities their hubs" }}
+{{- end }}
 {{- end }}
 {{- if eq (int $v.service.grpcPort) (int $v.service.metricsPort) }}
 {{- fail "service.grpcPort and service.metricsPort must differ" }}
