@@ -59,6 +59,13 @@ pub struct SendArgs {
     /// Names this client for the gateway's per-client rate limit (`x-client-id`).
     #[arg(long)]
     pub client_id: Option<String>,
+    /// A file holding the bearer token (a JWT or an API key) sent as `authorization: Bearer <token>` to a
+    /// gateway that authenticates callers; read once, at start.
+    #[arg(long, value_name = "FILE", env = "EVENTHUB_GATEWAY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The `authorization` value read from `token_file`.
+    #[arg(skip)]
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
     /// TLS toward an https:// gateway.
     #[command(flatten)]
     pub tls: ClientTls,
@@ -398,7 +405,33 @@ impl SendArgs {
         {
             request.metadata_mut().insert("x-client-id", value);
         }
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
         request
+    }
+
+    /// Reads `token_file` into the `authorization` value every request carries.
+    fn read_token(&mut self) -> Result<(), ClientError> {
+        let Some(path) = &self.token_file else {
+            return Ok(());
+        };
+        let text = String::from_utf8(read(path)?).map_err(|_| {
+            ClientError::Input(format!("{}: the token is not UTF-8", path.display()))
+        })?;
+        let mut value: tonic::metadata::AsciiMetadataValue =
+            format!("Bearer {}", text.trim()).parse().map_err(|_| {
+                ClientError::Input(format!(
+                    "{}: the token holds characters a header cannot carry",
+                    path.display()
+                ))
+            })?;
+        // Never written out by the HTTP/2 layer's logging, and compressed apart from other headers.
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(())
     }
 }
 
@@ -432,7 +465,8 @@ fn json_to_proto(value: serde_json::Value) -> prost_types::Value {
 }
 
 /// Runs `send`; returns whether every event was accepted.
-pub async fn run(args: SendArgs) -> Result<bool, ClientError> {
+pub async fn run(mut args: SendArgs) -> Result<bool, ClientError> {
+    args.read_token()?;
     let single = match (&args.text, &args.json) {
         (Some(text), _) => Some(v1::event::Body::Text(text.clone())),
         (None, Some(json)) => Some(json_body(json).map_err(ClientError::Input)?),

@@ -322,10 +322,7 @@ impl GatewayConfig {
         self.auth
             .validate(&self.hubs())
             .map_err(|error| error.within("auth"))?;
-        let client_certificates = self
-            .tls
-            .as_ref()
-            .is_some_and(|tls| tls.client_ca.is_some());
+        let client_certificates = self.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
         if self.auth.required
             && self.auth.jwt.is_empty()
             && self.auth.api_keys.is_empty()

@@ -14,11 +14,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig};
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
 use crate::gateway::{Gateway, GatewayError, GatewayState};
-use crate::auth::{AuthSetupError, Authenticator};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::telemetry::http::Exposed;

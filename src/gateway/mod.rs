@@ -28,7 +28,8 @@ use crate::telemetry::http::Readiness;
 use convert::event_from_proto;
 use eventhub_producer::{Producer, Ticket, TraceContext};
 use eventhub_telemetry::metrics::{
-    AUTH_FAILURES, GRANT_CALLS, GRANT_EVENTS, HubEvents, RATE_LIMITED_EVENTS, Report, Rpc, set_ready,
+    AUTH_FAILURES, GRANT_CALLS, GRANT_EVENTS, HubEvents, RATE_LIMITED_EVENTS, Report, Rpc,
+    set_ready,
 };
 use eventhub_telemetry::otel;
 use limits::Limits;

@@ -165,7 +165,9 @@ impl RateLimits {
 
     /// Clients with per-client state now (recently seen ones, plus idle ones until the next sweep).
     pub fn tracked_clients(&self) -> usize {
-        self.keyed_buckets().map(|bucket| bucket.limiter.len()).sum()
+        self.keyed_buckets()
+            .map(|bucket| bucket.limiter.len())
+            .sum()
     }
 
     fn keyed_buckets(&self) -> impl Iterator<Item = &Bucket<DefaultKeyedRateLimiter<ClientId>>> {
@@ -364,7 +366,10 @@ mod tests {
     fn sweep_forgets_idle_clients() {
         let limits = RateLimits::new(None, limit(1000), []);
         for i in 0..10 {
-            assert_eq!(limits.charge(&ClientId::new(format!("c{i}")), None, 1), Ok(()));
+            assert_eq!(
+                limits.charge(&ClientId::new(format!("c{i}")), None, 1),
+                Ok(())
+            );
         }
         assert_eq!(limits.tracked_clients(), 10);
         // One event at 1000/s is back in the bucket after 1 ms.

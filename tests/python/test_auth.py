@@ -6,6 +6,7 @@ no credential may appear in a log line or an error."""
 import hashlib
 import json
 import secrets
+import subprocess
 import time
 
 import grpc
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from conftest import wait_for
+from conftest import BINARY, wait_for
 from gateway_client import (
     CALL_TIMEOUT,
     GatewayProcess,
@@ -281,6 +282,23 @@ def test_metrics_count_failures_by_reason_and_calls_by_grant(api, secured, keys)
     assert sample(samples, "eventhub_gateway_grant_events_total", grant="billing") >= 1
 
 
+def test_the_cli_sends_with_a_token_file(secured, keys, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(keys.token("ES256") + "\n")
+    sent = subprocess.run(
+        [BINARY, "send", "--gateway", secured.address, "--event-hub", "eh1", "--text", "from the CLI",
+         "--token-file", str(token_file), "--quiet"],
+        capture_output=True, text=True, timeout=CALL_TIMEOUT,
+    )
+    assert sent.returncode == 0, sent.stderr
+    refused = subprocess.run(
+        [BINARY, "send", "--gateway", secured.address, "--event-hub", "eh1", "--text", "no token", "--quiet"],
+        capture_output=True, text=True, timeout=CALL_TIMEOUT,
+    )
+    assert refused.returncode != 0
+    assert "UNAUTHENTICATED" in refused.stderr, refused.stderr
+
+
 def test_no_credential_reaches_a_log_line_at_trace_level(api, secured, keys):
     """Runs last in this module (pytest keeps file order): every call above logged at trace level."""
     token = keys.token()
@@ -342,3 +360,4 @@ def test_a_client_certificate_proves_its_spiffe_id(api, mtls):
     rich = check_error(call_status(api, refused.value), grpc.StatusCode.PERMISSION_DENIED, "HUB_NOT_ALLOWED")
     assert rich.error_info.metadata["identity"] == "stranger.test"
     channel.close()
+
