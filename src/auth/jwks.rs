@@ -421,13 +421,10 @@ pub(crate) struct FileKeys {
     path: PathBuf,
     timing: Timing,
     keys: RwLock<Arc<KeySet>>,
-    check: tokio::sync::Mutex<FileCheck>,
-}
-
-#[derive(Debug)]
-struct FileCheck {
-    stamp: Stamp,
-    checked: Instant,
+    /// When the file was last checked: read without waiting, so a check costs one request per interval.
+    checked: parking_lot::Mutex<Instant>,
+    /// The file's stamp when its keys were read; held while checking.
+    stamp: tokio::sync::Mutex<Stamp>,
 }
 
 impl FileKeys {
@@ -444,10 +441,8 @@ impl FileKeys {
             path: path.to_owned(),
             timing,
             keys: RwLock::new(Arc::new(keys)),
-            check: tokio::sync::Mutex::new(FileCheck {
-                stamp: before,
-                checked: Instant::now(),
-            }),
+            checked: parking_lot::Mutex::new(Instant::now()),
+            stamp: tokio::sync::Mutex::new(before),
         })
     }
 
@@ -458,16 +453,23 @@ impl FileKeys {
         } else {
             self.timing.file_check
         };
-        let mut check = self.check.lock().await;
-        if check.checked.elapsed() >= due {
-            check.checked = Instant::now();
+        let check_now = {
+            let mut checked = self.checked.lock();
+            let check_now = checked.elapsed() >= due;
+            if check_now {
+                *checked = Instant::now();
+            }
+            check_now
+        };
+        if check_now {
+            let mut stamp_read = self.stamp.lock().await;
             match stamp(&self.path).await {
-                Ok(now) if now != check.stamp => match read_jwks_file(&self.path).await {
+                Ok(now) if now != *stamp_read => match read_jwks_file(&self.path).await {
                     Ok((keys, skipped)) => {
                         log_skipped(&self.issuer, &skipped);
                         tracing::info!(issuer = %self.issuer, keys = keys.len(), "JWKS file changed; keys re-read");
                         *self.keys.write() = Arc::new(keys);
-                        check.stamp = now;
+                        *stamp_read = now;
                     }
                     // Perhaps half-written: the old keys stay, and the next check tries again.
                     Err(problem) => {
@@ -480,7 +482,6 @@ impl FileKeys {
                 }
             }
         }
-        drop(check);
         Arc::clone(&self.keys.read())
     }
 }
@@ -597,30 +598,16 @@ impl UrlKeys {
                     }
                 }
             };
-            let timing = keys.timing;
-            let wait = match result {
-                Ok(max_age) => {
-                    failures = 0;
-                    max_age
-                        .map(|age| age.clamp(timing.refresh_min, timing.refresh_max))
-                        .unwrap_or(timing.refresh)
-                }
-                Err(problem) => {
-                    failures = failures.saturating_add(1);
-                    let wait = timing
-                        .retry_min
-                        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
-                        .min(timing.retry_max);
-                    tracing::warn!(
-                        issuer = %keys.issuer,
-                        url = %keys.url,
-                        retry_in = ?wait,
-                        have_keys = keys.current().is_some(),
-                        "JWKS fetch failed: {problem}"
-                    );
-                    wait
-                }
-            };
+            let wait = next_wait(&keys.timing, result.as_ref().map(|age| *age), &mut failures);
+            if let Err(problem) = &result {
+                tracing::warn!(
+                    issuer = %keys.issuer,
+                    url = %keys.url,
+                    retry_in = ?wait,
+                    have_keys = keys.current().is_some(),
+                    "JWKS fetch failed: {problem}"
+                );
+            }
             drop(keys);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -628,6 +615,36 @@ impl UrlKeys {
             }
         }
     }
+}
+
+/// How long until the next fetch: the answer's `max-age` within bounds (or the default refresh) after a
+/// success; after a failure, a backoff doubling from `retry_min` to `retry_max`.
+fn next_wait(
+    timing: &Timing,
+    result: Result<Option<Duration>, &String>,
+    failures: &mut u32,
+) -> Duration {
+    match result {
+        Ok(max_age) => {
+            *failures = 0;
+            max_age
+                .map(|age| age.clamp(timing.refresh_min, timing.refresh_max))
+                .unwrap_or(timing.refresh)
+        }
+        Err(_) => {
+            *failures = failures.saturating_add(1);
+            timing
+                .retry_min
+                .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
+                .min(timing.retry_max)
+        }
+    }
+}
+
+/// Checks a JWKS document as the authenticator would (for fuzzing): the number of usable keys and why the
+/// others were skipped, or why the document is refused. It never panics.
+pub fn check_document(document: &[u8]) -> Result<(usize, Vec<String>), String> {
+    KeySet::parse(document).map(|(keys, skipped)| (keys.len(), skipped))
 }
 
 /// The `max-age` of a `Cache-Control` value (`no-cache`/`no-store` count as 0).
@@ -757,6 +774,37 @@ mod tests {
         assert!(parse(Value::Array(many)).unwrap_err().contains("101 keys"));
         let huge = vec![b' '; MAX_JWKS_BYTES + 1];
         assert!(KeySet::parse(&huge).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn refreshes_follow_max_age_within_bounds_and_failures_back_off() {
+        let timing = Timing::default();
+        let mut failures = 0;
+        let error = String::from("down");
+        let secs = Duration::from_secs;
+        assert_eq!(next_wait(&timing, Ok(None), &mut failures), secs(300));
+        assert_eq!(
+            next_wait(&timing, Ok(Some(secs(5))), &mut failures),
+            secs(60)
+        );
+        assert_eq!(
+            next_wait(&timing, Ok(Some(secs(900))), &mut failures),
+            secs(900)
+        );
+        assert_eq!(
+            next_wait(&timing, Ok(Some(secs(86400))), &mut failures),
+            secs(3600)
+        );
+        let backoff: Vec<u64> = (0..9)
+            .map(|_| next_wait(&timing, Err(&error), &mut failures).as_secs())
+            .collect();
+        assert_eq!(backoff, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        for _ in 0..100 {
+            next_wait(&timing, Err(&error), &mut failures);
+        }
+        assert_eq!(next_wait(&timing, Err(&error), &mut failures), secs(60));
+        assert_eq!(next_wait(&timing, Ok(None), &mut failures), secs(300));
+        assert_eq!(failures, 0);
     }
 
     #[test]

@@ -828,6 +828,73 @@ async fn tokens_before_any_keys_are_keys_unavailable() {
     shutdown.cancel();
 }
 
+#[tokio::test]
+async fn a_jwk_stating_its_alg_admits_only_that_alg() {
+    let rs = test_key("rsa-stated", Algorithm::RS256);
+    let mut ps = test_key("rsa-open", Algorithm::RS256);
+    ps.jwk.as_object_mut().unwrap().remove("alg");
+    let es384 = test_key("ec-384", Algorithm::ES384);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks(&[&rs, &ps, &es384])).unwrap();
+    let config = AuthConfig {
+        jwt: vec![issuer_config(&path)],
+        grants: grants(),
+        ..AuthConfig::default()
+    };
+    let authenticator = Authenticator::start(&config, &hubs(), CancellationToken::new())
+        .await
+        .unwrap();
+    let sub = "system:serviceaccount:ops:x";
+    let sign_as = |key: &TestKey, algorithm: Algorithm| {
+        let mut header = Header::new(algorithm);
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, &claims(sub), &key.encoding).unwrap()
+    };
+    let stated = sign_as(&rs, Algorithm::PS256);
+    let error = refused(
+        bearer(&authenticator, &stated).await,
+        &stated,
+        "algorithm_refused",
+    );
+    assert!(error.to_string().contains("PS256"), "{error}");
+    for token in [
+        sign_as(&rs, Algorithm::RS256),
+        sign_as(&ps, Algorithm::PS256),
+        sign_as(&ps, Algorithm::RS512),
+        sign_as(&es384, Algorithm::ES384),
+    ] {
+        let (_, grants, _) = identified(bearer(&authenticator, &token).await.unwrap());
+        assert_eq!(grants, ["ops"]);
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_jwks_answer_is_refused() {
+    let key = test_key("k1", Algorithm::ES256);
+    let padding = " ".repeat(jwks::MAX_JWKS_BYTES);
+    let server = jwks_server(format!("{}{padding}", jwks(&[&key]))).await;
+    let shutdown = CancellationToken::new();
+    let authenticator = Authenticator::start_with(
+        &url_config(&server.url, None),
+        &hubs(),
+        shutdown.clone(),
+        fast_timing(),
+    )
+    .await
+    .unwrap();
+    let token = key.sign(&claims("system:serviceaccount:billing:api"));
+    refused(
+        bearer(&authenticator, &token).await,
+        &token,
+        "keys_unavailable",
+    );
+    assert!(server.hits.load(Ordering::SeqCst) >= 1);
+    assert!(jwks::check_document(padding.as_bytes()).is_err());
+    assert_eq!(jwks::check_document(jwks(&[&key]).as_bytes()).unwrap().0, 1);
+    shutdown.cancel();
+}
+
 #[test]
 fn every_reason_is_a_distinct_bounded_label() {
     let errors = [
