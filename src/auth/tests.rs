@@ -704,8 +704,46 @@ struct JwksServer {
 }
 
 async fn jwks_server(document: String) -> JwksServer {
+    jwks_server_over(document, None).await
+}
+
+/// Reads one request's head, records it, and answers `document`.
+async fn answer<S: AsyncReadExt + AsyncWriteExt + Unpin>(
+    mut stream: S,
+    document: &parking_lot::Mutex<String>,
+    hits: &AtomicUsize,
+    authorization: &parking_lot::Mutex<Option<String>>,
+) {
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 65536 {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buffer[..n]),
+        }
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    let text = String::from_utf8_lossy(&request);
+    *authorization.lock() = text
+        .lines()
+        .find_map(|line| line.strip_prefix("authorization: ").map(str::to_owned));
+    let body = document.lock().clone();
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: max-age=3600\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The endpoint over plain HTTP, or over TLS with `tls`.
+async fn jwks_server_over(document: String, tls: Option<Arc<rustls::ServerConfig>>) -> JwksServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/openid/v1/jwks", listener.local_addr().unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let url = match tls {
+        Some(_) => format!("https://localhost:{port}/openid/v1/jwks"),
+        None => format!("http://127.0.0.1:{port}/openid/v1/jwks"),
+    };
     let server = JwksServer {
         url,
         document: Arc::new(parking_lot::Mutex::new(document)),
@@ -718,27 +756,16 @@ async fn jwks_server(document: String) -> JwksServer {
         Arc::clone(&server.authorization),
     );
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let mut request = Vec::new();
-            let mut buffer = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 65536 {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buffer[..n]),
+        while let Ok((stream, _)) = listener.accept().await {
+            match &tls {
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        answer(stream, &document, &hits, &authorization).await;
+                    }
                 }
+                None => answer(stream, &document, &hits, &authorization).await,
             }
-            hits.fetch_add(1, Ordering::SeqCst);
-            let text = String::from_utf8_lossy(&request);
-            *authorization.lock() = text
-                .lines()
-                .find_map(|line| line.strip_prefix("authorization: ").map(str::to_owned));
-            let body = document.lock().clone();
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: max-age=3600\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(answer.as_bytes()).await;
-            let _ = stream.shutdown().await;
         }
     });
     server
@@ -801,6 +828,60 @@ async fn a_jwks_url_is_fetched_refetched_for_a_new_kid_and_rate_limited() {
         refused(bearer(&authenticator, &bogus).await, &bogus, "unknown_key");
     }
     assert_eq!(server.hits.load(Ordering::SeqCst), 2, "rate-limited");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn an_https_jwks_url_is_trusted_through_its_ca_file_only() {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+    let signing = test_key("k1", Algorithm::ES256);
+    let server = jwks_server_over(jwks(&[&signing]), Some(Arc::new(tls))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, certified.cert.pem()).unwrap();
+    let token = signing.sign(&claims("system:serviceaccount:billing:api"));
+
+    let mut config = url_config(&server.url, None);
+    config.jwt[0].ca_file = Some(ca_file);
+    let shutdown = CancellationToken::new();
+    let trusting = Authenticator::start_with(&config, &hubs(), shutdown.clone(), fast_timing())
+        .await
+        .unwrap();
+    identified(bearer(&trusting, &token).await.unwrap());
+
+    // Without the CA the same endpoint is not trusted, and no keys arrive.
+    let untrusting = Authenticator::start_with(
+        &url_config(&server.url, None),
+        &hubs(),
+        shutdown.clone(),
+        fast_timing(),
+    )
+    .await
+    .unwrap();
+    refused(
+        bearer(&untrusting, &token).await,
+        &token,
+        "keys_unavailable",
+    );
+
+    config.jwt[0].ca_file = Some(dir.path().join("missing.pem"));
+    let Err(AuthSetupError::Invalid { field, .. }) =
+        Authenticator::start(&config, &hubs(), shutdown.clone()).await
+    else {
+        panic!("an unreadable ca_file must stop the start");
+    };
+    assert_eq!(field, "auth.jwt[0].ca_file");
     shutdown.cancel();
 }
 
