@@ -885,14 +885,50 @@ async fn an_https_jwks_url_is_trusted_through_its_ca_file_only() {
     shutdown.cancel();
 }
 
+/// Every log line written while it is alive, at every level (current-thread tests only).
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || logs.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
 #[tokio::test]
-async fn tokens_before_any_keys_are_keys_unavailable() {
+async fn tokens_before_any_keys_are_keys_unavailable_and_no_log_holds_a_credential() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.start();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/jwks", listener.local_addr().unwrap());
     drop(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "cluster-token-secret").unwrap();
     let shutdown = CancellationToken::new();
     let authenticator = Authenticator::start_with(
-        &url_config(&url, None),
+        &url_config(&url, Some(&token_file)),
         &hubs(),
         shutdown.clone(),
         fast_timing(),
@@ -906,7 +942,56 @@ async fn tokens_before_any_keys_are_keys_unavailable() {
         "keys_unavailable",
     );
     assert!(error.to_string().contains(ISSUER), "{error}");
+    // The task retries with backoff meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     shutdown.cancel();
+
+    // Then the endpoint answers, with the token file sent and tokens verified.
+    let key = test_key("k2", Algorithm::ES256);
+    let server = jwks_server(jwks(&[&key])).await;
+    let shutdown = CancellationToken::new();
+    let authenticator = Authenticator::start_with(
+        &url_config(&server.url, Some(&token_file)),
+        &hubs(),
+        shutdown.clone(),
+        fast_timing(),
+    )
+    .await
+    .unwrap();
+    let good = key.sign(&claims("system:serviceaccount:billing:api"));
+    identified(bearer(&authenticator, &good).await.unwrap());
+    let forged = format!("{}.{}", good.rsplit_once('.').unwrap().0, "A".repeat(86));
+    refused(
+        bearer(&authenticator, &forged).await,
+        &forged,
+        "bad_signature",
+    );
+    refused(
+        bearer(&authenticator, API_KEY).await,
+        API_KEY,
+        "unknown_api_key",
+    );
+    shutdown.cancel();
+
+    let text = logs.text();
+    assert!(
+        text.contains("JWKS fetch failed"),
+        "logs were captured: {text}"
+    );
+    assert!(
+        text.matches("JWKS fetch failed").count() >= 2,
+        "retried: {text}"
+    );
+    for secret in ["cluster-token-secret", API_KEY]
+        .into_iter()
+        .chain(token.split('.'))
+        .chain(good.split('.'))
+    {
+        assert!(
+            !text.contains(secret),
+            "a log line holds a credential: {text}"
+        );
+    }
 }
 
 #[tokio::test]
