@@ -2,90 +2,26 @@
 //! API key or its client certificate, and the grants that let an identity publish to hubs.
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 
-/// `[auth]`: whether callers must authenticate, how, and what each identity may reach.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// Whether every call but health and reflection needs an identity with a grant (default false).
-    pub required: bool,
-    /// `[[auth.jwt]]`: issuers whose bearer JWTs are accepted.
-    pub jwt: Vec<JwtIssuerConfig>,
-    /// `[[auth.api_keys]]`: opaque bearer keys, by their SHA-256.
-    pub api_keys: Vec<ApiKeyConfig>,
-    /// `[[auth.grants]]`: which identities may publish to which hubs.
-    pub grants: Vec<GrantConfig>,
-}
+mod api_key;
+pub mod certificate;
+mod config;
+mod grants;
+pub mod jwks;
+pub mod jwt;
 
-/// One `[[auth.jwt]]` issuer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtIssuerConfig {
-    /// The `iss` a token must carry.
-    pub issuer: String,
-    /// The `aud` values accepted (a token needs one of them).
-    pub audiences: Vec<String>,
-    /// A JWKS document on disk (re-read when it changes).
-    pub jwks_file: Option<PathBuf>,
-    /// A JWKS endpoint (cached, refreshed, re-fetched for an unknown `kid`).
-    pub jwks_url: Option<String>,
-    /// CA bundle for `jwks_url` (the cluster's own CA).
-    pub ca_file: Option<PathBuf>,
-    /// A bearer token sent to `jwks_url`, read from this file at each fetch.
-    pub bearer_token_file: Option<PathBuf>,
-    /// The claim naming the identity (default `sub`).
-    #[serde(default = "default_identity_claim")]
-    pub identity_claim: String,
-    /// Clock skew allowed on `exp` and `nbf` (default 30).
-    #[serde(default = "default_leeway_seconds")]
-    pub leeway_seconds: u64,
-}
+pub use config::{ApiKeyConfig, AuthConfig, GrantConfig, JwtIssuerConfig};
+pub use grants::glob_matches;
 
-fn default_identity_claim() -> String {
-    "sub".into()
-}
-
-fn default_leeway_seconds() -> u64 {
-    30
-}
-
-/// One `[[auth.api_keys]]` key: the identity it proves and the SHA-256 (hex) of the key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyConfig {
-    /// The identity a caller presenting this key has.
-    pub identity: String,
-    /// The key's SHA-256, 64 hex digits (the key itself is never configured).
-    pub sha256: String,
-}
-
-/// One `[[auth.grants]]` grant.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GrantConfig {
-    /// A short label for metrics.
-    pub name: String,
-    /// Identities, exact or with `*` globs.
-    pub identities: Vec<String>,
-    /// Hubs this grant covers; `["*"]` covers every configured hub.
-    pub event_hubs: Vec<String>,
-    /// Per identity, overrides `limits.client_events_per_second`.
-    pub events_per_second: Option<NonZeroU32>,
-}
-
-impl AuthConfig {
-    /// Checks every `[auth]` setting against the configured hubs; fields are relative to `auth`.
-    pub fn validate(&self, _event_hubs: &[String]) -> Result<(), ConfigError> {
-        Ok(())
-    }
-}
+use api_key::ApiKeys;
+use grants::{Grants, HubScope};
+use jwks::{FileKeys, KeySource, Timing, UrlKeys};
+use jwt::ClaimsPolicy;
 
 /// What a call presents to prove who it is.
 #[derive(Clone, Copy, Debug, Default)]
@@ -123,12 +59,13 @@ pub struct Grant {
     pub name: String,
     /// Per identity, when set.
     pub events_per_second: Option<NonZeroU32>,
+    hubs: HubScope,
 }
 
 impl Grant {
     /// Whether this grant covers `hub`.
-    pub fn allows(&self, _hub: &str) -> bool {
-        false
+    pub fn allows(&self, hub: &str) -> bool {
+        self.hubs.allows(hub)
     }
 }
 
@@ -139,6 +76,11 @@ pub struct Access {
 }
 
 impl Access {
+    /// Access through these grants (in the order given), for tests and callers building their own.
+    pub fn from_grants(grants: Vec<Arc<Grant>>) -> Self {
+        Self { grants }
+    }
+
     /// The first grant that covers `hub`, if any.
     pub fn grant_for(&self, hub: &str) -> Option<&Grant> {
         self.grants
@@ -156,6 +98,11 @@ impl Access {
     pub fn events_per_second(&self) -> Option<NonZeroU32> {
         self.grants.iter().find_map(|grant| grant.events_per_second)
     }
+
+    /// The names of the grants, in configuration order.
+    pub fn grant_names(&self) -> impl Iterator<Item = &str> {
+        self.grants.iter().map(|grant| grant.name.as_str())
+    }
 }
 
 /// Who a call is, as far as authorization goes.
@@ -172,12 +119,99 @@ pub enum Caller {
     },
 }
 
-/// Why a call's credentials were refused. The message says why, never echoing the credential.
+/// Why a call's credentials were refused. The message says why, never echoing the credential: every
+/// detail is static text, a number, or configuration (issuers, audiences, a claim's name).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// No credential, and one is required.
     #[error("no credentials: send `authorization: Bearer <token>` or a client certificate")]
     Missing,
+    /// The credential is not of the expected form.
+    #[error("malformed credentials: {problem}")]
+    Malformed {
+        /// What is wrong (static text).
+        problem: &'static str,
+    },
+    /// The `authorization` header's scheme is not `Bearer`.
+    #[error(
+        "the authorization header's scheme is not Bearer: send `authorization: Bearer <token>`"
+    )]
+    UnsupportedScheme,
+    /// The bearer token is longer than accepted.
+    #[error("the bearer token is {length} bytes long; at most {limit} are accepted")]
+    TooLong {
+        /// Its length.
+        length: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// `exp` (plus leeway) has passed.
+    #[error("the token expired {seconds_ago} s ago")]
+    Expired {
+        /// How long ago.
+        seconds_ago: u64,
+    },
+    /// `nbf` (minus leeway) is still ahead.
+    #[error("the token is not valid for another {seconds_ahead} s (nbf)")]
+    NotYetValid {
+        /// How long until it is.
+        seconds_ahead: u64,
+    },
+    /// The token's `iss` is not a configured issuer.
+    #[error("the token's issuer (iss) is not one of {configured}")]
+    WrongIssuer {
+        /// The configured issuers.
+        configured: String,
+    },
+    /// None of the token's `aud` values is accepted.
+    #[error("the token's audience is not one of {accepted}")]
+    WrongAudience {
+        /// The accepted audiences.
+        accepted: String,
+    },
+    /// No key of the issuer has the token's `kid` (after a re-read or re-fetch).
+    #[error("the token's key id (kid) is not among its issuer's keys, even after re-reading them")]
+    UnknownKey,
+    /// The token's `alg` is never accepted (`none`, HMAC, unknown).
+    #[error(
+        "the token's algorithm {algorithm} is refused; accepted: {}",
+        jwt::ACCEPTED_ALGORITHMS
+    )]
+    AlgorithmRefused {
+        /// A bounded label (`none`, `HS256`, `an unknown algorithm`).
+        algorithm: &'static str,
+    },
+    /// The token's `alg` does not fit the key it names.
+    #[error("the token's algorithm {algorithm} does not fit its key ({key})")]
+    AlgorithmMismatch {
+        /// The token's algorithm.
+        algorithm: &'static str,
+        /// The key's type.
+        key: &'static str,
+    },
+    /// The signature does not verify.
+    #[error("the token's signature does not verify against its issuer's key")]
+    BadSignature,
+    /// An opaque bearer token that matches no configured API key.
+    #[error("the bearer token is neither a JWT from a configured issuer nor a configured API key")]
+    UnknownApiKey,
+    /// The verified token lacks the issuer's identity claim.
+    #[error("the token has no non-empty string claim `{claim}` naming the caller")]
+    NoIdentityClaim {
+        /// The configured claim.
+        claim: String,
+    },
+    /// The issuer's JWKS has not been fetched yet.
+    #[error(
+        "the keys of issuer {issuer} are not available yet (its JWKS could not be fetched); retry shortly"
+    )]
+    KeysUnavailable {
+        /// The issuer.
+        issuer: String,
+    },
+    /// The client certificate names no identity.
+    #[error("the client certificate names no identity (no URI or DNS SAN, no subject CN)")]
+    NoCertificateIdentity,
 }
 
 impl AuthError {
@@ -185,6 +219,20 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Missing => "missing",
+            Self::Malformed { .. } => "malformed",
+            Self::UnsupportedScheme => "unsupported_scheme",
+            Self::TooLong { .. } => "too_long",
+            Self::Expired { .. } => "expired",
+            Self::NotYetValid { .. } => "not_yet_valid",
+            Self::WrongIssuer { .. } => "wrong_issuer",
+            Self::WrongAudience { .. } => "wrong_audience",
+            Self::UnknownKey => "unknown_key",
+            Self::AlgorithmRefused { .. } | Self::AlgorithmMismatch { .. } => "algorithm_refused",
+            Self::BadSignature => "bad_signature",
+            Self::UnknownApiKey => "unknown_api_key",
+            Self::NoIdentityClaim { .. } => "no_identity_claim",
+            Self::KeysUnavailable { .. } => "keys_unavailable",
+            Self::NoCertificateIdentity => "no_certificate_identity",
         }
     }
 }
@@ -202,22 +250,180 @@ pub enum AuthSetupError {
     },
 }
 
+fn setup_error(field: String, problem: impl Into<String>) -> AuthSetupError {
+    AuthSetupError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+/// One configured issuer: what its tokens must claim, and its keys.
+#[derive(Debug)]
+struct Issuer {
+    policy: ClaimsPolicy,
+    keys: KeySource,
+}
+
 /// Authenticates calls and finds their grants; shared by every call.
 #[derive(Debug)]
 pub struct Authenticator {
     required: bool,
+    issuers: Vec<Issuer>,
+    /// The configured issuers, for error messages.
+    issuer_names: String,
+    api_keys: ApiKeys,
+    grants: Grants,
+}
+
+/// The bearer token of an `authorization` value (`Bearer <token>`, scheme case-insensitive).
+fn bearer_token(authorization: &str) -> Result<&str, AuthError> {
+    let value = authorization.trim();
+    let (scheme, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::UnsupportedScheme);
+    }
+    let token = rest.trim();
+    if token.is_empty() {
+        return Err(AuthError::Malformed {
+            problem: "the bearer token is empty",
+        });
+    }
+    if token.len() > jwt::MAX_TOKEN_LEN {
+        return Err(AuthError::TooLong {
+            length: token.len(),
+            limit: jwt::MAX_TOKEN_LEN,
+        });
+    }
+    Ok(token)
+}
+
+/// A reqwest client for one issuer's JWKS URL: its own CA bundle if configured, no redirects, no proxy.
+fn jwks_client(
+    at: &str,
+    config: &JwtIssuerConfig,
+    timing: Timing,
+) -> Result<reqwest::Client, AuthSetupError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timing.fetch_timeout)
+        .connect_timeout(timing.fetch_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("eventhub-gateway/", env!("CARGO_PKG_VERSION")));
+    if config
+        .jwks_url
+        .as_deref()
+        .is_some_and(|url| url.starts_with("https:"))
+    {
+        builder = builder.https_only(true);
+    }
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path).map_err(|error| {
+            setup_error(
+                format!("{at}.ca_file"),
+                format!("cannot read {}: {error}", path.display()),
+            )
+        })?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| {
+            setup_error(
+                format!("{at}.ca_file"),
+                format!(
+                    "{} holds no usable PEM certificate: {error}",
+                    path.display()
+                ),
+            )
+        })?;
+        if certificates.is_empty() {
+            return Err(setup_error(
+                format!("{at}.ca_file"),
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+        builder = builder.tls_certs_only(certificates);
+    }
+    builder
+        .build()
+        .map_err(|error| setup_error(format!("{at}.jwks_url"), error.to_string()))
 }
 
 impl Authenticator {
     /// Loads JWKS files, starts the refresh of JWKS URLs (until `shutdown`), and compiles the grants.
     pub async fn start(
         config: &AuthConfig,
-        _event_hubs: &[String],
-        _shutdown: CancellationToken,
+        event_hubs: &[String],
+        shutdown: CancellationToken,
     ) -> Result<Arc<Self>, AuthSetupError> {
-        Ok(Arc::new(Self {
+        Self::start_with(config, event_hubs, shutdown, Timing::default()).await
+    }
+
+    async fn start_with(
+        config: &AuthConfig,
+        event_hubs: &[String],
+        shutdown: CancellationToken,
+        timing: Timing,
+    ) -> Result<Arc<Self>, AuthSetupError> {
+        config.validate(event_hubs).map_err(|error| match error {
+            ConfigError::Invalid { field, problem } => {
+                setup_error(format!("auth.{field}"), problem)
+            }
+            other => setup_error("auth".into(), other.to_string()),
+        })?;
+        let mut issuers = Vec::with_capacity(config.jwt.len());
+        let mut fetchers = Vec::new();
+        for (index, issuer) in config.jwt.iter().enumerate() {
+            let at = format!("auth.jwt[{index}]");
+            let keys = match (&issuer.jwks_file, &issuer.jwks_url) {
+                (Some(path), _) => KeySource::File(Box::new(
+                    FileKeys::load(&issuer.issuer, path, timing)
+                        .await
+                        .map_err(|problem| setup_error(format!("{at}.jwks_file"), problem))?,
+                )),
+                (None, Some(url)) => {
+                    let client = jwks_client(&at, issuer, timing)?;
+                    let keys = Arc::new(UrlKeys::new(
+                        &issuer.issuer,
+                        url,
+                        client,
+                        issuer.bearer_token_file.clone(),
+                        timing,
+                    ));
+                    fetchers.push(Arc::downgrade(&keys));
+                    KeySource::Url(keys)
+                }
+                (None, None) => {
+                    return Err(setup_error(
+                        format!("{at}.jwks_file"),
+                        "set jwks_file or jwks_url",
+                    ));
+                }
+            };
+            issuers.push(Issuer {
+                policy: ClaimsPolicy {
+                    issuer: issuer.issuer.clone(),
+                    audiences: issuer.audiences.clone(),
+                    identity_claim: issuer.identity_claim.clone(),
+                    leeway_seconds: issuer.leeway_seconds,
+                },
+                keys,
+            });
+        }
+        let authenticator = Arc::new(Self {
             required: config.required,
-        }))
+            issuer_names: config
+                .jwt
+                .iter()
+                .map(|issuer| issuer.issuer.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            issuers,
+            api_keys: ApiKeys::new(&config.api_keys),
+            grants: Grants::new(&config.grants),
+        });
+        // The first fetch happens in the task: an unreachable endpoint delays nothing, and a token arriving
+        // before any keys gets `keys_unavailable`.
+        for keys in fetchers {
+            tokio::spawn(UrlKeys::run(keys, shutdown.clone()));
+        }
+        Ok(authenticator)
     }
 
     /// Every distinct `events_per_second` the grants set (the rate limiter keeps a bucket per rate).
@@ -233,9 +439,63 @@ impl Authenticator {
     /// The caller a call's credentials prove: a bearer credential first, else the client certificate; no
     /// credential is `Anonymous` unless auth is required.
     pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Caller, AuthError> {
-        match (credentials.authorization, self.required) {
-            (None, true) => Err(AuthError::Missing),
-            _ => Ok(Caller::Anonymous),
+        if let Some(authorization) = credentials.authorization {
+            let token = bearer_token(authorization)?;
+            if !self.issuers.is_empty() && jwt::looks_like_jwt(token) {
+                let name = self.verify_jwt(token).await?;
+                return Ok(self.identified(name, IdentitySource::Jwt));
+            }
+            return match self.api_keys.identify(token) {
+                Some(name) => Ok(self.identified(name.to_owned(), IdentitySource::ApiKey)),
+                None => Err(AuthError::UnknownApiKey),
+            };
+        }
+        if let Some(der) = credentials.peer_certificate {
+            match certificate::identity(der) {
+                Some(name) => return Ok(self.identified(name, IdentitySource::Certificate)),
+                // The chain was verified; without auth required, such a client stays anonymous as before.
+                None if self.required => return Err(AuthError::NoCertificateIdentity),
+                None => {}
+            }
+        }
+        if self.required {
+            Err(AuthError::Missing)
+        } else {
+            Ok(Caller::Anonymous)
         }
     }
+
+    fn identified(&self, name: String, source: IdentitySource) -> Caller {
+        let access = self.grants.access_for(&name);
+        Caller::Identified {
+            identity: Identity { name, source },
+            access,
+        }
+    }
+
+    /// The identity a JWT proves: algorithm, issuer (by the unverified `iss`), key, signature, claims.
+    async fn verify_jwt(&self, token: &str) -> Result<String, AuthError> {
+        let inspected = jwt::inspect(token)?;
+        let algorithm = jwt::accepted_algorithm(&inspected.header.alg)?;
+        let issuer = inspected
+            .claims
+            .get("iss")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|iss| {
+                self.issuers
+                    .iter()
+                    .find(|issuer| issuer.policy.issuer == iss)
+            })
+            .ok_or_else(|| AuthError::WrongIssuer {
+                configured: self.issuer_names.clone(),
+            })?;
+        let key = issuer
+            .keys
+            .key_for(inspected.header.kid.as_deref(), algorithm)
+            .await?;
+        jwt::verify_signature(token, algorithm, &key.key)?;
+        issuer.policy.check(&inspected.claims, jwt::now_unix())
+    }
 }
+#[cfg(test)]
+mod tests;
