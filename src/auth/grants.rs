@@ -89,6 +89,23 @@ impl Grants {
         Self { grants }
     }
 
+    /// Whether no grant is configured.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.grants.is_empty()
+    }
+
+    /// Every distinct per-identity rate the grants set.
+    pub(crate) fn rates(&self) -> Vec<NonZeroU32> {
+        let mut rates: Vec<_> = self
+            .grants
+            .iter()
+            .filter_map(|compiled| compiled.grant.events_per_second)
+            .collect();
+        rates.sort_unstable();
+        rates.dedup();
+        rates
+    }
+
     /// The grants whose identity patterns match `identity`, in configuration order.
     pub(crate) fn access_for(&self, identity: &str) -> Access {
         Access::from_grants(

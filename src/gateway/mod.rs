@@ -127,7 +127,7 @@ impl GatewayState {
         match self.authenticator.authenticate(credentials).await {
             Ok(caller) => {
                 if let Caller::Identified { identity, access } = &caller {
-                    let grant = access.first_grant_name().unwrap_or("none").to_owned();
+                    let grant = access.grant_names().next().unwrap_or("none").to_owned();
                     metrics::counter!(GRANT_CALLS, "grant" => grant).increment(1);
                     tracing::Span::current().record("identity", identity.name.as_str());
                 }
