@@ -657,8 +657,15 @@ async fn a_rewritten_jwks_file_brings_in_a_new_kid() {
         &old,
         "unknown_key",
     );
-    // A half-written file keeps the previous keys.
+    // A half-written file (re-read for an unknown kid) keeps the previous keys.
     std::fs::write(&fixture.jwks_path, "{\"keys\": [").unwrap();
+    let unknown =
+        test_key("rsa-3", Algorithm::ES256).sign(&claims("system:serviceaccount:billing:api"));
+    refused(
+        bearer(&fixture.authenticator, &unknown).await,
+        &unknown,
+        "unknown_key",
+    );
     identified(bearer(&fixture.authenticator, &token).await.unwrap());
 }
 
