@@ -657,8 +657,15 @@ async fn a_rewritten_jwks_file_brings_in_a_new_kid() {
         &old,
         "unknown_key",
     );
-    // A half-written file keeps the previous keys.
+    // A half-written file (re-read for an unknown kid) keeps the previous keys.
     std::fs::write(&fixture.jwks_path, "{\"keys\": [").unwrap();
+    let unknown =
+        test_key("rsa-3", Algorithm::ES256).sign(&claims("system:serviceaccount:billing:api"));
+    refused(
+        bearer(&fixture.authenticator, &unknown).await,
+        &unknown,
+        "unknown_key",
+    );
     identified(bearer(&fixture.authenticator, &token).await.unwrap());
 }
 
@@ -992,6 +999,45 @@ async fn tokens_before_any_keys_are_keys_unavailable_and_no_log_holds_a_credenti
             "a log line holds a credential: {text}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_refresh_task_retries_a_bad_answer_and_stops_at_shutdown_or_drop() {
+    let server = jwks_server("{}".into()).await;
+    let config = url_config(&server.url, None);
+    let shutdown = CancellationToken::new();
+    let authenticator =
+        Authenticator::start_with(&config, &hubs(), shutdown.clone(), fast_timing())
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let retried = server.hits.load(Ordering::SeqCst);
+    assert!(retried >= 3, "retried with backoff: {retried}");
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = server.hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        stopped,
+        "no fetch after shutdown"
+    );
+    drop(authenticator);
+
+    let dropped =
+        Authenticator::start_with(&config, &hubs(), CancellationToken::new(), fast_timing())
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(dropped);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after_drop = server.hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        after_drop,
+        "no fetch once dropped"
+    );
 }
 
 #[tokio::test]
