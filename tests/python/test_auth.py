@@ -4,6 +4,7 @@ and mTLS client certificates made with openssl. Each refusal is checked for its 
 no credential may appear in a log line or an error."""
 
 import hashlib
+import hmac
 import json
 import secrets
 import subprocess
@@ -61,10 +62,20 @@ class Keys:
         signing_key = key if key is not None else self.private[alg]
         return jwt.encode(payload, signing_key, algorithm=alg, headers={"kid": kid or f"kid-{alg}"})
 
-    def rsa_public_pem(self):
-        return self.private["RS256"].public_key().public_bytes(
+    def hs256_with_the_public_key(self):
+        """The key-confusion attack: HS256 keyed with the RSA key's public PEM (PyJWT refuses to make it)."""
+        public_pem = self.private["RS256"].public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        now = int(time.time())
+        header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "kid-RS256"}))
+        payload = b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": BILLING_SA, "exp": now + 600}))
+        signature = hmac.new(public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        return f"{header}.{payload}.{b64(signature)}"
+
+
+def b64(data):
+    return jwt.utils.base64url_encode(data.encode() if isinstance(data, str) else data).decode()
 
 
 def auth_config(directory, keys, extra=""):
@@ -194,8 +205,8 @@ def refused_tokens(keys):
     header, payload, signature = good.split(".")
     claims = json.loads(jwt.utils.base64url_decode(payload))
     claims["sub"] = "system:serviceaccount:admin:root"
-    tampered_payload = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
-    unsigned = jwt.utils.base64url_encode(json.dumps({"alg": "none", "typ": "JWT"}).encode()).decode()
+    tampered_payload = b64(json.dumps(claims))
+    unsigned = b64(json.dumps({"alg": "none", "typ": "JWT"}))
     return [
         ("expired", keys.token(exp=now - 3600, iat=now - 7200), "expired"),
         ("not yet valid", keys.token(nbf=now + 3600), "not_yet_valid"),
@@ -203,7 +214,7 @@ def refused_tokens(keys):
         ("wrong audience", keys.token(aud="someone-else"), "wrong_audience"),
         ("unknown kid", keys.token(kid="kid-unknown"), "unknown_key"),
         ("alg none", f"{unsigned}.{payload}.", "algorithm_refused"),
-        ("HS256 with the public key", keys.token("HS256", kid="kid-RS256", key=keys.rsa_public_pem()), "algorithm_refused"),
+        ("HS256 with the public key", keys.hs256_with_the_public_key(), "algorithm_refused"),
         ("tampered payload", f"{header}.{tampered_payload}.{signature}", "bad_signature"),
         ("garbage", "not-a-token-at-all-" + "x" * 40, "unknown_api_key"),
     ]
@@ -296,7 +307,7 @@ def test_the_cli_sends_with_a_token_file(secured, keys, tmp_path):
         capture_output=True, text=True, timeout=CALL_TIMEOUT,
     )
     assert refused.returncode != 0
-    assert "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    assert "UNAUTHENTICATED" in refused.stdout + refused.stderr, (refused.stdout, refused.stderr)
 
 
 def test_no_credential_reaches_a_log_line_at_trace_level(api, secured, keys):
