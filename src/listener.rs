@@ -341,12 +341,15 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// A stream of connections of type `T`, as tonic serves them.
+pub type Connecting<T> = Pin<Box<dyn Stream<Item = io::Result<T>> + Send>>;
+
 /// The gRPC listener's connections, plain or TLS, each [`Guarded`].
 pub enum GrpcIncoming {
     /// Plain HTTP/2.
-    Plain(Pin<Box<dyn Stream<Item = io::Result<Guarded<CountedStream>>> + Send>>),
+    Plain(Connecting<Guarded<CountedStream>>),
     /// HTTP/2 over TLS: the handshake done here, under the handshake timeout.
-    Tls(Pin<Box<dyn Stream<Item = io::Result<Guarded<TlsStream<CountedStream>>>> + Send>>),
+    Tls(Connecting<Guarded<TlsStream<CountedStream>>>),
 }
 
 /// The gRPC listener's incoming connections: accepted with backoff, capped by `connections`, the TLS handshake
