@@ -746,3 +746,131 @@ async fn start_in_process_emulator(
     )?;
     Ok((producer, emulator))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+    use tonic::transport::server::Connected;
+
+    use crate::listener::grpc_incoming;
+
+    /// A CA, a `localhost` server certificate and a client certificate, all PEM.
+    fn pki() -> (String, (String, String), (String, String)) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "listener test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let signed = |names: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let server = signed(vec!["localhost".to_owned()]);
+        let client = signed(vec!["client.test".to_owned()]);
+        (ca.pem(), server, client)
+    }
+
+    #[tokio::test]
+    async fn the_listener_does_the_mutual_tls_handshake_keeps_the_peer_certificate_and_drops_a_silent_peer()
+     {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let (ca, (server_cert, server_key), (client_cert, client_key)) = pki();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let config = listener_tls(&crate::config::ServerTls {
+            cert: write("server.pem", &server_cert),
+            key: write("server.key", &server_key),
+            client_ca: Some(write("ca.pem", &ca)),
+        })
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Connections::new(16, 16);
+        let timeouts = Timeouts {
+            handshake: Duration::from_millis(300),
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(10),
+        };
+        let GrpcIncoming::Tls(mut incoming) = grpc_incoming(
+            listener,
+            &connections,
+            Some(TlsAcceptor::from(config)),
+            timeouts,
+        ) else {
+            panic!("no TLS");
+        };
+        // A peer that never says hello holds its place only until the handshake timeout.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(
+            CertificateDer::pem_slice_iter(ca.as_bytes()).map(Result::unwrap),
+        );
+        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            CertificateDer::pem_slice_iter(client_cert.as_bytes())
+                .map(Result::unwrap)
+                .collect(),
+            PrivateKeyDer::from_pem_slice(client_key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let client = tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        });
+        let server_side = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let _client = client.await.unwrap();
+        // What tonic puts in each request, and `Request::peer_certs` reads.
+        let info: tonic::transport::server::TlsConnectInfo<
+            tonic::transport::server::TcpConnectInfo,
+        > = server_side.connect_info();
+        let certs = info.peer_certs().expect("the client's certificate");
+        assert_eq!(certs.len(), 1);
+        assert_eq!(
+            certs[0].as_ref(),
+            CertificateDer::from_pem_slice(client_cert.as_bytes())
+                .unwrap()
+                .as_ref()
+        );
+        assert_eq!(connections.open(), 2);
+
+        let mut buf = [0; 16];
+        let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+            // The incoming stream must be polled for the handshake to run out.
+            tokio::select! {
+                read = silent.read(&mut buf) => read,
+                _ = incoming.next() => panic!("a silent peer was yielded"),
+            }
+        })
+        .await
+        .expect("the silent peer is still connected");
+        assert!(matches!(dropped, Ok(0) | Err(_)), "{dropped:?}");
+        assert_eq!(connections.open(), 1);
+    }
+}
