@@ -321,3 +321,30 @@ def probe(address):
         if answer or time.monotonic() > deadline:
             return answer
         time.sleep(0.1)
+
+
+def test_a_peer_that_does_not_answer_pings_is_dropped(api, start_gateway):
+    gateway = start_gateway(
+        "--emulator",
+        "--event-hub",
+        "eh1",
+        env=limits_env(http2_keepalive_interval_seconds=1, http2_keepalive_timeout_seconds=1),
+    )
+    # Speaks HTTP/2's opening, then never answers a PING (nor anything else).
+    dead = connect(gateway.address)
+    dead.sendall(PREFACE + EMPTY_SETTINGS)
+    assert closed(dead, LIVENESS), "a peer that answers no ping was not dropped"
+    dead.close()
+    assert served(api, gateway.address)
+
+
+def test_a_header_list_over_its_bound_is_refused_and_the_connection_still_serves(api, start_gateway):
+    gateway = start_gateway("--emulator", "--event-hub", "eh1", env=limits_env(http2_max_header_list_bytes=8192))
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = api.grpc.EventHubGatewayStub(channel)
+        request = api.pb.GetEventHubPropertiesRequest()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetEventHubProperties(request, timeout=CALL_TIMEOUT, metadata=[("x-padding", "a" * 12_000)])
+        assert refused.value.code() != grpc.StatusCode.OK
+        # Under the bound, on the same channel: served.
+        stub.GetEventHubProperties(request, timeout=CALL_TIMEOUT, metadata=[("x-padding", "a" * 4_000)])
