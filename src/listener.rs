@@ -1,108 +1,285 @@
-//! The gRPC listener's connections: at most `max_connections_per_client` open at once per peer address, so one
-//! client cannot hold every file descriptor and connection's memory of the gateway.
+//! The listeners' connections and their bounds: accepting without spinning when file descriptors run out
+//! (backing off on `EMFILE`/`ENFILE`), at most `max_connections` open at once and `max_connections_per_client`
+//! per peer address, and on the gRPC listener a [`Guarded`] connection that is closed when it has not finished
+//! its TLS handshake and HTTP/2 preface in time, when a header block arrives too slowly, or when it has had no
+//! call open for `connection_idle_timeout`.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use futures_util::{Stream, StreamExt};
+use http::{Request, Response};
+use http_body::{Body, Frame};
 use parking_lot::Mutex;
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tower::{Layer, Service};
 
-/// Open connections per peer address.
-#[derive(Debug)]
-struct Table {
-    per_client: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
+/// The first pause after accept fails for want of file descriptors; it doubles up to [`MAX_ACCEPT_BACKOFF`].
+const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest pause between accepts while file descriptors are exhausted.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// While file descriptors stay exhausted, a warning at most this often.
+const FD_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A connection counted against its peer's share; leaving, it frees its place.
-#[derive(Debug)]
-struct Place {
-    table: Arc<Table>,
-    peer: IpAddr,
-}
+/// The client connection preface of HTTP/2 (RFC 9113 section 3.4), before its first SETTINGS.
+const PREFACE_LEN: usize = 24;
 
-impl Drop for Place {
-    fn drop(&mut self) {
-        let mut open = self.table.open.lock();
-        if let Some(count) = open.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.peer);
-            }
+/// Raises the soft limit on open files to the hard limit, so the connection caps, not the kernel's default of
+/// 1024, bound the listeners; logs both.
+pub fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        let (Some(soft), hard) = (limit.current, limit.maximum) else {
+            return tracing::info!("open files: no soft limit");
+        };
+        let Some(hard) = hard else {
+            return tracing::info!(soft, hard = "unlimited", "open files limit kept");
+        };
+        if soft >= hard {
+            return tracing::info!(soft, hard, "open files limit");
+        }
+        let raised = rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open files soft limit raised"),
+            Err(error) => tracing::warn!(soft, hard, %error, "open files soft limit not raised"),
         }
     }
 }
 
-impl Table {
-    fn place_for(self: &Arc<Self>, peer: IpAddr) -> Option<Place> {
+/// Whether `accept` failed because this process or the system is out of file descriptors.
+fn out_of_descriptors(error: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        use rustix::io::Errno;
+        let code = error.raw_os_error();
+        code == Some(Errno::MFILE.raw_os_error()) || code == Some(Errno::NFILE.raw_os_error())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = error;
+        false
+    }
+}
+
+/// Accepted TCP connections (TCP_NODELAY set), forever. Out of file descriptors, it pauses (10 ms, doubling to
+/// 1 s) instead of retrying at once: the pending connections stay in the kernel's backlog until a descriptor is
+/// free, and an idle process stays idle. Other accept errors concern one connection and are skipped.
+pub fn accept_with_backoff(
+    listener: TcpListener,
+) -> impl Stream<Item = TcpStream> + Send + 'static {
+    futures_util::stream::unfold(
+        (listener, FIRST_ACCEPT_BACKOFF, None::<Instant>),
+        |(listener, mut backoff, mut warned)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        if let Err(error) = stream.set_nodelay(true) {
+                            tracing::debug!(%error, "cannot set TCP_NODELAY");
+                        }
+                        return Some((stream, (listener, FIRST_ACCEPT_BACKOFF, warned)));
+                    }
+                    Err(error) if out_of_descriptors(&error) => {
+                        if warned.is_none_or(|at| at.elapsed() >= FD_WARNING_INTERVAL) {
+                            tracing::warn!(%error, "out of file descriptors: accepting again after a pause");
+                            warned = Some(Instant::now());
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "accept failed");
+                        // Not a spin either: whatever failed gets a moment to pass.
+                        tokio::time::sleep(FIRST_ACCEPT_BACKOFF).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The open connections of one listener: in all, per peer address, and each one's calls.
+#[derive(Debug)]
+pub struct Connections {
+    max_total: usize,
+    per_client: usize,
+    open: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    per_peer: HashMap<IpAddr, usize>,
+    calls: HashMap<SocketAddr, Arc<Calls>>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    Total,
+    PerClient,
+}
+
+impl Connections {
+    /// At most `max_total` connections at once, `per_client` of them from one peer address.
+    pub fn new(max_total: usize, per_client: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            per_client,
+            open: Mutex::new(Open::default()),
+        })
+    }
+
+    fn admit(self: &Arc<Self>, remote: SocketAddr) -> Result<Place, Refusal> {
+        // An IPv4 peer on a dual-stack listener arrives as ::ffff:a.b.c.d: one client either way.
+        let peer = remote.ip().to_canonical();
         let mut open = self.open.lock();
-        let count = open.entry(peer).or_insert(0);
+        if open.total >= self.max_total {
+            return Err(Refusal::Total);
+        }
+        let count = open.per_peer.entry(peer).or_insert(0);
         if *count >= self.per_client {
-            return None;
+            return Err(Refusal::PerClient);
         }
         *count += 1;
-        Some(Place {
-            table: Arc::clone(self),
+        open.total += 1;
+        let calls = Arc::new(Calls::new());
+        open.calls.insert(remote, Arc::clone(&calls));
+        Ok(Place {
+            connections: Arc::clone(self),
             peer,
+            remote,
+            calls,
+        })
+    }
+
+    /// The calls of the connection from `remote`, if it is open.
+    fn calls_of(&self, remote: SocketAddr) -> Option<Arc<Calls>> {
+        self.open.lock().calls.get(&remote).cloned()
+    }
+
+    /// How many connections are open.
+    pub fn open(&self) -> usize {
+        self.open.lock().total
+    }
+
+    /// Admitted connections of `incoming`; one beyond a cap is closed at once (its client sees the connection
+    /// closed before the HTTP/2 handshake), one debug line each.
+    pub fn limit<S>(
+        self: &Arc<Self>,
+        incoming: S,
+    ) -> impl Stream<Item = CountedStream> + Send + 'static
+    where
+        S: Stream<Item = TcpStream> + Send + 'static,
+    {
+        let connections = Arc::clone(self);
+        incoming.filter_map(move |stream| {
+            let admitted = stream
+                .peer_addr()
+                .ok()
+                .map(|remote| (remote, connections.admit(remote)));
+            let (max_connections, per_client) = (connections.max_total, connections.per_client);
+            async move {
+                match admitted? {
+                    (_, Ok(place)) => Some(CountedStream {
+                        inner: stream,
+                        place,
+                    }),
+                    (remote, Err(Refusal::Total)) => {
+                        tracing::debug!(%remote, max_connections, "connection closed: the listener holds its maximum");
+                        None
+                    }
+                    (remote, Err(Refusal::PerClient)) => {
+                        tracing::debug!(%remote, max_connections_per_client = per_client, "connection closed: its client holds its whole share");
+                        None
+                    }
+                }
+            }
         })
     }
 }
 
-/// An accepted TCP connection holding its place in its peer's share.
+/// A connection's place among the open ones; leaving, it frees it.
+#[derive(Debug)]
+struct Place {
+    connections: Arc<Connections>,
+    peer: IpAddr,
+    remote: SocketAddr,
+    calls: Arc<Calls>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock();
+        open.total -= 1;
+        open.calls.remove(&self.remote);
+        if let Some(count) = open.per_peer.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// The calls open on one connection, and since when it has had none.
+#[derive(Debug)]
+struct Calls {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    /// The connection's reader, woken when its last call ends so it arms its idle timer.
+    reader: AtomicWaker,
+}
+
+impl Calls {
+    fn new() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            reader: AtomicWaker::new(),
+        }
+    }
+
+    fn touch(&self) {
+        *self.idle_since.lock() = Instant::now();
+    }
+}
+
+/// One call open on a connection; leaving, it makes the connection idle if it was its last.
+#[derive(Debug)]
+pub struct OpenCall(Arc<Calls>);
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.touch();
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// An accepted TCP connection holding its place among the open ones.
 #[derive(Debug)]
 pub struct CountedStream {
     inner: TcpStream,
-    _place: Place,
-}
-
-/// Accepted connections, each counted against its peer address; a connection beyond the peer's share is
-/// closed at once (its client sees the connection refused at the HTTP/2 handshake), one debug line each.
-pub fn limit_per_client<S>(
-    incoming: S,
-    per_client: usize,
-) -> impl Stream<Item = io::Result<CountedStream>> + Send + 'static
-where
-    S: Stream<Item = io::Result<TcpStream>> + Send + 'static,
-{
-    let table = Arc::new(Table {
-        per_client,
-        open: Mutex::new(HashMap::new()),
-    });
-    incoming.filter_map(move |accepted| {
-        let table = Arc::clone(&table);
-        async move {
-            let stream = match accepted {
-                Ok(stream) => stream,
-                Err(error) => return Some(Err(error)),
-            };
-            let Ok(peer) = stream.peer_addr() else {
-                return None;
-            };
-            // An IPv4 peer on a dual-stack listener arrives as ::ffff:a.b.c.d: one client either way.
-            let peer = peer.ip().to_canonical();
-            match table.place_for(peer) {
-                Some(place) => Some(Ok(CountedStream {
-                    inner: stream,
-                    _place: place,
-                })),
-                None => {
-                    tracing::debug!(
-                        %peer,
-                        max_connections_per_client = per_client,
-                        "connection closed: its client holds its whole share"
-                    );
-                    None
-                }
-            }
-        }
-    })
+    place: Place,
 }
 
 impl Connected for CountedStream {
@@ -153,22 +330,617 @@ impl AsyncWrite for CountedStream {
     }
 }
 
+/// How long a gRPC connection may take over each phase of its life.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// From accept to the end of the client's first SETTINGS (TLS handshake included).
+    pub handshake: Duration,
+    /// From the first byte of a frame header to the end of its header block.
+    pub header_read: Duration,
+    /// With no call open.
+    pub idle: Duration,
+}
+
+/// A stream of connections of type `T`, as tonic serves them.
+pub type Connecting<T> = Pin<Box<dyn Stream<Item = io::Result<T>> + Send>>;
+
+/// The gRPC listener's connections, plain or TLS, each [`Guarded`].
+pub enum GrpcIncoming {
+    /// Plain HTTP/2.
+    Plain(Connecting<Guarded<CountedStream>>),
+    /// HTTP/2 over TLS: the handshake done here, under the handshake timeout.
+    Tls(Connecting<Guarded<TlsStream<CountedStream>>>),
+}
+
+/// The gRPC listener's incoming connections: accepted with backoff, capped by `connections`, the TLS handshake
+/// (with `tls`) done at most `handshake` after accept, many at once, each then [`Guarded`].
+pub fn grpc_incoming(
+    listener: TcpListener,
+    connections: &Arc<Connections>,
+    tls: Option<TlsAcceptor>,
+    timeouts: Timeouts,
+) -> GrpcIncoming {
+    let admitted = connections.limit(accept_with_backoff(listener));
+    match tls {
+        None => GrpcIncoming::Plain(Box::pin(admitted.map(move |stream| {
+            let calls = Arc::clone(&stream.place.calls);
+            Ok(Guarded::new(stream, calls, timeouts, Instant::now()))
+        }))),
+        Some(acceptor) => {
+            // Each handshake in flight holds a connection's place, so `max_connections` bounds them too.
+            let concurrent = connections.max_total;
+            let handshakes = admitted
+                .map(move |stream| {
+                    let accepted = Instant::now();
+                    let calls = Arc::clone(&stream.place.calls);
+                    let handshake = acceptor.accept(stream);
+                    async move {
+                        match tokio::time::timeout(timeouts.handshake, handshake).await {
+                            Ok(Ok(stream)) => Some(Guarded::new(stream, calls, timeouts, accepted)),
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::debug!(
+                                    handshake_timeout = ?timeouts.handshake,
+                                    "connection closed: no TLS handshake in time"
+                                );
+                                None
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(concurrent)
+                .filter_map(|guarded| async move { guarded.map(Ok) });
+            GrpcIncoming::Tls(Box::pin(handshakes))
+        }
+    }
+}
+
+/// Where the client's side of an HTTP/2 connection is, frame by frame (headers only; payloads skipped): enough
+/// to tell when its preface and first SETTINGS are done, and since when a header block has been open.
+#[derive(Debug)]
+struct FrameWalker {
+    preface_left: usize,
+    header: [u8; 9],
+    header_len: usize,
+    payload_left: usize,
+    /// The type and flags of the frame whose payload is being skipped.
+    current: (u8, u8),
+    handshake_done: bool,
+    /// Since when a frame header, or a header block (HEADERS, then CONTINUATIONs to END_HEADERS), has been
+    /// arriving.
+    headers_since: Option<Instant>,
+    frame_started: Option<Instant>,
+}
+
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PUSH_PROMISE: u8 = 0x5;
+const FRAME_CONTINUATION: u8 = 0x9;
+const FLAG_END_HEADERS: u8 = 0x4;
+
+impl FrameWalker {
+    fn new() -> Self {
+        Self {
+            preface_left: PREFACE_LEN,
+            header: [0; 9],
+            header_len: 0,
+            payload_left: 0,
+            current: (0, 0),
+            handshake_done: false,
+            headers_since: None,
+            frame_started: None,
+        }
+    }
+
+    /// Reads `bytes` as the next part of the client's side; returns whether a header block ended in them.
+    fn feed(&mut self, mut bytes: &[u8], now: Instant) -> bool {
+        let mut block_ended = false;
+        while !bytes.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(bytes.len());
+                self.preface_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+                if self.payload_left == 0 {
+                    block_ended |= self.frame_ended();
+                }
+                continue;
+            }
+            if self.header_len == 0 {
+                self.frame_started = Some(now);
+            }
+            let n = (9 - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len == 9 {
+                self.header_len = 0;
+                let length = usize::from(self.header[0]) << 16
+                    | usize::from(self.header[1]) << 8
+                    | usize::from(self.header[2]);
+                self.current = (self.header[3], self.header[4]);
+                if matches!(
+                    self.current.0,
+                    FRAME_HEADERS | FRAME_PUSH_PROMISE | FRAME_CONTINUATION
+                ) && self.headers_since.is_none()
+                {
+                    self.headers_since = self.frame_started;
+                }
+                self.payload_left = length;
+                if length == 0 {
+                    block_ended |= self.frame_ended();
+                }
+            }
+        }
+        block_ended
+    }
+
+    /// The frame being read is complete.
+    fn frame_ended(&mut self) -> bool {
+        let (kind, flags) = self.current;
+        if kind == FRAME_SETTINGS {
+            self.handshake_done = true;
+        }
+        let ends_block = matches!(
+            kind,
+            FRAME_HEADERS | FRAME_PUSH_PROMISE | FRAME_CONTINUATION
+        ) && flags & FLAG_END_HEADERS != 0;
+        if ends_block {
+            self.headers_since = None;
+        }
+        ends_block
+    }
+
+    /// Since when something header-like has been arriving: a header block, or a frame header cut short.
+    fn slow_since(&self) -> Option<Instant> {
+        self.headers_since.or(if self.header_len > 0 {
+            self.frame_started
+        } else {
+            None
+        })
+    }
+}
+
+/// Which bound closed a connection.
+#[derive(Clone, Copy, Debug)]
+enum Expired {
+    Handshake,
+    HeaderRead,
+    Idle,
+}
+
+impl Expired {
+    fn setting(self) -> &'static str {
+        match self {
+            Self::Handshake => "limits.handshake_timeout_seconds",
+            Self::HeaderRead => "limits.header_read_timeout_seconds",
+            Self::Idle => "limits.connection_idle_timeout_seconds",
+        }
+    }
+}
+
+pin_project! {
+    /// A gRPC connection closed (its reads fail, so the HTTP/2 server drops it) when it has not sent its preface
+    /// and first SETTINGS by the handshake deadline, when a header block takes longer than the header read
+    /// timeout, or when it has had no call open for the idle timeout.
+    pub struct Guarded<T> {
+        #[pin]
+        inner: T,
+        calls: Arc<Calls>,
+        timeouts: Timeouts,
+        handshake_deadline: Instant,
+        walker: FrameWalker,
+        timer: Pin<Box<Sleep>>,
+        armed: Option<Instant>,
+        expired: Option<Expired>,
+    }
+}
+
+impl<T> Guarded<T> {
+    fn new(inner: T, calls: Arc<Calls>, timeouts: Timeouts, accepted: Instant) -> Self {
+        let handshake_deadline = accepted + timeouts.handshake;
+        Self {
+            inner,
+            calls,
+            timeouts,
+            handshake_deadline,
+            walker: FrameWalker::new(),
+            timer: Box::pin(tokio::time::sleep_until(handshake_deadline)),
+            armed: Some(handshake_deadline),
+            expired: None,
+        }
+    }
+}
+
+impl<T: Connected> Connected for Guarded<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> T::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if let Some(expired) = *this.expired {
+            return Poll::Ready(Err(closed(expired)));
+        }
+        this.calls.reader.register(cx.waker());
+        let before = buf.filled().len();
+        if let Poll::Ready(read) = this.inner.poll_read(cx, buf) {
+            let now = Instant::now();
+            if this.walker.feed(&buf.filled()[before..], now) {
+                this.calls.touch();
+            }
+            // A peer trickling bytes is never Pending for long: its deadlines are checked on reads too.
+            let due = deadline(
+                this.walker,
+                this.calls,
+                this.timeouts,
+                *this.handshake_deadline,
+            )
+            .filter(|(deadline, _)| read.is_ok() && now >= *deadline);
+            if let Some((_, expired)) = due {
+                return Poll::Ready(Err(expire(this.expired, expired)));
+            }
+            return Poll::Ready(read);
+        }
+        loop {
+            let Some((deadline, expired)) = deadline(
+                this.walker,
+                this.calls,
+                this.timeouts,
+                *this.handshake_deadline,
+            ) else {
+                return Poll::Pending;
+            };
+            if Instant::now() >= deadline {
+                return Poll::Ready(Err(expire(this.expired, expired)));
+            }
+            if *this.armed != Some(deadline) {
+                this.timer.as_mut().reset(deadline);
+                *this.armed = Some(deadline);
+            }
+            ready!(this.timer.as_mut().poll(cx));
+        }
+    }
+}
+
+/// The next deadline of a connection, and the bound it belongs to.
+fn deadline(
+    walker: &FrameWalker,
+    calls: &Calls,
+    timeouts: &Timeouts,
+    handshake_deadline: Instant,
+) -> Option<(Instant, Expired)> {
+    if !walker.handshake_done {
+        return Some((handshake_deadline, Expired::Handshake));
+    }
+    if let Some(since) = walker.slow_since() {
+        return Some((since + timeouts.header_read, Expired::HeaderRead));
+    }
+    if calls.open.load(Ordering::Acquire) == 0 {
+        return Some((*calls.idle_since.lock() + timeouts.idle, Expired::Idle));
+    }
+    None
+}
+
+fn expire(slot: &mut Option<Expired>, expired: Expired) -> io::Error {
+    *slot = Some(expired);
+    tracing::debug!(bound = expired.setting(), "connection closed");
+    closed(expired)
+}
+
+fn closed(expired: Expired) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("connection closed by {}", expired.setting()),
+    )
+}
+
+impl<T: AsyncWrite> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Counts each call against its connection until its response body ends, so an idle connection is one with
+/// no call open.
+#[derive(Clone, Debug)]
+pub struct ConnectionCallsLayer {
+    connections: Arc<Connections>,
+}
+
+impl ConnectionCallsLayer {
+    /// Counts calls on the connections of `connections`.
+    pub fn new(connections: Arc<Connections>) -> Self {
+        Self { connections }
+    }
+}
+
+impl<S> Layer<S> for ConnectionCallsLayer {
+    type Service = ConnectionCalls<S>;
+
+    fn layer(&self, inner: S) -> ConnectionCalls<S> {
+        ConnectionCalls {
+            inner,
+            connections: Arc::clone(&self.connections),
+        }
+    }
+}
+
+/// The service of [`ConnectionCallsLayer`].
+#[derive(Clone, Debug)]
+pub struct ConnectionCalls<S> {
+    inner: S,
+    connections: Arc<Connections>,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for ConnectionCalls<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    type Response = Response<CallBody<ResBody>>;
+    type Error = S::Error;
+    type Future = CallFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let extensions = request.extensions();
+        let remote = extensions
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| {
+                extensions
+                    .get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .and_then(|info| info.get_ref().remote_addr())
+            });
+        let call = remote
+            .and_then(|remote| self.connections.calls_of(remote))
+            .map(|calls| {
+                calls.open.fetch_add(1, Ordering::AcqRel);
+                OpenCall(calls)
+            });
+        CallFuture {
+            inner: self.inner.call(request),
+            call,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ConnectionCalls`].
+    pub struct CallFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<OpenCall>,
+    }
+}
+
+impl<F, ResBody, E> Future for CallFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<CallBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let call = this.call.take();
+        Poll::Ready(result.map(|response| response.map(|inner| CallBody { inner, call })))
+    }
+}
+
+pin_project! {
+    /// A response body holding its call open on its connection until it ends or is dropped.
+    pub struct CallBody<B> {
+        #[pin]
+        inner: B,
+        call: Option<OpenCall>,
+    }
+}
+
+impl<B: Default> Default for CallBody<B> {
+    fn default() -> Self {
+        Self {
+            inner: B::default(),
+            call: None,
+        }
+    }
+}
+
+impl<B: Body> Body for CallBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let finished = match &frame {
+            None | Some(Err(_)) => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+        };
+        if finished {
+            this.call.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn remote(ip: [u8; 4], port: u16) -> SocketAddr {
+        SocketAddr::from((ip, port))
+    }
+
     #[test]
     fn a_peer_gets_its_share_and_leaving_gives_it_back() {
-        let table = Arc::new(Table {
-            per_client: 2,
-            open: Mutex::new(HashMap::new()),
-        });
-        let peer = IpAddr::from([10, 0, 0, 1]);
-        let first = table.place_for(peer).unwrap();
-        let _second = table.place_for(peer).unwrap();
-        assert!(table.place_for(peer).is_none());
-        assert!(table.place_for(IpAddr::from([10, 0, 0, 2])).is_some());
+        let connections = Connections::new(10, 2);
+        let first = connections.admit(remote([10, 0, 0, 1], 1)).unwrap();
+        let _second = connections.admit(remote([10, 0, 0, 1], 2)).unwrap();
+        assert_eq!(
+            connections.admit(remote([10, 0, 0, 1], 3)).err(),
+            Some(Refusal::PerClient)
+        );
+        assert!(connections.admit(remote([10, 0, 0, 2], 1)).is_ok());
         drop(first);
-        assert!(table.place_for(peer).is_some());
+        assert!(connections.admit(remote([10, 0, 0, 1], 3)).is_ok());
+    }
+
+    #[test]
+    fn the_listener_holds_at_most_its_total() {
+        let connections = Connections::new(2, 2);
+        let first = connections.admit(remote([10, 0, 0, 1], 1)).unwrap();
+        let _second = connections.admit(remote([10, 0, 0, 2], 1)).unwrap();
+        assert_eq!(
+            connections.admit(remote([10, 0, 0, 3], 1)).err(),
+            Some(Refusal::Total)
+        );
+        drop(first);
+        assert_eq!(connections.open(), 1);
+        assert!(connections.admit(remote([10, 0, 0, 3], 1)).is_ok());
+    }
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut bytes = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            1,
+        ];
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[test]
+    fn the_walker_sees_the_handshake_and_header_blocks_byte_by_byte() {
+        let now = Instant::now();
+        let mut walker = FrameWalker::new();
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(FRAME_SETTINGS, 0, &[0; 6]));
+        let headers = frame(FRAME_HEADERS, 0, &[1, 2, 3]);
+        let continuation = frame(FRAME_CONTINUATION, FLAG_END_HEADERS, &[4]);
+        for byte in &bytes {
+            assert!(!walker.handshake_done);
+            walker.feed(std::slice::from_ref(byte), now);
+        }
+        assert!(walker.handshake_done);
+        assert_eq!(walker.slow_since(), None);
+        walker.feed(&headers[..4], now);
+        assert_eq!(walker.slow_since(), Some(now), "a frame header cut short");
+        assert!(!walker.feed(&headers[4..], now));
+        assert_eq!(walker.slow_since(), Some(now), "a header block open");
+        assert!(walker.feed(&continuation, now));
+        assert_eq!(walker.slow_since(), None);
+        // A DATA frame's payload is skipped whole.
+        walker.feed(&frame(0x0, 0, &[FRAME_HEADERS; 100]), now);
+        assert_eq!(walker.slow_since(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_fails_at_the_handshake_deadline_and_an_idle_one_at_the_idle_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeouts = Timeouts {
+            handshake: Duration::from_secs(2),
+            header_read: Duration::from_secs(3),
+            idle: Duration::from_secs(5),
+        };
+        let (client, server) = tokio::io::duplex(1024);
+        let calls = Arc::new(Calls::new());
+        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, Instant::now());
+        let start = Instant::now();
+        let error = guarded.read(&mut [0; 64]).await.unwrap_err();
+        assert_eq!(start.elapsed(), timeouts.handshake);
+        assert!(error.to_string().contains("handshake_timeout"), "{error}");
+        drop(client);
+
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, Instant::now());
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        client
+            .write_all(&frame(FRAME_SETTINGS, 0, &[]))
+            .await
+            .unwrap();
+        let mut buf = [0; 64];
+        let read = guarded.read(&mut buf).await.unwrap();
+        assert_eq!(read, PREFACE_LEN + 9);
+        // A call open holds the connection past the idle timeout; its end starts the idle clock.
+        calls.open.fetch_add(1, Ordering::AcqRel);
+        let call = OpenCall(Arc::clone(&calls));
+        let reading = tokio::spawn(async move {
+            let error = guarded.read(&mut [0; 64]).await.unwrap_err();
+            (Instant::now(), error)
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!reading.is_finished());
+        drop(call);
+        let (at, error) = reading.await.unwrap();
+        assert!(
+            error.to_string().contains("connection_idle_timeout"),
+            "{error}"
+        );
+        assert_eq!(at - start, Duration::from_secs(2 + 60 + 5));
     }
 }

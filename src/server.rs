@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -19,6 +20,7 @@ use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig}
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
 use crate::gateway::{Gateway, GatewayError, GatewayState};
+use crate::listener::{ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::telemetry::http::Exposed;
@@ -35,11 +37,6 @@ use eventhub_telemetry::metrics::{Metrics, MetricsError, Reports};
 
 /// How often health follows the producer's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
-
-/// How often an HTTP/2 connection is pinged, and how long its peer has to answer before the connection (and
-/// every call it holds) is closed.
-const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// While not ready, a changed reason is warned about at most this often.
 const READINESS_REMINDER: Duration = Duration::from_secs(60);
@@ -236,7 +233,7 @@ pub struct EventHubsTarget {
 pub struct PreparedGateway {
     config: GatewayConfig,
     upstream: Upstream,
-    listener_tls: Option<ServerTlsConfig>,
+    listener_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Checks `config` as far as it can be without a socket or a token; `serve --check-config` stops here.
@@ -402,6 +399,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     } = prepared;
     // Before any event can be counted: handles resolved earlier would be no-ops.
     let metrics = Metrics::install()?;
+    crate::listener::raise_open_files_limit();
     let hubs = config.hubs();
     let (producer, emulator) = connect_upstream(&config, upstream, &hubs).await?;
     producer.expect_hubs(&hubs);
@@ -448,13 +446,26 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         },
     );
 
-    let (local_addr, incoming) = bind_grpc(&config).await?;
+    let (local_addr, listener) = bind_grpc(&config).await?;
     let metrics_listener = MetricsListener::bind(config.metrics_listen).await?;
+    let limits = &config.limits;
+    let connections = Connections::new(limits.max_connections, limits.max_connections_per_client);
+    let incoming = crate::listener::grpc_incoming(
+        listener,
+        &connections,
+        listener_tls.map(TlsAcceptor::from),
+        Timeouts {
+            handshake: limits.handshake_timeout,
+            header_read: limits.header_read_timeout,
+            idle: limits.connection_idle_timeout,
+        },
+    );
 
-    let builder = grpc_server(&config.limits, listener_tls)?;
+    let builder = grpc_server(&config.limits);
     let shed = load_shedding(&config.limits);
     let router = builder
         // The first layer is outermost: shed calls are still traced and attributed.
+        .layer(ConnectionCallsLayer::new(connections))
         .layer(TraceContextLayer::new())
         .layer(ClientIdLayer::new())
         .layer(shed.clone())
@@ -468,13 +479,19 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             .and(Arc::new(shed)),
         readiness: Arc::clone(&state) as _,
     };
-    let metrics = metrics_listener.serve(metrics, exposed);
+    let metrics = metrics_listener.serve(metrics, exposed, &config.limits);
     let shutdown = stop.clone();
     let server = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await
-            .map_err(|error| ServeError::Serve(error.to_string()))
+        let signal = shutdown.cancelled_owned();
+        match incoming {
+            GrpcIncoming::Plain(incoming) => {
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            GrpcIncoming::Tls(incoming) => {
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+        }
+        .map_err(|error| ServeError::Serve(error.to_string()))
     });
     tracing::info!(%local_addr, hubs = %config.hubs().join(", "), "gateway listening");
     Ok(RunningGateway {
@@ -517,18 +534,10 @@ async fn connect_upstream(
     }
 }
 
-/// Binds the gRPC listener; its connections are counted per client (`limits.max_connections_per_client`).
+/// Binds the gRPC listener.
 async fn bind_grpc(
     config: &GatewayConfig,
-) -> Result<
-    (
-        SocketAddr,
-        impl futures_util::Stream<Item = std::io::Result<crate::listener::CountedStream>>
-        + Send
-        + 'static,
-    ),
-    ServeError,
-> {
+) -> Result<(SocketAddr, tokio::net::TcpListener), ServeError> {
     let listen_error = |source| ServeError::Listen {
         addr: config.listen,
         source,
@@ -537,28 +546,21 @@ async fn bind_grpc(
         .await
         .map_err(listen_error)?;
     let local_addr = listener.local_addr().map_err(listen_error)?;
-    let incoming = Box::pin(crate::listener::limit_per_client(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        config.limits.max_connections_per_client,
-    ));
-    Ok((local_addr, incoming))
+    Ok((local_addr, listener))
 }
 
-/// The HTTP/2 server with the gateway's windows, stream cap, keepalive and (optionally) TLS.
-fn grpc_server(limits: &Limits, tls: Option<ServerTlsConfig>) -> Result<Server, ServeError> {
-    let builder = Server::builder()
+/// The HTTP/2 server with the gateway's windows, stream and header caps, rapid-reset bound and keepalive (TLS
+/// is the listener's: see `listener::grpc_incoming`).
+fn grpc_server(limits: &Limits) -> Server {
+    Server::builder()
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .initial_stream_window_size(limits.http2_stream_window_bytes)
         .initial_connection_window_size(limits.http2_connection_window_bytes)
+        .http2_max_pending_accept_reset_streams(Some(limits.http2_max_pending_accept_reset_streams))
+        .http2_max_header_list_size(limits.http2_max_header_list_bytes)
         // A peer that stops answering pings is gone: its connection and every call slot it held are freed.
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
-    match tls {
-        Some(tls) => builder
-            .tls_config(tls)
-            .map_err(|error| ServeError::Tls(error.to_string())),
-        None => Ok(builder),
-    }
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
 }
 
 /// The call slots, in all and per client; a call beyond them is refused at once with OVERLOADED.
@@ -631,8 +633,11 @@ async fn follow_readiness(
     }
 }
 
-/// The listener's TLS from checked files; tonic's own parse runs too, as `start` will run it.
-fn listener_tls(tls: &crate::config::ServerTls) -> Result<ServerTlsConfig, ServeError> {
+/// The listener's TLS from checked files: the server's chain and key, ALPN h2, and with `tls.client_ca` a
+/// required client certificate from that CA (tonic then finds it with `Request::peer_certs`).
+fn listener_tls(tls: &crate::config::ServerTls) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let identity = tls_material::load_identity(&tls.cert, &tls.key).map_err(|source| {
         let field = match &source {
             TlsFileError::Unreadable { path, .. }
@@ -649,19 +654,36 @@ fn listener_tls(tls: &crate::config::ServerTls) -> Result<ServerTlsConfig, Serve
         };
         ServeError::TlsFile { field, source }
     })?;
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(identity.cert_pem, identity.key_pem));
-    if let Some(ca) = &tls.client_ca {
-        let bundle = tls_material::load_bundle(ca).map_err(|source| ServeError::TlsFile {
-            field: "tls.client_ca",
-            source,
-        })?;
-        config = config.client_ca_root(Certificate::from_pem(bundle.pem));
-    }
-    Server::builder()
-        .tls_config(config.clone())
-        .map_err(|error| ServeError::Tls(error.to_string()))?;
-    Ok(config)
+    let refused = |error: &dyn std::fmt::Display| ServeError::Tls(error.to_string());
+    let chain = CertificateDer::pem_slice_iter(&identity.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| refused(&error))?;
+    let key = PrivateKeyDer::from_pem_slice(&identity.key_pem).map_err(|error| refused(&error))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| refused(&error))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let bundle = tls_material::load_bundle(ca).map_err(|source| ServeError::TlsFile {
+                field: "tls.client_ca",
+                source,
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(bundle.certificates);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|error| refused(&error))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|error| refused(&error))?;
+    config.alpn_protocols.push(b"h2".to_vec());
+    Ok(Arc::new(config))
 }
 
 fn entra_credential(
@@ -736,4 +758,132 @@ async fn start_in_process_emulator(
         config.producer.clone(),
     )?;
     Ok((producer, emulator))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+    use tonic::transport::server::Connected;
+
+    use crate::listener::grpc_incoming;
+
+    /// A CA, a `localhost` server certificate and a client certificate, all PEM.
+    fn pki() -> (String, (String, String), (String, String)) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "listener test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let signed = |names: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let server = signed(vec!["localhost".to_owned()]);
+        let client = signed(vec!["client.test".to_owned()]);
+        (ca.pem(), server, client)
+    }
+
+    #[tokio::test]
+    async fn the_listener_does_the_mutual_tls_handshake_keeps_the_peer_certificate_and_drops_a_silent_peer()
+     {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let (ca, (server_cert, server_key), (client_cert, client_key)) = pki();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let config = listener_tls(&crate::config::ServerTls {
+            cert: write("server.pem", &server_cert),
+            key: write("server.key", &server_key),
+            client_ca: Some(write("ca.pem", &ca)),
+        })
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Connections::new(16, 16);
+        let timeouts = Timeouts {
+            handshake: Duration::from_millis(300),
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(10),
+        };
+        let GrpcIncoming::Tls(mut incoming) = grpc_incoming(
+            listener,
+            &connections,
+            Some(TlsAcceptor::from(config)),
+            timeouts,
+        ) else {
+            panic!("no TLS");
+        };
+        // A peer that never says hello holds its place only until the handshake timeout.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(
+            CertificateDer::pem_slice_iter(ca.as_bytes()).map(Result::unwrap),
+        );
+        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            CertificateDer::pem_slice_iter(client_cert.as_bytes())
+                .map(Result::unwrap)
+                .collect(),
+            PrivateKeyDer::from_pem_slice(client_key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let client = tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        });
+        let server_side = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let _client = client.await.unwrap();
+        // What tonic puts in each request, and `Request::peer_certs` reads.
+        let info: tonic::transport::server::TlsConnectInfo<
+            tonic::transport::server::TcpConnectInfo,
+        > = server_side.connect_info();
+        let certs = info.peer_certs().expect("the client's certificate");
+        assert_eq!(certs.len(), 1);
+        assert_eq!(
+            certs[0].as_ref(),
+            CertificateDer::from_pem_slice(client_cert.as_bytes())
+                .unwrap()
+                .as_ref()
+        );
+        assert_eq!(connections.open(), 2);
+
+        let mut buf = [0; 16];
+        let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+            // The incoming stream must be polled for the handshake to run out.
+            tokio::select! {
+                read = silent.read(&mut buf) => read,
+                _ = incoming.next() => panic!("a silent peer was yielded"),
+            }
+        })
+        .await
+        .expect("the silent peer is still connected");
+        assert!(matches!(dropped, Ok(0) | Err(_)), "{dropped:?}");
+        assert_eq!(connections.open(), 1);
+    }
 }

@@ -388,3 +388,75 @@ async fn the_idle_time_out_is_announced_and_a_silent_peer_dropped() {
         "not closed with amqp:resource-limit-exceeded: {received:?}"
     );
 }
+
+#[tokio::test]
+async fn connections_over_the_total_cap_are_closed_with_resource_limit_exceeded() {
+    let emulator = limited(LimitsConfig {
+        max_connections: 2,
+        max_connections_per_peer: 2,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let first = Client::connect(&emulator).await.unwrap();
+    let second = Client::connect(&emulator).await.unwrap();
+    let mut third = emulator.bare_connection("third").await;
+    match tokio::time::timeout(TIMEOUT, third.on_close()).await {
+        Ok(Err(fe2o3_amqp::connection::Error::RemoteClosedWithError(error))) => {
+            assert_eq!(
+                condition_name(&error.condition),
+                "amqp:resource-limit-exceeded"
+            );
+            let description = error.description.unwrap_or_default();
+            assert!(
+                description.contains("(limits.max_connections)"),
+                "{description}"
+            );
+        }
+        other => panic!("the third connection was not refused: {other:?}"),
+    }
+    first.close().await;
+    assert!(
+        eventually(|| async { Client::connect(&emulator).await.is_ok() }).await,
+        "no place freed"
+    );
+    second.close().await;
+}
+
+#[tokio::test]
+async fn silent_and_slow_peers_are_dropped_after_the_handshake_timeout_and_others_served() {
+    let emulator = limited(LimitsConfig {
+        handshake_timeout: Duration::from_millis(500),
+        ..LimitsConfig::default()
+    })
+    .await;
+    let addr = emulator.local_addr();
+    // Silent: connects and sends nothing.
+    let silent = closed_after(addr, b"");
+    // Slow: the SASL header one byte every 200 ms (1.6 s for the 8 bytes, the handshake's bound is 0.5 s).
+    let slow = async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        for byte in SASL_HEADER {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut sink = [0u8; 64];
+        let drained = async {
+            loop {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(TIMEOUT, drained).await.is_ok()
+    };
+    let (silent, slow) = tokio::join!(silent, slow);
+    assert!(silent, "a silent peer was not dropped");
+    assert!(slow, "a slow peer was not dropped");
+    // Meanwhile, a normal client opens, authorizes and sends.
+    let mut client = emulator.client("eh1").await;
+    let mut sender = client.sender("eh1").await.unwrap();
+    sender.send(event("alive", None)).await.unwrap();
+}

@@ -26,6 +26,22 @@ pub struct Limits {
     pub max_calls_per_client: usize,
     /// Most gRPC connections open at once from one peer address; more are closed as they are accepted.
     pub max_connections_per_client: usize,
+    /// Most gRPC connections open at once from all peers; more are closed as they are accepted.
+    pub max_connections: usize,
+    /// Most connections open at once on the metrics and probes listener; more are closed as they are accepted.
+    pub metrics_max_connections: usize,
+    /// A gRPC connection that has not finished its TLS handshake and sent the HTTP/2 preface and its first
+    /// SETTINGS this long after it was accepted is closed.
+    #[serde(rename = "handshake_timeout_seconds", with = "seconds")]
+    pub handshake_timeout: Duration,
+    /// A request whose headers take longer than this to arrive is dropped with its connection: an HTTP/2
+    /// header block (HEADERS and its CONTINUATIONs) on the gRPC listener, the request line and headers on the
+    /// metrics listener.
+    #[serde(rename = "header_read_timeout_seconds", with = "seconds")]
+    pub header_read_timeout: Duration,
+    /// A gRPC connection with no call open for this long is closed (its client reconnects when it needs to).
+    #[serde(rename = "connection_idle_timeout_seconds", with = "seconds")]
+    pub connection_idle_timeout: Duration,
     /// Most encoded event bytes one peer address may have buffered or in flight in the producer (its share of
     /// `producer.max_buffered_bytes`); beyond it its events wait, until their deadline, for its own to finish.
     pub max_buffered_bytes_per_client: u64,
@@ -38,6 +54,19 @@ pub struct Limits {
     pub http2_max_concurrent_streams: u32,
     /// HTTP/2 flow-control window of one call, bytes: what a client may send beyond what the gateway read.
     pub http2_stream_window_bytes: u32,
+    /// How often an HTTP/2 connection is pinged; a peer that does not answer within
+    /// `http2_keepalive_timeout_seconds` is gone, and its connection and every call it held are freed.
+    #[serde(rename = "http2_keepalive_interval_seconds", with = "seconds")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a peer has to answer a keepalive ping.
+    #[serde(rename = "http2_keepalive_timeout_seconds", with = "seconds")]
+    pub http2_keepalive_timeout: Duration,
+    /// Most streams a client may open and reset before the gateway accepted them, per connection; beyond them
+    /// the connection is closed with GOAWAY (the HTTP/2 rapid-reset attack, CVE-2023-44487).
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// Largest header list (names, values and 32 bytes per entry, as HPACK counts) of one call, bytes;
+    /// a larger one is refused.
+    pub http2_max_header_list_bytes: u32,
     /// HTTP/2 flow-control window of one connection, bytes. h2 drops a connection whose unread small DATA
     /// frames cost more than half of it (its flood guard), so it must stay well above the stream window.
     pub http2_connection_window_bytes: u32,
@@ -58,10 +87,19 @@ impl Default for Limits {
             max_concurrent_calls: 10_000,
             max_calls_per_client: 1000,
             max_connections_per_client: 256,
+            max_connections: 4096,
+            metrics_max_connections: 64,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(300),
             max_buffered_bytes_per_client: 64 * 1024 * 1024,
             stream_idle_timeout: Duration::from_secs(300),
             http2_max_concurrent_streams: 1000,
             http2_stream_window_bytes: 128 * 1024,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            http2_max_pending_accept_reset_streams: 20,
+            http2_max_header_list_bytes: 16 * 1024,
             http2_connection_window_bytes: 32 * 1024 * 1024,
             global_events_per_second: None,
             client_events_per_second: None,
@@ -75,6 +113,7 @@ impl Limits {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_requests()?;
         self.validate_clients()?;
+        self.validate_connections()?;
         self.validate_http2()
     }
 
@@ -126,6 +165,48 @@ impl Limits {
         Ok(())
     }
 
+    /// What the listeners hold: connections and how long each may take or sit idle.
+    fn validate_connections(&self) -> Result<(), ConfigError> {
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return invalid("max_connections", "must be between 1 and 1000000");
+        }
+        if self.max_connections_per_client > self.max_connections {
+            return Err(ConfigError::invalid(
+                "max_connections_per_client",
+                format!("must not exceed max_connections ({})", self.max_connections),
+            ));
+        }
+        if !(1..=10_000).contains(&self.metrics_max_connections) {
+            return invalid("metrics_max_connections", "must be between 1 and 10000");
+        }
+        let second = Duration::from_secs(1);
+        for (field, value, at_most, range) in [
+            (
+                "handshake_timeout_seconds",
+                self.handshake_timeout,
+                Duration::from_secs(300),
+                "must be between 0.1 s and 300 s",
+            ),
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout,
+                Duration::from_secs(300),
+                "must be between 0.1 s and 300 s",
+            ),
+            (
+                "connection_idle_timeout_seconds",
+                self.connection_idle_timeout,
+                Duration::from_secs(86_400),
+                "must be between 0.1 s and 86400 s (a day)",
+            ),
+        ] {
+            if !(second / 10..=at_most).contains(&value) {
+                return invalid(field, range);
+            }
+        }
+        Ok(())
+    }
+
     /// HTTP/2 streams and flow-control windows.
     fn validate_http2(&self) -> Result<(), ConfigError> {
         if !(1..=1_000_000).contains(&self.http2_max_concurrent_streams) {
@@ -148,6 +229,34 @@ impl Limits {
             return invalid(
                 "http2_connection_window_bytes",
                 "must be at least 64 times http2_stream_window_bytes and at most 1 GiB",
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400))
+            .contains(&self.http2_keepalive_interval)
+        {
+            return invalid(
+                "http2_keepalive_interval_seconds",
+                "must be between 1 s and 86400 s (a day)",
+            );
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(600))
+            .contains(&self.http2_keepalive_timeout)
+        {
+            return invalid(
+                "http2_keepalive_timeout_seconds",
+                "must be between 0.1 s and 600 s",
+            );
+        }
+        if !(1..=10_000).contains(&self.http2_max_pending_accept_reset_streams) {
+            return invalid(
+                "http2_max_pending_accept_reset_streams",
+                "must be between 1 and 10000",
+            );
+        }
+        if !(4 * 1024..=1024 * 1024).contains(&self.http2_max_header_list_bytes) {
+            return invalid(
+                "http2_max_header_list_bytes",
+                "must be between 4 KiB and 1 MiB",
             );
         }
         Ok(())
@@ -190,6 +299,41 @@ mod tests {
                     ..Limits::default()
                 },
                 "http2_stream_window_bytes",
+            ),
+            (
+                Limits {
+                    max_connections: 100,
+                    ..Limits::default()
+                },
+                "max_connections_per_client",
+            ),
+            (
+                Limits {
+                    handshake_timeout: Duration::ZERO,
+                    ..Limits::default()
+                },
+                "handshake_timeout_seconds",
+            ),
+            (
+                Limits {
+                    connection_idle_timeout: Duration::from_secs(100_000),
+                    ..Limits::default()
+                },
+                "connection_idle_timeout_seconds",
+            ),
+            (
+                Limits {
+                    http2_max_pending_accept_reset_streams: 0,
+                    ..Limits::default()
+                },
+                "http2_max_pending_accept_reset_streams",
+            ),
+            (
+                Limits {
+                    http2_max_header_list_bytes: 100,
+                    ..Limits::default()
+                },
+                "http2_max_header_list_bytes",
             ),
         ];
         for (limits, expected) in cases {

@@ -1,6 +1,8 @@
 //! The HTTP/1 listener beside gRPC (`metrics_listen`): `GET /metrics` in the Prometheus text format, and the
 //! Kubernetes probes `GET /healthz` (the process is alive) and `GET /readyz` (its [`Readiness`]; 503 with the
-//! one-line reason otherwise).
+//! one-line reason otherwise). Bounded like the gRPC listener: at most `limits.metrics_max_connections` open,
+//! a request's line and headers read within `limits.header_read_timeout_seconds` (an idle keep-alive
+//! connection too: hyper's clock runs from the end of the previous response).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,6 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio_util::task::TaskTracker;
+
+use crate::gateway::limits::Limits;
+use crate::listener::{Connections, accept_with_backoff};
 use eventhub_telemetry::metrics::{Metrics, Reports};
 
 /// The content type of the Prometheus text exposition format.
@@ -76,22 +85,53 @@ impl MetricsListener {
     }
 
     /// Serves the metrics page and the probes of `exposed` until [`MetricsServer::shutdown`].
-    pub fn serve(self, metrics: Metrics, exposed: Exposed) -> MetricsServer {
+    pub fn serve(self, metrics: Metrics, exposed: Exposed, limits: &Limits) -> MetricsServer {
         let router = Router::new()
             .route("/metrics", get(scrape))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(Shared { metrics, exposed });
         let stop = CancellationToken::new();
-        let signal = stop.clone().cancelled_owned();
         let local_addr = self.local_addr;
+        let connections = Connections::new(
+            limits.metrics_max_connections,
+            limits.metrics_max_connections,
+        );
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
+        let accepting = stop.clone();
         let task = tokio::spawn(async move {
-            let served = axum::serve(self.listener, router)
-                .with_graceful_shutdown(signal)
-                .await;
-            if let Err(error) = served {
-                tracing::warn!(%local_addr, %error, "the metrics listener stopped");
+            let incoming = connections.limit(accept_with_backoff(self.listener));
+            tokio::pin!(incoming);
+            let connections = TaskTracker::new();
+            loop {
+                let stream = tokio::select! {
+                    stream = incoming.next() => stream,
+                    () = accepting.cancelled() => break,
+                };
+                let Some(stream) = stream else { break };
+                let served = http.serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(router.clone()),
+                );
+                let stop = accepting.clone();
+                connections.spawn(async move {
+                    tokio::pin!(served);
+                    let result = tokio::select! {
+                        result = served.as_mut() => result,
+                        () = stop.cancelled() => {
+                            served.as_mut().graceful_shutdown();
+                            served.await
+                        }
+                    };
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "metrics connection closed");
+                    }
+                });
             }
+            connections.close();
+            connections.wait().await;
         });
         tracing::info!(%local_addr, "metrics and probes listening");
         MetricsServer {

@@ -83,6 +83,10 @@ pub struct LimitsConfig {
     /// often, and one silent for twice as long is taken for dead and dropped. Zero announces and checks nothing.
     #[serde(rename = "idle_time_out_ms", with = "millis")]
     pub idle_time_out: Duration,
+    /// How long a new connection may take over each step of its opening (TLS handshake, WebSocket upgrade,
+    /// then protocol header, SASL and `open`); a slower or silent one is dropped.
+    #[serde(rename = "handshake_timeout_ms", with = "millis")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -96,6 +100,7 @@ impl Default for LimitsConfig {
             authorization_timeout: Duration::from_secs(5),
             idle_connection_timeout: Duration::from_secs(300),
             idle_time_out: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -148,6 +153,7 @@ impl LimitsConfig {
         for (field, value) in [
             ("authorization_timeout_ms", self.authorization_timeout),
             ("idle_connection_timeout_ms", self.idle_connection_timeout),
+            ("handshake_timeout_ms", self.handshake_timeout),
         ] {
             if !(Duration::from_millis(100)..=MAX_TIMEOUT).contains(&value) {
                 return Err(invalid(

@@ -327,8 +327,9 @@ where
         })
     };
     // A client that sends no header, or garbage instead of its open, is dropped after a bounded wait.
-    let Ok(Some(opened)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await else {
-        debug!("no protocol header and open within {HANDSHAKE_TIMEOUT:?}; connection dropped");
+    let handshake_timeout = limits.handshake_timeout;
+    let Ok(Some(opened)) = tokio::time::timeout(handshake_timeout, handshake).await else {
+        debug!("no protocol header and open within {handshake_timeout:?}; connection dropped");
         return;
     };
     let mut connection = match opened {
@@ -436,8 +437,6 @@ async fn refuse_session(mut session: ListenerSessionHandle, error: definitions::
 
 /// The protocol id of the SASL layer's header, `AMQP\x03\x01\x00\x00`.
 const SASL_PROTOCOL_ID: u8 = 3;
-/// How long a new connection may take to send its protocol header, SASL exchange and open.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads the client's 8-byte protocol header; the acceptor gets it again through [`Replay`].
 /// (A TLS or WebSocket stream cannot be peeked like a socket, so every transport reads and replays.)

@@ -289,6 +289,11 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), EmulatorErr
     Ok((listener, local_addr))
 }
 
+/// The first pause after a failed accept; it doubles while accepts keep failing, up to [`MAX_ACCEPT_BACKOFF`].
+const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest pause between failed accepts.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Accepts connections until shutdown and serves each (TCP_NODELAY set) as a tracked task; `serve` is what the
 /// listener's transport does with the stream: AMQP at once, or a TLS handshake or WebSocket upgrade first.
 /// A connection over the caps is served only to be refused; a panic while serving one ends that connection
@@ -302,10 +307,12 @@ async fn accept_connections<F, Fut>(
     F: Fn(TcpStream, Arc<Shared>, ConnectionSlot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut backoff = FIRST_ACCEPT_BACKOFF;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    backoff = FIRST_ACCEPT_BACKOFF;
                     debug!(%peer, transport, "connection accepted");
                     let Some(slot) = shared.admissions.admit(peer.ip(), &shared.limits) else {
                         continue;
@@ -326,9 +333,11 @@ async fn accept_connections<F, Fut>(
                     });
                 }
                 Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    debug!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors and the like: back off (doubling while it lasts) instead of
+                    // spinning; waiting connections stay in the kernel's backlog meanwhile.
+                    debug!(%err, ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
                 }
             },
             () = shared.shutdown.cancelled() => return,

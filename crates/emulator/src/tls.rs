@@ -12,7 +12,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::config::{ConfigError, TlsConfig};
-use super::connection::{self, ConnectionSlot, HANDSHAKE_TIMEOUT, Shared};
+use super::connection::{self, ConnectionSlot, Shared};
 
 /// The rustls server configuration for a certificate chain and key; errors name `tls.cert` or `tls.key`.
 pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
@@ -61,7 +61,8 @@ pub(crate) async fn handshake(
     shared: &Shared,
 ) -> Option<TlsStream<TcpStream>> {
     // A client that never finishes its handshake is dropped, and shutdown does not wait for it.
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let handshake_timeout = shared.limits.handshake_timeout;
+    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
     tokio::select! {
         done = handshake => match done {
             Ok(Ok(tls_stream)) => Some(tls_stream),
@@ -70,7 +71,7 @@ pub(crate) async fn handshake(
                 None
             }
             Err(_) => {
-                debug!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}; connection dropped");
+                debug!("no TLS handshake within {handshake_timeout:?}; connection dropped");
                 None
             }
         },

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::debug;
 
-use super::connection::{self, ConnectionSlot, HANDSHAKE_TIMEOUT, Shared};
+use super::connection::{self, ConnectionSlot, Shared};
 
 /// The path Event Hubs serves AMQP over WebSockets on; the SDKs add a trailing slash or not.
 pub const WEBSOCKET_PATH: &str = "/$servicebus/websocket";
@@ -48,8 +48,9 @@ async fn upgrade_and_serve<S>(stream: S, shared: Arc<Shared>, slot: ConnectionSl
 where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
 {
+    let handshake_timeout = shared.limits.handshake_timeout;
     let upgrade = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
+        handshake_timeout,
         tokio_tungstenite::accept_hdr_async(stream, check_upgrade),
     );
     // Only the handshake races shutdown: once AMQP runs, the connection code closes it gracefully.
@@ -57,7 +58,7 @@ where
         done = upgrade => match done {
             Ok(Ok(websocket)) => websocket,
             Ok(Err(err)) => return debug!(%err, "WebSocket upgrade refused or failed"),
-            Err(_) => return debug!("no WebSocket upgrade within {HANDSHAKE_TIMEOUT:?}"),
+            Err(_) => return debug!("no WebSocket upgrade within {handshake_timeout:?}"),
         },
         () = shared.shutdown.cancelled() => return,
     };
