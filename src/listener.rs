@@ -16,7 +16,6 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use futures_util::{Stream, StreamExt};
 use http::{Request, Response};
-use http_body::{Body, Frame};
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,6 +25,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
+
+use crate::middleware::HeldBody;
 
 /// The first pause after accept fails for want of file descriptors; it doubles up to [`MAX_ACCEPT_BACKOFF`].
 const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
@@ -767,56 +768,12 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let call = this.call.take();
-        Poll::Ready(result.map(|response| response.map(|inner| CallBody { inner, call })))
+        Poll::Ready(result.map(|response| response.map(|inner| HeldBody::new(inner, call))))
     }
 }
 
-pin_project! {
-    /// A response body holding its call open on its connection until it ends or is dropped.
-    pub struct CallBody<B> {
-        #[pin]
-        inner: B,
-        call: Option<OpenCall>,
-    }
-}
-
-impl<B: Default> Default for CallBody<B> {
-    fn default() -> Self {
-        Self {
-            inner: B::default(),
-            call: None,
-        }
-    }
-}
-
-impl<B: Body> Body for CallBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let finished = match &frame {
-            None | Some(Err(_)) => true,
-            Some(Ok(_)) => this.inner.is_end_stream(),
-        };
-        if finished {
-            this.call.take();
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body holding its call open on its connection until it ends or is dropped.
+pub type CallBody<B> = HeldBody<B, OpenCall>;
 
 #[cfg(test)]
 mod tests {

@@ -238,31 +238,7 @@ async fn connections_over_the_per_peer_cap_are_closed_with_resource_limit_exceed
         ..LimitsConfig::default()
     })
     .await;
-    let first = Client::connect(&emulator).await.unwrap();
-    let second = Client::connect(&emulator).await.unwrap();
-    let mut third = emulator.bare_connection("third").await;
-    let closed = tokio::time::timeout(TIMEOUT, third.on_close()).await;
-    match closed {
-        Ok(Err(fe2o3_amqp::connection::Error::RemoteClosedWithError(error))) => {
-            assert_eq!(
-                condition_name(&error.condition),
-                "amqp:resource-limit-exceeded"
-            );
-            let description = error.description.unwrap_or_default();
-            assert!(
-                description.contains("limits.max_connections_per_peer"),
-                "{description}"
-            );
-        }
-        other => panic!("the third connection was not refused: {other:?}"),
-    }
-    // A closed connection frees its place.
-    first.close().await;
-    assert!(
-        eventually(|| async { Client::connect(&emulator).await.is_ok() }).await,
-        "no place freed"
-    );
-    second.close().await;
+    the_third_connection_is_refused_naming(&emulator, "limits.max_connections_per_peer").await;
 }
 
 #[tokio::test]
@@ -397,8 +373,14 @@ async fn connections_over_the_total_cap_are_closed_with_resource_limit_exceeded(
         ..LimitsConfig::default()
     })
     .await;
-    let first = Client::connect(&emulator).await.unwrap();
-    let second = Client::connect(&emulator).await.unwrap();
+    the_third_connection_is_refused_naming(&emulator, "(limits.max_connections)").await;
+}
+
+/// With two connections open, a third is closed with resource-limit-exceeded naming `setting`, and closing
+/// one frees its place.
+async fn the_third_connection_is_refused_naming(emulator: &Fixture, setting: &str) {
+    let first = Client::connect(emulator).await.unwrap();
+    let second = Client::connect(emulator).await.unwrap();
     let mut third = emulator.bare_connection("third").await;
     match tokio::time::timeout(TIMEOUT, third.on_close()).await {
         Ok(Err(fe2o3_amqp::connection::Error::RemoteClosedWithError(error))) => {
@@ -407,16 +389,13 @@ async fn connections_over_the_total_cap_are_closed_with_resource_limit_exceeded(
                 "amqp:resource-limit-exceeded"
             );
             let description = error.description.unwrap_or_default();
-            assert!(
-                description.contains("(limits.max_connections)"),
-                "{description}"
-            );
+            assert!(description.contains(setting), "{description}");
         }
         other => panic!("the third connection was not refused: {other:?}"),
     }
     first.close().await;
     assert!(
-        eventually(|| async { Client::connect(&emulator).await.is_ok() }).await,
+        eventually(|| async { Client::connect(emulator).await.is_ok() }).await,
         "no place freed"
     );
     second.close().await;

@@ -6,10 +6,12 @@
 //! decoded): the gateway's handlers charge them with the [`ClientId`] the layer leaves in the request.
 
 mod client_id;
+mod held_body;
 mod shed;
 mod trace_context;
 
 pub use client_id::{CLIENT_ID_HEADER, ClientId, ClientIdLayer, ClientIdService, peer_ip};
+pub use held_body::HeldBody;
 pub use shed::{CallSlot, ClientSlot, LoadShed, LoadShedLayer, PermitBody, ShedBound, ShedFuture};
 pub use trace_context::{
     TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContextFuture, TraceContextLayer,

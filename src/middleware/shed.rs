@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
+use super::HeldBody;
 use super::client_id::peer_ip;
 use eventhub_telemetry::metrics::{CALLS_IN_FLIGHT, Report, SHED_CALLS};
 
@@ -271,69 +271,20 @@ where
                 // A failed call frees its permit now; a response keeps it until its body is done.
                 let permit = permit.take();
                 Poll::Ready(
-                    result.map(|response| response.map(|inner| PermitBody { inner, permit })),
+                    result.map(|response| response.map(|inner| HeldBody::new(inner, permit))),
                 )
             }
             // Trailers-only: grpc-status, grpc-message and grpc-status-details-bin in the headers, no body.
             StateProj::Rejected { status } => Poll::Ready(Ok(status
                 .clone()
                 .into_http::<ResBody>()
-                .map(|inner| PermitBody {
-                    inner,
-                    permit: None,
-                }))),
+                .map(|inner| HeldBody::new(inner, None)))),
         }
     }
 }
 
-pin_project! {
-    /// A response body holding its call's place in the limit until it ends or is dropped, so a streaming call
-    /// counts for its whole life, not just until its headers.
-    pub struct PermitBody<B> {
-        #[pin]
-        inner: B,
-        permit: Option<CallSlot>,
-    }
-}
-
-impl<B: Default> Default for PermitBody<B> {
-    fn default() -> Self {
-        Self {
-            inner: B::default(),
-            permit: None,
-        }
-    }
-}
-
-impl<B: Body> Body for PermitBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        // The call is over once its body has ended or failed, even if the server keeps the body a while longer.
-        let finished = match &frame {
-            None | Some(Err(_)) => true,
-            Some(Ok(_)) => this.inner.is_end_stream(),
-        };
-        if finished {
-            this.permit.take();
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body holding its call's place in the limit until it ends or is dropped.
+pub type PermitBody<B> = HeldBody<B, CallSlot>;
 
 #[cfg(test)]
 mod tests {
@@ -341,6 +292,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use bytes::Bytes;
+    use http_body::{Body, Frame};
     use tokio::sync::mpsc;
     use tonic::Code;
     use tower::{ServiceExt, service_fn};
