@@ -296,7 +296,22 @@ impl GatewayConfig {
                 figment.merge(Toml::file_exact(path))
             };
         }
-        let config: Self = figment.merge(env).merge(overrides).extract()?;
+        Self::extract_valid(figment.merge(env).merge(overrides))
+    }
+
+    /// A config file's text (TOML, or YAML when `yaml`) over the defaults, extracted and validated as
+    /// [`Self::load`] does, without the environment and flags: the entry of the `config` fuzz target.
+    pub fn from_file_text(text: &str, yaml: bool) -> Result<Self, ConfigError> {
+        let figment = Figment::from(Serialized::defaults(Self::default()));
+        Self::extract_valid(if yaml {
+            figment.merge(Yaml::string(text))
+        } else {
+            figment.merge(Toml::string(text))
+        })
+    }
+
+    fn extract_valid(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Self = figment.extract()?;
         config.validate()?;
         Ok(config)
     }

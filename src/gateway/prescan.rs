@@ -147,7 +147,14 @@ pub fn scan(schema: Schema, bytes: &[u8], limits: &ScanLimits) -> Result<Scanned
 // What the decoded forms cost, bytes: the structure itself, with room for a growing Vec's or map's spare
 // capacity, and each non-empty string's heap block (rounded up by the allocator).
 const EVENT_COST: usize = 2 * size_of::<v1::Event>();
+/// A Vec's first push makes room for 4 (Rust's least capacity for small items), beyond the doubled per-item cost
+/// for a list of one: charged for a request's first event and a JSON list's first value.
+const FIRST_EVENT_COST: usize = 2 * size_of::<v1::Event>();
+const FIRST_VALUE_COST: usize = 2 * size_of::<prost_types::Value>();
 const PROPERTY_COST: usize = 2 * size_of::<(String, String)>() + 16;
+/// The hash table of an event's first property: 4 buckets and their control bytes, more than
+/// [`PROPERTY_COST`] covers for a map of one (the fuzz target `gateway_request` measured 12 bytes over).
+const PROPERTY_TABLE_COST: usize = 4 * size_of::<(String, String)>() + 32;
 const VALUE_COST: usize = 2 * size_of::<prost_types::Value>();
 /// A B-tree node holds 11 entries and is at least half full below the root.
 const BTREE_NODE_COST: usize = 11 * (size_of::<String>() + size_of::<prost_types::Value>()) + 64;
@@ -441,6 +448,9 @@ impl Scanner<'_> {
                 (Schema::SendEvents, 2) | (Schema::SendStream, 4) => {
                     let path = path.item("events", self.events);
                     let mut inner = Self::nested(reader, wire_type, ctx, &path)?;
+                    if self.events == 0 {
+                        self.cost(FIRST_EVENT_COST, &path)?;
+                    }
                     self.events += 1;
                     self.cost(EVENT_COST, &path)?;
                     self.event(&mut inner, ctx - 1, &path)?;
@@ -461,6 +471,7 @@ impl Scanner<'_> {
         ctx: u32,
         path: &Path<'_>,
     ) -> Result<(), ScanError> {
+        let mut has_properties = false;
         while !reader.is_empty() {
             let (number, wire_type) = reader.key(path)?;
             match number {
@@ -476,6 +487,10 @@ impl Scanner<'_> {
                 6 => {
                     let path = path.field("properties");
                     let mut entry = Self::map_entry(reader, wire_type, ctx, &path)?;
+                    if !has_properties {
+                        has_properties = true;
+                        self.cost(PROPERTY_TABLE_COST, &path)?;
+                    }
                     self.cost(PROPERTY_COST, &path)?;
                     while !entry.is_empty() {
                         let (number, wire_type) = entry.key(&path)?;
@@ -581,6 +596,7 @@ impl Scanner<'_> {
         path: &Path<'_>,
     ) -> Result<(), ScanError> {
         self.check_depth(depth, path)?;
+        let mut empty = true;
         while !reader.is_empty() {
             let (number, wire_type) = reader.key(path)?;
             if number != 1 {
@@ -588,6 +604,10 @@ impl Scanner<'_> {
                 continue;
             }
             let mut value = Self::nested(reader, wire_type, ctx, path)?;
+            if empty {
+                empty = false;
+                self.cost(FIRST_VALUE_COST, path)?;
+            }
             self.cost(VALUE_COST, path)?;
             self.json_value(&mut value, ctx - 1, depth, path)?;
         }
@@ -756,6 +776,62 @@ mod tests {
                 limit: MAX_JSON_DEPTH
             }
         );
+    }
+
+    #[test]
+    fn an_events_first_property_costs_its_whole_hash_table() {
+        // Found by the fuzz target gateway_request: a map of one entry allocates 4 buckets.
+        let with = |properties: &[(&str, &str)]| {
+            let event = v1::Event {
+                properties: properties
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..text("t")
+            };
+            let request = v1::SendEventRequest {
+                event_hub: String::new(),
+                event: Some(event),
+            };
+            scan(Schema::SendEvent, &request.encode_to_vec(), &LIMITS)
+                .unwrap()
+                .decoded_bytes
+        };
+        let table = 4 * size_of::<(String, String)>() + 16;
+        assert!(with(&[("a", "")]) - with(&[]) >= table);
+    }
+
+    #[test]
+    fn a_lists_first_item_costs_the_four_a_vec_makes_room_for() {
+        // Found by the fuzz target gateway_request: one event decoded into 4 x its size.
+        let one = v1::SendEventsRequest {
+            event_hub: String::new(),
+            events: vec![v1::Event::default()],
+        };
+        let scanned = scan(Schema::SendEvents, &one.encode_to_vec(), &LIMITS).unwrap();
+        assert!(scanned.decoded_bytes >= 4 * size_of::<v1::Event>());
+        let list = |values: Vec<prost_types::Value>| {
+            let body = prost_types::Struct {
+                fields: [(
+                    "a".to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::ListValue(prost_types::ListValue { values })),
+                    },
+                )]
+                .into(),
+            };
+            let request = v1::SendEventRequest {
+                event_hub: String::new(),
+                event: Some(json_event(body)),
+            };
+            scan(Schema::SendEvent, &request.encode_to_vec(), &LIMITS)
+                .unwrap()
+                .decoded_bytes
+        };
+        let null = prost_types::Value {
+            kind: Some(Kind::NullValue(0)),
+        };
+        assert!(list(vec![null]) - list(vec![]) >= 4 * size_of::<prost_types::Value>());
     }
 
     #[test]

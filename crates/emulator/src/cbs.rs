@@ -180,7 +180,14 @@ fn verify_sas(namespace: &Namespace, token: &str, path: &str, now_ms: i64) -> Re
             "the token is for '{resource}', not for '{path}'"
         )));
     }
-    Ok(parsed.expires_at as i64 * 1000)
+    Ok(unix_ms(
+        i64::try_from(parsed.expires_at).unwrap_or(i64::MAX),
+    ))
+}
+
+/// A token's expiry in Unix seconds as milliseconds; tokens good past the range are good until its end.
+fn unix_ms(seconds: i64) -> i64 {
+    seconds.saturating_mul(1000)
 }
 
 /// Checks an Entra ID token's form, audience and expiry. Its signature cannot be verified offline.
@@ -213,10 +220,11 @@ fn verify_jwt(token: &str, now_ms: i64) -> Result<i64, Status> {
             "the jwt audience is not https://eventhubs.azure.net",
         ));
     }
-    let expires_at_ms = claims["exp"]
-        .as_i64()
-        .ok_or_else(|| unauthorized("the jwt has no numeric `exp`"))?
-        * 1000;
+    let expires_at_ms = unix_ms(
+        claims["exp"]
+            .as_i64()
+            .ok_or_else(|| unauthorized("the jwt has no numeric `exp`"))?,
+    );
     if expires_at_ms <= now_ms {
         return Err(unauthorized("the jwt has expired"));
     }
@@ -459,5 +467,45 @@ mod tests {
             put_token(&namespace(true), &Grants::default(), &request, NOW_MS, 0).code,
             401
         );
+    }
+
+    #[test]
+    fn expiries_past_the_millisecond_range_are_granted_until_the_end_of_time() {
+        // Found by the fuzz target emulator_cbs: `exp * 1000` overflowed (a panic in debug builds).
+        let claims =
+            serde_json::json!({"aud": "https://eventhubs.azure.net", "exp": i64::MAX / 1000 + 1});
+        let request = PutToken {
+            token_type: Some(JWT_TOKEN_TYPE.into()),
+            ..sas_request("sb://localhost/eh1", jwt(claims))
+        };
+        let grants = Grants::default();
+        assert_eq!(
+            put_token(&namespace(true), &grants, &request, NOW_MS, 0).code,
+            202
+        );
+        assert_eq!(grants.expiry_covering("eh1", NOW_MS, 0), Some(i64::MAX));
+        let claims =
+            serde_json::json!({"aud": "https://eventhubs.azure.net", "exp": i64::MIN / 1000 - 1});
+        let request = PutToken {
+            token_type: Some(JWT_TOKEN_TYPE.into()),
+            ..sas_request("sb://localhost/eh1", jwt(claims))
+        };
+        assert_eq!(
+            put_token(&namespace(true), &Grants::default(), &request, NOW_MS, 0).code,
+            401,
+            "expired long ago"
+        );
+        for expiry in [i64::MAX as u64 / 1000 + 1, i64::MAX as u64 + 1, u64::MAX] {
+            let request = sas_request(
+                "sb://localhost/eh1",
+                valid_sas("sb://localhost/eh1", expiry),
+            );
+            let grants = Grants::default();
+            assert_eq!(
+                put_token(&namespace(false), &grants, &request, NOW_MS, 0).code,
+                202
+            );
+            assert_eq!(grants.expiry_covering("eh1", NOW_MS, 0), Some(i64::MAX));
+        }
     }
 }

@@ -13,6 +13,9 @@ mod consume;
 mod faults;
 mod filter;
 mod framing;
+/// Entry points into the decoders of client bytes, for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing;
 mod ingest;
 mod management;
 mod namespace;
