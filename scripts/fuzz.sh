@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 CARGO_FUZZ_VERSION=0.13.2
 SECONDS_PER_TARGET=${FUZZ_SECONDS:-15}
 SANITIZER=${FUZZ_SANITIZER:-none}
-# Keep in step with the [[bin]] entries of fuzz/Cargo.toml (the slot for `jwt` is named there).
-ALL_TARGETS=(gateway_request emulator_transfer emulator_cbs sas_connection_string trace_context config)
+# Keep in step with the [[bin]] entries of fuzz/Cargo.toml.
+ALL_TARGETS=(gateway_request emulator_transfer emulator_cbs sas_connection_string trace_context config jwt)
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
