@@ -26,6 +26,9 @@ const JWKS: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "nC9PCU-9wBFk
 /// The header and claims that seed's signature covers: the only ones any input may prove an identity with.
 const SIGNED: &str = "eyJhbGciOiJFUzI1NiIsImtpZCI6ImZ1enotZXMyNTYiLCJ0eXAiOiJKV1QifQ.eyJpc3MiOiJodHRwczovL2lzc3Vlci5mdXp6IiwiYXVkIjoiZXZlbnRodWItZ2F0ZXdheSIsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDphOmIiLCJleHAiOjQxMDI0NDQ4MDAsIm5iZiI6MTcwMDAwMDAwMH0";
 
+/// Appended to inputs to see whether a refusal repeats the credential it refused.
+const CANARY: &str = "zQ7canaryXv";
+
 struct Fixture {
     runtime: tokio::runtime::Runtime,
     authenticator: std::sync::Arc<Authenticator>,
@@ -89,25 +92,26 @@ fuzz_target!(|data: &[u8]| {
         let _ = jwt::accepted_algorithm(&inspected.header.alg);
     }
     let fixture = &*FIXTURE;
-    let authorization = format!("Bearer {text}");
-    let outcome = fixture
-        .runtime
-        .block_on(fixture.authenticator.authenticate(Credentials {
-            authorization: Some(&authorization),
-            peer_certificate: None,
-        }));
-    match outcome {
-        Ok(caller) => assert!(
+    let authenticate = |authorization: &str| {
+        fixture
+            .runtime
+            .block_on(fixture.authenticator.authenticate(Credentials {
+                authorization: Some(authorization),
+                peer_certificate: None,
+            }))
+    };
+    if let Ok(caller) = authenticate(&format!("Bearer {text}")) {
+        assert!(
             text.trim().starts_with(&format!("{SIGNED}.")),
             "an input other than the signed seed was authenticated: {caller:?}"
-        ),
-        Err(error) => {
-            let message = error.to_string();
-            let trimmed = text.trim();
-            assert!(
-                trimmed.len() < 16 || !message.contains(trimmed),
-                "the refusal repeats the credential: {message}"
-            );
-        }
+        );
+    }
+    // A canary at the credential's end: a refusal that repeats the credential repeats the canary.
+    if let Err(error) = authenticate(&format!("Bearer {text}{CANARY}")) {
+        let message = error.to_string();
+        assert!(
+            !message.contains(CANARY),
+            "the refusal repeats the credential: {message}"
+        );
     }
 });
