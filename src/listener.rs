@@ -23,10 +23,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tower::{Layer, Service};
 
-use crate::middleware::HeldBody;
+use crate::middleware::{HeldBody, peer_addr};
 
 /// The first pause after accept fails for want of file descriptors; it doubles up to [`MAX_ACCEPT_BACKOFF`].
 const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
@@ -727,16 +727,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let extensions = request.extensions();
-        let remote = extensions
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
-            .or_else(|| {
-                extensions
-                    .get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .and_then(|info| info.get_ref().remote_addr())
-            });
-        let call = remote
+        let call = peer_addr(request.extensions())
             .and_then(|remote| self.connections.calls_of(remote))
             .map(|calls| {
                 calls.open.fetch_add(1, Ordering::AcqRel);

@@ -2,7 +2,7 @@
 //! `x-client-id` header or else the peer's IP address.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -86,16 +86,21 @@ impl fmt::Display for ClientId {
     }
 }
 
-/// The peer's IP address from tonic's connect info (plain TCP, or TCP under TLS).
-pub fn peer_ip(extensions: &http::Extensions) -> Option<IpAddr> {
-    let addr = extensions
+/// The peer's address from tonic's connect info (plain TCP, or TCP under TLS).
+pub fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
+    extensions
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)
         .or_else(|| {
             extensions
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(|info| info.get_ref().remote_addr())
-        })?;
+        })
+}
+
+/// The peer's IP address from tonic's connect info (plain TCP, or TCP under TLS).
+pub fn peer_ip(extensions: &http::Extensions) -> Option<IpAddr> {
+    let addr = peer_addr(extensions)?;
     // The port is dropped so every connection of one client shares its limits; an IPv4 peer on a dual-stack
     // listener arrives as ::ffff:a.b.c.d and must get the same id as over plain IPv4.
     Some(addr.ip().to_canonical())

@@ -10,7 +10,9 @@ mod held_body;
 mod shed;
 mod trace_context;
 
-pub use client_id::{CLIENT_ID_HEADER, ClientId, ClientIdLayer, ClientIdService, peer_ip};
+pub use client_id::{
+    CLIENT_ID_HEADER, ClientId, ClientIdLayer, ClientIdService, peer_addr, peer_ip,
+};
 pub use held_body::HeldBody;
 pub use shed::{CallSlot, ClientSlot, LoadShed, LoadShedLayer, PermitBody, ShedBound, ShedFuture};
 pub use trace_context::{
