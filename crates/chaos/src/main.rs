@@ -3,7 +3,127 @@
 //! after each scenario every event is read back from the emulator and checked against what its client was
 //! answered. Writes the fault matrix and the soak's charts.
 
+mod cluster;
+mod load;
 mod network;
 mod proxy;
+mod readback;
+mod report;
+mod scenarios;
+mod soak;
 
-fn main() {}
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use network::Network;
+use scenarios::{Row, Timing};
+
+#[derive(Parser)]
+#[command(about = "Chaos and soak runs of the gateway against the emulator on a real network path")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario, then the soak; exits 1 when any promise broke. Run it through scripts/chaos.sh.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The report's durations (20 s and 90 s partitions, a 10-minute soak) instead of CI's short ones.
+    #[arg(long)]
+    full: bool,
+    /// Only these scenarios (names as in the matrix; `soak` for the soak).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Leave these scenarios out.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    /// Where logs, results.json, matrix.md and the soak chart go.
+    #[arg(long, default_value = "target/chaos")]
+    out: PathBuf,
+    /// The gateway binary (scripts/chaos.sh sets it).
+    #[arg(long, env = "CHAOS_GATEWAY_BIN")]
+    gateway_bin: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let timing = if args.full {
+        Timing::full()
+    } else {
+        Timing::short()
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creates {}", args.out.display()))?;
+    let harness = scenarios::Harness {
+        network: Network::from_env()?,
+        gateway_bin: args.gateway_bin,
+        out: args.out.clone(),
+        timing,
+    };
+    let chosen: Vec<_> = scenarios::all()
+        .into_iter()
+        .chain([scenarios::SOAK])
+        .filter(|s| args.only.is_empty() || args.only.iter().any(|name| name == s.name))
+        .filter(|s| !args.skip.iter().any(|name| name == s.name))
+        .collect();
+    if chosen.is_empty() {
+        bail!(
+            "no scenario chosen: names are {:?}",
+            scenarios::all().iter().map(|s| s.name).collect::<Vec<_>>()
+        );
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for scenario in &chosen {
+        let started = std::time::Instant::now();
+        let row = scenarios::run(&harness, scenario)
+            .await
+            .with_context(|| format!("scenario {}", scenario.name))?;
+        println!(
+            "{:<16} {:>5.1} s  offered {:>6}  ok {:>6}  lost {}  duplicates {}  {}",
+            row.scenario,
+            started.elapsed().as_secs_f64(),
+            row.offered,
+            row.ok,
+            row.lost,
+            row.duplicates,
+            if row.violations.is_empty() {
+                "pass".to_owned()
+            } else {
+                format!("FAIL: {}", row.violations.join("; "))
+            }
+        );
+        rows.push(row);
+        scenarios::save(&rows, &args.out.join("results.json"))?;
+    }
+    let _ = harness.network.clear();
+    let mut matrix = report::matrix(&rows);
+    matrix.push('\n');
+    matrix.push_str(&report::notes(&rows));
+    std::fs::write(args.out.join("matrix.md"), &matrix).context("writes matrix.md")?;
+    if let Some(soak) = rows.iter().find(|row| !row.samples.is_empty()) {
+        report::soak_chart(&soak.samples, &args.out.join("soak.svg"))?;
+    }
+    println!("\n{matrix}");
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|row| !row.violations.is_empty())
+        .map(|row| row.scenario.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("promises broken in: {}", failed.join(", "));
+    }
+    Ok(())
+}
