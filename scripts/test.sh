@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a machine that has only the Rust toolchain, Python 3, Node and openssl:
 # installs the pinned Python venv (official Azure SDK) and node modules first, then runs the Rust
-# unit and integration tests, the Python SDK suite and the Node SDK suite against the real binary, and the
+# unit and integration tests, the Python SDK suite and the Node SDK suite against the real binary, the chaos
+# suite's short run (scripts/chaos.sh: needs root for its network namespaces, and fails without), and the
 # fuzz targets briefly (scripts/fuzz.sh; installs the pinned cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +72,9 @@ scripts/build-rust-sdk.sh debug >/dev/null
 
 step "Benchmark harness smoke: every scenario, a few hundred events each; correctness and zero loss, not speed"
 "$root/target/debug/bench" --smoke --latency-ms 0 --sizes 100 --json "$root/target/bench/smoke.json"
+
+step "Chaos and soak, short: every fault scenario briefly and a 60 s soak in network namespaces (scripts/chaos.sh; root)"
+scripts/chaos.sh run --out "$root/target/chaos"
 
 step "Fuzz targets (fuzz/): built once, each run ${FUZZ_SECONDS:-15} s on its committed seeds; a crash fails"
 scripts/fuzz.sh

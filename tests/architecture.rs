@@ -1,5 +1,6 @@
 //! The crate graph ARCHITECTURE.md draws, checked with `cargo tree`: the producer knows no gRPC or protobuf,
-//! the emulator needs nothing of ours but the wire crate, telemetry and wire need nothing of ours at all.
+//! the emulator needs nothing of ours but the wire crate, telemetry and wire need nothing of ours at all, and
+//! nothing depends on the harnesses (bench, chaos).
 
 use std::process::Command;
 
@@ -96,4 +97,17 @@ fn the_checks_see_an_edge_that_is_there() {
     let dependencies = dependencies_of("eventhub-gateway");
     assert!(dependencies.iter().any(|name| name == "tonic"));
     assert!(dependencies.iter().any(|name| name == "eventhub-producer"));
+}
+
+#[test]
+fn nothing_depends_on_the_harnesses() {
+    for package in [
+        "eventhub-gateway",
+        "eventhub-producer",
+        "eventhub-emulator",
+        "eventhub-telemetry",
+        "eventhub-wire",
+    ] {
+        assert_none_of(package, &["eventhub-bench", "eventhub-chaos", "plotters"]);
+    }
 }
