@@ -5,5 +5,38 @@
 
 mod network;
 mod proxy;
+mod selftest;
 
-fn main() {}
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    about = "Chaos and soak runs of the gateway and the emulator in network namespaces (scripts/chaos.sh)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks that every fault facility (delay, stall, resets, loss, blackhole, bandwidth) has its effect.
+    Selftest,
+    /// A TCP echo server: the selftest's stand-in for the emulator, in the emulator's namespace.
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Selftest => selftest::run().await,
+        Command::Echo { listen } => selftest::echo(listen).await,
+    }
+}
