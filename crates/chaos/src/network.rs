@@ -259,13 +259,11 @@ fn ruleset(port: u16, faults: Faults) -> String {
     }
     if faults.reset {
         // Both ways: the peer's next segment is answered with an RST, and the emulator's own socket is reset
-        // at its next segment out (a reject in output sends the RST back to the local sender).
-        input.push(format!(
-            "tcp dport {port} counter reject with tcp reset comment \"reset\""
-        ));
-        output.push(format!(
-            "tcp sport {port} counter reject with tcp reset comment \"reset\""
-        ));
+        // at its next segment out (a reject in output sends the RST back to the local sender). RSTs pass:
+        // the RST the input rule sends goes through the output chain, which would otherwise eat it.
+        let rule = "tcp flags & rst == 0 counter reject with tcp reset comment \"reset\"";
+        input.push(format!("tcp dport {port} {rule}"));
+        output.push(format!("tcp sport {port} {rule}"));
     }
     if faults.loss_percent > 0 {
         let n = faults.loss_percent;
