@@ -632,6 +632,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_peer_that_does_not_read_stops_the_proxy_reading_too() {
+        // An upstream that accepts and never reads: only the socket buffers and the proxy's in-flight budget
+        // can take the client's bytes, so its writes must block long before an unbounded proxy's would.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = listener.local_addr().unwrap();
+        let _upstream = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(stream);
+        });
+        let proxy = proxy_to(upstream_addr, PathShape::NONE).await;
+        let mut client = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        const LIMIT: usize = 64 << 20;
+        let piece = vec![7u8; 64 << 10];
+        let mut written = 0;
+        while written < LIMIT {
+            match tokio::time::timeout(Duration::from_millis(500), client.write_all(&piece)).await {
+                Ok(result) => result.unwrap(),
+                Err(_) => break,
+            }
+            written += piece.len();
+        }
+        assert!(
+            written < LIMIT,
+            "the proxy took {written} bytes for a peer that reads none"
+        );
+    }
+
+    #[tokio::test]
     async fn a_refused_upstream_reaches_the_client_as_a_reset() {
         let closed = TcpListener::bind("127.0.0.1:0")
             .await

@@ -18,6 +18,8 @@ use crate::proxy::{DelayProxy, PathShape};
 const PORT: u16 = 5672;
 /// The longest any one check may take; a check that takes longer has failed.
 const CHECK_BOUND: Duration = Duration::from_secs(60);
+/// The longest the transfer through 30% loss may take (inside the loss check, so the loss is lifted after).
+const LOSS_BOUND: Duration = Duration::from_secs(45);
 
 /// Runs every check in order; answers failure at the first that fails.
 pub async fn run() -> ExitCode {
@@ -355,8 +357,17 @@ async fn loss(proxy: &DelayProxy, net: &mut Network) -> Result<(), Failure> {
     let mut stream = connect(proxy).await.of(F)?;
     round_trip(&mut stream).await.of(F)?;
     net.set_loss(30).await.of(F)?;
-    let len = 256 << 10;
-    let took = transfer(stream, len).await.of(F);
+    // Small: at 30% each way TCP's retransmission timer backs off (0.2 s, 0.4 s, ...), and a run of
+    // losses of one segment can cost tens of seconds.
+    let len = 64 << 10;
+    let took = tokio::time::timeout(LOSS_BOUND, transfer(stream, len)).await;
+    let took = match took {
+        Ok(took) => took.of(F),
+        Err(_) => Err(Failure {
+            facility: F,
+            why: format!("64 KiB did not get through 30% loss within {LOSS_BOUND:?}"),
+        }),
+    };
     let counters = net.counters().await.of(F);
     net.set_loss(0).await.of(F)?;
     let (took, counters) = (took?, counters?);
@@ -369,7 +380,7 @@ async fn loss(proxy: &DelayProxy, net: &mut Network) -> Result<(), Failure> {
     ok(
         F,
         format!(
-            "256 KiB through 30% loss back whole in {}; nft dropped {} segments",
+            "64 KiB through 30% loss back whole in {}; nft dropped {} segments",
             ms(took),
             counters.lost
         ),
