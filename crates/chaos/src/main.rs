@@ -10,9 +10,12 @@ mod proxy;
 mod readback;
 mod report;
 mod scenarios;
+mod selftest;
 mod soak;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -31,6 +34,14 @@ struct Cli {
 enum Command {
     /// Every scenario, then the soak; exits 1 when any promise broke. Run it through scripts/chaos.sh.
     Run(RunArgs),
+    /// Checks that every fault facility (delay, stall, resets, loss, blackhole, bandwidth) has its effect.
+    Selftest,
+    /// A TCP echo server: the selftest's stand-in for the emulator, in the emulator's namespace.
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(clap::Args)]
@@ -53,9 +64,17 @@ struct RunArgs {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => match run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("chaos: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Selftest => selftest::run().await,
+        Command::Echo { listen } => selftest::echo(listen).await,
     }
 }
 
