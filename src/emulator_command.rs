@@ -1,5 +1,7 @@
 //! `eventhub-gateway emulator`: its flags, laid over the emulator's config file, and the run until a signal
-//! (only in builds with the default `emulator` feature).
+//! (only in builds with the default `emulator` feature), with the HTTP fault control when asked for.
+
+mod fault_control;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -70,6 +72,10 @@ pub struct EmulatorArgs {
     /// The AMQP idle-time-out announced; a peer silent for twice as long is dropped (0: none) [default: 60000].
     #[arg(long, value_name = "MS")]
     idle_time_out_ms: Option<u32>,
+    /// Serve HTTP fault injection (POST /faults/throttle?count=N, ...; GET /faults) on this address; off
+    /// without it. Anyone who reaches it can break the emulator: keep it on loopback or a test network.
+    #[arg(long, value_name = "ADDR")]
+    fault_control: Option<std::net::SocketAddr>,
 }
 
 impl EmulatorArgs {
@@ -154,6 +160,11 @@ impl EmulatorArgs {
 
 /// Runs the emulator the flags describe until Ctrl-C or SIGTERM.
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
+    // Bound before the emulator starts, so a taken port fails the start before anything serves.
+    let fault_listener = match args.fault_control {
+        Some(addr) => Some(fault_control::FaultControlListener::bind(addr).await?),
+        None => None,
+    };
     let config = args.into_config()?;
     let hubs: Vec<String> = config
         .hubs()
@@ -178,7 +189,18 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
         };
         eprintln!("AMQP over WebSockets on {scheme}://{addr}/$servicebus/websocket");
     }
+    let fault_control = fault_listener.map(|listener| {
+        let addr = listener.local_addr();
+        if let Some(warning) = fault_control::exposure_warning(addr) {
+            tracing::warn!("{warning}");
+        }
+        eprintln!("fault control on http://{addr}/faults");
+        listener.serve(emulator.shared_faults())
+    });
     crate::shutdown_signal().await;
+    if let Some(fault_control) = fault_control {
+        fault_control.shutdown().await;
+    }
     emulator.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -26,6 +26,30 @@ pub struct Faults {
     refused_marker: Mutex<Option<Vec<u8>>>,
 }
 
+/// The faults injected at one moment and what has been seen so far, copied out of [`Faults`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FaultsSnapshot {
+    /// Transfers still to be rejected with `com.microsoft:server-busy`.
+    pub throttled_sends: u64,
+    /// Transfers still to be answered Released.
+    pub released_sends: u64,
+    /// The extra delay of every disposition (zero: off).
+    pub extra_disposition_delay: Duration,
+    /// Transfers until a forced close, the close coming on the last of them (zero: off).
+    pub transfers_before_forced_close: u64,
+    /// How much longer new connections are refused (zero: not refusing).
+    pub refusing_connections_for: Duration,
+    /// The marker whose events are refused, if one is set.
+    pub refused_marker: Option<Vec<u8>>,
+    /// How many times every hub link was detached.
+    pub detaches: u64,
+    /// How many times every granted token was expired.
+    pub token_expiries: u64,
+    /// Every transfer hub links have received since the start.
+    pub transfers_seen: u64,
+}
+
 /// What happens to one incoming transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransferFault {
@@ -152,6 +176,28 @@ impl Faults {
         self.transfers_seen.load(Ordering::Relaxed)
     }
 
+    /// The faults injected now and the counters, read one by one (not atomically together).
+    pub fn snapshot(&self) -> FaultsSnapshot {
+        FaultsSnapshot {
+            throttled_sends: self.throttled_sends.load(Ordering::SeqCst),
+            released_sends: self.released_sends.load(Ordering::SeqCst),
+            extra_disposition_delay: self.extra_disposition_delay(),
+            transfers_before_forced_close: self
+                .transfers_before_forced_close
+                .load(Ordering::SeqCst),
+            refusing_connections_for: self
+                .refuse_connections_until
+                .lock()
+                .map_or(Duration::ZERO, |until| {
+                    until.saturating_duration_since(Instant::now())
+                }),
+            refused_marker: self.refused_marker.lock().clone(),
+            detaches: *self.detach_generation.borrow(),
+            token_expiries: *self.token_generation.borrow(),
+            transfers_seen: self.transfers_seen(),
+        }
+    }
+
     /// The injected extra disposition delay.
     pub(crate) fn extra_disposition_delay(&self) -> Duration {
         Duration::from_millis(self.extra_disposition_delay_ms.load(Ordering::Relaxed))
@@ -213,6 +259,57 @@ mod tests {
                 .filter(|f| **f == TransferFault::ForceClose)
                 .count(),
             1
+        );
+    }
+
+    #[test]
+    fn the_snapshot_shows_what_is_injected_and_what_is_left() {
+        let faults = Faults::default();
+        assert_eq!(faults.snapshot().throttled_sends, 0);
+        faults.throttle_next_sends(2);
+        faults.release_next_sends(3);
+        faults.delay_dispositions(Duration::from_millis(250));
+        faults.force_close_after_transfers(7);
+        faults.refuse_connections_for(Duration::from_secs(60));
+        faults.refuse_events_containing(Some(b"poison"));
+        faults.detach_all_links();
+        faults.expire_tokens();
+        faults.expire_tokens();
+        faults.next_transfer();
+        let snapshot = faults.snapshot();
+        assert_eq!(snapshot.throttled_sends, 1, "one throttle consumed");
+        assert_eq!(snapshot.released_sends, 3);
+        assert_eq!(snapshot.extra_disposition_delay, Duration::from_millis(250));
+        assert_eq!(snapshot.transfers_before_forced_close, 6);
+        assert!(
+            snapshot.refusing_connections_for > Duration::from_secs(50)
+                && snapshot.refusing_connections_for <= Duration::from_secs(60),
+            "{:?}",
+            snapshot.refusing_connections_for
+        );
+        assert_eq!(snapshot.refused_marker.as_deref(), Some(&b"poison"[..]));
+        assert_eq!((snapshot.detaches, snapshot.token_expiries), (1, 2));
+        assert_eq!(snapshot.transfers_seen, 1);
+        faults.clear();
+        let cleared = faults.snapshot();
+        assert_eq!(
+            (
+                cleared.throttled_sends,
+                cleared.released_sends,
+                cleared.extra_disposition_delay,
+                cleared.transfers_before_forced_close,
+                cleared.refusing_connections_for,
+                cleared.refused_marker,
+            ),
+            (0, 0, Duration::ZERO, 0, Duration::ZERO, None)
+        );
+        assert_eq!(
+            (
+                cleared.detaches,
+                cleared.token_expiries,
+                cleared.transfers_seen
+            ),
+            (1, 2, 1)
         );
     }
 

@@ -42,7 +42,7 @@ pub use self::config::{
     ConfigError, EmulatorConfig, HubConfig, LimitsConfig, PemSource, TlsConfig,
 };
 use self::connection::{Admissions, ConnectionSlot, Shared};
-pub use self::faults::Faults;
+pub use self::faults::{Faults, FaultsSnapshot};
 use self::namespace::{Namespace, now_ms};
 pub use self::partition_log::{PartitionProperties, StoredEvent};
 use self::sasl::EventHubsSasl;
@@ -209,6 +209,12 @@ impl Emulator {
     /// The faults to inject; they apply to every connection at once.
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
+    }
+
+    /// The same faults as [`Emulator::faults`], as a handle that outlives borrows of the emulator (for a task
+    /// that injects them while the emulator runs, such as a control listener).
+    pub fn shared_faults(&self) -> Arc<Faults> {
+        Arc::clone(&self.shared.faults)
     }
 
     /// Every event a partition retains, oldest first: what a consumer reading from the start would get.
