@@ -58,7 +58,7 @@ pub struct EmulatorProcess {
 impl EmulatorProcess {
     /// Starts `eventhub-gateway emulator` in the emulator namespace and waits for its AMQP port.
     pub async fn start(network: &Network, gateway_bin: &Path, log: &Path) -> Result<Self> {
-        let ip = IpAddr::V4(network.emulator_ip());
+        let ip = network.emulator_ip;
         let amqp = SocketAddr::new(ip, EMULATOR_PORT);
         let control = SocketAddr::new(ip, FAULT_CONTROL_PORT);
         let args = [

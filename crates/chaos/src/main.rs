@@ -87,7 +87,7 @@ async fn run(args: RunArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creates {}", args.out.display()))?;
     let harness = scenarios::Harness {
-        network: Network::from_env()?,
+        network: tokio::sync::Mutex::new(Network::from_env(cluster::EMULATOR_PORT)?),
         gateway_bin: args.gateway_bin,
         out: args.out.clone(),
         timing,
@@ -127,7 +127,7 @@ async fn run(args: RunArgs) -> Result<()> {
         rows.push(row);
         scenarios::save(&rows, &args.out.join("results.json"))?;
     }
-    let _ = harness.network.clear();
+    let _ = harness.network.lock().await.clear().await;
     let mut matrix = report::matrix(&rows);
     matrix.push('\n');
     matrix.push_str(&report::notes(&rows));

@@ -3,14 +3,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
-use eventhub_producer::{Producer, ProducerConfig, TlsOptions};
+use anyhow::{Context, Result, bail};
+use eventhub_producer::{NodeClient, Producer, ProducerConfig, TlsOptions};
 use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Receiver, Session};
 use fe2o3_amqp_types::definitions::Fields;
-use fe2o3_amqp_types::messaging::{Body, Message, MessageId, Source};
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message, MessageId, Source};
 use fe2o3_amqp_types::primitives::{Symbol, Value};
 use serde_amqp::described::Described;
 use serde_amqp::descriptor::Descriptor;
@@ -55,6 +56,7 @@ pub async fn read_all(emulator: SocketAddr) -> Result<Stored> {
     let mut session = Session::begin(&mut connection)
         .await
         .context("a read-back session")?;
+    authorize(&mut session, emulator).await?;
     let mut stored = Stored::default();
     for (partition, last) in last.into_iter().enumerate() {
         if let Some(last) = last {
@@ -64,6 +66,37 @@ pub async fn read_all(emulator: SocketAddr) -> Result<Stored> {
     let _ = session.end().await;
     let _ = connection.close().await;
     Ok(stored)
+}
+
+/// Puts a SAS token for the whole hub on `$cbs`, as a consumer must before its receivers attach.
+async fn authorize(session: &mut SessionHandle<()>, emulator: SocketAddr) -> Result<()> {
+    let audience = format!("sb://{}/{HUB}", emulator.ip());
+    let expires_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        + 3600;
+    let token = eventhub_wire::sas::sign_token(&audience, KEY_NAME, KEY, expires_at);
+    let mut cbs = NodeClient::attach(session, "$cbs")
+        .await
+        .context("the $cbs links")?;
+    let properties = ApplicationProperties::builder()
+        .insert("operation", "put-token")
+        .insert("type", "servicebus.windows.net:sastoken")
+        .insert("name", audience.as_str())
+        .build();
+    let response = cbs
+        .request(properties, Value::String(token), READ_TIMEOUT)
+        .await
+        .context("put-token")?;
+    if !(200..300).contains(&response.code) {
+        bail!(
+            "put-token for {audience}: {} {}",
+            response.code,
+            response.description
+        );
+    }
+    Ok(())
 }
 
 /// Each partition's last enqueued sequence number, `None` when it is empty.
@@ -91,7 +124,7 @@ async fn last_sequences(emulator: SocketAddr) -> Result<Vec<Option<i64>>> {
 }
 
 async fn read_partition(
-    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    session: &mut SessionHandle<()>,
     partition: usize,
     last: i64,
     stored: &mut Stored,

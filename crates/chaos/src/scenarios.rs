@@ -285,8 +285,8 @@ pub struct Row {
 
 /// What every scenario of a run needs.
 pub struct Harness {
-    /// The namespaces and their faults.
-    pub network: Network,
+    /// The namespaces and their faults (one scenario at a time changes them).
+    pub network: tokio::sync::Mutex<Network>,
     /// `eventhub-gateway`.
     pub gateway_bin: PathBuf,
     /// Where logs and results go.
@@ -329,11 +329,14 @@ impl Stage {
     async fn start(harness: &Harness, scenario: &Scenario) -> Result<Self> {
         harness
             .network
+            .lock()
+            .await
             .clear()
+            .await
             .context("the network starts clean")?;
         let dir = scenario_dir(&harness.out, scenario.name)?;
         let emulator = EmulatorProcess::start(
-            &harness.network,
+            &*harness.network.lock().await,
             &harness.gateway_bin,
             &dir.join("emulator.log"),
         )
@@ -540,21 +543,23 @@ async fn inject(
             violations.extend(growth_violations);
         }
         Fault::Loss(percent) => {
-            network.set_loss(percent)?;
+            network.lock().await.set_loss(percent).await?;
             sleep(window).await;
-            network.set_loss(0)?;
+            notes.push(dropped(network).await);
+            network.lock().await.set_loss(0).await?;
         }
         Fault::Bandwidth => {
             let kbit = timing.bandwidth_kbit();
             notes.push(format!("capped at {kbit} kbit/s"));
-            network.cap_bandwidth(Some(kbit))?;
+            network.lock().await.cap_bandwidth(Some(kbit)).await?;
             sleep(window).await;
-            network.cap_bandwidth(None)?;
+            network.lock().await.cap_bandwidth(None).await?;
         }
         Fault::Blackhole { .. } => {
-            network.set_blackhole(true)?;
+            network.lock().await.set_blackhole(true).await?;
             sleep(window).await;
-            network.set_blackhole(false)?;
+            notes.push(dropped(network).await);
+            network.lock().await.set_blackhole(false).await?;
         }
         Fault::Resets => {
             let resets = reset_at_random(network, &stage.upstream, window).await?;
@@ -609,22 +614,48 @@ where
 
 /// Resets established connections at random moments (0.5-2.5 s apart) for `window`: by an nftables
 /// `reject with tcp reset` pulse and by the proxy aborting every connection, in turn. Returns how many.
-async fn reset_at_random(network: &Network, proxy: &DelayProxy, window: Duration) -> Result<u64> {
+async fn reset_at_random(
+    network: &tokio::sync::Mutex<Network>,
+    proxy: &DelayProxy,
+    window: Duration,
+) -> Result<u64> {
     let end = tokio::time::Instant::now() + window;
     let mut resets = 0u64;
     while tokio::time::Instant::now() < end {
         let pause = rand::rng().random_range(500..2500);
         sleep(Duration::from_millis(pause)).await;
-        if resets % 2 == 0 {
-            network.set_reset(true)?;
-            sleep(Duration::from_millis(100)).await;
-            network.set_reset(false)?;
-        } else {
-            proxy.reset_all();
-        }
+        reset_once(network, proxy, resets).await?;
         resets += 1;
     }
     Ok(resets)
+}
+
+/// Resets every connection between the proxy and the emulator once: the even `nth` by an nftables
+/// `reject with tcp reset` pulse of 100 ms (the kernel's RSTs), the odd by the proxy aborting its connections.
+pub async fn reset_once(
+    network: &tokio::sync::Mutex<Network>,
+    proxy: &DelayProxy,
+    nth: u64,
+) -> Result<()> {
+    if nth % 2 == 0 {
+        network.lock().await.set_reset(true).await?;
+        sleep(Duration::from_millis(100)).await;
+        network.lock().await.set_reset(false).await?;
+    } else {
+        proxy.reset_all();
+    }
+    Ok(())
+}
+
+/// What the nftables rules dropped so far, in words.
+async fn dropped(network: &tokio::sync::Mutex<Network>) -> String {
+    match network.lock().await.counters().await {
+        Ok(counters) => format!(
+            "nftables dropped {} segments at random, {} in the blackhole",
+            counters.lost, counters.blackholed
+        ),
+        Err(error) => format!("nftables counters unreadable: {error}"),
+    }
 }
 
 /// Signals the gateway, waits for it to go, and starts a new one.

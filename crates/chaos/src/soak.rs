@@ -13,6 +13,7 @@ use crate::cluster::{GatewayProcess, gauge, resources};
 use crate::load::Ledger;
 use crate::network::Network;
 use crate::proxy::DelayProxy;
+use crate::scenarios::reset_once;
 
 /// The soak's loss, percent.
 pub const LOSS_PERCENT: u8 = 1;
@@ -45,7 +46,7 @@ pub struct Sample {
 /// Runs the soak's faults for `window`: loss throughout, a reset every `reset_every` (nftables and the proxy in
 /// turn), a sample every `period`. Returns the samples.
 pub async fn soak(
-    network: &Network,
+    network: &tokio::sync::Mutex<Network>,
     proxy: &DelayProxy,
     gateway: &GatewayProcess,
     ledger: &Ledger,
@@ -53,7 +54,7 @@ pub async fn soak(
     period: Duration,
     reset_every: Duration,
 ) -> Result<Vec<Sample>> {
-    network.set_loss(LOSS_PERCENT)?;
+    network.lock().await.set_loss(LOSS_PERCENT).await?;
     let started = Instant::now();
     let mut next_reset = started + reset_every;
     let mut resets = 0u64;
@@ -62,13 +63,7 @@ pub async fn soak(
     while started.elapsed() < window {
         sleep(period).await;
         if Instant::now() >= next_reset {
-            if resets % 2 == 0 {
-                network.set_reset(true)?;
-                sleep(Duration::from_millis(100)).await;
-                network.set_reset(false)?;
-            } else {
-                proxy.reset_all();
-            }
+            reset_once(network, proxy, resets).await?;
             resets += 1;
             next_reset += reset_every;
         }
@@ -89,7 +84,7 @@ pub async fn soak(
         });
         ok_before = ok_now;
     }
-    network.set_loss(0)?;
+    network.lock().await.set_loss(0).await?;
     Ok(samples)
 }
 
