@@ -168,3 +168,26 @@ async fn entra_tokens_and_payloads_never_reach_the_logs_even_at_trace_level() {
         assert!(!text.contains(secret), "{secret} in the logs:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_token_the_service_stops_honouring_is_put_again_and_no_send_fails_for_it() {
+    // The service detaches every link of a token it no longer honours (expired by its clock, or revoked) while
+    // the producer's own clock says the token is good for an hour: the producer puts a token again and
+    // resends, instead of failing every send until its next scheduled refresh.
+    let fx = Fixture::start(&["eh1:2"]).await;
+    let producer = fx.producer();
+    for round in 0..3 {
+        producer
+            .send("eh1", Event::text(format!("before-{round}")))
+            .await
+            .expect("sends before the expiry");
+        fx.faults().expire_tokens();
+        for n in 0..5 {
+            producer
+                .send("eh1", Event::text(format!("after-{round}-{n}")))
+                .await
+                .expect("a send after the service dropped the token");
+        }
+    }
+    assert_eq!(fx.stored("eh1").len(), 18);
+}

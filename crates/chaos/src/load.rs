@@ -128,7 +128,8 @@ impl LoadShape {
 /// A stream client's extra behaviour.
 #[derive(Clone, Debug, Default)]
 pub struct StreamQuirk {
-    /// Sleep this long before reading each response (a client slow to read its acks).
+    /// Sleep this long before reading each response while the load runs (a client slow to read its acks); it
+    /// catches up once the load stops.
     pub slow_reader: Option<Duration>,
 }
 
@@ -314,7 +315,7 @@ async fn stream_sender(
             })
         };
         let outcome = match call.await {
-            Ok(response) => read_acks(response.into_inner(), &pending, &ledger, &quirk).await,
+            Ok(response) => read_acks(response.into_inner(), &pending, &ledger, &quirk, &stopping).await,
             Err(status) => Err(status),
         };
         // The offering side must be gone before its pending events are settled, or one could slip in after.
@@ -373,9 +374,10 @@ async fn read_acks(
     pending: &Pending,
     ledger: &Ledger,
     quirk: &StreamQuirk,
+    stopping: &AtomicBool,
 ) -> Result<(), tonic::Status> {
     loop {
-        if let Some(pause) = quirk.slow_reader {
+        if let Some(pause) = quirk.slow_reader.filter(|_| !stopping.load(Ordering::Relaxed)) {
             sleep(pause).await;
         }
         let Some(response) = acks.message().await? else {

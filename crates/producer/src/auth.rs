@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use futures_util::FutureExt;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
@@ -226,11 +227,20 @@ impl Default for RefreshPolicy {
 pub struct TokenCache {
     credential: Credential,
     policy: RefreshPolicy,
-    audiences: Mutex<HashMap<String, watch::Receiver<TokenState>>>,
+    audiences: Mutex<HashMap<String, Audience>>,
     stop: CancellationToken,
     refreshes: std::sync::atomic::AtomicU64,
     failures: std::sync::atomic::AtomicU64,
 }
+
+/// One audience's token as the cache follows it, and the bell that asks for a new one early.
+struct Audience {
+    state: watch::Receiver<TokenState>,
+    refresh_now: Arc<Notify>,
+}
+
+/// The soonest one audience's token is fetched again after a fetch, however often a refusal asks for it.
+const MIN_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
 impl TokenCache {
     /// A cache for this credential; its refresh tasks stop when `stop` is cancelled.
@@ -253,12 +263,28 @@ impl TokenCache {
     pub fn watch(self: &Arc<Self>, audience: &str) -> watch::Receiver<TokenState> {
         let mut audiences = self.audiences.lock();
         if let Some(existing) = audiences.get(audience) {
-            return existing.clone();
+            return existing.state.clone();
         }
         let (sender, receiver) = watch::channel(TokenState::Pending);
-        audiences.insert(audience.to_owned(), receiver.clone());
-        tokio::spawn(Arc::clone(self).refresh(audience.to_owned(), sender));
+        let refresh_now = Arc::new(Notify::new());
+        audiences.insert(
+            audience.to_owned(),
+            Audience {
+                state: receiver.clone(),
+                refresh_now: Arc::clone(&refresh_now),
+            },
+        );
+        tokio::spawn(Arc::clone(self).refresh(audience.to_owned(), sender, refresh_now));
         receiver
+    }
+
+    /// Asks for a new token for `audience` now rather than at its refresh time, because the service refused the
+    /// current one (it expired by the service's clock, or was revoked). Fetches at most once per
+    /// [`MIN_FORCED_REFRESH_INTERVAL`]; every connection then puts the new token.
+    pub fn refresh_now(&self, audience: &str) {
+        if let Some(known) = self.audiences.lock().get(audience) {
+            known.refresh_now.notify_one();
+        }
     }
 
     /// A valid token for `audience`, waiting at most `wait` for the first one.
@@ -297,11 +323,17 @@ impl TokenCache {
         (self.refreshes.load(Relaxed), self.failures.load(Relaxed))
     }
 
-    async fn refresh(self: Arc<Self>, audience: String, sender: watch::Sender<TokenState>) {
+    async fn refresh(
+        self: Arc<Self>,
+        audience: String,
+        sender: watch::Sender<TokenState>,
+        refresh_now: Arc<Notify>,
+    ) {
         use std::sync::atomic::Ordering::Relaxed;
         let mut backoff = self.policy.initial_backoff;
         let mut previous: Option<Arc<AccessToken>> = None;
         loop {
+            let fetched_at = tokio::time::Instant::now();
             let fetch = self
                 .credential
                 .fetch(&audience)
@@ -337,9 +369,18 @@ impl TokenCache {
                     pause
                 }
             };
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
+            let early = tokio::select! {
+                () = tokio::time::sleep(pause) => false,
+                () = refresh_now.notified() => true,
                 () = self.stop.cancelled() => return,
+            };
+            if early {
+                tokio::select! {
+                    () = tokio::time::sleep_until(fetched_at + MIN_FORCED_REFRESH_INTERVAL) => {}
+                    () = self.stop.cancelled() => return,
+                }
+                // Asks made while waiting are answered by the fetch that follows.
+                let _ = refresh_now.notified().now_or_never();
             }
         }
     }
@@ -404,6 +445,31 @@ mod tests {
             first.is_valid(),
             "the new one came before the first expired"
         );
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_token_is_fetched_again_early_but_at_most_once_per_interval() {
+        let stop = CancellationToken::new();
+        let cache = TokenCache::new(
+            shared_key(Duration::from_secs(3600)),
+            RefreshPolicy::default(),
+            stop.clone(),
+        );
+        let audience = "sb://localhost/eh1";
+        cache.token(audience, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(cache.counts(), (1, 0));
+        // Asked at once and again: one early fetch, after the interval since the last one.
+        cache.refresh_now(audience);
+        cache.refresh_now(audience);
+        tokio::time::sleep(MIN_FORCED_REFRESH_INTERVAL - Duration::from_millis(10)).await;
+        assert_eq!(cache.counts(), (1, 0), "not before the interval");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(cache.counts(), (2, 0), "an hour-long token fetched again early");
+        tokio::time::sleep(MIN_FORCED_REFRESH_INTERVAL * 3).await;
+        assert_eq!(cache.counts(), (2, 0), "and only once for both asks");
+        // An audience never asked for has nothing to refresh.
+        cache.refresh_now("sb://localhost/other");
         stop.cancel();
     }
 

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use super::auth::{AccessToken, TokenCache};
 use super::batch::{BatchBuilder, SealedBatch};
 use super::claim::Claim;
-use super::error::{AmqpCondition, SendError};
+use super::error::{AmqpCondition, ErrorClass, SendError};
 use super::event::Event;
 use super::link::{DecrementOnDrop, Link, LinkSettings};
 use super::node::NodeClient;
@@ -526,9 +526,47 @@ impl PooledConnection {
     ) -> Result<Arc<Link>, SendError> {
         let _reservation = DecrementOnDrop(&self.attaching);
         let address = link_address(hub, partition);
-        self.authorize(hub).await?;
+        let mut token_put_again = false;
+        loop {
+            self.authorize(hub).await?;
+            match self.attach_authorized(hub, partition, &address).await {
+                Err(error) if error.class() == ErrorClass::Unauthorized && !token_put_again => {
+                    token_put_again = true;
+                    self.token_refused(hub, &error);
+                }
+                attached => return attached,
+            }
+        }
+    }
+
+    /// Event Hubs refused the hub's token although it was accepted here (expired by the service's clock, or
+    /// revoked): asks the cache for a new one and has the next attach put a token again.
+    fn token_refused(&self, hub: &str, error: &SendError) {
+        self.context.tokens.refresh_now(&self.context.audience(hub));
+        self.note_problem(hub, Step::Token, Err(error));
+    }
+
+    /// Watches `link` end: when Event Hubs dropped its authorization, the hub's token is put again on the next
+    /// attach (its batches are retried, so they come back to attach).
+    fn watch_token(self: &Arc<Self>, hub: &str, link: &Arc<Link>) {
+        let (connection, link, hub) = (Arc::downgrade(self), Arc::clone(link), hub.to_owned());
+        tokio::spawn(async move {
+            link.ended().await;
+            if let (Some(error), Some(connection)) = (link.token_lost(), connection.upgrade()) {
+                connection.token_refused(&hub, &error);
+            }
+        });
+    }
+
+    /// Attaches the link to `address` once the hub is authorized on this connection.
+    async fn attach_authorized(
+        self: &Arc<Self>,
+        hub: &str,
+        partition: Option<&str>,
+        address: &str,
+    ) -> Result<Arc<Link>, SendError> {
         let mut session = self.session.lock().await;
-        if let Some(link) = self.link_to(&address) {
+        if let Some(link) = self.link_to(address) {
             return Ok(link);
         }
         let awaiting = self.awaiting_peer();
@@ -536,7 +574,7 @@ impl PooledConnection {
             self.context.request_timeout,
             Link::attach(
                 &mut session,
-                address.clone(),
+                address.to_owned(),
                 self.context.link_settings,
                 self.lost.clone(),
             ),
@@ -567,7 +605,8 @@ impl PooledConnection {
         };
         self.attached.store(true, Ordering::Relaxed);
         self.note_problem(hub, Step::Attach, Ok(()));
-        self.links.lock().insert(address, Arc::clone(&link));
+        self.links.lock().insert(address.to_owned(), Arc::clone(&link));
+        self.watch_token(hub, &link);
         self.send_ready_message(&link).await;
         Ok(link)
     }

@@ -253,6 +253,10 @@ pub enum SendError {
     /// The connection or link was lost before the outcome was known.
     #[error("connection to Event Hubs lost: {0}")]
     Connection(String),
+    /// Event Hubs detached a link for want of authorization although its token was accepted: it no longer
+    /// honours that token (expired by its clock, or revoked). A token is put again and the batch resent.
+    #[error("Event Hubs dropped the link's authorization: {0}")]
+    TokenLost(ServiceError),
     /// Authentication with Event Hubs failed.
     #[error("authentication failed: {0}")]
     Auth(String),
@@ -276,6 +280,7 @@ impl SendError {
             Self::NotProcessed(_) => "not_processed".into(),
             Self::Unreachable { .. } => "connect_failed".into(),
             Self::Connection(_) => "connection_lost".into(),
+            Self::TokenLost(_) => "token_lost".into(),
             Self::Auth(_) => "unauthorized".into(),
             Self::Closed => "closed".into(),
         }
@@ -295,7 +300,7 @@ impl SendError {
             | Self::Unreachable { .. } => ErrorClass::Unavailable,
             Self::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
             Self::OutcomeUnknown { .. } => ErrorClass::OutcomeUnknown,
-            Self::Auth(_) => ErrorClass::Unauthorized,
+            Self::Auth(_) | Self::TokenLost(_) => ErrorClass::Unauthorized,
             Self::Closed => ErrorClass::Closed,
             Self::Service(error) => error.condition.class(),
         }
@@ -305,7 +310,10 @@ impl SendError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Service(error) => error.condition.is_retryable(),
-            Self::NotProcessed(_) | Self::Connection(_) | Self::Unreachable { .. } => true,
+            Self::NotProcessed(_)
+            | Self::Connection(_)
+            | Self::TokenLost(_)
+            | Self::Unreachable { .. } => true,
             Self::InvalidEvent { .. }
             | Self::OverLimit(_)
             | Self::TooLarge { .. }

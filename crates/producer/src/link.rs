@@ -38,6 +38,7 @@ pub struct Link {
     last_used: Mutex<Instant>,
     stop: CancellationToken,
     ended: CancellationToken,
+    token_lost: Mutex<Option<SendError>>,
 }
 
 impl std::fmt::Debug for Link {
@@ -109,6 +110,7 @@ impl Link {
             last_used: Mutex::new(Instant::now()),
             stop: CancellationToken::new(),
             ended: CancellationToken::new(),
+            token_lost: Mutex::new(None),
         });
         tokio::spawn(run(
             sender,
@@ -126,9 +128,13 @@ impl Link {
     }
 
     /// Completes when its task has ended.
-    #[cfg(test)]
-    async fn ended(&self) {
+    pub async fn ended(&self) {
         self.ended.cancelled().await;
+    }
+
+    /// Why it ended, when Event Hubs dropped its authorization (see [`SendError::TokenLost`]).
+    pub fn token_lost(&self) -> Option<SendError> {
+        self.token_lost.lock().clone()
     }
 
     /// The link's `max-message-size`.
@@ -263,6 +269,9 @@ async fn run<W: WireSender>(
             break SendError::Closed;
         }
     };
+    if matches!(end, SendError::TokenLost(_)) {
+        *link.token_lost.lock() = Some(end.clone());
+    }
     link.stop.cancel();
     link.ended.cancel();
     requests.close();
@@ -317,7 +326,7 @@ async fn write<W: WireSender>(
         Ok(settled) => Written::OnWire(Delivery { batch, reply }, settled),
         Err(error) => {
             let error = link_error(error);
-            if matches!(error, SendError::Connection(_)) {
+            if is_link_lost(&error) {
                 batch.mark_in_doubt(); // part of it may have been written
             }
             let _ = reply.send(Err(error.clone()));
@@ -352,7 +361,7 @@ fn settle(
     id: u64,
     result: Result<(), SendError>,
 ) -> Option<SendError> {
-    let broken = matches!(result, Err(SendError::Connection(_)));
+    let broken = result.as_ref().is_err_and(is_link_lost);
     if let Some(Delivery { batch, reply }) = replies.remove(&id) {
         if broken {
             batch.mark_in_doubt();
@@ -378,6 +387,11 @@ fn outcome_result(outcome: Outcome) -> Result<(), SendError> {
     }
 }
 
+/// Whether `error` ends the link with what it had on the wire in doubt.
+fn is_link_lost(error: &SendError) -> bool {
+    matches!(error, SendError::Connection(_) | SendError::TokenLost(_))
+}
+
 /// A link-level failure: the service's error when it gave one, a lost connection otherwise.
 fn link_error(error: LinkSendError) -> SendError {
     match error {
@@ -390,8 +404,11 @@ fn link_error(error: LinkSendError) -> SendError {
         ) => {
             let error = ServiceError::from(&error);
             // A detach is the end of the link whatever its condition; only conditions that say the request
-            // itself is wrong are final.
-            if error.condition.is_retryable() {
+            // itself is wrong are final. Unauthorized is not one of them here: a link detached for it lost its
+            // token (expired by the service's clock, or revoked), and the next attach puts one again.
+            if error.condition == AmqpCondition::Unauthorized {
+                SendError::TokenLost(error)
+            } else if error.condition.is_retryable() {
                 SendError::Connection(error.to_string())
             } else {
                 SendError::Service(error)
