@@ -776,19 +776,27 @@ pub(crate) async fn next_message(
 }
 
 /// An AMQP error with a standard condition.
+///
+/// Its `info` is empty, never absent: fe2o3 drops a trailing null, and the Python SDK's send callback reads the
+/// error's third field, so an absent one hangs its send (an `IndexError` in a callback).
 pub(crate) fn amqp_error(
     condition: impl Into<ErrorCondition>,
     description: String,
 ) -> definitions::Error {
-    definitions::Error::new(condition, Some(description), None)
+    definitions::Error::new(
+        condition,
+        Some(description),
+        Some(definitions::Fields::default()),
+    )
 }
 
-/// An AMQP error with an Event Hubs condition such as `com.microsoft:server-busy`.
+/// An AMQP error with an Event Hubs condition such as `com.microsoft:server-busy` (its `info` empty, for the
+/// reason [`amqp_error`] gives).
 pub(crate) fn service_error(condition: &str, description: String) -> definitions::Error {
     definitions::Error::new(
         ErrorCondition::Custom(Symbol::from(condition)),
         Some(description),
-        None,
+        Some(definitions::Fields::default()),
     )
 }
 
