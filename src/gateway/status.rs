@@ -599,7 +599,9 @@ fn build_send_error(path: &str, error: &SendError) -> Built {
             Built::new(Code::DeadlineExceeded, reason::DEADLINE_EXCEEDED)
         }
         SendError::OutcomeUnknown { .. } => Built::new(Code::Unknown, reason::OUTCOME_UNKNOWN),
-        SendError::Auth(_) | SendError::TokenLost(_) => Built::new(Code::PermissionDenied, reason::EVENT_HUBS_UNAUTHORIZED),
+        SendError::Auth(_) | SendError::TokenLost(_) => {
+            Built::new(Code::PermissionDenied, reason::EVENT_HUBS_UNAUTHORIZED)
+        }
         SendError::Closed => {
             Built::new(Code::Unavailable, reason::DRAINING).retry(DEFAULT_RETRY_AFTER)
         }

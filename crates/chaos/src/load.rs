@@ -315,7 +315,9 @@ async fn stream_sender(
             })
         };
         let outcome = match call.await {
-            Ok(response) => read_acks(response.into_inner(), &pending, &ledger, &quirk, &stopping).await,
+            Ok(response) => {
+                read_acks(response.into_inner(), &pending, &ledger, &quirk, &stopping).await
+            }
             Err(status) => Err(status),
         };
         // The offering side must be gone before its pending events are settled, or one could slip in after.
@@ -377,7 +379,10 @@ async fn read_acks(
     stopping: &AtomicBool,
 ) -> Result<(), tonic::Status> {
     loop {
-        if let Some(pause) = quirk.slow_reader.filter(|_| !stopping.load(Ordering::Relaxed)) {
+        if let Some(pause) = quirk
+            .slow_reader
+            .filter(|_| !stopping.load(Ordering::Relaxed))
+        {
             sleep(pause).await;
         }
         let Some(response) = acks.message().await? else {

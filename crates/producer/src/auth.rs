@@ -6,8 +6,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
 use futures_util::FutureExt;
+use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
@@ -465,7 +465,11 @@ mod tests {
         tokio::time::sleep(MIN_FORCED_REFRESH_INTERVAL - Duration::from_millis(10)).await;
         assert_eq!(cache.counts(), (1, 0), "not before the interval");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(cache.counts(), (2, 0), "an hour-long token fetched again early");
+        assert_eq!(
+            cache.counts(),
+            (2, 0),
+            "an hour-long token fetched again early"
+        );
         tokio::time::sleep(MIN_FORCED_REFRESH_INTERVAL * 3).await;
         assert_eq!(cache.counts(), (2, 0), "and only once for both asks");
         // An audience never asked for has nothing to refresh.

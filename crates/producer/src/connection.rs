@@ -605,7 +605,9 @@ impl PooledConnection {
         };
         self.attached.store(true, Ordering::Relaxed);
         self.note_problem(hub, Step::Attach, Ok(()));
-        self.links.lock().insert(address.to_owned(), Arc::clone(&link));
+        self.links
+            .lock()
+            .insert(address.to_owned(), Arc::clone(&link));
         self.watch_token(hub, &link);
         self.send_ready_message(&link).await;
         Ok(link)
