@@ -73,8 +73,18 @@ scripts/build-rust-sdk.sh debug >/dev/null
 step "Benchmark harness smoke: every scenario, a few hundred events each; correctness and zero loss, not speed"
 "$root/target/debug/bench" --smoke --latency-ms 0 --sizes 100 --json "$root/target/bench/smoke.json"
 
-step "Chaos and soak, short: every fault scenario briefly and a 60 s soak in network namespaces (scripts/chaos.sh; root)"
-scripts/chaos.sh run --out "$root/target/chaos"
+step "Chaos and soak, short: every fault scenario briefly and a 60 s soak (scripts/chaos.sh; root), two lanes side by side"
+# Each lane makes its own pair of network namespaces; both must pass.
+chaos_status=0
+lanes=()
+mkdir -p "$root/target/chaos"
+for lane in 1 2; do
+    scripts/chaos.sh run --lane "$lane/2" --out "$root/target/chaos/lane-$lane" >"$root/target/chaos/lane-$lane.log" 2>&1 &
+    lanes+=("$!")
+done
+for pid in "${lanes[@]}"; do wait "$pid" || chaos_status=1; done
+cat "$root/target/chaos/lane-1.log" "$root/target/chaos/lane-2.log"
+[ "$chaos_status" = 0 ] || { echo "the chaos suite failed (logs: target/chaos/lane-*/)" >&2; exit 1; }
 
 step "Fuzz targets (fuzz/): built once, each run ${FUZZ_SECONDS:-15} s on its committed seeds; a crash fails"
 scripts/fuzz.sh

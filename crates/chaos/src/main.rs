@@ -55,6 +55,10 @@ struct RunArgs {
     /// Leave these scenarios out.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
+    /// Run only lane K of N (as `K/N`): the chosen scenarios split into N lanes of about equal length, so N
+    /// runs in their own namespaces can go side by side (CI does, with two).
+    #[arg(long, value_name = "K/N", value_parser = parse_lane)]
+    lane: Option<(usize, usize)>,
     /// Where logs, results.json, matrix.md and the soak chart go.
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
@@ -78,6 +82,16 @@ async fn main() -> ExitCode {
     }
 }
 
+fn parse_lane(text: &str) -> Result<(usize, usize), String> {
+    let (lane, lanes) = text.split_once('/').ok_or("expected K/N, e.g. 1/2")?;
+    let number = |part: &str| part.parse::<usize>().map_err(|e| format!("{part}: {e}"));
+    let (lane, lanes) = (number(lane)?, number(lanes)?);
+    if lane == 0 || lane > lanes {
+        return Err(format!("lane {lane} of {lanes}: K must be 1 to N"));
+    }
+    Ok((lane, lanes))
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     let timing = if args.full {
         Timing::full()
@@ -98,6 +112,10 @@ async fn run(args: RunArgs) -> Result<()> {
         .filter(|s| args.only.is_empty() || args.only.iter().any(|name| name == s.name))
         .filter(|s| !args.skip.iter().any(|name| name == s.name))
         .collect();
+    let chosen = match args.lane {
+        Some((lane, lanes)) => scenarios::lane(chosen, lane, lanes, &harness.timing),
+        None => chosen,
+    };
     if chosen.is_empty() {
         bail!(
             "no scenario chosen: names are {:?}",

@@ -128,6 +128,25 @@ pub const SOAK: Scenario = Scenario {
     fault: Fault::Soak,
 };
 
+/// Lane `lane` (1-based) of `lanes`: each scenario, longest first, goes to the lane with the least run time so
+/// far (its fault window plus the warm-up and the time after the heal), so lanes take about as long.
+pub fn lane(scenarios: Vec<Scenario>, lane: usize, lanes: usize, timing: &Timing) -> Vec<Scenario> {
+    let length = |scenario: &Scenario| timing.warm + timing.window(scenario.fault) + timing.after;
+    let mut by_length: Vec<(usize, Scenario)> = scenarios.into_iter().enumerate().collect();
+    by_length.sort_by_key(|(index, scenario)| (std::cmp::Reverse(length(scenario)), *index));
+    let mut loads = vec![Duration::ZERO; lanes];
+    let mut mine = Vec::new();
+    for (index, scenario) in by_length {
+        let least = (0..lanes).min_by_key(|&n| (loads[n], n)).unwrap_or(0);
+        loads[least] += length(&scenario);
+        if least + 1 == lane {
+            mine.push((index, scenario));
+        }
+    }
+    mine.sort_by_key(|(index, _)| *index);
+    mine.into_iter().map(|(_, scenario)| scenario).collect()
+}
+
 /// The durations and load of one run mode (short for CI, full for the report).
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -951,6 +970,30 @@ mod tests {
         assert_eq!(row.failed_but_stored, 1);
         assert_eq!(row.unanswered, 1);
         assert_eq!(row.broken.get("Unavailable"), Some(&1));
+    }
+
+    #[test]
+    fn lanes_split_every_scenario_once_into_about_equal_run_times() {
+        let timing = Timing::short();
+        let every: Vec<Scenario> = all().into_iter().chain([SOAK]).collect();
+        let lanes: Vec<Vec<Scenario>> = (1..=2)
+            .map(|n| lane(every.clone(), n, 2, &timing))
+            .collect();
+        let mut names: Vec<&str> = lanes.iter().flatten().map(|s| s.name).collect();
+        names.sort_unstable();
+        let mut expected: Vec<&str> = every.iter().map(|s| s.name).collect();
+        expected.sort_unstable();
+        assert_eq!(names, expected);
+        let length = |lane: &[Scenario]| -> Duration {
+            lane.iter()
+                .map(|s| timing.warm + timing.window(s.fault) + timing.after)
+                .sum()
+        };
+        let (first, second) = (length(&lanes[0]), length(&lanes[1]));
+        assert!(
+            first.abs_diff(second) <= timing.soak / 2,
+            "{first:?} vs {second:?}"
+        );
     }
 
     #[test]
