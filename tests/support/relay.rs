@@ -16,7 +16,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
-
 /// AMQP performative codes (the descriptor's last byte) of the frames a rule may look for.
 pub mod performative {
     /// `open`.
@@ -81,7 +80,9 @@ pub struct Relay {
 impl Relay {
     /// A flowing relay to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
         let addr = listener.local_addr().expect("its address");
         let (paused, _) = watch::channel(false);
         let rule: Arc<Mutex<Option<Rule>>> = Arc::default();
