@@ -453,6 +453,55 @@ async fn a_peer_that_answers_again_after_hanging_mid_handshake_is_connected_by_t
     producer.close().await;
 }
 
+/// The producer's TCP connections to `port` that are still established (from this process's table).
+fn established_to(port: u16) -> usize {
+    let mut established = 0;
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(table) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|address| address.rsplit(':').next())
+                .and_then(|port| u16::from_str_radix(port, 16).ok());
+            // State 01 is ESTABLISHED.
+            if remote_port == Some(port) && fields.get(3) == Some(&"01") {
+                established += 1;
+            }
+        }
+    }
+    established
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_leaves_no_socket_or_task_behind_with_a_silent_peer() {
+    let fx = Fixture::emulator(&["eh1:1"]).await;
+    let relay = Relay::start(fx.local_addr()).await;
+    // Sessions and links are up when the put-token hangs: fe2o3 would wait for the peer's close for ever.
+    hang_every_connection(&relay, &HANGS[4]);
+    let producer = producer_for(&relay.connection_string(&fx), |config| {
+        config.pool_connection_create_timeout = Duration::from_millis(300);
+        config.reconnect_backoff_initial = Duration::from_millis(50);
+        config.reconnect_backoff_max = Duration::from_millis(100);
+    });
+    producer.expect_hubs(&["eh1".to_owned()]);
+    assert!(
+        eventually(|| async { producer.stats().pool.connect_failures_total() >= 5 }).await,
+        "{:?}",
+        producer.stats()
+    );
+    // The relay holds its side of every one open; the producer has cut its own but the attempt's under way.
+    assert!(
+        eventually(|| async { established_to(relay.addr.port()) <= 1 }).await,
+        "{} sockets still open after {} failed attempts",
+        established_to(relay.addr.port()),
+        producer.stats().pool.connect_failures_total()
+    );
+    producer.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routes_first_event_outlives_a_failed_connection_attempt() {
     let fx = Fixture::emulator(&["eh1:1"]).await;

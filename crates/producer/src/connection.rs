@@ -175,6 +175,8 @@ pub struct PooledConnection {
     authorized: Mutex<HashSet<String>>,
     lost: CancellationToken,
     close: CancellationToken,
+    /// Cuts the TCP stream under fe2o3 (see [`ConnectionOptions::cut`]).
+    cut: CancellationToken,
     retiring: AtomicBool,
     ready_message_sent: AtomicBool,
     idle_since: Mutex<Instant>,
@@ -219,13 +221,17 @@ impl PooledConnection {
             reason,
         };
         let activity = progress.activity();
+        let cut = CancellationToken::new();
         let options = ConnectionOptions {
             idle_time_out: Some(context.idle_timeout),
             activity: Some(Arc::clone(&activity)),
             tcp_keepalive: context.tcp_keepalive,
             progress: Some(Arc::clone(progress)),
+            cut: Some(cut.clone()),
             ..ConnectionOptions::new(format!("eventhub-gateway-{}", uuid::Uuid::new_v4()))
         };
+        // Until the connection is handed over, a failure or the attempt's timeout cuts its socket.
+        let cut_unless_opened = cut.clone().drop_guard();
         let mut connection = open_connection(&options, &context.endpoint, &context.tls)
             .await
             .map_err(|error| {
@@ -263,6 +269,7 @@ impl PooledConnection {
             authorized: Mutex::new(HashSet::new()),
             lost: CancellationToken::new(),
             close: CancellationToken::new(),
+            cut: cut.clone(),
             retiring: AtomicBool::new(false),
             ready_message_sent: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
@@ -274,6 +281,7 @@ impl PooledConnection {
             warming: AtomicBool::new(false),
             warm_failed_at: Mutex::new(None),
         });
+        cut_unless_opened.disarm();
         let lost = this.lost.clone();
         let close = this.close.clone();
         tokio::spawn(async move {
@@ -286,7 +294,13 @@ impl PooledConnection {
                     }
                 }
                 () = close.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close()).await;
+                    // A closing handshake unless the peer is known not to answer, then the socket is cut under
+                    // fe2o3 whatever came of it: fe2o3 waits for the peer's close for ever (and spins once the
+                    // connection's sessions are gone), so a silent peer would keep its task and socket.
+                    if !cut.is_cancelled() {
+                        let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
+                    }
+                    cut.cancel();
                     debug!(connection = id, "connection closed");
                 }
             }
@@ -330,10 +344,12 @@ impl PooledConnection {
         self.lost.cancelled().await;
     }
 
-    /// Ends it at once as lost: its links answer what they carry as a lost connection (in doubt, resent), and
-    /// the AMQP close is attempted in the background (a peer behind a blackhole never answers it).
+    /// Ends it at once as lost, its peer not answering: its links answer what they carry as a lost connection (in
+    /// doubt, resent), and its socket is cut without a closing handshake (a peer behind a blackhole never
+    /// answers one).
     pub fn declare_dead(&self) {
         self.retiring.store(true, Ordering::Relaxed);
+        self.cut.cancel();
         self.lost.cancel();
         self.close.cancel();
     }
@@ -819,6 +835,9 @@ impl PooledConnection {
         Ok(response.body)
     }
 }
+
+/// How long a closing handshake may take before the socket is cut.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Clears a flag when dropped, however its holder's future ends.
 struct ClearOnDrop<'a>(&'a AtomicBool);

@@ -797,13 +797,14 @@ impl Pool {
     }
 }
 
-/// Closes the connection it holds when dropped, unless emptied first.
+/// Ends the connection it holds when dropped, unless emptied first: the attempt failed for want of an answer,
+/// so without a closing handshake.
 struct CloseUnlessKept(Option<Arc<PooledConnection>>);
 
 impl Drop for CloseUnlessKept {
     fn drop(&mut self) {
         if let Some(connection) = self.0.take() {
-            connection.close();
+            connection.declare_dead();
         }
     }
 }

@@ -24,6 +24,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The path Event Hubs serves AMQP over WebSockets on.
 pub const WEBSOCKET_PATH: &str = "/$servicebus/websocket";
@@ -184,6 +185,10 @@ pub struct ConnectionOptions {
     pub tcp_keepalive: Option<Duration>,
     /// Where to record the step the open is at; `None`: not recorded.
     pub progress: Option<Arc<Progress>>,
+    /// Cancelled to cut the TCP stream under fe2o3: every read and write fails from then on, so its connection
+    /// task ends even when the peer never answers the close (fe2o3 would wait for it, and busy-loop once the
+    /// connection's sessions are gone); `None`: never cut.
+    pub cut: Option<CancellationToken>,
 }
 
 impl ConnectionOptions {
@@ -197,6 +202,7 @@ impl ConnectionOptions {
             activity: None,
             tcp_keepalive: None,
             progress: None,
+            cut: None,
         }
     }
 }
@@ -306,11 +312,48 @@ impl Default for Activity {
     }
 }
 
-/// A byte stream that records in its [`Activity`] each read that brought bytes.
+/// A byte stream that records in its [`Activity`] each read that brought bytes, and fails every read and write
+/// once cut.
 #[derive(Debug)]
 struct Watched<S> {
     inner: S,
     activity: Option<Arc<Activity>>,
+    cut: Option<Cut>,
+}
+
+/// The cut of a [`Watched`] stream: its token, and one wait for it per direction (each registers its waker).
+#[derive(Debug)]
+struct Cut {
+    token: CancellationToken,
+    read: Pin<Box<WaitForCancellationFutureOwned>>,
+    write: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Cut {
+    fn new(token: CancellationToken) -> Self {
+        Self {
+            read: Box::pin(token.clone().cancelled_owned()),
+            write: Box::pin(token.clone().cancelled_owned()),
+            token,
+        }
+    }
+}
+
+/// Whether `cut` (if any) has been cut, registering the task to be woken when it is.
+fn is_cut(cut: &mut Option<Cut>, read: bool, cx: &mut Context<'_>) -> bool {
+    let Some(cut) = cut else { return false };
+    if cut.token.is_cancelled() {
+        return true;
+    }
+    let wait = if read { &mut cut.read } else { &mut cut.write };
+    wait.as_mut().poll(cx).is_ready()
+}
+
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the connection was cut by the producer",
+    )
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -319,6 +362,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if is_cut(&mut self.cut, true, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before
@@ -336,14 +382,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
@@ -352,6 +407,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -537,6 +595,7 @@ pub async fn open_connection(
     let watched = |inner| Watched {
         inner,
         activity: options.activity.clone(),
+        cut: options.cut.clone().map(Cut::new),
     };
     let progress = |step: &'static str| {
         if let Some(progress) = &options.progress {
@@ -804,6 +863,7 @@ mod tests {
         let mut watched = Watched {
             inner: ours,
             activity: Some(Arc::clone(&activity)),
+            cut: None,
         };
         tokio::time::sleep(Duration::from_millis(60)).await;
         watched.write_all(b"ours").await.unwrap();
@@ -821,6 +881,35 @@ mod tests {
         // The end of the stream brings no bytes: not activity.
         assert_eq!(watched.read(&mut buffer).await.unwrap(), 0);
         assert!(activity.silent_for() >= Duration::from_millis(60));
+    }
+
+    #[tokio::test]
+    async fn a_cut_stream_fails_reads_waiting_on_it_and_every_write() {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let token = CancellationToken::new();
+        let mut watched = Watched {
+            inner: ours,
+            activity: None,
+            cut: Some(Cut::new(token.clone())),
+        };
+        watched.write_all(b"before").await.unwrap();
+        let reading = tokio::spawn(async move {
+            let mut buffer = [0u8; 8];
+            let read = watched.read(&mut buffer).await;
+            (read.map_err(|error| error.kind()), watched)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!reading.is_finished(), "nothing to read yet");
+        token.cancel();
+        let (read, mut watched) = reading.await.unwrap();
+        assert_eq!(read, Err(io::ErrorKind::ConnectionAborted));
+        let write = watched
+            .write_all(b"after")
+            .await
+            .map_err(|error| error.kind());
+        assert_eq!(write, Err(io::ErrorKind::ConnectionAborted));
+        let shutdown = watched.shutdown().await.map_err(|error| error.kind());
+        assert_eq!(shutdown, Err(io::ErrorKind::ConnectionAborted));
     }
 
     #[test]
