@@ -421,9 +421,12 @@ mod tests {
         let config: ProducerConfig = serde_json::from_str(
             r#"{"max_idle_seconds": "30s", "pool_get_timeout": 2.5, "linger_ms": 5,
                 "retry_initial_backoff_ms": "250ms", "send_timeout": "1m 30s",
-                "reconnect_backoff_initial_seconds": 0.2}"#,
+                "reconnect_backoff_initial_seconds": 0.2, "tcp_keepalive_seconds": "20s",
+                "assign_message_ids": true}"#,
         )
         .unwrap();
+        assert_eq!(config.tcp_keepalive, Duration::from_secs(20));
+        assert!(config.assign_message_ids);
         assert_eq!(config.max_idle, Duration::from_secs(30));
         assert_eq!(config.pool_get_timeout, Duration::from_millis(2500));
         assert_eq!(config.linger, Duration::from_millis(5));
