@@ -242,7 +242,7 @@ impl PooledConnection {
         let mut session = match Session::begin(&mut connection).await {
             Ok(session) => session,
             Err(error) => {
-                let _ = connection.close().await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
                 return Err(never_opened(
                     ConnectStage::Amqp,
                     format!("beginning a session: {error}"),
@@ -253,7 +253,7 @@ impl PooledConnection {
         let cbs = match NodeClient::attach(&mut session, CBS_NODE).await {
             Ok(cbs) => cbs,
             Err(error) => {
-                let _ = connection.close().await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
                 return Err(never_opened(ConnectStage::Amqp, error.to_string()));
             }
         };

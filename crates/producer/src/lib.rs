@@ -633,9 +633,7 @@ impl Inner {
         let body = connection.management_read(hub, None).await?;
         HubProperties::from_response(&body)
     }
-}
 
-impl Inner {
     /// A route's first link, which tells its size limit: retried like a batch (retryable failures, backoff
     /// with full jitter, `retry_max_attempts`) until `deadline`, the event's, which also bounds every wait.
     async fn first_link(

@@ -501,8 +501,8 @@ impl Pool {
         let opening = async {
             let connection =
                 PooledConnection::open(id, Arc::clone(&self.context), &progress).await?;
-            // Closed unless it is kept: an attempt cut short by its timeout must not leave a connection behind.
-            let mut guard = CloseUnlessKept(Some(Arc::clone(&connection)));
+            // Ended unless it is kept: a failed attempt, or one cut short by its timeout, leaves no connection behind.
+            let mut guard = EndUnlessKept(Some(Arc::clone(&connection)));
             // Proven before it takes work, so a replacement is ready before the old connection retires. A
             // refusal does not fail the attempt (sends then get the service's own answer, PERMISSION_DENIED);
             // a peer that stops answering does, as it would have at any earlier step.
@@ -799,9 +799,9 @@ impl Pool {
 
 /// Ends the connection it holds when dropped, unless emptied first: the attempt failed for want of an answer,
 /// so without a closing handshake.
-struct CloseUnlessKept(Option<Arc<PooledConnection>>);
+struct EndUnlessKept(Option<Arc<PooledConnection>>);
 
-impl Drop for CloseUnlessKept {
+impl Drop for EndUnlessKept {
     fn drop(&mut self) {
         if let Some(connection) = self.0.take() {
             connection.declare_dead();
