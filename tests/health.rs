@@ -2,8 +2,10 @@
 //! whose key Event Hubs refuses is never ready and says why; a blackhole between the gateway and Event Hubs
 //! makes it not ready within `stall_timeout` (10 s) plus the probes' periods, sends in the blackhole get a true
 //! outcome (OK only for stored events, DEADLINE_EXCEEDED only for events never stored), and it is ready again
-//! after the heal. The blackhole is a userspace relay that stops forwarding (always runs) and, where the machine
-//! allows, nftables dropping packets in a network namespace of its own.
+//! after the heal; an idle connection behind a kernel blackhole is found dead by TCP keepalive in about twice
+//! `tcp_keepalive_seconds`, not at the AMQP idle timeout. The blackhole is a userspace relay that stops
+//! forwarding (always runs) and, where the machine allows, nftables dropping packets in a network namespace of
+//! its own.
 //!
 //! Each test runs the real binary (`EVENTHUB_GATEWAY_BIN` may name another build, such as main's, to see these
 //! fail on it) against an in-process emulator.
@@ -17,10 +19,8 @@ use std::time::{Duration, Instant};
 
 use eventhub_emulator::Emulator;
 use eventhub_gateway::proto::v1::SendEventRequest;
+use support::relay::Relay;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -194,77 +194,6 @@ async fn a_refused_key_is_never_ready_and_says_why_and_the_right_key_is_ready() 
         .expect("sent");
     drop(right);
     emulator.shutdown(TIMEOUT).await;
-}
-
-/// A TCP relay to `upstream` that, paused, stops moving bytes in both directions and keeps every socket open
-/// (new connections too): from the gateway's side, a blackhole.
-struct Relay {
-    addr: SocketAddr,
-    paused: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (paused, _) = watch::channel(false);
-        let flowing = paused.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let flowing = flowing.subscribe();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
-                    let (client_read, client_write) = client.into_split();
-                    let (server_read, server_write) = server.into_split();
-                    tokio::join!(
-                        pipe(client_read, server_write, flowing.clone()),
-                        pipe(server_read, client_write, flowing),
-                    );
-                });
-            }
-        });
-        Self { addr, paused, task }
-    }
-
-    fn set_paused(&self, paused: bool) {
-        self.paused.send_replace(paused);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Copies bytes while not paused; bytes read just as the pause began are held until it ends.
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut paused: watch::Receiver<bool>,
-) {
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        if paused.wait_for(|paused| !*paused).await.is_err() {
-            return;
-        }
-        let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => read,
-        };
-        if paused.wait_for(|paused| !*paused).await.is_err() {
-            return;
-        }
-        if to.write_all(&buffer[..read]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
 }
 
 /// The gateway's `ErrorInfo` reason, or `-` for a status without details (the client's own deadline).
@@ -543,6 +472,14 @@ async fn an_nftables_blackhole_in_a_network_namespace_is_not_ready_within_the_st
         emulator.shutdown(TIMEOUT).await;
         return;
     }
+    in_network_namespace(
+        "an_nftables_blackhole_in_a_network_namespace_is_not_ready_within_the_stall_bound",
+    );
+}
+
+/// Re-runs the test `name` of this binary inside a network namespace of its own (with [`IN_NETNS`] set), and
+/// fails if it fails there; skips (or fails, with [`REQUIRE_NFT`]) where root, nft or ip are missing.
+fn in_network_namespace(name: &str) {
     let missing = if !nix_is_root() {
         Some("not root".to_owned())
     } else {
@@ -553,13 +490,13 @@ async fn an_nftables_blackhole_in_a_network_namespace_is_not_ready_within_the_st
     };
     if let Some(why) = missing {
         let message = format!(
-            "SKIPPED: the nftables blackhole needs root, nft and ip ({why}); the relay blackhole test still runs"
+            "SKIPPED: {name} needs root, nft and ip ({why}); the relay blackhole tests still run"
         );
         assert!(std::env::var_os(REQUIRE_NFT).is_none(), "{message}");
         eprintln!("\n{}\n{message}\n{}\n", "!".repeat(80), "!".repeat(80));
         return;
     }
-    let namespace = format!("ehg-health-{}", std::process::id());
+    let namespace = format!("ehg-health-{}-{}", std::process::id(), name.len());
     if let Err(error) = run("ip", &["netns", "add", &namespace]) {
         let message = format!("SKIPPED: cannot make a network namespace: {error}");
         assert!(std::env::var_os(REQUIRE_NFT).is_none(), "{message}");
@@ -575,13 +512,7 @@ async fn an_nftables_blackhole_in_a_network_namespace_is_not_ready_within_the_st
         let status = std::process::Command::new("ip")
             .args(["netns", "exec", &namespace])
             .arg(exe)
-            .args([
-                "--exact",
-                "an_nftables_blackhole_in_a_network_namespace_is_not_ready_within_the_stall_bound",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
             .env(IN_NETNS, "1")
             .status()
             .map_err(|error| error.to_string())?;
@@ -595,6 +526,80 @@ async fn an_nftables_blackhole_in_a_network_namespace_is_not_ready_within_the_st
     if let Err(error) = outcome {
         panic!("{error}");
     }
+}
+
+/// TCP keepalive of the test below: a dead idle peer is found in about twice this.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_behind_a_kernel_blackhole_is_found_dead_by_tcp_keepalive() {
+    if std::env::var_os(IN_NETNS).is_none() {
+        in_network_namespace(
+            "an_idle_connection_behind_a_kernel_blackhole_is_found_dead_by_tcp_keepalive",
+        );
+        return;
+    }
+    // Inside the namespace: the emulator and the producer in this process, the rules between them.
+    let emulator = start(&[&format!("{HUB}:{PARTITIONS}")]).await;
+    let port = emulator.local_addr().port();
+    let producer = Producer::from_connection_string(
+        &emulator.connection_string(),
+        false,
+        Default::default(),
+        ProducerConfig {
+            tcp_keepalive: TCP_KEEPALIVE,
+            ..ProducerConfig::default()
+        },
+    )
+    .expect("valid producer config");
+    producer.expect_hubs(&[HUB.to_owned()]);
+    assert!(
+        eventually(|| async { producer.is_ready() }).await,
+        "{:?}",
+        producer.readiness()
+    );
+    producer
+        .send(HUB, Event::text("before"))
+        .await
+        .expect("sent before the blackhole");
+
+    // Idle: nothing awaits an answer, so the stall check has nothing to go on; the AMQP idle timeout (120 s)
+    // and the kernel's retransmissions (about 15 minutes) would take minutes.
+    nft_blackhole(port, true);
+    let cut = Instant::now();
+    let bound = TCP_KEEPALIVE * 2 + Duration::from_secs(4);
+    while producer.is_ready() && cut.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let found_after = cut.elapsed();
+    let readiness = producer.readiness();
+    nft_blackhole(port, false);
+    eprintln!("an idle blackholed connection was found dead after {found_after:?}: {readiness:?}");
+    assert!(
+        readiness.is_err(),
+        "still ready {found_after:?} into the blackhole (keepalive {TCP_KEEPALIVE:?})"
+    );
+    assert!(
+        found_after >= TCP_KEEPALIVE,
+        "{found_after:?}: {readiness:?}"
+    );
+    assert_eq!(
+        producer.stats().pool.stalled_total,
+        0,
+        "not the stall check"
+    );
+    // Healed: a new connection takes over.
+    assert!(
+        eventually(|| async { producer.is_ready() }).await,
+        "{:?}",
+        producer.readiness()
+    );
+    producer
+        .send(HUB, Event::text("after"))
+        .await
+        .expect("sent after the heal");
+    producer.close().await;
+    emulator.shutdown(TIMEOUT).await;
 }
 
 fn nix_is_root() -> bool {

@@ -1,6 +1,6 @@
 //! The producer's connections: the ready message, the pool's knobs (get timeout, idle links and connections,
-//! lifespan, create timeout), an unreachable Event Hubs retried with backoff until it comes up, and every
-//! transport.
+//! lifespan, create timeout), a peer that hangs at any step of the handshake (bounded, named, retried), an
+//! unreachable Event Hubs retried with backoff until it comes up, and every transport.
 
 mod support;
 
@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::relay::{Frame, Relay, Verdict, performative};
 use support::*;
 
 /// A producer of the tests' configuration, after `edit`, for this connection string (no emulator behind it).
@@ -296,4 +297,241 @@ async fn a_dropped_fixture_closes_its_producer_and_its_emulator() {
         producer.send("eh1", Event::text("late")).await,
         Err(SendError::Closed)
     );
+}
+
+/// Where a peer stops answering during a connection's handshake, and the step the producer names for it.
+struct Hang {
+    what: &'static str,
+    /// Whether the relay stalls at this frame, given how many attaches Event Hubs sent before it on its connection.
+    at: fn(&Frame, usize) -> bool,
+    step: &'static str,
+}
+
+const HANGS: [Hang; 6] = [
+    Hang {
+        what: "accepts TCP and sends nothing",
+        at: |frame, _| frame.header.is_some(),
+        step: "at the AMQP open (protocol header, SASL, open), nothing received from the peer",
+    },
+    Hang {
+        what: "stops after SASL",
+        at: |frame, _| frame.performative == Some(performative::OPEN),
+        step: "at the AMQP open (protocol header, SASL, open)",
+    },
+    Hang {
+        what: "stops after the open",
+        at: |frame, _| frame.performative == Some(performative::BEGIN),
+        step: "at the session's begin",
+    },
+    Hang {
+        what: "never attaches $cbs",
+        at: |frame, _| frame.performative == Some(performative::ATTACH),
+        step: "at the attach of the $cbs links",
+    },
+    Hang {
+        what: "never answers the CBS put-token",
+        at: |frame, _| frame.performative == Some(performative::TRANSFER),
+        step: "at the CBS put-token for eh1",
+    },
+    Hang {
+        what: "never attaches the hub's sender",
+        // The $cbs pair comes first.
+        at: |frame, attaches| frame.performative == Some(performative::ATTACH) && attaches == 2,
+        step: "at the attach of a sender to eh1",
+    },
+];
+
+/// Stalls every connection through `relay` where `hang` says.
+fn hang_every_connection(relay: &Relay, hang: &Hang) {
+    let at = hang.at;
+    let mut attaches = std::collections::HashMap::<usize, usize>::new();
+    relay.set_rule(move |frame| {
+        let seen = attaches.entry(frame.connection).or_default();
+        let stall = at(frame, *seen);
+        if frame.performative == Some(performative::ATTACH) {
+            *seen += 1;
+        }
+        if stall {
+            Verdict::Stall
+        } else {
+            Verdict::Forward
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_hangs_at_any_handshake_step_fails_each_attempt_in_its_bound_naming_the_step() {
+    let create_timeout = Duration::from_millis(400);
+    for hang in &HANGS {
+        let fx = Fixture::emulator(&["eh1:1"]).await;
+        let relay = Relay::start(fx.local_addr()).await;
+        hang_every_connection(&relay, hang);
+        let producer = producer_for(&relay.connection_string(&fx), |config| {
+            config.pool_connection_create_timeout = create_timeout;
+            config.reconnect_backoff_initial = Duration::from_millis(50);
+            config.reconnect_backoff_max = Duration::from_millis(100);
+        });
+        producer.expect_hubs(&["eh1".to_owned()]);
+        let what = hang.what;
+
+        // While an attempt hangs, readiness says where; a send waiting on it fails at its own deadline, saying
+        // the same.
+        assert!(
+            eventually(|| async {
+                producer
+                    .readiness()
+                    .is_err_and(|why| why.ends_with(hang.step))
+            })
+            .await,
+            "{what}: {:?}",
+            producer.readiness()
+        );
+        let asked = Instant::now();
+        let error = producer
+            .send_with_deadline("eh1", Event::text("x"), asked + Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(
+            asked.elapsed() < Duration::from_millis(800),
+            "{what}: answered after {:?}",
+            asked.elapsed()
+        );
+        assert!(
+            matches!(&error, SendError::DeadlineExceeded { last_error: Some(why) } if why.contains(hang.step)),
+            "{what}: {error:?}"
+        );
+
+        // Each attempt ends at the bound as a failure (the connection is not kept), and the next one follows
+        // after a backoff pause.
+        let pool = || producer.stats().pool;
+        assert!(
+            eventually(|| async { pool().connect_failures_at(ConnectStage::Timeout) >= 3 }).await,
+            "{what}: {:?}",
+            pool()
+        );
+        assert_eq!(pool().opened_total, 0, "{what}: {:?}", pool());
+        let failed = producer.readiness().unwrap_err();
+        assert!(
+            failed.ends_with(&format!(
+                "no answer within pool_connection_create_timeout ({create_timeout:?}) {}",
+                hang.step
+            )),
+            "{what}: {failed}"
+        );
+        producer.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_answers_again_after_hanging_mid_handshake_is_connected_by_the_next_attempt() {
+    let fx = Fixture::emulator(&["eh1:1"]).await;
+    let relay = Relay::start(fx.local_addr()).await;
+    hang_every_connection(&relay, &HANGS[4]);
+    let producer = producer_for(&relay.connection_string(&fx), |config| {
+        config.pool_connection_create_timeout = Duration::from_millis(400);
+        config.reconnect_backoff_initial = Duration::from_millis(50);
+        config.reconnect_backoff_max = Duration::from_millis(100);
+    });
+    producer.expect_hubs(&["eh1".to_owned()]);
+    assert!(
+        eventually(|| async { producer.stats().pool.connect_failures_total() >= 2 }).await,
+        "{:?}",
+        producer.stats()
+    );
+    assert!(!producer.is_ready());
+    relay.clear_rule();
+    assert!(
+        eventually(|| async { producer.is_ready() }).await,
+        "{:?}",
+        producer.readiness()
+    );
+    producer
+        .send("eh1", Event::text("after the hang"))
+        .await
+        .expect("sent once the peer answers");
+    assert_eq!(fx.stored_count("eh1", "0"), 1);
+    producer.close().await;
+}
+
+/// The producer's TCP connections to `port` that are still established (from this process's table).
+fn established_to(port: u16) -> usize {
+    let mut established = 0;
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(table) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|address| address.rsplit(':').next())
+                .and_then(|port| u16::from_str_radix(port, 16).ok());
+            // State 01 is ESTABLISHED.
+            if remote_port == Some(port) && fields.get(3) == Some(&"01") {
+                established += 1;
+            }
+        }
+    }
+    established
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_leaves_no_socket_or_task_behind_with_a_silent_peer() {
+    let fx = Fixture::emulator(&["eh1:1"]).await;
+    let relay = Relay::start(fx.local_addr()).await;
+    // Sessions and links are up when the put-token hangs: fe2o3 would wait for the peer's close for ever.
+    hang_every_connection(&relay, &HANGS[4]);
+    let producer = producer_for(&relay.connection_string(&fx), |config| {
+        config.pool_connection_create_timeout = Duration::from_millis(300);
+        config.reconnect_backoff_initial = Duration::from_millis(50);
+        config.reconnect_backoff_max = Duration::from_millis(100);
+    });
+    producer.expect_hubs(&["eh1".to_owned()]);
+    assert!(
+        eventually(|| async { producer.stats().pool.connect_failures_total() >= 5 }).await,
+        "{:?}",
+        producer.stats()
+    );
+    // The relay holds its side of every one open; the producer has cut its own but the attempt's under way.
+    assert!(
+        eventually(|| async { established_to(relay.addr.port()) <= 1 }).await,
+        "{} sockets still open after {} failed attempts",
+        established_to(relay.addr.port()),
+        producer.stats().pool.connect_failures_total()
+    );
+    producer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_first_event_outlives_a_failed_connection_attempt() {
+    let fx = Fixture::emulator(&["eh1:1"]).await;
+    let relay = Relay::start(fx.local_addr()).await;
+    // The first connection hangs before the AMQP header; the next ones are fine.
+    relay.set_rule(|frame| {
+        if frame.connection == 0 {
+            Verdict::Stall
+        } else {
+            Verdict::Forward
+        }
+    });
+    let producer = producer_for(&relay.connection_string(&fx), |config| {
+        config.min_size = 0; // the send's own attempt is the first
+        config.pool_connection_create_timeout = Duration::from_millis(300);
+        config.reconnect_backoff_initial = Duration::from_millis(50);
+    });
+    producer
+        .send("eh1", Event::text("first of its route"))
+        .await
+        .expect("retried on a second connection within its deadline");
+    assert_eq!(relay.accepted(), 2);
+    let pool = producer.stats().pool;
+    assert_eq!(
+        (
+            pool.connect_failures_at(ConnectStage::Timeout),
+            pool.opened_total
+        ),
+        (1, 1),
+        "{pool:?}"
+    );
+    producer.close().await;
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 mod fixture;
+pub mod relay;
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use fixture::*;
 

@@ -83,9 +83,19 @@ pub struct ProducerConfig {
     pub sas_token_lifetime: Duration,
     /// Fraction of a token's lifetime after which it is refreshed.
     pub token_refresh_fraction: f64,
-    /// AMQP idle timeout announced to the service (heartbeats at half of it); under Azure's 240 s TCP cut.
+    /// AMQP idle timeout: half of it is announced to the service (which heartbeats at least that often), and a
+    /// connection that receives nothing for all of it is closed; under Azure's 240 s TCP cut.
     #[serde(rename = "idle_timeout_seconds", with = "seconds")]
     pub idle_timeout: Duration,
+    /// TCP keepalive on every connection to Event Hubs: probes after this long without traffic, and the kernel
+    /// ends a connection whose peer has acknowledged nothing (probe or data) for twice as long, so a peer gone
+    /// silent behind a blackhole is found in seconds even when no send is waiting on it.
+    #[serde(rename = "tcp_keepalive_seconds", with = "seconds")]
+    pub tcp_keepalive: Duration,
+    /// Gives every event sent without a message id a random one (a UUID), so the copies a resend after a lost
+    /// connection may store carry the same id and consumers can drop them; about 40 bytes per event. Off by
+    /// default: events with the caller's own id are deduplicable already.
+    pub assign_message_ids: bool,
     /// Most events per second sent to Event Hubs, across all hubs; unlimited when unset.
     #[serde(with = "rate")]
     pub rate_limit_events_per_second: Option<NonZeroU32>,
@@ -123,6 +133,8 @@ impl Default for ProducerConfig {
             sas_token_lifetime: Duration::from_secs(3600),
             token_refresh_fraction: 0.9,
             idle_timeout: Duration::from_secs(120),
+            tcp_keepalive: Duration::from_secs(15),
+            assign_message_ids: false,
             rate_limit_events_per_second: None,
             rate_limit_bytes_per_second: None,
         }
@@ -220,6 +232,12 @@ impl ProducerConfig {
             return fail(
                 "idle_timeout_seconds",
                 "must stay under Azure's 240 s idle TCP cut (at most 230 s)",
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.tcp_keepalive) {
+            return fail(
+                "tcp_keepalive_seconds",
+                "must be between 1 and 3600 seconds",
             );
         }
         Ok(())
@@ -366,6 +384,13 @@ mod tests {
             ),
             (
                 ProducerConfig {
+                    tcp_keepalive: Duration::from_millis(500),
+                    ..Default::default()
+                },
+                "tcp_keepalive_seconds",
+            ),
+            (
+                ProducerConfig {
                     token_refresh_fraction: 1.0,
                     ..Default::default()
                 },
@@ -396,9 +421,12 @@ mod tests {
         let config: ProducerConfig = serde_json::from_str(
             r#"{"max_idle_seconds": "30s", "pool_get_timeout": 2.5, "linger_ms": 5,
                 "retry_initial_backoff_ms": "250ms", "send_timeout": "1m 30s",
-                "reconnect_backoff_initial_seconds": 0.2}"#,
+                "reconnect_backoff_initial_seconds": 0.2, "tcp_keepalive_seconds": "20s",
+                "assign_message_ids": true}"#,
         )
         .unwrap();
+        assert_eq!(config.tcp_keepalive, Duration::from_secs(20));
+        assert!(config.assign_message_ids);
         assert_eq!(config.max_idle, Duration::from_secs(30));
         assert_eq!(config.pool_get_timeout, Duration::from_millis(2500));
         assert_eq!(config.linger, Duration::from_millis(5));

@@ -1,7 +1,8 @@
 //! One pooled AMQP connection: open (transport, SASL, session), CBS authorization of each hub kept fresh from the
 //! token cache, the sender links it hosts, the management node, the ready message, and its end; its warm-up
 //! (every configured hub authorized, a sender link attached), its readiness and why it is not ready, and the
-//! stall check (work awaiting an answer while the peer sends nothing at all).
+//! stall check (work awaiting an answer while the peer sends nothing at all). Every exchange awaiting the peer
+//! (CBS, management, attach) ends as soon as the connection does.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use super::event::Event;
 use super::link::{DecrementOnDrop, Link, LinkSettings};
 use super::node::NodeClient;
 use super::transport::{
-    Activity, ConnectionOptions, Endpoint, TlsOptions, TransportError, open_connection,
+    Activity, ConnectionOptions, Endpoint, Progress, TlsOptions, TransportError, open_connection,
 };
 use eventhub_wire::{CBS_NODE, MANAGEMENT_NODE};
 
@@ -81,6 +82,7 @@ impl ConnectStage {
             TransportError::Connect { source, .. } | TransportError::NoDelay { source, .. } => {
                 (Self::Tcp, source.to_string())
             }
+            TransportError::KeepAlive { .. } => (Self::Tcp, error.to_string()),
             TransportError::RootCertificate { .. }
             | TransportError::TlsConfig(_)
             | TransportError::InvalidServerName(_)
@@ -143,6 +145,8 @@ pub struct ConnectionContext {
     pub link_settings: LinkSettings,
     /// AMQP idle timeout announced to the service.
     pub idle_timeout: Duration,
+    /// TCP keepalive of each connection's socket (see [`ConnectionOptions::tcp_keepalive`]).
+    pub tcp_keepalive: Option<Duration>,
     /// Bound on each CBS or management exchange and on each attach.
     pub request_timeout: Duration,
     /// Sent once per new connection, if set.
@@ -171,6 +175,8 @@ pub struct PooledConnection {
     authorized: Mutex<HashSet<String>>,
     lost: CancellationToken,
     close: CancellationToken,
+    /// Cuts the TCP stream under fe2o3 (see [`ConnectionOptions::cut`]).
+    cut: CancellationToken,
     retiring: AtomicBool,
     ready_message_sent: AtomicBool,
     idle_since: Mutex<Instant>,
@@ -201,40 +207,53 @@ impl std::fmt::Debug for PooledConnection {
 }
 
 impl PooledConnection {
-    /// Opens a connection (transport, SASL ANONYMOUS, session, CBS links) and starts watching its end.
-    pub async fn open(id: u64, context: Arc<ConnectionContext>) -> Result<Arc<Self>, ConnectError> {
+    /// Opens a connection (transport, SASL ANONYMOUS, session, CBS links) and starts watching its end; each step
+    /// is recorded in `progress`, whose activity becomes the connection's.
+    pub async fn open(
+        id: u64,
+        context: Arc<ConnectionContext>,
+        progress: &Arc<Progress>,
+    ) -> Result<Arc<Self>, ConnectError> {
         let host = context.endpoint.host.clone();
         let never_opened = |stage, reason: String| ConnectError {
             host: format!("{}:{}", context.endpoint.host, context.endpoint.port),
             stage,
             reason,
         };
-        let activity = Arc::new(Activity::new());
+        let activity = progress.activity();
+        let cut = CancellationToken::new();
         let options = ConnectionOptions {
             idle_time_out: Some(context.idle_timeout),
             activity: Some(Arc::clone(&activity)),
+            tcp_keepalive: context.tcp_keepalive,
+            progress: Some(Arc::clone(progress)),
+            cut: Some(cut.clone()),
             ..ConnectionOptions::new(format!("eventhub-gateway-{}", uuid::Uuid::new_v4()))
         };
+        // Until the connection is handed over, a failure or the attempt's timeout cuts its socket.
+        let cut_unless_opened = cut.clone().drop_guard();
         let mut connection = open_connection(&options, &context.endpoint, &context.tls)
             .await
             .map_err(|error| {
                 let (stage, reason) = ConnectStage::of_transport(&error);
                 never_opened(stage, reason)
             })?;
+        progress.enter("the session's begin");
         let mut session = match Session::begin(&mut connection).await {
             Ok(session) => session,
             Err(error) => {
-                let _ = connection.close().await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
                 return Err(never_opened(
                     ConnectStage::Amqp,
                     format!("beginning a session: {error}"),
                 ));
             }
         };
+        progress.enter("the attach of the $cbs links");
         let cbs = match NodeClient::attach(&mut session, CBS_NODE).await {
             Ok(cbs) => cbs,
             Err(error) => {
-                let _ = connection.close().await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
                 return Err(never_opened(ConnectStage::Amqp, error.to_string()));
             }
         };
@@ -250,6 +269,7 @@ impl PooledConnection {
             authorized: Mutex::new(HashSet::new()),
             lost: CancellationToken::new(),
             close: CancellationToken::new(),
+            cut: cut.clone(),
             retiring: AtomicBool::new(false),
             ready_message_sent: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
@@ -261,6 +281,7 @@ impl PooledConnection {
             warming: AtomicBool::new(false),
             warm_failed_at: Mutex::new(None),
         });
+        cut_unless_opened.disarm();
         let lost = this.lost.clone();
         let close = this.close.clone();
         tokio::spawn(async move {
@@ -273,7 +294,13 @@ impl PooledConnection {
                     }
                 }
                 () = close.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close()).await;
+                    // A closing handshake unless the peer is known not to answer, then the socket is cut under
+                    // fe2o3 whatever came of it: fe2o3 waits for the peer's close for ever (and spins once the
+                    // connection's sessions are gone), so a silent peer would keep its task and socket.
+                    if !cut.is_cancelled() {
+                        let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
+                    }
+                    cut.cancel();
                     debug!(connection = id, "connection closed");
                 }
             }
@@ -317,10 +344,12 @@ impl PooledConnection {
         self.lost.cancelled().await;
     }
 
-    /// Ends it at once as lost: its links answer what they carry as a lost connection (in doubt, resent), and
-    /// the AMQP close is attempted in the background (a peer behind a blackhole never answers it).
+    /// Ends it at once as lost, its peer not answering: its links answer what they carry as a lost connection (in
+    /// doubt, resent), and its socket is cut without a closing handshake (a peer behind a blackhole never
+    /// answers one).
     pub fn declare_dead(&self) {
         self.retiring.store(true, Ordering::Relaxed);
+        self.cut.cancel();
         self.lost.cancel();
         self.close.cancel();
     }
@@ -408,33 +437,74 @@ impl PooledConnection {
     }
 
     /// Proves the connection can serve `hubs`: puts each hub's token and attaches a sender link to it (while
-    /// `client_limit` allows), recording what was refused. Each exchange is bounded by the request timeout.
-    pub async fn warm_up(self: &Arc<Self>, hubs: &[String], client_limit: usize) {
+    /// `client_limit` allows), recording what was refused (each step entered in `progress`, if given). An exchange
+    /// the peer did not answer (a timeout, the connection lost) stops it with that error: a refusal is an answer
+    /// and leaves the connection usable for the other hubs, silence does not.
+    pub async fn warm_up(
+        self: &Arc<Self>,
+        hubs: &[String],
+        client_limit: usize,
+        progress: Option<&Progress>,
+    ) -> Result<(), SendError> {
         if self.warming.swap(true, Ordering::SeqCst) {
-            return;
+            return Ok(());
         }
         // Counted as failed until it finishes, and ended however it ends: a warm-up dropped at its caller's
         // timeout is retried later like a refused one.
         *self.warm_failed_at.lock() = Some(Instant::now());
         let _warming = ClearOnDrop(&self.warming);
+        let enter = |step: String| {
+            if let Some(progress) = progress {
+                progress.enter(step);
+            }
+        };
+        let unanswered = |error: &SendError| matches!(error, SendError::Connection(_));
         let mut failed = false;
+        let mut outcome = Ok(());
         for hub in hubs {
+            enter(format!("the CBS put-token for {hub}"));
             if let Err(error) = self.authorize(hub).await {
                 debug!(connection = self.id, %hub, %error, "warm-up: authorization failed");
                 failed = true;
+                if unanswered(&error) {
+                    outcome = Err(error);
+                    break;
+                }
                 continue;
             }
             let address = link_address(hub, None);
             if self.link_to(&address).is_some() || self.link_count() >= client_limit {
                 continue;
             }
+            enter(format!("the attach of a sender to {hub}"));
             self.reserve_link();
             if let Err(error) = self.attach_link(hub, None).await {
                 debug!(connection = self.id, %hub, %error, "warm-up: attach failed");
                 failed = true;
+                if unanswered(&error) {
+                    outcome = Err(error);
+                    break;
+                }
             }
         }
         *self.warm_failed_at.lock() = failed.then(Instant::now);
+        outcome
+    }
+
+    /// `exchange` (an attach, a CBS or management request), or "connection lost" as soon as the connection ends:
+    /// fe2o3 never fails an exchange whose answer does not come, so one on a connection declared dead would
+    /// otherwise wait out its whole timeout.
+    async fn or_lost<T>(
+        &self,
+        exchange: impl Future<Output = Result<T, SendError>>,
+    ) -> Result<T, SendError> {
+        tokio::select! {
+            biased;
+            () = self.lost.cancelled() => Err(SendError::Connection(
+                "the connection to Event Hubs was lost".into(),
+            )),
+            result = exchange => result,
+        }
     }
 
     /// Records why `hub` cannot be used here at `step` (warned once), or that `step` succeeded: that clears a
@@ -570,18 +640,22 @@ impl PooledConnection {
             return Ok(link);
         }
         let awaiting = self.awaiting_peer();
-        let attached = tokio::time::timeout(
-            self.context.request_timeout,
-            Link::attach(
-                &mut session,
-                address.to_owned(),
-                self.context.link_settings,
-                self.lost.clone(),
-            ),
-        )
-        .await
-        .map_err(|_| SendError::Connection(format!("attaching {address} timed out")))
-        .and_then(|attached| attached);
+        let attached = self
+            .or_lost(async {
+                tokio::time::timeout(
+                    self.context.request_timeout,
+                    Link::attach(
+                        &mut session,
+                        address.to_owned(),
+                        self.context.link_settings,
+                        self.lost.clone(),
+                    ),
+                )
+                .await
+                .map_err(|_| SendError::Connection(format!("attaching {address} timed out")))
+                .and_then(|attached| attached)
+            })
+            .await;
         drop(awaiting);
         drop(session);
         // The hub's own link refused for want of rights or of the entity makes the hub unusable here; other
@@ -663,21 +737,26 @@ impl PooledConnection {
         let _awaiting = self.awaiting_peer();
         if cbs.is_none() {
             let mut session = self.session.lock().await;
-            let attached = tokio::time::timeout(
-                self.context.request_timeout,
-                NodeClient::attach(&mut session, CBS_NODE),
-            )
-            .await
-            .map_err(|_| SendError::Connection(format!("attaching {CBS_NODE} timed out")))??;
+            let attached = self
+                .or_lost(async {
+                    tokio::time::timeout(
+                        self.context.request_timeout,
+                        NodeClient::attach(&mut session, CBS_NODE),
+                    )
+                    .await
+                    .map_err(|_| SendError::Connection(format!("attaching {CBS_NODE} timed out")))?
+                })
+                .await?;
             *cbs = Some(attached);
         }
         let Some(client) = cbs.as_mut() else {
             return Err(SendError::Connection("$cbs link missing".into()));
         };
-        let put = client
-            .put_token(audience, token, self.context.request_timeout)
+        let put = self
+            .or_lost(client.put_token(audience, token, self.context.request_timeout))
             .await;
-        if client.is_broken() {
+        // A broken exchange, or one cut short by the connection's end, leaves the pair not to be trusted.
+        if client.is_broken() || self.is_lost() {
             *cbs = None;
         }
         put
@@ -752,7 +831,20 @@ impl PooledConnection {
         let mut management = self.management.lock().await;
         if management.is_none() {
             let mut session = self.session.lock().await;
-            *management = Some(NodeClient::attach(&mut session, MANAGEMENT_NODE).await?);
+            let _awaiting = self.awaiting_peer();
+            let attached = self
+                .or_lost(async {
+                    tokio::time::timeout(
+                        self.context.request_timeout,
+                        NodeClient::attach(&mut session, MANAGEMENT_NODE),
+                    )
+                    .await
+                    .map_err(|_| {
+                        SendError::Connection(format!("attaching {MANAGEMENT_NODE} timed out"))
+                    })?
+                })
+                .await?;
+            *management = Some(attached);
         }
         let Some(client) = management.as_mut() else {
             return Err(SendError::Connection("management link missing".into()));
@@ -768,12 +860,12 @@ impl PooledConnection {
             None => properties.insert("type", "com.microsoft:eventhub"),
         };
         let awaiting = self.awaiting_peer();
-        let response = client
-            .request(
+        let response = self
+            .or_lost(client.request(
                 properties.build(),
                 serde_amqp::Value::Null,
                 self.context.request_timeout,
-            )
+            ))
             .await;
         drop(awaiting);
         if response.is_err() {
@@ -784,6 +876,9 @@ impl PooledConnection {
         Ok(response.body)
     }
 }
+
+/// How long a closing handshake may take before the socket is cut.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Clears a flag when dropped, however its holder's future ends.
 struct ClearOnDrop<'a>(&'a AtomicBool);

@@ -192,6 +192,7 @@ impl Producer {
                 disposition_wait: config.disposition_timeout,
             },
             idle_timeout: config.idle_timeout,
+            tcp_keepalive: Some(config.tcp_keepalive),
             request_timeout: config.pool_connection_create_timeout,
             ready_message: config.ready_message.clone(),
         };
@@ -290,6 +291,9 @@ impl Producer {
                 Target::Partition(id)
             }
         };
+        if inner.config.assign_message_ids && event.message_id.is_none() {
+            event.message_id = Some(new_message_id());
+        }
         let encoded = event.encode()?;
         let key = RouteKey {
             hub: hub.to_owned(),
@@ -629,6 +633,51 @@ impl Inner {
         let body = connection.management_read(hub, None).await?;
         HubProperties::from_response(&body)
     }
+
+    /// A route's first link, which tells its size limit: retried like a batch (retryable failures, backoff
+    /// with full jitter, `retry_max_attempts`) until `deadline`, the event's, which also bounds every wait.
+    async fn first_link(
+        &self,
+        key: &RouteKey,
+        deadline: Instant,
+    ) -> Result<Arc<link::Link>, SendError> {
+        let mut attempts = 0;
+        let mut ceiling = self.config.retry_initial_backoff;
+        loop {
+            let link = tokio::time::timeout_at(
+                deadline.into(),
+                self.pool
+                    .link(&key.hub, key.target.partition_id(), deadline),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(SendError::DeadlineExceeded {
+                    last_error: self.pool.unreachable(),
+                })
+            });
+            let error = match link {
+                Ok(link) => return Ok(link),
+                Err(error) if error.is_retryable() => error,
+                Err(error) => return Err(error),
+            };
+            attempts += 1;
+            let pause = ceiling.mul_f64(rand::random::<f64>());
+            if attempts >= self.config.retry_max_attempts || route::now() + pause >= deadline {
+                return Err(error);
+            }
+            tracing::debug!(hub = %key.hub, attempt = attempts, %error, ?pause, "retrying a route's first link");
+            tokio::time::sleep(pause).await;
+            ceiling = (ceiling * 2).min(self.config.retry_max_backoff);
+        }
+    }
+}
+
+/// A random (version 4) UUID as text, from the thread's fast generator rather than the operating system's.
+fn new_message_id() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 impl RouteHost for Inner {
@@ -652,10 +701,7 @@ impl RouteHost for Inner {
             if let Some(limit) = self.limits.lock().get(&key.hub).copied() {
                 return Ok(limit);
             }
-            let link = self
-                .pool
-                .link(&key.hub, key.target.partition_id(), deadline)
-                .await?;
+            let link = self.first_link(&key, deadline).await?;
             let limit = link.max_message_size();
             self.limits.lock().insert(key.hub.clone(), limit);
             Ok(limit)

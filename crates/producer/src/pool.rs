@@ -3,8 +3,10 @@
 //! before retiring them, closes idle ones down to `min_size`, backs off (exponentially, with jitter) from an
 //! Event Hubs it cannot reach, logs the outage's start, reminders and end, and reports its gauges and counts.
 //! Each new connection is warmed up (every configured hub authorized, a sender link attached) before it takes
-//! work; the maintenance task retries warm-ups that failed and declares dead a connection that stalls (work
-//! awaiting an answer, nothing received for `stall_timeout`). The pool is ready when one connection is.
+//! work, open and warm-up together within `pool_connection_create_timeout`: an attempt whose peer stops
+//! answering at any step fails, naming the step, and is retried with backoff; the maintenance task retries
+//! warm-ups that were refused and declares dead a connection that stalls (work awaiting an answer, nothing
+//! received for `stall_timeout`). The pool is ready when one connection is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +24,7 @@ use super::connection::{
 };
 use super::error::SendError;
 use super::link::Link;
+use super::transport::Progress;
 
 /// How often the pool looks for connections to retire, close or warm up.
 const MAINTENANCE_PERIOD: Duration = Duration::from_millis(200);
@@ -245,6 +248,8 @@ impl Reconnect {
 struct State {
     connections: Vec<Arc<PooledConnection>>,
     opening: usize,
+    /// The steps of the attempts under way, oldest first.
+    attempts: Vec<Arc<Progress>>,
     reconnect: Reconnect,
 }
 
@@ -309,6 +314,7 @@ impl Pool {
             state: Mutex::new(State {
                 connections: Vec::new(),
                 opening: 0,
+                attempts: Vec::new(),
                 reconnect: Reconnect::new(backoff, OUTAGE_REMINDER_PERIOD),
             }),
             capacity: Notify::new(),
@@ -352,11 +358,19 @@ impl Pool {
         if let Some(error) = state.reconnect.last_error() {
             return Err(error.to_string());
         }
-        Err(if state.opening > 0 {
-            "connecting".into()
-        } else {
-            "no connection open".into()
-        })
+        // Without the time it has taken: readiness is logged at each change of its wording.
+        Err(state.attempts.first().map_or_else(
+            || "no connection open".into(),
+            |attempt| format!("connecting to {}: at {}", self.host(), attempt.describe()),
+        ))
+    }
+
+    /// `host:port` of Event Hubs.
+    fn host(&self) -> String {
+        format!(
+            "{}:{}",
+            self.context.endpoint.host, self.context.endpoint.port
+        )
     }
 
     /// A link to `hub` (or one of its partitions) with room for a batch. Waits at most `pool_get_timeout`, and
@@ -479,34 +493,50 @@ impl Pool {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let timeout = self.config.pool_connection_create_timeout;
         let endpoint = &self.context.endpoint;
-        // Boxed, as every slow path of the pool: opening a connection is a large future.
-        let opened = tokio::time::timeout(
-            timeout,
-            Box::pin(PooledConnection::open(id, Arc::clone(&self.context))),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ConnectError {
-                host: format!("{}:{}", endpoint.host, endpoint.port),
-                stage: ConnectStage::Timeout,
-                reason: format!("no answer within pool_connection_create_timeout ({timeout:?})"),
-            })
-        });
-        if let Ok(connection) = &opened {
+        let host = format!("{}:{}", endpoint.host, endpoint.port);
+        let progress = Arc::new(Progress::new());
+        self.state.lock().attempts.push(Arc::clone(&progress));
+        let hubs = Arc::clone(&self.hubs.read());
+        let client_limit = self.config.client_limit;
+        let opening = async {
+            let connection =
+                PooledConnection::open(id, Arc::clone(&self.context), &progress).await?;
+            // Ended unless it is kept: a failed attempt, or one cut short by its timeout, leaves no connection behind.
+            let mut guard = EndUnlessKept(Some(Arc::clone(&connection)));
             // Proven before it takes work, so a replacement is ready before the old connection retires. A
-            // refusal does not fail the attempt: sends then get the service's own answer (PERMISSION_DENIED).
-            let hubs = Arc::clone(&self.hubs.read());
-            let warm = connection.warm_up(&hubs, self.config.client_limit);
-            if tokio::time::timeout(timeout, Box::pin(warm)).await.is_err() {
-                debug!(
-                    connection = id,
-                    "warm-up unfinished within pool_connection_create_timeout"
-                );
+            // refusal does not fail the attempt (sends then get the service's own answer, PERMISSION_DENIED);
+            // a peer that stops answering does, as it would have at any earlier step.
+            let warm = connection.warm_up(&hubs, client_limit, Some(&progress));
+            if let Err(error) = Box::pin(warm).await {
+                return Err(ConnectError {
+                    host: host.clone(),
+                    stage: ConnectStage::Amqp,
+                    reason: format!("at {}: {error}", progress.step()),
+                });
             }
-        }
+            guard.0 = None;
+            Ok(connection)
+        };
+        // Boxed, as every slow path of the pool: opening a connection is a large future. One bound for every
+        // step, warm-up included.
+        let opened = tokio::time::timeout(timeout, Box::pin(opening))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError {
+                    host: host.clone(),
+                    stage: ConnectStage::Timeout,
+                    reason: format!(
+                        "no answer within pool_connection_create_timeout ({timeout:?}) at {}",
+                        progress.describe()
+                    ),
+                })
+            });
         let now = tokio::time::Instant::now();
         let mut state = self.state.lock();
         state.opening -= 1;
+        state
+            .attempts
+            .retain(|attempt| !Arc::ptr_eq(attempt, &progress));
         let transition = match &opened {
             Ok(connection) => {
                 state.connections.push(Arc::clone(connection));
@@ -521,7 +551,6 @@ impl Pool {
         let next_attempt = state.reconnect.next_attempt();
         drop(state);
         self.capacity.notify_waiters();
-        let host = format!("{}:{}", endpoint.host, endpoint.port);
         let retry_in = next_attempt.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
         let max_pause = self.config.reconnect_backoff_max;
         // State changes are logged, not every attempt: an unreachable namespace must not flood the log.
@@ -586,7 +615,8 @@ impl Pool {
         }
     }
 
-    /// Why no connection can be had, while none is open and the last attempt failed: that attempt's error.
+    /// Why no connection can be had, while none is open: the last failed attempt's error, or what the attempt
+    /// under way is waiting for (a send whose deadline passes meanwhile says so).
     pub fn unreachable(&self) -> Option<String> {
         let state = self.state.lock();
         if state
@@ -596,7 +626,17 @@ impl Pool {
         {
             return None;
         }
-        state.reconnect.last_error().map(ToString::to_string)
+        if let Some(error) = state.reconnect.last_error() {
+            return Some(error.to_string());
+        }
+        state.attempts.first().map(|attempt| {
+            format!(
+                "still connecting to {} after {:.1} s: at {}",
+                self.host(),
+                attempt.elapsed().as_secs_f64(),
+                attempt.describe()
+            )
+        })
     }
 
     /// The pool's gauges now.
@@ -713,7 +753,11 @@ impl Pool {
         for connection in warm_ups {
             let hubs = Arc::clone(&hubs);
             let client_limit = self.config.client_limit;
-            tokio::spawn(async move { connection.warm_up(&hubs, client_limit).await });
+            // Its refusals and silences are recorded on the connection (readiness says them); a silent peer is
+            // the stall check's to declare dead.
+            tokio::spawn(async move {
+                let _ = connection.warm_up(&hubs, client_limit, None).await;
+            });
         }
         for connection in close {
             debug!(
@@ -749,6 +793,18 @@ impl Pool {
                     }
                 }
             });
+        }
+    }
+}
+
+/// Ends the connection it holds when dropped, unless emptied first: the attempt failed for want of an answer,
+/// so without a closing handshake.
+struct EndUnlessKept(Option<Arc<PooledConnection>>);
+
+impl Drop for EndUnlessKept {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            connection.declare_dead();
         }
     }
 }

@@ -1,14 +1,17 @@
-//! How the producer reaches Event Hubs: plain AMQP, AMQPS (TLS on aws-lc rustls) or AMQP over WebSockets, always with TCP_NODELAY,
+//! How the producer reaches Event Hubs: plain AMQP, AMQPS (TLS on aws-lc rustls) or AMQP over WebSockets, always with TCP_NODELAY
+//! and TCP keepalive (with TCP_USER_TIMEOUT, so the kernel ends a connection to a silently dead peer in seconds),
 //! directly or through an HTTP CONNECT proxy; which roots TLS trusts (webpki, the OS store, extra CAs); when the
-//! peer last sent a byte (`Activity`, read below TLS and WebSockets: any byte means the peer is alive).
+//! peer last sent a byte (`Activity`, read below TLS and WebSockets: any byte means the peer is alive); which
+//! step an open is at (`Progress`, for the error of one that never finishes).
 //!
 //! fe2o3 0.18 keeps its builder's type-state module private, so `Builder<'_, ConnectorWithId, ()>` cannot
 //! be written in a signature outside fe2o3: [`open_connection`] takes [`ConnectionOptions`] (what the
 //! builder would carry) and builds the builder itself.
 
+use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The path Event Hubs serves AMQP over WebSockets on.
 pub const WEBSOCKET_PATH: &str = "/$servicebus/websocket";
@@ -175,6 +179,16 @@ pub struct ConnectionOptions {
     pub idle_time_out: Option<Duration>,
     /// Where to record when the peer last sent a byte; `None`: not recorded.
     pub activity: Option<Arc<Activity>>,
+    /// TCP keepalive: probes after this long without traffic, and the connection ends when the peer has
+    /// acknowledged nothing for twice as long (TCP_USER_TIMEOUT, Linux); `None`: the operating system's defaults
+    /// (no probes; unacknowledged data retried for about 15 minutes).
+    pub tcp_keepalive: Option<Duration>,
+    /// Where to record the step the open is at; `None`: not recorded.
+    pub progress: Option<Arc<Progress>>,
+    /// Cancelled to cut the TCP stream under fe2o3: every read and write fails from then on, so its connection
+    /// task ends even when the peer never answers the close (fe2o3 would wait for it, and busy-loop once the
+    /// connection's sessions are gone); `None`: never cut.
+    pub cut: Option<CancellationToken>,
 }
 
 impl ConnectionOptions {
@@ -186,7 +200,68 @@ impl ConnectionOptions {
             sasl_profile: Some(SaslProfile::Anonymous),
             idle_time_out: None,
             activity: None,
+            tcp_keepalive: None,
+            progress: None,
+            cut: None,
         }
+    }
+}
+
+/// The step a connection attempt is at, since when it runs and whether the peer has sent anything: what an
+/// attempt that never finishes was waiting for (a peer that accepts TCP and then says nothing, or stops
+/// answering mid-handshake).
+#[derive(Debug)]
+pub struct Progress {
+    started: tokio::time::Instant,
+    step: parking_lot::Mutex<Cow<'static, str>>,
+    activity: Arc<Activity>,
+}
+
+impl Progress {
+    /// An attempt starting now, at its first step.
+    pub fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            step: parking_lot::Mutex::new(Cow::Borrowed("the start")),
+            activity: Arc::new(Activity::new()),
+        }
+    }
+
+    /// What the attempt's connection hears from its peer (the connection's [`Activity`] once it opens).
+    pub fn activity(&self) -> Arc<Activity> {
+        Arc::clone(&self.activity)
+    }
+
+    /// The step under way, and whether the peer has said anything at all: "the AMQP open (...), nothing
+    /// received from the peer".
+    pub fn describe(&self) -> String {
+        let step = self.step.lock();
+        if self.activity.heard() {
+            step.to_string()
+        } else {
+            format!("{step}, nothing received from the peer")
+        }
+    }
+
+    /// The attempt moves on to `step` ("the TCP connect", "the CBS put-token for eh1").
+    pub fn enter(&self, step: impl Into<Cow<'static, str>>) {
+        *self.step.lock() = step.into();
+    }
+
+    /// The step under way.
+    pub fn step(&self) -> String {
+        self.step.lock().to_string()
+    }
+
+    /// How long the attempt has been running.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -196,6 +271,7 @@ impl ConnectionOptions {
 pub struct Activity {
     origin: Instant,
     last_read_ms: AtomicU64,
+    heard: AtomicBool,
 }
 
 impl Activity {
@@ -204,6 +280,7 @@ impl Activity {
         Self {
             origin: Instant::now(),
             last_read_ms: AtomicU64::new(0),
+            heard: AtomicBool::new(false),
         }
     }
 
@@ -212,6 +289,14 @@ impl Activity {
         let now = self.origin.elapsed().as_millis() as u64;
         // Relaxed and max-only: a late store from another thread never moves the time back.
         self.last_read_ms.fetch_max(now, Ordering::Relaxed);
+        if !self.heard.load(Ordering::Relaxed) {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the peer has sent anything at all.
+    pub fn heard(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
     }
 
     /// How long since bytes last arrived.
@@ -227,11 +312,48 @@ impl Default for Activity {
     }
 }
 
-/// A byte stream that records in its [`Activity`] each read that brought bytes.
+/// A byte stream that records in its [`Activity`] each read that brought bytes, and fails every read and write
+/// once cut.
 #[derive(Debug)]
 struct Watched<S> {
     inner: S,
     activity: Option<Arc<Activity>>,
+    cut: Option<Cut>,
+}
+
+/// The cut of a [`Watched`] stream: its token, and one wait for it per direction (each registers its waker).
+#[derive(Debug)]
+struct Cut {
+    token: CancellationToken,
+    read: Pin<Box<WaitForCancellationFutureOwned>>,
+    write: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Cut {
+    fn new(token: CancellationToken) -> Self {
+        Self {
+            read: Box::pin(token.clone().cancelled_owned()),
+            write: Box::pin(token.clone().cancelled_owned()),
+            token,
+        }
+    }
+}
+
+/// Whether `cut` (if any) has been cut, registering the task to be woken when it is.
+fn is_cut(cut: &mut Option<Cut>, read: bool, cx: &mut Context<'_>) -> bool {
+    let Some(cut) = cut else { return false };
+    if cut.token.is_cancelled() {
+        return true;
+    }
+    let wait = if read { &mut cut.read } else { &mut cut.write };
+    wait.as_mut().poll(cx).is_ready()
+}
+
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the connection was cut by the producer",
+    )
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -240,6 +362,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if is_cut(&mut self.cut, true, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before
@@ -257,14 +382,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
@@ -273,6 +407,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if is_cut(&mut self.cut, false, cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -338,6 +475,14 @@ pub enum TransportError {
     /// TCP_NODELAY could not be set (without it small transfers wait on Nagle's algorithm).
     #[error("cannot set TCP_NODELAY on the connection to {addr}: {source}")]
     NoDelay {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// TCP keepalive or TCP_USER_TIMEOUT could not be set (without them a dead peer is found in minutes).
+    #[error("cannot set TCP keepalive on the connection to {addr}: {source}")]
+    KeepAlive {
         /// `host:port`.
         addr: String,
         /// Why.
@@ -450,10 +595,18 @@ pub async fn open_connection(
     let watched = |inner| Watched {
         inner,
         activity: options.activity.clone(),
+        cut: options.cut.clone().map(Cut::new),
     };
+    let progress = |step: &'static str| {
+        if let Some(progress) = &options.progress {
+            progress.enter(step);
+        }
+    };
+    let keepalive = options.tcp_keepalive;
     match endpoint.transport {
         Transport::Amqp => {
-            let stream = watched(connect_tcp(endpoint).await?);
+            let stream = watched(connect_tcp(endpoint, keepalive, &progress).await?);
+            progress(AMQP_OPEN);
             builder
                 .scheme("amqp")
                 .open_with_stream(stream)
@@ -463,7 +616,8 @@ pub async fn open_connection(
         Transport::Amqps => {
             let connector = TlsConnector::from(client_config(tls)?);
             server_name(&endpoint.host)?;
-            let stream = watched(connect_tcp(endpoint).await?);
+            let stream = watched(connect_tcp(endpoint, keepalive, &progress).await?);
+            progress("the TLS handshake and the AMQP open");
             builder
                 .scheme("amqps")
                 .domain(endpoint.host.as_str())
@@ -476,15 +630,18 @@ pub async fn open_connection(
         Transport::WebSockets => {
             let connector = TlsConnector::from(client_config(tls)?);
             let name = server_name(&endpoint.host)?;
-            let stream = watched(connect_tcp(endpoint).await?);
+            let stream = watched(connect_tcp(endpoint, keepalive, &progress).await?);
+            progress("the TLS handshake");
             let tls_stream = connector
                 .connect(name, stream)
                 .await
                 .map_err(|err| classify_tls_io_error(err, &endpoint.host))?;
             let url = endpoint.websocket_url();
+            progress("the WebSocket upgrade");
             let websocket = fe2o3_amqp_ws::WebSocketStream::connect_with_stream(&url, tls_stream)
                 .await
                 .map_err(|err| classify_websocket_error(err, &url))?;
+            progress(AMQP_OPEN);
             // TLS is below the WebSocket: AMQP itself starts in the clear inside it.
             builder
                 .scheme("amqp")
@@ -495,34 +652,71 @@ pub async fn open_connection(
     }
 }
 
-/// A TCP stream to the endpoint: direct, or a tunnel through its proxy.
-async fn connect_tcp(endpoint: &Endpoint) -> Result<TcpStream, TransportError> {
+/// The step of an open from the protocol header to the peer's `open` (SASL included), in fe2o3's hands.
+const AMQP_OPEN: &str = "the AMQP open (protocol header, SASL, open)";
+
+/// A TCP stream to the endpoint, direct or a tunnel through its proxy, with TCP_NODELAY and keepalive.
+async fn connect_tcp(
+    endpoint: &Endpoint,
+    keepalive: Option<Duration>,
+    progress: &impl Fn(&'static str),
+) -> Result<TcpStream, TransportError> {
     let target = authority(&endpoint.host, endpoint.port);
     let Some(proxy) = &endpoint.proxy else {
+        progress("the TCP connect");
         let stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
             .map_err(|source| TransportError::Connect {
                 addr: target.clone(),
                 source,
             })?;
-        return no_delay(stream, target);
+        return tune(stream, target, keepalive);
     };
+    progress("the TCP connect to the proxy");
     let stream = TcpStream::connect((proxy.host.as_str(), proxy.port))
         .await
         .map_err(|source| TransportError::ProxyConnect {
             proxy: proxy.address(),
             source,
         })?;
-    let mut stream = no_delay(stream, proxy.address())?;
+    let mut stream = tune(stream, proxy.address(), keepalive)?;
+    progress("the proxy's answer to CONNECT");
     tunnel(&mut stream, proxy, &target).await?;
     Ok(stream)
 }
 
-fn no_delay(stream: TcpStream, addr: String) -> Result<TcpStream, TransportError> {
-    stream
-        .set_nodelay(true)
-        .map_err(|source| TransportError::NoDelay { addr, source })?;
+/// TCP_NODELAY (small transfers must not wait on Nagle's algorithm) and keepalive.
+fn tune(
+    stream: TcpStream,
+    addr: String,
+    keepalive: Option<Duration>,
+) -> Result<TcpStream, TransportError> {
+    if let Err(source) = stream.set_nodelay(true) {
+        return Err(TransportError::NoDelay { addr, source });
+    }
+    if let Some(idle) = keepalive
+        && let Err(source) = keep_alive(&stream, idle)
+    {
+        return Err(TransportError::KeepAlive { addr, source });
+    }
     Ok(stream)
+}
+
+/// Probes an idle connection after `idle` without traffic, every third of that, three times; and (Linux) ends a
+/// connection whose peer has acknowledged nothing for `2 * idle`, probes or data alike. Without this a peer
+/// behind a blackhole (no RST) is found only by the AMQP idle timeout when idle (`idle_timeout_seconds`), and a
+/// socket with unacknowledged data lingers about 15 minutes (`tcp_retries2`).
+fn keep_alive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let probes = socket2::TcpKeepalive::new().with_time(idle);
+    #[cfg(target_os = "linux")]
+    let probes = probes
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&probes)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(idle * 2))?;
+    Ok(())
 }
 
 /// `host:port`, brackets around an IPv6 literal.
@@ -669,6 +863,7 @@ mod tests {
         let mut watched = Watched {
             inner: ours,
             activity: Some(Arc::clone(&activity)),
+            cut: None,
         };
         tokio::time::sleep(Duration::from_millis(60)).await;
         watched.write_all(b"ours").await.unwrap();
@@ -686,6 +881,35 @@ mod tests {
         // The end of the stream brings no bytes: not activity.
         assert_eq!(watched.read(&mut buffer).await.unwrap(), 0);
         assert!(activity.silent_for() >= Duration::from_millis(60));
+    }
+
+    #[tokio::test]
+    async fn a_cut_stream_fails_reads_waiting_on_it_and_every_write() {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let token = CancellationToken::new();
+        let mut watched = Watched {
+            inner: ours,
+            activity: None,
+            cut: Some(Cut::new(token.clone())),
+        };
+        watched.write_all(b"before").await.unwrap();
+        let reading = tokio::spawn(async move {
+            let mut buffer = [0u8; 8];
+            let read = watched.read(&mut buffer).await;
+            (read.map_err(|error| error.kind()), watched)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!reading.is_finished(), "nothing to read yet");
+        token.cancel();
+        let (read, mut watched) = reading.await.unwrap();
+        assert_eq!(read, Err(io::ErrorKind::ConnectionAborted));
+        let write = watched
+            .write_all(b"after")
+            .await
+            .map_err(|error| error.kind());
+        assert_eq!(write, Err(io::ErrorKind::ConnectionAborted));
+        let shutdown = watched.shutdown().await.map_err(|error| error.kind());
+        assert_eq!(shutdown, Err(io::ErrorKind::ConnectionAborted));
     }
 
     #[test]
@@ -802,7 +1026,10 @@ mod tests {
                 proxy: Some(proxy.clone()),
                 ..Endpoint::direct("ns.servicebus.windows.net", 443, Transport::WebSockets)
             };
-            let error = connect_tcp(&endpoint).await.unwrap_err().to_string();
+            let error = connect_tcp(&endpoint, None, &|_| {})
+                .await
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(expected), "{error}");
             assert!(error.contains(&proxy.address()), "{error}");
             assert!(!error.contains("SECRET"), "{error}");
@@ -828,6 +1055,41 @@ mod tests {
             }),
         };
         assert!(!format!("{proxy:?}").contains("SECRET"));
+    }
+
+    #[tokio::test]
+    async fn connections_probe_an_idle_peer_and_give_up_on_a_silent_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::direct(
+            "127.0.0.1",
+            listener.local_addr().unwrap().port(),
+            Transport::Amqp,
+        );
+        let steps = parking_lot::Mutex::new(Vec::new());
+        let stream = connect_tcp(&endpoint, Some(Duration::from_secs(9)), &|step| {
+            steps.lock().push(step)
+        })
+        .await
+        .unwrap();
+        assert_eq!(*steps.lock(), ["the TCP connect"]);
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(9));
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                socket.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(3)
+            );
+            assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+            assert_eq!(
+                socket.tcp_user_timeout().unwrap(),
+                Some(Duration::from_secs(18))
+            );
+        }
+        let plain = connect_tcp(&endpoint, None, &|_| {}).await.unwrap();
+        assert!(!socket2::SockRef::from(&plain).keepalive().unwrap());
     }
 
     #[tokio::test]
