@@ -973,6 +973,41 @@ mod tests {
     }
 
     #[test]
+    fn a_judge_names_every_broken_promise() {
+        let ledger = Ledger::new();
+        ledger.offer();
+        ledger.answer("a".into(), Answer::Ok);
+        let blackhole = all().into_iter().find(|s| s.name == "blackhole-short").unwrap();
+        let mut row = Row {
+            ok: 1,
+            lost: 1,
+            unanswered: 2,
+            ..Row::default()
+        };
+        row.failed.insert("NOT_A_REASON".into(), 1);
+        row.broken.insert("Unavailable".into(), 3);
+        let moments = Moments {
+            fault: 2.0,
+            heal: 7.0,
+            stop: 12.0,
+        };
+        // Always ready: the partition went unnoticed.
+        let readiness: Vec<(f64, u16)> = (0..60).map(|i| (f64::from(i) * 0.2, 200)).collect();
+        judge(&blackhole, &Timing::short(), &ledger, &readiness, moments, &mut row);
+        let text = row.violations.join("\n");
+        for expected in [
+            "1 events answered OK are not stored",
+            "2 events never answered",
+            "NOT_A_REASON",
+            "3 events ended by a broken connection",
+            "/readyz never went 503 during the partition",
+            "throughput not back",
+        ] {
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+    }
+
+    #[test]
     fn lanes_split_every_scenario_once_into_about_equal_run_times() {
         let timing = Timing::short();
         let every: Vec<Scenario> = all().into_iter().chain([SOAK]).collect();
