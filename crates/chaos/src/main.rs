@@ -34,6 +34,15 @@ struct Cli {
 enum Command {
     /// Every scenario, then the soak; exits 1 when any promise broke. Run it through scripts/chaos.sh.
     Run(RunArgs),
+    /// Writes one matrix and the soak chart from the results of several runs (lanes).
+    Report {
+        /// `results.json` files of earlier runs.
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// Where matrix.md and soak.svg go.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Checks that every fault facility (delay, stall, resets, loss, blackhole, bandwidth) has its effect.
     Selftest,
     /// A TCP echo server: the selftest's stand-in for the emulator, in the emulator's namespace.
@@ -77,9 +86,50 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Report { results, out } => match merge_reports(&results, &out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("chaos: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Selftest => selftest::run().await,
         Command::Echo { listen } => selftest::echo(listen).await,
     }
+}
+
+/// Writes `matrix.md` (the matrix and every row's notes) and, when a row is the soak, `soak.svg` into `out`;
+/// returns the matrix.
+fn write_report(rows: &[Row], out: &std::path::Path) -> Result<String> {
+    let mut matrix = report::matrix(rows);
+    matrix.push('\n');
+    matrix.push_str(&report::notes(rows));
+    std::fs::write(out.join("matrix.md"), &matrix).context("writes matrix.md")?;
+    if let Some(soak) = rows.iter().find(|row| !row.samples.is_empty()) {
+        report::soak_chart(&soak.samples, &out.join("soak.svg"))?;
+    }
+    Ok(matrix)
+}
+
+fn merge_reports(results: &[PathBuf], out: &std::path::Path) -> Result<()> {
+    let mut rows: Vec<Row> = Vec::new();
+    for path in results {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reads {}", path.display()))?;
+        let lane: Vec<Row> =
+            serde_json::from_str(&text).with_context(|| format!("parses {}", path.display()))?;
+        rows.extend(lane);
+    }
+    // In the order the scenarios run without lanes.
+    let order: Vec<&str> = scenarios::all()
+        .iter()
+        .chain([&scenarios::SOAK])
+        .map(|s| s.name)
+        .collect();
+    rows.sort_by_key(|row| order.iter().position(|name| *name == row.scenario));
+    std::fs::create_dir_all(out).with_context(|| format!("creates {}", out.display()))?;
+    println!("{}", write_report(&rows, out)?);
+    Ok(())
 }
 
 fn parse_lane(text: &str) -> Result<(usize, usize), String> {
@@ -146,13 +196,7 @@ async fn run(args: RunArgs) -> Result<()> {
         scenarios::save(&rows, &args.out.join("results.json"))?;
     }
     let _ = harness.network.lock().await.clear().await;
-    let mut matrix = report::matrix(&rows);
-    matrix.push('\n');
-    matrix.push_str(&report::notes(&rows));
-    std::fs::write(args.out.join("matrix.md"), &matrix).context("writes matrix.md")?;
-    if let Some(soak) = rows.iter().find(|row| !row.samples.is_empty()) {
-        report::soak_chart(&soak.samples, &args.out.join("soak.svg"))?;
-    }
+    let matrix = write_report(&rows, &args.out)?;
     println!("\n{matrix}");
     let failed: Vec<&str> = rows
         .iter()

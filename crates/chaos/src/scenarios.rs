@@ -257,7 +257,7 @@ impl Timing {
 }
 
 /// What the run of one scenario found: a row of the fault matrix.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     /// The scenario.
     pub scenario: String,
@@ -298,7 +298,7 @@ pub struct Row {
     /// Broken promises: empty when the scenario passed.
     pub violations: Vec<String>,
     /// The soak's readings over time (other scenarios take none).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<Sample>,
 }
 
@@ -977,7 +977,10 @@ mod tests {
         let ledger = Ledger::new();
         ledger.offer();
         ledger.answer("a".into(), Answer::Ok);
-        let blackhole = all().into_iter().find(|s| s.name == "blackhole-short").unwrap();
+        let blackhole = all()
+            .into_iter()
+            .find(|s| s.name == "blackhole-short")
+            .unwrap();
         let mut row = Row {
             ok: 1,
             lost: 1,
@@ -993,7 +996,14 @@ mod tests {
         };
         // Always ready: the partition went unnoticed.
         let readiness: Vec<(f64, u16)> = (0..60).map(|i| (f64::from(i) * 0.2, 200)).collect();
-        judge(&blackhole, &Timing::short(), &ledger, &readiness, moments, &mut row);
+        judge(
+            &blackhole,
+            &Timing::short(),
+            &ledger,
+            &readiness,
+            moments,
+            &mut row,
+        );
         let text = row.violations.join("\n");
         for expected in [
             "1 events answered OK are not stored",

@@ -19,7 +19,7 @@ use crate::scenarios::reset_once;
 pub const LOSS_PERCENT: u8 = 1;
 
 /// One reading during the soak.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Seconds since the load started.
     pub at_s: f64,
