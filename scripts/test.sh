@@ -74,7 +74,9 @@ step "Benchmark harness smoke: every scenario, a few hundred events each; correc
 "$root/target/debug/bench" --smoke --latency-ms 0 --sizes 100 --json "$root/target/bench/smoke.json"
 
 step "Chaos and soak, short: every fault scenario briefly and a 60 s soak (scripts/chaos.sh; root), two lanes side by side"
-# Each lane makes its own pair of network namespaces; both must pass.
+# First the suite's own facilities (delay, stall, resets, loss, blackhole, bandwidth) on an echo server, then
+# the scenarios; each lane makes its own pair of network namespaces, and both must pass.
+scripts/chaos.sh selftest
 chaos_status=0
 lanes=()
 mkdir -p "$root/target/chaos"

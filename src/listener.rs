@@ -80,6 +80,51 @@ fn out_of_descriptors(error: &io::Error) -> bool {
     }
 }
 
+/// Serves `router` over HTTP/1 on `listener` (at most `connections` open at once, accepting with backoff) until
+/// `stop`; then each open connection finishes its request and closes, and the returned task ends. `what` names
+/// the listener in the debug line of a connection that ends in error.
+pub fn serve_http1(
+    listener: TcpListener,
+    router: axum::Router,
+    connections: Arc<Connections>,
+    http: hyper::server::conn::http1::Builder,
+    stop: tokio_util::sync::CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let incoming = connections.limit(accept_with_backoff(listener));
+        tokio::pin!(incoming);
+        let open = tokio_util::task::TaskTracker::new();
+        loop {
+            let stream = tokio::select! {
+                stream = incoming.next() => stream,
+                () = stop.cancelled() => break,
+            };
+            let Some(stream) = stream else { break };
+            let served = http.serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(router.clone()),
+            );
+            let stop = stop.clone();
+            open.spawn(async move {
+                tokio::pin!(served);
+                let result = tokio::select! {
+                    result = served.as_mut() => result,
+                    () = stop.cancelled() => {
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%error, listener = what, "HTTP connection closed");
+                }
+            });
+        }
+        open.close();
+        open.wait().await;
+    })
+}
+
 /// Accepted TCP connections (TCP_NODELAY set), forever. Out of file descriptors, it pauses (10 ms, doubling to
 /// 1 s) instead of retrying at once: the pending connections stay in the kernel's backlog until a descriptor is
 /// free, and an idle process stays idle. Other accept errors concern one connection and are skipped.

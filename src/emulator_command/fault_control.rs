@@ -13,15 +13,12 @@ use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use eventhub_emulator::{Faults, FaultsSnapshot};
-use eventhub_gateway::listener::{Connections, accept_with_backoff};
-use futures_util::StreamExt;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use eventhub_gateway::listener::{Connections, serve_http1};
+use hyper_util::rt::TokioTimer;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// The most transfers one counted fault (`throttle`, `release`, `force-close`) may name.
 pub const MAX_COUNT: u64 = 1_000_000;
@@ -190,39 +187,14 @@ impl FaultControlListener {
         http.timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES);
-        let accepting = stop.clone();
-        let task = tokio::spawn(async move {
-            let incoming = connections.limit(accept_with_backoff(self.listener));
-            tokio::pin!(incoming);
-            let open = TaskTracker::new();
-            loop {
-                let stream = tokio::select! {
-                    stream = incoming.next() => stream,
-                    () = accepting.cancelled() => break,
-                };
-                let Some(stream) = stream else { break };
-                let served = http.serve_connection(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(router.clone()),
-                );
-                let stop = accepting.clone();
-                open.spawn(async move {
-                    tokio::pin!(served);
-                    let result = tokio::select! {
-                        result = served.as_mut() => result,
-                        () = stop.cancelled() => {
-                            served.as_mut().graceful_shutdown();
-                            served.await
-                        }
-                    };
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "fault control connection closed");
-                    }
-                });
-            }
-            open.close();
-            open.wait().await;
-        });
+        let task = serve_http1(
+            self.listener,
+            router,
+            connections,
+            http,
+            stop.clone(),
+            "fault control",
+        );
         FaultControl { stop, task }
     }
 }

@@ -18,13 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tokio_util::task::TaskTracker;
+use hyper_util::rt::TokioTimer;
 
 use crate::gateway::limits::Limits;
-use crate::listener::{Connections, accept_with_backoff};
+use crate::listener::{Connections, serve_http1};
 use eventhub_telemetry::metrics::{Metrics, Reports};
 
 /// The content type of the Prometheus text exposition format.
@@ -100,39 +97,14 @@ impl MetricsListener {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout);
-        let accepting = stop.clone();
-        let task = tokio::spawn(async move {
-            let incoming = connections.limit(accept_with_backoff(self.listener));
-            tokio::pin!(incoming);
-            let connections = TaskTracker::new();
-            loop {
-                let stream = tokio::select! {
-                    stream = incoming.next() => stream,
-                    () = accepting.cancelled() => break,
-                };
-                let Some(stream) = stream else { break };
-                let served = http.serve_connection(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(router.clone()),
-                );
-                let stop = accepting.clone();
-                connections.spawn(async move {
-                    tokio::pin!(served);
-                    let result = tokio::select! {
-                        result = served.as_mut() => result,
-                        () = stop.cancelled() => {
-                            served.as_mut().graceful_shutdown();
-                            served.await
-                        }
-                    };
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "metrics connection closed");
-                    }
-                });
-            }
-            connections.close();
-            connections.wait().await;
-        });
+        let task = serve_http1(
+            self.listener,
+            router,
+            connections,
+            http,
+            stop.clone(),
+            "metrics",
+        );
         tracing::info!(%local_addr, "metrics and probes listening");
         MetricsServer {
             local_addr,

@@ -65,10 +65,13 @@ pub fn notes(rows: &[Row]) -> String {
     text
 }
 
+/// A named quantity read off each soak sample.
+type Series = (&'static str, fn(&Sample) -> f64);
+
 /// One panel of the soak chart.
 struct Panel {
     title: &'static str,
-    series: &'static [(&'static str, fn(&Sample) -> f64)],
+    series: &'static [Series],
 }
 
 const PANELS: &[Panel] = &[
