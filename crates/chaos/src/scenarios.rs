@@ -279,6 +279,9 @@ pub struct Row {
     pub duplicates: u64,
     /// Answered with a failure (or broken) and stored all the same.
     pub failed_but_stored: u64,
+    /// Of those, answered with a reason that says the event was not published (any but OUTCOME_UNKNOWN).
+    #[serde(default)]
+    pub stored_though_refused: BTreeMap<String, u64>,
     /// Answers to an event that already had one.
     pub double_answers: u64,
     /// Stored events whose message-id is not their id.
@@ -770,6 +773,11 @@ fn tally(scenario: &Scenario, timing: &Timing, ledger: &Ledger, stored: &Stored)
         }
         if is_stored && *answer != Answer::Ok {
             row.failed_but_stored += 1;
+            if let Answer::Failed(reason) = answer
+                && reason != OUTCOME_UNKNOWN
+            {
+                *row.stored_though_refused.entry(reason.clone()).or_default() += 1;
+            }
         }
     }
     // Offered events whose client was abandoned before it recorded anything.
@@ -830,6 +838,12 @@ fn judge(
     if row.unanswered > 0 {
         violations.push(format!("{} events never answered", row.unanswered));
     }
+    if !row.stored_though_refused.is_empty() {
+        violations.push(format!(
+            "events answered as not published are stored: {:?}",
+            row.stored_though_refused
+        ));
+    }
     if row.message_id_mismatches > 0 {
         violations.push(format!(
             "{} stored events lost their message-id",
@@ -887,6 +901,9 @@ fn judge(
         }
     }
 }
+
+/// The one failure reason that leaves open whether the event was stored (docs/api.md).
+const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
 
 /// The mean OK rate over the whole seconds before the fault (the first second, a warm-up, left out).
 fn rate_before(ok_per_second: &[u64], fault: f64) -> f64 {
@@ -963,11 +980,17 @@ mod tests {
         let mut stored = Stored::default();
         stored.copies.insert("a".into(), 2);
         stored.copies.insert("c".into(), 1);
+        stored.copies.insert("d".into(), 1);
         let scenario = all()[0];
         let row = tally(&scenario, &Timing::short(), &ledger, &stored);
         assert_eq!((row.offered, row.ok, row.lost), (5, 2, 1));
         assert_eq!(row.duplicates, 1);
-        assert_eq!(row.failed_but_stored, 1);
+        assert_eq!(row.failed_but_stored, 2);
+        assert_eq!(
+            row.stored_though_refused,
+            BTreeMap::from([("EVENT_HUBS_UNAVAILABLE".to_owned(), 1)]),
+            "a broken call's stored event is no contradiction; a refused one is"
+        );
         assert_eq!(row.unanswered, 1);
         assert_eq!(row.broken.get("Unavailable"), Some(&1));
     }
@@ -989,6 +1012,7 @@ mod tests {
         };
         row.failed.insert("NOT_A_REASON".into(), 1);
         row.broken.insert("Unavailable".into(), 3);
+        row.stored_though_refused.insert("DEADLINE_EXCEEDED".into(), 4);
         let moments = Moments {
             fault: 2.0,
             heal: 7.0,
@@ -1010,6 +1034,7 @@ mod tests {
             "2 events never answered",
             "NOT_A_REASON",
             "3 events ended by a broken connection",
+            "events answered as not published are stored",
             "/readyz never went 503 during the partition",
             "throughput not back",
         ] {
