@@ -1012,7 +1012,8 @@ mod tests {
         };
         row.failed.insert("NOT_A_REASON".into(), 1);
         row.broken.insert("Unavailable".into(), 3);
-        row.stored_though_refused.insert("DEADLINE_EXCEEDED".into(), 4);
+        row.stored_though_refused
+            .insert("DEADLINE_EXCEEDED".into(), 4);
         let moments = Moments {
             fault: 2.0,
             heal: 7.0,
