@@ -165,18 +165,32 @@ impl GatewayState {
         deadline: Instant,
         path: &(dyn Fn() -> String + Sync),
     ) -> Result<(Ticket, HeldShare), GatewayError> {
-        let share = self
-            .shares
-            .hold(call.peer, proto.encoded_len(), deadline)
-            .await?;
-        let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
-            .map_err(|error| GatewayError::event(path(), error))?;
+        let (event, share) = self.prepare(call, hub, proto, deadline, path).await?;
         let ticket = self
             .producer
             .enqueue(hub, event, deadline)
             .await
             .map_err(|error| GatewayError::event(path(), error))?;
         Ok((ticket, share))
+    }
+
+    /// Holds the event's bytes in its client's buffer share (waiting until `deadline` at most), then converts
+    /// it for the producer.
+    async fn prepare(
+        &self,
+        call: &CallContext,
+        hub: &str,
+        proto: v1::Event,
+        deadline: Instant,
+        path: &(dyn Fn() -> String + Sync),
+    ) -> Result<(eventhub_producer::Event, HeldShare), GatewayError> {
+        let share = self
+            .shares
+            .hold(call.peer, proto.encoded_len(), deadline)
+            .await?;
+        let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
+            .map_err(|error| GatewayError::event(path(), error))?;
+        Ok((event, share))
     }
 
     fn charge(&self, call: &CallContext, events: usize) -> Result<(), GatewayError> {

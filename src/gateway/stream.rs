@@ -13,19 +13,20 @@
 //! request guard (3 x `max_request_bytes` of buffers, 4 x decoded). At the defaults: 48 MiB + 64 MiB +
 //! 28,408 x 3 KiB = 204,709,888 bytes.
 
+use std::collections::{HashMap, VecDeque};
 use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
+use eventhub_producer::{Outcome, OutcomeSink, Pledge};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 use tracing::Instrument;
 
 use super::guard::Refusal;
+use super::shares::HeldShare;
 use super::status::{self, GatewayError, StreamFault, StreamProgress};
 use super::{CallContext, GatewayState};
 use crate::proto::v1;
@@ -40,8 +41,49 @@ const MAX_ACKS_PER_RESPONSE: usize = 1024;
 /// Responses queued toward the client before acking waits for it to read.
 const RESPONSE_QUEUE: usize = 16;
 
-/// An ack to come, holding its share of the stream's unacknowledged budget until it is ready.
-type PendingAck = BoxFuture<'static, v1::StreamAck>;
+/// What the acker hears: from the reader in reading order, from the producer by runs of tags. An event's
+/// outcome can come before the reader's word that it was enqueued (the producer runs on other threads).
+enum Heard {
+    /// An event refused before it was enqueued: its ack, ready, and its share of the unacked budget.
+    Refused(v1::StreamAck, Option<OwnedSemaphorePermit>),
+    /// An event enqueued under the next tag (tags count up from 0 in reading order).
+    Enqueued(Waiting),
+    /// The outcome of the events tagged `first` to `first + count - 1`.
+    Outcome {
+        first: u64,
+        count: u64,
+        outcome: Outcome,
+    },
+    /// The reader is done: nothing more will be enqueued.
+    ReadingDone,
+}
+
+/// An enqueued event waiting for its outcome, holding its share of the unacked budget and of its client's
+/// buffer until then.
+struct Waiting {
+    sequence: u64,
+    /// Its place in its message's `events` (for the field its errors name).
+    index: Option<usize>,
+    /// When it is answered without its outcome: never before any earlier event's (see `Acker`).
+    deadline: Instant,
+    pledge: Pledge,
+    counted: Outcomes,
+    _held: (Option<OwnedSemaphorePermit>, HeldShare),
+}
+
+/// The producer's way into a stream's acker: one message per run of its events in a batch.
+struct StreamSink(mpsc::UnboundedSender<Heard>);
+
+impl OutcomeSink for StreamSink {
+    fn complete(&self, first: u64, count: u64, outcome: &Outcome) {
+        // The acker may have gone with its client: nobody is left to tell.
+        let _ = self.0.send(Heard::Outcome {
+            first,
+            count,
+            outcome: outcome.clone(),
+        });
+    }
+}
 
 /// Why the stream stopped reading.
 enum ReadEnd {
@@ -124,10 +166,13 @@ pub fn start(
     streams.spawn(
         async move {
             let _open = OpenStream::open();
-            let (pending_tx, pending_rx) = mpsc::unbounded_channel();
-            let acker = tokio::spawn(acknowledge(pending_rx, responses.clone()).in_current_span());
-            let end = read(&state, &call, deadline, inbound, pending_tx).await;
-            // The reader dropped its sender: the acker answers what is pending, then ends.
+            let (heard, hearing) = mpsc::unbounded_channel();
+            let acker = Acker::new(Arc::clone(&state), responses.clone());
+            let acker = tokio::spawn(acker.run(hearing).in_current_span());
+            let end = read(&state, &call, deadline, inbound, heard.clone()).await;
+            // The acker answers what is pending, then ends.
+            let _ = heard.send(Heard::ReadingDone);
+            drop(heard);
             let _ = acker.await;
             let error = match end {
                 ReadEnd::HalfClosed | ReadEnd::ClientGone => None,
@@ -153,8 +198,10 @@ async fn read(
     call: &CallContext,
     deadline: Option<Instant>,
     mut inbound: Streaming<v1::SendStreamRequest>,
-    pending: mpsc::UnboundedSender<PendingAck>,
+    heard: mpsc::UnboundedSender<Heard>,
 ) -> ReadEnd {
+    let sink: Arc<dyn OutcomeSink> = Arc::new(StreamSink(heard.clone()));
+    let mut next_tag = 0;
     let budget = state.limits.max_unacked_per_stream;
     let idle_timeout = state.limits.stream_idle_timeout;
     let unacked = Arc::new(Semaphore::new(budget));
@@ -215,9 +262,17 @@ async fn read(
             Ok(events) => {
                 for event in events {
                     let permit = permits.split(1);
-                    let ack =
-                        admit(state, call, deadline, &hub, event, permit, &mut counters).await;
-                    if pending.send(ack).is_err() {
+                    let tagged = Tagged {
+                        sink: &sink,
+                        tag: next_tag,
+                    };
+                    let admitted =
+                        admit(state, call, deadline, &hub, event, permit, tagged, &mut counters)
+                            .await;
+                    if matches!(admitted, Heard::Enqueued(_)) {
+                        next_tag += 1;
+                    }
+                    if heard.send(admitted).is_err() {
                         return ReadEnd::ClientGone;
                     }
                 }
@@ -229,7 +284,7 @@ async fn read(
                         error.clone(),
                         permits.split(1),
                     );
-                    if pending.send(ack).is_err() {
+                    if heard.send(ack).is_err() {
                         return ReadEnd::ClientGone;
                     }
                 }
@@ -314,22 +369,25 @@ fn message_events(
 
 /// An ack that is ready at once: the event was refused before it was enqueued. It holds its share of the
 /// budget (`permit`) until the acker takes it.
-fn nack(sequence: u64, error: GatewayError, permit: Option<OwnedSemaphorePermit>) -> PendingAck {
+fn nack(sequence: u64, error: GatewayError, permit: Option<OwnedSemaphorePermit>) -> Heard {
     let ack = v1::StreamAck {
         sequence,
         status: Some(error.to_rpc_status()),
         partition_id: String::new(),
     };
-    async move {
-        drop(permit);
-        ack
-    }
-    .boxed()
+    Heard::Refused(ack, permit)
 }
 
-/// Checks and enqueues one event (in arrival order, so each key keeps it); the ack resolves with its outcome,
-/// by the stream's deadline at the latest. The event's share of the unacked budget (`permit`; none once a
-/// message has used all of it) is released when its outcome is known.
+/// Where an admitted event's outcome goes: the stream's sink, under the next tag.
+struct Tagged<'a> {
+    sink: &'a Arc<dyn OutcomeSink>,
+    tag: u64,
+}
+
+/// Checks and enqueues one event (in arrival order, so each key keeps it) under `tagged.tag`, or refuses
+/// it. An enqueued event's share of the unacked budget (`permit`; none once a message has used all of it)
+/// is released when its outcome is known, by the stream's deadline at the latest.
+#[allow(clippy::too_many_arguments)]
 async fn admit(
     state: &Arc<GatewayState>,
     call: &CallContext,
@@ -337,8 +395,9 @@ async fn admit(
     hub: &str,
     event: StreamEvent,
     permit: Option<OwnedSemaphorePermit>,
+    tagged: Tagged<'_>,
     counters: &mut HubEventsCache,
-) -> PendingAck {
+) -> Heard {
     let StreamEvent {
         sequence,
         index,
@@ -351,7 +410,7 @@ async fn admit(
         Err(error) => return nack(sequence, error, permit),
     };
     // Counted from here on: an unknown hub's name is the caller's text, never a label.
-    let mut counted = counters.get(&hub).receive(1);
+    let counted = counters.get(&hub).receive(1);
     let refuse = |mut counted: Outcomes, error: GatewayError, permit| {
         counted.failed(error.reason(), 1);
         nack(sequence, error, permit)
@@ -364,65 +423,214 @@ async fn admit(
     }
     let own = Instant::now() + state.send_timeout;
     let deadline = stream_deadline.map_or(own, |stream| stream.min(own));
-    match state.enqueue(call, &hub, proto, deadline, &field).await {
-        Ok((ticket, share)) => async move {
-            let outcome = ticket.outcome_by(deadline).await;
-            drop((permit, share));
-            match outcome {
-                Ok(receipt) => {
-                    counted.ok(1);
-                    v1::StreamAck {
-                        sequence,
-                        status: Some(status::ok()),
-                        partition_id: receipt.partition_id.unwrap_or_default(),
-                    }
-                }
-                Err(error) => {
-                    let error = GatewayError::event(field(), error);
-                    counted.failed(error.reason(), 1);
-                    v1::StreamAck {
-                        sequence,
-                        status: Some(error.to_rpc_status()),
-                        partition_id: String::new(),
-                    }
-                }
-            }
-        }
-        .boxed(),
-        Err(error) => refuse(counted, error, permit),
+    let (event, share) = match state.prepare(call, &hub, proto, deadline, &field).await {
+        Ok(prepared) => prepared,
+        Err(error) => return refuse(counted, error, permit),
+    };
+    let enqueued = state
+        .producer
+        .enqueue_tagged(&hub, event, deadline, tagged.sink, tagged.tag)
+        .await;
+    match enqueued {
+        Ok(pledge) => Heard::Enqueued(Waiting {
+            sequence,
+            index,
+            deadline,
+            pledge,
+            counted,
+            _held: (permit, share),
+        }),
+        Err(error) => refuse(counted, GatewayError::event(field(), error), permit),
     }
 }
 
-/// Awaits pending acks and sends them, grouping those ready at the same time, until the reader is done and
-/// nothing is pending; stops as soon as the client is gone (nobody reads the responses any more).
-async fn acknowledge(
-    mut pending: mpsc::UnboundedReceiver<PendingAck>,
+/// Answers a stream's events: acks the refused at once, each enqueued one with its outcome or, failing
+/// that, at its deadline; groups acks that are ready together. One timer serves the whole stream: an
+/// event's deadline is the stream's or the gateway's send timeout from its arrival, whichever is first, so
+/// no event's deadline comes before an earlier event's.
+struct Acker {
+    state: Arc<GatewayState>,
     responses: mpsc::Sender<Result<v1::SendStreamResponse, Status>>,
-) {
-    let mut waiting = FuturesUnordered::new();
-    let mut reading = true;
-    while reading || !waiting.is_empty() {
-        tokio::select! {
-            () = responses.closed() => return,
-            next = pending.recv(), if reading => match next {
-                Some(ack) => waiting.push(ack),
-                None => reading = false,
-            },
-            Some(ack) = waiting.next(), if !waiting.is_empty() => {
-                let mut acks = vec![ack];
-                while acks.len() < MAX_ACKS_PER_RESPONSE {
-                    while let Ok(more) = pending.try_recv() {
-                        waiting.push(more);
-                    }
-                    match waiting.next().now_or_never() {
-                        Some(Some(ack)) => acks.push(ack),
-                        _ => break,
+    /// Enqueued events by tag, from `first_tag` on; `None` once answered.
+    waiting: VecDeque<Option<Waiting>>,
+    first_tag: u64,
+    /// Outcomes heard before their event's `Enqueued` (at most the stream's unacked budget).
+    early: HashMap<u64, Outcome>,
+    /// Acks ready to send.
+    acks: Vec<v1::StreamAck>,
+}
+
+impl Acker {
+    fn new(
+        state: Arc<GatewayState>,
+        responses: mpsc::Sender<Result<v1::SendStreamResponse, Status>>,
+    ) -> Self {
+        Self {
+            state,
+            responses,
+            waiting: VecDeque::new(),
+            first_tag: 0,
+            early: HashMap::new(),
+            acks: Vec::new(),
+        }
+    }
+
+    /// Runs until the reader is done and every event it read is answered; stops as soon as the client is
+    /// gone (nobody reads the responses any more).
+    async fn run(mut self, mut hearing: mpsc::UnboundedReceiver<Heard>) {
+        let mut reading = true;
+        let lapse = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(lapse);
+        let mut lapse_at = None;
+        while reading || !self.waiting.is_empty() {
+            let next_deadline = self.next_deadline();
+            if next_deadline != lapse_at
+                && let Some(at) = next_deadline
+            {
+                lapse.as_mut().reset(at.into());
+            }
+            lapse_at = next_deadline;
+            tokio::select! {
+                () = self.responses.closed() => return,
+                heard = hearing.recv() => match heard {
+                    Some(heard) => reading &= self.hear(heard),
+                    None => reading = false,
+                },
+                () = &mut lapse, if lapse_at.is_some() => self.lapse(Instant::now()),
+            }
+            // Take in whatever else is ready before sending, so acks ready together go together.
+            while reading || !self.waiting.is_empty() {
+                match hearing.try_recv() {
+                    Ok(heard) => reading &= self.hear(heard),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        reading = false;
+                        break;
                     }
                 }
-                if responses.send(Ok(v1::SendStreamResponse { acks })).await.is_err() {
+                if self.acks.len() >= MAX_ACKS_PER_RESPONSE && !self.flush().await {
                     return;
                 }
             }
+            if !self.flush().await {
+                return;
+            }
         }
+    }
+
+    /// Takes in one message; false once the reader is done.
+    fn hear(&mut self, heard: Heard) -> bool {
+        match heard {
+            Heard::Refused(ack, permit) => {
+                drop(permit);
+                self.acks.push(ack);
+            }
+            Heard::Enqueued(waiting) => {
+                let tag = self.first_tag + self.waiting.len() as u64;
+                match self.early.remove(&tag) {
+                    Some(outcome) => {
+                        self.answer(waiting, outcome);
+                        self.waiting.push_back(None); // its tag's place
+                        self.forget_answered();
+                    }
+                    None => self.waiting.push_back(Some(waiting)),
+                }
+            }
+            Heard::Outcome {
+                first,
+                count,
+                outcome,
+            } => {
+                for tag in first..first.saturating_add(count) {
+                    let known = tag.checked_sub(self.first_tag).map(|at| at as usize);
+                    match known {
+                        // Answered already: at its deadline.
+                        None => {}
+                        Some(at) if at < self.waiting.len() => {
+                            if let Some(waiting) = self.waiting[at].take() {
+                                self.answer(waiting, outcome.clone());
+                            }
+                        }
+                        Some(_) => {
+                            self.early.insert(tag, outcome.clone());
+                        }
+                    }
+                }
+                self.forget_answered();
+            }
+            Heard::ReadingDone => return false,
+        }
+        true
+    }
+
+    /// The deadline of the oldest event still waiting: the earliest of all.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.waiting.front().and_then(|front| front.as_ref()).map(|waiting| waiting.deadline)
+    }
+
+    /// Answers every event whose deadline is past `now` without its outcome.
+    fn lapse(&mut self, now: Instant) {
+        while self.next_deadline().is_some_and(|deadline| deadline <= now) {
+            if let Some(Some(waiting)) = self.waiting.pop_front() {
+                self.first_tag += 1;
+                let lapsed = self.state.producer.deadline_passed(&waiting.pledge);
+                self.answer(waiting, Err(lapsed));
+            }
+            self.forget_answered();
+        }
+    }
+
+    /// Drops the answered events at the front, so the front is the oldest still waiting.
+    fn forget_answered(&mut self) {
+        while let Some(None) = self.waiting.front() {
+            self.waiting.pop_front();
+            self.first_tag += 1;
+        }
+    }
+
+    /// Acks one event with its outcome, releasing its shares.
+    fn answer(&mut self, waiting: Waiting, outcome: Outcome) {
+        let Waiting {
+            sequence,
+            index,
+            mut counted,
+            ..
+        } = waiting;
+        let ack = match outcome {
+            Ok(receipt) => {
+                counted.ok(1);
+                v1::StreamAck {
+                    sequence,
+                    status: Some(status::ok()),
+                    partition_id: receipt.partition_id.unwrap_or_default(),
+                }
+            }
+            Err(error) => {
+                let error = GatewayError::event(field_path(index), error);
+                counted.failed(error.reason(), 1);
+                v1::StreamAck {
+                    sequence,
+                    status: Some(error.to_rpc_status()),
+                    partition_id: String::new(),
+                }
+            }
+        };
+        self.acks.push(ack);
+    }
+
+    /// Sends the acks ready, at most `MAX_ACKS_PER_RESPONSE` per response; false when the client is gone.
+    async fn flush(&mut self) -> bool {
+        while !self.acks.is_empty() {
+            let rest = if self.acks.len() > MAX_ACKS_PER_RESPONSE {
+                self.acks.split_off(MAX_ACKS_PER_RESPONSE)
+            } else {
+                Vec::new()
+            };
+            let acks = std::mem::replace(&mut self.acks, rest);
+            if self.responses.send(Ok(v1::SendStreamResponse { acks })).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 }

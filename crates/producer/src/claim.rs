@@ -33,6 +33,11 @@ impl Claim {
         self.0.load(Ordering::Acquire) == EXPIRED
     }
 
+    /// Whether its batch went on the wire first.
+    pub fn is_on_wire(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ON_WIRE
+    }
+
     /// Moves a waiting claim to `decision`; returns the state it ends in (the first decision stands).
     fn decide(&self, decision: u8) -> u8 {
         match self
@@ -60,6 +65,7 @@ mod tests {
         assert!(sent_first.put_on_wire());
         assert!(!sent_first.expire());
         assert!(!sent_first.is_expired());
+        assert!(sent_first.is_on_wire());
         // A retry puts the same batch on the wire again.
         assert!(sent_first.put_on_wire());
     }

@@ -15,6 +15,7 @@ mod link;
 mod node;
 mod pool;
 mod properties;
+mod reply;
 mod report;
 mod route;
 mod throttle;
@@ -40,6 +41,7 @@ pub use error::{AmqpCondition, ErrorClass, SendError, ServiceError};
 pub use event::{Event, Routing, TraceContext};
 pub use pool::PoolStats;
 pub use properties::{HubProperties, PartitionProperties};
+pub use reply::{Outcome, OutcomeSink};
 pub use route::Receipt;
 pub use transport::{
     ConnectionOptions, Endpoint, HttpProxy, NativeRoots, ProxyCredentials, TlsOptions, Transport,
@@ -57,6 +59,7 @@ use claim::Claim;
 use connection::ConnectionContext;
 use link::LinkSettings;
 use pool::Pool;
+use reply::Reply;
 use route::{Pending, RouteHost, RouteKey, RouteSettings, SendStack, Target};
 use throttle::Throttle;
 
@@ -254,9 +257,56 @@ impl Producer {
     pub async fn enqueue(
         &self,
         hub: &str,
-        mut event: Event,
+        event: Event,
         deadline: Instant,
     ) -> Result<Ticket, SendError> {
+        let (reply, outcome) = oneshot::channel();
+        let claim = self
+            .enqueue_reply(hub, event, deadline, Reply::Ticket(reply))
+            .await?;
+        Ok(Ticket {
+            outcome,
+            deadline,
+            sleep: None,
+            claim,
+            pool: Arc::clone(&self.inner.pool),
+        })
+    }
+
+    /// Like [`Producer::enqueue`] for a caller with many events in flight (a stream): the outcome goes to
+    /// `sink` under `tag`, batched with its neighbours' (one call per run of consecutive tags of a batch), and
+    /// the caller answers the event at its deadline itself with [`Producer::deadline_passed`] unless the sink
+    /// heard first. Costs no channel and no timer per event.
+    pub async fn enqueue_tagged(
+        &self,
+        hub: &str,
+        event: Event,
+        deadline: Instant,
+        sink: &Arc<dyn OutcomeSink>,
+        tag: u64,
+    ) -> Result<Pledge, SendError> {
+        let reply = Reply::Tagged {
+            sink: Arc::clone(sink),
+            tag,
+        };
+        let claim = self.enqueue_reply(hub, event, deadline, reply).await?;
+        Ok(Pledge { claim })
+    }
+
+    /// The answer for a tagged event whose deadline passed before its sink heard: `DeadlineExceeded` if it had
+    /// not gone on the wire (now it never will), `OutcomeUnknown` if it had (Event Hubs may store it).
+    pub fn deadline_passed(&self, pledge: &Pledge) -> SendError {
+        at_deadline(&pledge.claim, &self.inner.pool)
+    }
+
+    /// Validates, encodes and queues one event whose outcome goes to `reply`; returns its claim.
+    async fn enqueue_reply(
+        &self,
+        hub: &str,
+        mut event: Event,
+        deadline: Instant,
+        reply: Reply,
+    ) -> Result<Arc<Claim>, SendError> {
         let inner = &self.inner;
         if inner.closing.is_cancelled() {
             return Err(SendError::Closed);
@@ -312,7 +362,6 @@ impl Producer {
                 Box::pin(self.wait_for_buffer(weight, deadline)).await?
             }
         };
-        let (reply, outcome) = oneshot::channel();
         let claim = Arc::new(Claim::new());
         let pending = Pending {
             encoded,
@@ -332,12 +381,7 @@ impl Producer {
             },
             None => Box::pin(self.wait_for_route(&key, pending)).await?,
         }
-        Ok(Ticket {
-            outcome,
-            deadline: Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
-            claim,
-            pool: Arc::clone(&inner.pool),
-        })
+        Ok(claim)
     }
 
     /// Waits (until `deadline`) for room in `max_buffered_bytes`.
@@ -538,8 +582,10 @@ impl Producer {
 /// its deadline passes before its batch goes on the wire. Once on the wire it waits for the batch's real
 /// outcome, past its deadline if need be: an event is answered late rather than falsely.
 pub struct Ticket {
-    outcome: oneshot::Receiver<Result<Receipt, SendError>>,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    outcome: oneshot::Receiver<Outcome>,
+    deadline: Instant,
+    /// The deadline's timer, made on the first poll: [`Ticket::outcome_by`] needs none of its own.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     claim: Arc<Claim>,
     /// Asked, at the deadline, whether Event Hubs is unreachable: the reason the event is late.
     pool: Arc<Pool>,
@@ -550,8 +596,16 @@ impl Ticket {
     /// `DeadlineExceeded` if the event had not gone on the wire (it never will), or `OutcomeUnknown` if it
     /// had (Event Hubs may store it).
     pub async fn outcome_by(mut self, at: Instant) -> Result<Receipt, SendError> {
-        match tokio::time::timeout_at(at.into(), &mut self).await {
-            Ok(outcome) => outcome,
+        if at > self.deadline {
+            // The event stops waiting at its own deadline, and its caller at `at`.
+            return match tokio::time::timeout_at(at.into(), &mut self).await {
+                Ok(outcome) => outcome,
+                Err(_) => self.outcome_now(),
+            };
+        }
+        // One timer: the caller's moment is also the event's deadline (or earlier).
+        match tokio::time::timeout_at(at.into(), &mut self.outcome).await {
+            Ok(outcome) => outcome.unwrap_or(Err(SendError::Closed)),
             Err(_) => self.outcome_now(),
         }
     }
@@ -560,12 +614,25 @@ impl Ticket {
         if let Ok(outcome) = self.outcome.try_recv() {
             return outcome;
         }
-        if self.claim.expire() {
-            Err(SendError::DeadlineExceeded { last_error: None })
-        } else {
-            Err(SendError::OutcomeUnknown {
-                last_error: "the caller's deadline passed while Event Hubs had it".into(),
-            })
+        Err(at_deadline(&self.claim, &self.pool))
+    }
+}
+
+/// A tagged event's claim (see [`Producer::enqueue_tagged`]), which its caller hands back at its deadline.
+pub struct Pledge {
+    claim: Arc<Claim>,
+}
+
+/// The answer for an event whose caller stops waiting: `DeadlineExceeded` (with why Event Hubs is unreachable,
+/// if it is) when it had not gone on the wire, which it now never will; `OutcomeUnknown` when it had.
+fn at_deadline(claim: &Claim, pool: &Pool) -> SendError {
+    if claim.expire() {
+        SendError::DeadlineExceeded {
+            last_error: pool.unreachable(),
+        }
+    } else {
+        SendError::OutcomeUnknown {
+            last_error: "the caller's deadline passed while Event Hubs had it".into(),
         }
     }
 }
@@ -581,19 +648,22 @@ impl Future for Ticket {
         if let Poll::Ready(result) = Pin::new(&mut self.outcome).poll(cx) {
             return Poll::Ready(result.unwrap_or(Err(SendError::Closed)));
         }
-        let Some(deadline) = self.deadline.as_mut() else {
-            return Poll::Pending; // on the wire: the outcome wakes it
-        };
-        if deadline.as_mut().poll(cx).is_pending() {
+        if self.claim.is_on_wire() {
+            return Poll::Pending; // the outcome wakes it
+        }
+        let deadline = self.deadline;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        self.deadline = None;
         if self.claim.expire() {
             Poll::Ready(Err(SendError::DeadlineExceeded {
                 last_error: self.pool.unreachable(),
             }))
         } else {
-            Poll::Pending
+            Poll::Pending // it went on the wire meanwhile
         }
     }
 }

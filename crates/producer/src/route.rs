@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tower::retry::{Policy, Retry};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -22,6 +22,7 @@ use super::claim::Claim;
 use super::error::SendError;
 use super::event::TraceContext;
 use super::pool::Pool;
+use super::reply::{Reply, answer_all};
 use super::throttle::{RateLimit, RateLimitLayer, Throttle};
 use eventhub_telemetry::otel;
 use tracing::Instrument;
@@ -81,7 +82,7 @@ pub struct Pending {
     /// The event encoded as a batch section.
     pub encoded: Vec<u8>,
     /// Where its outcome goes.
-    pub reply: oneshot::Sender<Result<Receipt, SendError>>,
+    pub reply: Reply,
     /// When its caller stops waiting, unless it is on the wire by then.
     pub deadline: Instant,
     /// Decides between its deadline and its batch going on the wire.
@@ -325,10 +326,7 @@ struct OpenBatch {
     seal_at: Instant,
 }
 
-type Waiters = Vec<(
-    oneshot::Sender<Result<Receipt, SendError>>,
-    OwnedSemaphorePermit,
-)>;
+type Waiters = Vec<(Reply, OwnedSemaphorePermit)>;
 
 /// What a route needs from the producer: the send stack, the link size limit, and leave to end.
 pub trait RouteHost: Send + Sync + 'static {
@@ -424,7 +422,7 @@ impl Batcher {
                 Err(back) if batch.builder.is_empty() => {
                     // Cannot happen for an event checked to fit alone; answered rather than looped on.
                     let size = BatchBuilder::size_alone(self.partition_key.as_deref(), back.len());
-                    let _ = event.reply.send(Err(SendError::TooLarge { size, limit }));
+                    event.reply.send(Err(SendError::TooLarge { size, limit }));
                     return;
                 }
                 Err(back) => {
@@ -500,7 +498,7 @@ impl<H: RouteHost> Admission<H> {
             None => match self.host.max_message_size(&self.key, event.deadline).await {
                 Ok(found) => *self.limit.insert(found),
                 Err(error) => {
-                    let _ = event.reply.send(Err(error));
+                    event.reply.send(Err(error));
                     return None;
                 }
             },
@@ -509,7 +507,7 @@ impl<H: RouteHost> Admission<H> {
         if let Err(error) =
             BatchBuilder::check_fits_alone(partition_key, event.encoded.len(), limit)
         {
-            let _ = event.reply.send(Err(error));
+            event.reply.send(Err(error));
             return None;
         }
         if self.receipt.partition_id.is_none()
@@ -614,9 +612,9 @@ fn send_sealed<H: RouteHost>(
                 // Logged once, here, where the outcome is decided (in the span: hub and partition).
                 tracing::warn!(%error, events = waiters.len(), "batch failed");
             }
-            for (reply, _permit) in waiters {
-                let _ = reply.send(result.clone().map(|()| receipt.clone()));
-            }
+            // Each event's share of the buffer bound is released as it is answered.
+            let outcome = result.map(|()| receipt.clone());
+            answer_all(waiters.into_iter().map(|(reply, _permit)| reply), &outcome);
         };
         send_apart(request, waiters, send, answer).await;
     }
@@ -736,7 +734,7 @@ mod tests {
     use crate::error::AmqpCondition;
     use fe2o3_amqp_types::messaging::Body;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::sync::Semaphore;
+    use tokio::sync::{Semaphore, oneshot};
 
     const POISON: &[u8] = b"poison";
 
@@ -752,7 +750,10 @@ mod tests {
         for body in bodies {
             builder.try_push(body.clone()).unwrap();
             let (reply, outcome) = oneshot::channel();
-            waiters.push((reply, Arc::clone(&permits).try_acquire_owned().unwrap()));
+            waiters.push((
+                Reply::Ticket(reply),
+                Arc::clone(&permits).try_acquire_owned().unwrap(),
+            ));
             outcomes.push(outcome);
             claims.push(Arc::new(Claim::new()));
         }
@@ -809,7 +810,7 @@ mod tests {
     ) {
         send_apart(request, waiters, service, |result, waiters| {
             for (reply, _permit) in waiters {
-                let _ = reply.send(result.clone().map(|()| Receipt { partition_id: None }));
+                reply.send(result.clone().map(|()| Receipt { partition_id: None }));
             }
         })
         .await;
@@ -1107,7 +1108,7 @@ mod tests {
             let claim = Arc::new(Claim::new());
             let pending = Pending {
                 encoded: body.to_vec(),
-                reply,
+                reply: Reply::Ticket(reply),
                 deadline: now() + within,
                 claim: Arc::clone(&claim),
                 permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
