@@ -12,7 +12,6 @@ pub mod shares;
 pub mod status;
 pub mod stream;
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,7 +34,7 @@ use eventhub_telemetry::otel;
 use limits::Limits;
 use prost::Message;
 use rate_limit::RateLimits;
-use shares::{BufferShares, HeldShare};
+use shares::{BufferShares, ClientShare, HeldShare};
 pub use status::GatewayError;
 
 /// What the service shares between calls.
@@ -143,11 +142,16 @@ impl GatewayState {
 
     /// The hub a request names, or the default for an empty name.
     fn hub(&self, requested: &str) -> Result<String, GatewayError> {
+        self.served_hub(requested).map(str::to_owned)
+    }
+
+    /// [`GatewayState::hub`], borrowed from the served list (a stream asks once per event).
+    fn served_hub(&self, requested: &str) -> Result<&str, GatewayError> {
         if requested.is_empty() {
-            return Ok(self.hubs[0].clone());
+            return Ok(&self.hubs[0]);
         }
-        if self.hubs.iter().any(|hub| hub == requested) {
-            return Ok(requested.to_owned());
+        if let Some(hub) = self.hubs.iter().find(|hub| *hub == requested) {
+            return Ok(hub);
         }
         Err(GatewayError::UnknownHub {
             hub: status::clip(requested).into_owned(),
@@ -184,10 +188,7 @@ impl GatewayState {
         deadline: Instant,
         path: &(dyn Fn() -> String + Sync),
     ) -> Result<(eventhub_producer::Event, HeldShare), GatewayError> {
-        let share = self
-            .shares
-            .hold(call.peer, proto.encoded_len(), deadline)
-            .await?;
+        let share = call.share.hold(proto.encoded_len(), deadline).await?;
         let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
             .map_err(|error| GatewayError::event(path(), error))?;
         Ok((event, share))
@@ -239,10 +240,11 @@ impl GatewayState {
             .map_or(own, |timeout| deadline::answer_before(timeout).min(own));
         // Taken once per call: the parent of every event span of the call (streams included).
         let span_parent = otel::is_exporting().then(otel::current_context);
+        let peer = peer_ip(request.extensions());
         Ok(CallContext {
             caller,
             client,
-            peer: peer_ip(request.extensions()),
+            share: self.shares.share_of(peer),
             trace_context,
             span_parent,
             deadline,
@@ -255,8 +257,9 @@ impl GatewayState {
 pub struct CallContext {
     caller: Caller,
     client: ClientId,
-    /// The peer address: the key of the client's buffer share (it cannot choose it, unlike its id).
-    peer: Option<IpAddr>,
+    /// The buffer share of the peer address (the client cannot choose it, unlike its id), looked up once per
+    /// call.
+    share: ClientShare,
     trace_context: Option<TraceContext>,
     span_parent: Option<opentelemetry::Context>,
     deadline: Instant,

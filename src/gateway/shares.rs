@@ -26,6 +26,15 @@ struct Table {
     sweep_at: usize,
 }
 
+/// One client's share, looked up once per call: none for a call without a peer address (not over TCP),
+/// which has no share to charge. Holding it keeps the share in the table.
+#[derive(Clone, Debug)]
+pub struct ClientShare {
+    share: Option<Arc<Semaphore>>,
+    /// Bytes in a whole share.
+    size: u32,
+}
+
 /// Bytes of one event held in its client's share until dropped (with the event's outcome).
 #[derive(Debug)]
 pub struct HeldShare {
@@ -44,44 +53,20 @@ impl BufferShares {
         }
     }
 
-    /// Holds `bytes` of `peer`'s share, waiting until `deadline` for its earlier events to finish. A call
-    /// without a peer address (not over TCP) has no share to charge.
-    pub async fn hold(
-        &self,
-        peer: Option<IpAddr>,
-        bytes: usize,
-        deadline: Instant,
-    ) -> Result<HeldShare, GatewayError> {
-        let Some(peer) = peer else {
-            return Ok(HeldShare { _permit: None });
-        };
-        // An event larger than a whole share still goes, alone.
-        let weight = u32::try_from(bytes)
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.per_client);
-        let share = self.share_of(peer);
-        let permit = match Arc::clone(&share).try_acquire_many_owned(weight) {
-            Ok(permit) => permit,
-            Err(_) => tokio::time::timeout_at(deadline.into(), share.acquire_many_owned(weight))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .ok_or(GatewayError::Overloaded {
-                    bound: "limits.max_buffered_bytes_per_client",
-                    retry_after: RETRY_AFTER,
-                })?,
-        };
-        Ok(HeldShare {
-            _permit: Some(permit),
-        })
-    }
-
     /// Peer addresses in the table now (some may hold nothing until the next sweep).
     pub fn clients(&self) -> usize {
         self.table.lock().shares.len()
     }
 
-    fn share_of(&self, peer: IpAddr) -> Arc<Semaphore> {
+    /// The share of `peer` (none without a peer address).
+    pub fn share_of(&self, peer: Option<IpAddr>) -> ClientShare {
+        ClientShare {
+            share: peer.map(|peer| self.share_of_peer(peer)),
+            size: self.per_client,
+        }
+    }
+
+    fn share_of_peer(&self, peer: IpAddr) -> Arc<Semaphore> {
         let mut table = self.table.lock();
         if let Some(share) = table.shares.get(&peer) {
             return Arc::clone(share);
@@ -94,6 +79,34 @@ impl BufferShares {
         let share = Arc::new(Semaphore::new(self.per_client as usize));
         table.shares.insert(peer, Arc::clone(&share));
         share
+    }
+}
+
+impl ClientShare {
+    /// Holds `bytes` of a client's share, waiting until `deadline` for its earlier events to finish.
+    pub async fn hold(&self, bytes: usize, deadline: Instant) -> Result<HeldShare, GatewayError> {
+        let Some(share) = &self.share else {
+            return Ok(HeldShare { _permit: None });
+        };
+        // An event larger than a whole share still goes, alone.
+        let weight = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.size);
+        let permit = match Arc::clone(&share).try_acquire_many_owned(weight) {
+            Ok(permit) => permit,
+            Err(_) => tokio::time::timeout_at(
+                deadline.into(),
+                Arc::clone(share).acquire_many_owned(weight),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(GatewayError::Overloaded {
+                bound: "limits.max_buffered_bytes_per_client",
+                retry_after: RETRY_AFTER,
+            })?,
+        };
+        Ok(HeldShare {
+            _permit: Some(permit),
+        })
     }
 }
 
@@ -113,9 +126,13 @@ mod tests {
         // From the paused clock: it runs ahead of the real one while the test waits.
         let now = || tokio::time::Instant::now().into_std();
         let deadline = now() + Duration::from_secs(1);
-        let first = shares.hold(peer(1), MIB, deadline).await.unwrap();
-        let _second = shares.hold(peer(1), MIB, deadline).await.unwrap();
-        let refused = shares.hold(peer(1), MIB, deadline).await.unwrap_err();
+        let first = shares.share_of(peer(1)).hold(MIB, deadline).await.unwrap();
+        let _second = shares.share_of(peer(1)).hold(MIB, deadline).await.unwrap();
+        let refused = shares
+            .share_of(peer(1))
+            .hold(MIB, deadline)
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 refused,
@@ -127,13 +144,14 @@ mod tests {
             "{refused}"
         );
         shares
-            .hold(peer(2), 2 * MIB, deadline)
+            .share_of(peer(2))
+            .hold(2 * MIB, deadline)
             .await
             .expect("another client has its own share");
 
         let later = now() + Duration::from_secs(1);
         let waiting = tokio::spawn(async move {
-            let held = shares.hold(peer(1), MIB, later).await;
+            let held = shares.share_of(peer(1)).hold(MIB, later).await;
             (held.is_ok(), shares)
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -146,18 +164,22 @@ mod tests {
     async fn an_event_larger_than_a_share_goes_alone_and_no_peer_has_no_share() {
         let shares = BufferShares::new(MIB as u64);
         let deadline = Instant::now();
-        let _whole = shares.hold(peer(1), 3 * MIB, deadline).await.unwrap();
-        assert!(shares.hold(peer(1), 1, deadline).await.is_err());
-        assert!(shares.hold(None, 10 * MIB, deadline).await.is_ok());
+        let _whole = shares
+            .share_of(peer(1))
+            .hold(3 * MIB, deadline)
+            .await
+            .unwrap();
+        assert!(shares.share_of(peer(1)).hold(1, deadline).await.is_err());
+        assert!(shares.share_of(None).hold(10 * MIB, deadline).await.is_ok());
     }
 
     #[tokio::test]
     async fn the_table_forgets_clients_with_nothing_in_flight() {
         let shares = BufferShares::new(MIB as u64);
         let deadline = Instant::now();
-        let held = shares.hold(peer(0), 1, deadline).await.unwrap();
+        let held = shares.share_of(peer(0)).hold(1, deadline).await.unwrap();
         for last in 1..=200 {
-            drop(shares.hold(peer(last), 1, deadline).await.unwrap());
+            drop(shares.share_of(peer(last)).hold(1, deadline).await.unwrap());
         }
         assert!(
             shares.clients() < 130,
@@ -165,6 +187,6 @@ mod tests {
             shares.clients()
         );
         drop(held);
-        assert!(shares.hold(peer(0), MIB, deadline).await.is_ok());
+        assert!(shares.share_of(peer(0)).hold(MIB, deadline).await.is_ok());
     }
 }

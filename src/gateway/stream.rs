@@ -266,9 +266,17 @@ async fn read(
                         sink: &sink,
                         tag: next_tag,
                     };
-                    let admitted =
-                        admit(state, call, deadline, &hub, event, permit, tagged, &mut counters)
-                            .await;
+                    let admitted = admit(
+                        state,
+                        call,
+                        deadline,
+                        &hub,
+                        event,
+                        permit,
+                        tagged,
+                        &mut counters,
+                    )
+                    .await;
                     if matches!(admitted, Heard::Enqueued(_)) {
                         next_tag += 1;
                     }
@@ -405,31 +413,31 @@ async fn admit(
     } = event;
     // The field path its errors name, built only for an error.
     let field = move || field_path(index);
-    let hub = match state.hub(hub) {
+    let hub = match state.served_hub(hub) {
         Ok(hub) => hub,
         Err(error) => return nack(sequence, error, permit),
     };
     // Counted from here on: an unknown hub's name is the caller's text, never a label.
-    let counted = counters.get(&hub).receive(1);
+    let counted = counters.get(hub).receive(1);
     let refuse = |mut counted: Outcomes, error: GatewayError, permit| {
         counted.failed(error.reason(), 1);
         nack(sequence, error, permit)
     };
     if let Err(error) = call
-        .check_grant(&hub, 1)
+        .check_grant(hub, 1)
         .and_then(|()| state.charge(call, 1))
     {
         return refuse(counted, error, permit);
     }
     let own = Instant::now() + state.send_timeout;
     let deadline = stream_deadline.map_or(own, |stream| stream.min(own));
-    let (event, share) = match state.prepare(call, &hub, proto, deadline, &field).await {
+    let (event, share) = match state.prepare(call, hub, proto, deadline, &field).await {
         Ok(prepared) => prepared,
         Err(error) => return refuse(counted, error, permit),
     };
     let enqueued = state
         .producer
-        .enqueue_tagged(&hub, event, deadline, tagged.sink, tagged.tag)
+        .enqueue_tagged(hub, event, deadline, tagged.sink, tagged.tag)
         .await;
     match enqueued {
         Ok(pledge) => Heard::Enqueued(Waiting {
@@ -565,7 +573,10 @@ impl Acker {
 
     /// The deadline of the oldest event still waiting: the earliest of all.
     fn next_deadline(&self) -> Option<Instant> {
-        self.waiting.front().and_then(|front| front.as_ref()).map(|waiting| waiting.deadline)
+        self.waiting
+            .front()
+            .and_then(|front| front.as_ref())
+            .map(|waiting| waiting.deadline)
     }
 
     /// Answers every event whose deadline is past `now` without its outcome.
@@ -627,7 +638,12 @@ impl Acker {
                 Vec::new()
             };
             let acks = std::mem::replace(&mut self.acks, rest);
-            if self.responses.send(Ok(v1::SendStreamResponse { acks })).await.is_err() {
+            if self
+                .responses
+                .send(Ok(v1::SendStreamResponse { acks }))
+                .await
+                .is_err()
+            {
                 return false;
             }
         }

@@ -60,7 +60,7 @@ use connection::ConnectionContext;
 use link::LinkSettings;
 use pool::Pool;
 use reply::Reply;
-use route::{Pending, RouteHost, RouteKey, RouteSettings, SendStack, Target};
+use route::{Pending, RouteHost, RouteKey, RouteRef, RouteSettings, SendStack, Target};
 use throttle::Throttle;
 
 use eventhub_wire::partition::partition_for_key;
@@ -111,7 +111,7 @@ struct Inner {
     stack: SendStack,
     throttle: Option<Arc<Throttle>>,
     tokens: Arc<TokenCache>,
-    routes: Mutex<HashMap<RouteKey, mpsc::Sender<Pending>>>,
+    routes: Mutex<hashbrown::HashMap<RouteKey, mpsc::Sender<Pending>>>,
     /// One permit per open route (`max_routes`), held by the route's task.
     route_slots: Arc<Semaphore>,
     /// Asks one idle route to close early, for a new route waiting for a slot.
@@ -121,7 +121,7 @@ struct Inner {
     tasks: TaskTracker,
     buffer: Arc<Semaphore>,
     hubs: Mutex<HashMap<String, Arc<OnceCell<Arc<HubProperties>>>>>,
-    limits: Mutex<HashMap<String, u64>>,
+    limits: Mutex<hashbrown::HashMap<String, u64>>,
     closing: CancellationToken,
     stop: CancellationToken,
 }
@@ -223,13 +223,13 @@ impl Producer {
                 stack,
                 throttle,
                 tokens,
-                routes: Mutex::new(HashMap::new()),
+                routes: Mutex::new(hashbrown::HashMap::new()),
                 route_wanted: Notify::new(),
                 route_settings,
                 server_address,
                 tasks: TaskTracker::new(),
                 hubs: Mutex::new(HashMap::new()),
-                limits: Mutex::new(HashMap::new()),
+                limits: Mutex::new(hashbrown::HashMap::new()),
                 closing: CancellationToken::new(),
                 stop,
             }),
@@ -345,12 +345,12 @@ impl Producer {
             event.message_id = Some(new_message_id());
         }
         let encoded = event.encode()?;
-        let key = RouteKey {
-            hub: hub.to_owned(),
-            target,
+        let key = RouteRef {
+            hub,
+            target: &target,
         };
         if let Some(limit) = inner.limits.lock().get(hub).copied() {
-            BatchBuilder::check_fits_alone(key.target.partition_key(), encoded.len(), limit)?;
+            BatchBuilder::check_fits_alone(target.partition_key(), encoded.len(), limit)?;
         }
         let weight = u32::try_from(encoded.len()).unwrap_or(u32::MAX).max(1);
         // Waiting is the exception: try without it first, and keep the waiting futures boxed, out of the
@@ -371,15 +371,15 @@ impl Producer {
             permit,
             trace_context: event.trace_context,
         };
-        match self.route(&key, None)? {
+        match self.route(key, None)? {
             Some(route) => match route.try_send(pending) {
                 Ok(()) => {}
                 Err(
                     mpsc::error::TrySendError::Full(pending)
                     | mpsc::error::TrySendError::Closed(pending),
-                ) => Box::pin(self.wait_for_route(&key, pending)).await?,
+                ) => Box::pin(self.wait_for_route(key.to_key(), pending)).await?,
             },
-            None => Box::pin(self.wait_for_route(&key, pending)).await?,
+            None => Box::pin(self.wait_for_route(key.to_key(), pending)).await?,
         }
         Ok(claim)
     }
@@ -403,10 +403,10 @@ impl Producer {
 
     /// Waits (until the event's deadline) for its route (a slot under `max_routes`) and room in its queue,
     /// looking the route up again if it idled out meanwhile.
-    async fn wait_for_route(&self, key: &RouteKey, mut pending: Pending) -> Result<(), SendError> {
+    async fn wait_for_route(&self, key: RouteKey, mut pending: Pending) -> Result<(), SendError> {
         let deadline = pending.deadline;
         loop {
-            let route = self.route_or_wait(key, deadline).await?;
+            let route = self.route_or_wait(&key, deadline).await?;
             match tokio::time::timeout_at(deadline.into(), route.send(pending)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(mpsc::error::SendError(back))) => pending = back,
@@ -428,7 +428,7 @@ impl Producer {
         deadline: Instant,
     ) -> Result<mpsc::Sender<Pending>, SendError> {
         loop {
-            if let Some(route) = self.route(key, None)? {
+            if let Some(route) = self.route(key.into(), None)? {
                 return Ok(route);
             }
             if Instant::now() >= deadline {
@@ -446,7 +446,7 @@ impl Producer {
                 Ok(Err(_)) => return Err(SendError::Closed),
                 Err(_) => continue,
             };
-            if let Some(route) = self.route(key, Some(slot))? {
+            if let Some(route) = self.route(key.into(), Some(slot))? {
                 return Ok(route);
             }
         }
@@ -456,7 +456,7 @@ impl Producer {
     /// when every slot is taken.
     fn route(
         &self,
-        key: &RouteKey,
+        key: RouteRef<'_>,
         slot: Option<OwnedSemaphorePermit>,
     ) -> Result<Option<mpsc::Sender<Pending>>, SendError> {
         let inner = &self.inner;
@@ -464,7 +464,7 @@ impl Producer {
         if inner.closing.is_cancelled() {
             return Err(SendError::Closed);
         }
-        if let Some(route) = routes.get(key).filter(|route| !route.is_closed()) {
+        if let Some(route) = routes.get(&key).filter(|route| !route.is_closed()) {
             return Ok(Some(route.clone()));
         }
         let slot = match slot {
@@ -474,6 +474,7 @@ impl Producer {
                 Err(_) => return Ok(None),
             },
         };
+        let key = key.to_key();
         let (sender, receiver) = mpsc::channel(inner.config.route_queue_capacity);
         let mut settings = inner.route_settings;
         if key.target == Target::Any {

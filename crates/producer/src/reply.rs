@@ -107,10 +107,7 @@ mod tests {
             tagged(&one, 11),
         ];
         answer_all(replies, &Ok(Receipt { partition_id: None }));
-        assert_eq!(
-            *one.0.lock(),
-            [(4, 4, true), (9, 1, true), (11, 1, true)]
-        );
+        assert_eq!(*one.0.lock(), [(4, 4, true), (9, 1, true), (11, 1, true)]);
         assert_eq!(*other.0.lock(), [(8, 1, true)]);
         assert!(answered.blocking_recv().expect("answered").is_ok());
     }

@@ -4,6 +4,7 @@
 //! left out and answered by its ticket).
 
 use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -60,12 +61,60 @@ impl Target {
 }
 
 /// A route: a hub and a target.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteKey {
     /// The event hub.
     pub hub: String,
     /// Where in it.
     pub target: Target,
+}
+
+/// A route named by borrowed parts: how each event finds its route without building a key.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteRef<'a> {
+    /// The event hub.
+    pub hub: &'a str,
+    /// Where in it.
+    pub target: &'a Target,
+}
+
+impl RouteRef<'_> {
+    /// The owned key, for a route being opened or waited for.
+    pub fn to_key(self) -> RouteKey {
+        RouteKey {
+            hub: self.hub.to_owned(),
+            target: self.target.clone(),
+        }
+    }
+}
+
+// A key and its borrowed form hash alike, so either finds the route (hashbrown's `Equivalent`).
+impl Hash for RouteKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        RouteRef::from(self).hash(state);
+    }
+}
+
+impl Hash for RouteRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.hub.hash(state);
+        self.target.hash(state);
+    }
+}
+
+impl<'a> From<&'a RouteKey> for RouteRef<'a> {
+    fn from(key: &'a RouteKey) -> Self {
+        Self {
+            hub: &key.hub,
+            target: &key.target,
+        }
+    }
+}
+
+impl hashbrown::Equivalent<RouteKey> for RouteRef<'_> {
+    fn equivalent(&self, key: &RouteKey) -> bool {
+        self.hub == key.hub && *self.target == key.target
+    }
 }
 
 /// Where an accepted event went.
