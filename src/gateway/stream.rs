@@ -2,7 +2,7 @@
 //! stops reading, so HTTP/2 flow control holds the client back), acknowledges every sequence exactly once
 //! with its real outcome, groups acks that are ready together, and on half-close sends every remaining ack.
 //! Every other ending (a message it cannot read, the stream's deadline, idleness past
-//! `stream_idle_timeout_seconds`, draining) also answers every event read first, then ends the call with a
+//! `stream_idle_timeout_seconds`, draining, its connection's age) also answers every event read first, then ends the call with a
 //! status that says why; only a client that went away gets nothing.
 //!
 //! Memory per stream has a fixed ceiling, whatever the client sends or fails to read: every sequence read,
@@ -28,6 +28,7 @@ use tracing::Instrument;
 use super::guard::Refusal;
 use super::status::{self, GatewayError, StreamFault, StreamProgress};
 use super::{CallContext, GatewayState};
+use crate::listener::GoingAway;
 use crate::proto::v1;
 use eventhub_telemetry::metrics::{HubEventsCache, OpenStream, Outcomes, Rpc};
 
@@ -60,6 +61,7 @@ enum ReadEnd {
 enum Interruption {
     Draining,
     Deadline,
+    ConnectionAged,
 }
 
 impl Interruption {
@@ -67,12 +69,18 @@ impl Interruption {
         match self {
             Self::Draining => ReadEnd::Draining,
             Self::Deadline => ReadEnd::Failed(GatewayError::StreamDeadlineExceeded { progress }),
+            Self::ConnectionAged => ReadEnd::Failed(GatewayError::ConnectionAged { progress }),
         }
     }
 }
 
-/// Resolves when the gateway starts draining or the stream's deadline passes.
-async fn interruption(state: &GatewayState, deadline: Option<Instant>) -> Interruption {
+/// Resolves when the gateway starts draining, the stream's deadline passes, or its connection reaches its age
+/// (the drain's ending, for one connection: stop reading, answer what was read, say why).
+async fn interruption(
+    state: &GatewayState,
+    deadline: Option<Instant>,
+    going_away: &GoingAway,
+) -> Interruption {
     let deadline_passed = async {
         match deadline {
             Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -80,8 +88,10 @@ async fn interruption(state: &GatewayState, deadline: Option<Instant>) -> Interr
         }
     };
     tokio::select! {
+        biased;
         () = state.draining.cancelled() => Interruption::Draining,
         () = deadline_passed => Interruption::Deadline,
+        () = going_away.reached() => Interruption::ConnectionAged,
     }
 }
 
@@ -109,12 +119,13 @@ fn unreadable(status: &Status, progress: StreamProgress, max_request_bytes: usiz
     ReadEnd::Failed(fault.with_progress(status.message().to_owned(), progress))
 }
 
-/// Starts serving one stream, which ends by `deadline` (the caller's `grpc-timeout`, if any); returns its
-/// responses.
+/// Starts serving one stream, which ends by `deadline` (the caller's `grpc-timeout`, if any) or when its
+/// connection is `going_away`; returns its responses.
 pub fn start(
     state: Arc<GatewayState>,
     call: CallContext,
     deadline: Option<Instant>,
+    going_away: GoingAway,
     inbound: Streaming<v1::SendStreamRequest>,
 ) -> AckStream {
     let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
@@ -126,7 +137,7 @@ pub fn start(
             let _open = OpenStream::open();
             let (pending_tx, pending_rx) = mpsc::unbounded_channel();
             let acker = tokio::spawn(acknowledge(pending_rx, responses.clone()).in_current_span());
-            let end = read(&state, &call, deadline, inbound, pending_tx).await;
+            let end = read(&state, &call, deadline, &going_away, inbound, pending_tx).await;
             // The reader dropped its sender: the acker answers what is pending, then ends.
             let _ = acker.await;
             let error = match end {
@@ -152,6 +163,7 @@ async fn read(
     state: &Arc<GatewayState>,
     call: &CallContext,
     deadline: Option<Instant>,
+    going_away: &GoingAway,
     mut inbound: Streaming<v1::SendStreamRequest>,
     pending: mpsc::UnboundedSender<PendingAck>,
 ) -> ReadEnd {
@@ -160,7 +172,7 @@ async fn read(
     let unacked = Arc::new(Semaphore::new(budget));
     let mut counters = HubEventsCache::new(Rpc::SendStream);
     let mut progress = StreamProgress::default();
-    let interrupted = interruption(state, deadline);
+    let interrupted = interruption(state, deadline, going_away);
     tokio::pin!(interrupted);
     loop {
         // A permit before every read: with none left the stream is not read, and HTTP/2 pushes back.
