@@ -880,6 +880,8 @@ async fn connection_life<Fut, E>(
         }
     };
     let aged = tokio::select! {
+        // Polled here too: the connection is served from the start, not from its signal.
+        result = &mut served => return report_served(result),
         () = calls.closed.cancelled() => false,
         () = stop.cancelled() => false,
         () = reached_age => true,
