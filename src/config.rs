@@ -942,7 +942,10 @@ mod tests {
             config.limits.max_connection_age,
             Some(Duration::from_secs(1800))
         );
-        assert_eq!(config.limits.max_connection_age_grace, Duration::from_secs(60));
+        assert_eq!(
+            config.limits.max_connection_age_grace,
+            Duration::from_secs(60)
+        );
         assert_eq!(toml("").unwrap().limits.max_connection_age, None);
         for (text, field, problem) in [
             (

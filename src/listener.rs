@@ -887,7 +887,10 @@ async fn connection_life<Fut, E>(
         () = reached_age => true,
     };
     if aged {
-        tracing::debug!(calls = calls.open.load(Ordering::Acquire), "connection reached its age: GOAWAY");
+        tracing::debug!(
+            calls = calls.open.load(Ordering::Acquire),
+            "connection reached its age: GOAWAY"
+        );
         connection_aged(AgedEnd::GoAway);
         // Streams first, so each stops reading and answers what it read while the connection still carries it.
         calls.going_away.cancel();

@@ -515,10 +515,8 @@ async fn serve_connections<L, ResBody>(
 where
     tonic::transport::server::Router<L>: Clone + Send + 'static,
     L: tower::Layer<tonic::service::Routes> + Clone + Send + 'static,
-    L::Service: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<ResBody>,
-        > + Clone
+    L::Service: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
+        + Clone
         + Send
         + 'static,
     <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,

@@ -51,7 +51,10 @@ async fn gateway(emulator: &Emulator, hub: &str, env: &[(&str, &str)]) -> Gatewa
 fn aging(age: &'static str, grace: &'static str) -> [(&'static str, &'static str); 4] {
     [
         ("EVENTHUB_GATEWAY_LIMITS__MAX_CONNECTION_AGE_SECONDS", age),
-        ("EVENTHUB_GATEWAY_LIMITS__MAX_CONNECTION_AGE_GRACE_SECONDS", grace),
+        (
+            "EVENTHUB_GATEWAY_LIMITS__MAX_CONNECTION_AGE_GRACE_SECONDS",
+            grace,
+        ),
         ("EVENTHUB_GATEWAY_PRODUCER__SEND_TIMEOUT", grace),
         ("RUST_LOG", "eventhub_gateway::listener=debug,info"),
     ]
@@ -103,13 +106,27 @@ fn held_send_event(
     (release, call)
 }
 
+/// Whether tonic's client failed a call because it raced a GOAWAY, before the gateway took it: CANCELLED
+/// "connection closed" (the call was still queued on the closing connection), UNAVAILABLE (a refused stream),
+/// or INTERNAL carrying h2's GOAWAY error (the stream was above the GOAWAY's last stream id, so the gateway
+/// never processed it). gRPC clients retry these transparently (grpc-js does: tests/node/rebalance.test.mjs
+/// sees none); tonic's channel does not, so these tests do.
+fn raced_a_goaway(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Cancelled | Code::Unavailable => true,
+        Code::Internal => format!("{status:?}").contains("GoAway("),
+        _ => false,
+    }
+}
+
 /// Polls `gateway`'s aged-connection counter for `end` until it reaches `at_least`; whether it did in time.
 async fn wait_aged(gateway: &GatewayProcess, end: &str, at_least: f64) -> bool {
     eventually(|| async { aged(gateway, end).await >= at_least }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_aged_connection_gets_goaway_its_call_in_flight_finishes_and_new_calls_use_a_new_connection() {
+async fn an_aged_connection_gets_goaway_its_call_in_flight_finishes_and_new_calls_use_a_new_connection()
+ {
     let emulator = start(&[&format!("aging:{PARTITIONS}")]).await;
     let gateway = gateway(&emulator, "aging", &aging("1", "10")).await;
     let (channel, opened) = counting_channel(gateway.address).await;
@@ -123,15 +140,13 @@ async fn an_aged_connection_gets_goaway_its_call_in_flight_finishes_and_new_call
         wait_aged(&gateway, "goaway", 1.0).await,
         "no GOAWAY within {TIMEOUT:?}"
     );
-    // New calls go on a new connection. A call racing the GOAWAY to the client fails without reaching the
-    // gateway (tonic's channel answers CANCELLED "connection closed", or UNAVAILABLE for a refused stream)
-    // and is sent again, as gRPC clients retry a call that never left them; tonic's channel does not.
+    // New calls go on a new connection; one racing the GOAWAY is sent again (see `raced_a_goaway`).
     let mut after = Err(tonic::Status::unknown("not sent"));
     let mut attempts = 0;
     while attempts < 3 {
         attempts += 1;
         after = send_text(&mut client, "after").await;
-        if !matches!(&after, Err(status) if matches!(status.code(), Code::Unavailable | Code::Cancelled)) {
+        if !matches!(&after, Err(status) if raced_a_goaway(status)) {
             break;
         }
     }
@@ -211,7 +226,8 @@ fn error_metadata(status: &tonic::Status) -> HashMap<String, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_open_across_its_connections_age_ends_connection_aged_with_every_event_it_read_answered() {
+async fn a_stream_open_across_its_connections_age_ends_connection_aged_with_every_event_it_read_answered()
+ {
     let emulator = start(&[&format!("streaming:{PARTITIONS}")]).await;
     let gateway = gateway(&emulator, "streaming", &aging("1", "10")).await;
     let (channel, opened) = counting_channel(gateway.address).await;
@@ -256,7 +272,10 @@ async fn a_stream_open_across_its_connections_age_ends_connection_aged_with_ever
     let metadata = error_metadata(&status);
     let last: u64 = metadata["last_sequence"].parse().unwrap();
     assert_eq!(metadata["messages_read"], last.to_string());
-    assert!(last > 10, "the stream carried events before its age: {last}");
+    assert!(
+        last > 10,
+        "the stream carried events before its age: {last}"
+    );
     // Every event read is answered, once, OK; none after the last read.
     acks.sort_unstable();
     assert_eq!(
@@ -297,7 +316,7 @@ struct Spread {
     second_before_window: f64,
     /// Events each backend answered OK in the window.
     window: (f64, f64),
-    /// Calls that failed (UNAVAILABLE while a channel reconnects), over the whole run.
+    /// Calls that raced a GOAWAY, never taken by a gateway, over the whole run (the client sends on).
     failed: usize,
 }
 
@@ -335,7 +354,7 @@ async fn scale_out(hub: &str, env: &[(&str, &str)], settle: Duration) -> Spread 
                     }
                     Ok(_) => {}
                     Err(status) => {
-                        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                        assert!(raced_a_goaway(&status), "{status:?}");
                         failed += 1;
                     }
                 }
@@ -372,7 +391,8 @@ async fn scale_out(hub: &str, env: &[(&str, &str)], settle: Duration) -> Spread 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn behind_an_l4_balancer_a_replica_added_gets_no_share_without_an_age_and_a_fair_one_with_it() {
+async fn behind_an_l4_balancer_a_replica_added_gets_no_share_without_an_age_and_a_fair_one_with_it()
+{
     // Without an age, connections stay where the balancer put them: the new replica carries nothing.
     let pinned = scale_out("pinned", &[], Duration::from_millis(1500)).await;
     println!("without max_connection_age: {pinned:?}");
@@ -386,12 +406,7 @@ async fn behind_an_l4_balancer_a_replica_added_gets_no_share_without_an_age_and_
 
     // With a 1 s age, every connection reconnects by 1.1 s after the scale-out, and the balancer alternates:
     // the window starts after one age with its jitter, plus a margin for the reconnects.
-    let aged = scale_out(
-        "spread",
-        &aging("1", "2")[..3],
-        Duration::from_millis(1500),
-    )
-    .await;
+    let aged = scale_out("spread", &aging("1", "2")[..3], Duration::from_millis(1500)).await;
     let share = aged.second_share();
     println!("with max_connection_age 1 s: {aged:?}, second's share {share:.3}");
     assert!((0.25..=0.75).contains(&share), "{aged:?}");

@@ -221,7 +221,10 @@ impl Limits {
             }
         }
         let ages = second..=Duration::from_secs(30 * 86_400);
-        if self.max_connection_age.is_some_and(|age| !ages.contains(&age)) {
+        if self
+            .max_connection_age
+            .is_some_and(|age| !ages.contains(&age))
+        {
             return invalid(
                 "max_connection_age_seconds",
                 "must be between 1 s and 2592000 s (30 days), or unset for no age",

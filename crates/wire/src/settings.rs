@@ -324,11 +324,27 @@ mod tests {
         let read = |json: &str| serde_json::from_str::<Optional>(json).map_err(|e| e.to_string());
         assert_eq!(read("{}").unwrap().age, None);
         assert_eq!(read(r#"{"age": null}"#).unwrap().age, None);
-        assert_eq!(read(r#"{"age": "30m"}"#).unwrap().age, Some(Duration::from_secs(1800)));
-        assert_eq!(read(r#"{"age": 1.5}"#).unwrap().age, Some(Duration::from_millis(1500)));
-        assert!(read(r#"{"age": -1}"#).unwrap_err().contains("must not be negative"));
-        let written = serde_json::to_string(&Optional { age: Some(Duration::from_secs(90)) }).unwrap();
+        assert_eq!(
+            read(r#"{"age": "30m"}"#).unwrap().age,
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            read(r#"{"age": 1.5}"#).unwrap().age,
+            Some(Duration::from_millis(1500))
+        );
+        assert!(
+            read(r#"{"age": -1}"#)
+                .unwrap_err()
+                .contains("must not be negative")
+        );
+        let written = serde_json::to_string(&Optional {
+            age: Some(Duration::from_secs(90)),
+        })
+        .unwrap();
         assert_eq!(written, r#"{"age":90}"#);
-        assert_eq!(serde_json::to_string(&Optional { age: None }).unwrap(), r#"{"age":null}"#);
+        assert_eq!(
+            serde_json::to_string(&Optional { age: None }).unwrap(),
+            r#"{"age":null}"#
+        );
     }
 }
