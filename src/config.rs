@@ -334,6 +334,20 @@ impl GatewayConfig {
         self.limits
             .validate()
             .map_err(|error| error.within("limits"))?;
+        // A stream ended at its connection's age answers every event it read, each within the send timeout:
+        // a shorter grace would close the connection under acks still owed.
+        if self.limits.max_connection_age.is_some()
+            && self.limits.max_connection_age_grace < self.producer.send_timeout
+        {
+            return Err(ConfigError::invalid(
+                "limits.max_connection_age_grace_seconds",
+                format!(
+                    "must be at least producer.send_timeout ({:?}) when limits.max_connection_age_seconds is set, \
+                     so every event read before the connection's age is answered before it is closed",
+                    self.producer.send_timeout
+                ),
+            ));
+        }
         self.auth
             .validate(&self.hubs())
             .map_err(|error| error.within("auth"))?;
@@ -919,6 +933,52 @@ mod tests {
             std::num::NonZeroU32::new(50)
         );
         assert!(matches!(toml("[limits\n"), Err(ConfigError::Load(_))));
+    }
+
+    #[test]
+    fn a_connection_age_reads_its_duration_and_its_grace_must_cover_the_send_timeout() {
+        let config = toml("[limits]\nmax_connection_age_seconds = \"30m\"\n").unwrap();
+        assert_eq!(
+            config.limits.max_connection_age,
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            config.limits.max_connection_age_grace,
+            Duration::from_secs(60)
+        );
+        assert_eq!(toml("").unwrap().limits.max_connection_age, None);
+        for (text, field, problem) in [
+            (
+                "[limits]\nmax_connection_age_seconds = 0.5\n",
+                "limits.max_connection_age_seconds",
+                "must be between 1 s and 2592000 s (30 days), or unset for no age",
+            ),
+            (
+                "[limits]\nmax_connection_age_seconds = 60\nmax_connection_age_grace_seconds = 10\n",
+                "limits.max_connection_age_grace_seconds",
+                "must be at least producer.send_timeout (60s) when limits.max_connection_age_seconds is set",
+            ),
+            (
+                "[limits]\nmax_connection_age_grace_seconds = 100000\n",
+                "limits.max_connection_age_grace_seconds",
+                "must be between 1 s and 86400 s (a day)",
+            ),
+        ] {
+            match toml(text) {
+                Err(ConfigError::Invalid {
+                    field: found,
+                    problem: text,
+                }) => {
+                    assert_eq!(found, field, "{text}");
+                    assert!(text.contains(problem), "{field}: {text}");
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        // A shorter send timeout allows a shorter grace; without an age the grace is not checked against it.
+        toml("[limits]\nmax_connection_age_seconds = 60\nmax_connection_age_grace_seconds = 10\n[producer]\nsend_timeout = 10\n")
+            .unwrap();
+        toml("[limits]\nmax_connection_age_grace_seconds = 10\n").unwrap();
     }
 
     #[test]

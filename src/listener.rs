@@ -2,13 +2,15 @@
 //! (backing off on `EMFILE`/`ENFILE`), at most `max_connections` open at once and `max_connections_per_client`
 //! per peer address, and on the gRPC listener a [`Guarded`] connection that is closed when it has not finished
 //! its TLS handshake and HTTP/2 preface in time, when a header block arrives too slowly, or when it has had no
-//! call open for `connection_idle_timeout`.
+//! call open for `connection_idle_timeout`; and the life of each served gRPC connection ([`serve_grpc`]): at its
+//! age (`max_connection_age`, jittered) a GOAWAY, at the end of its grace (or of the drain's) a close.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -23,8 +25,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tower::{Layer, Service};
+
+use eventhub_telemetry::metrics::{AgedEnd, connection_aged};
 
 use crate::middleware::{HeldBody, peer_addr};
 
@@ -226,6 +232,15 @@ impl Connections {
         self.open.lock().total
     }
 
+    /// Closes every open connection now, whatever calls it holds (the end of a drain's grace): their reads and
+    /// writes fail, so the HTTP/2 server drops them.
+    pub fn close_all(&self) {
+        let open: Vec<Arc<Calls>> = self.open.lock().calls.values().cloned().collect();
+        for calls in open {
+            calls.force_close(Expired::Drain);
+        }
+    }
+
     /// Admitted connections of `incoming`; one beyond a cap is closed at once (its client sees the connection
     /// closed before the HTTP/2 handshake), one debug line each.
     pub fn limit<S>(
@@ -273,6 +288,7 @@ struct Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
+        self.calls.closed.cancel();
         let mut open = self.connections.open.lock();
         open.total -= 1;
         open.calls.remove(&self.remote);
@@ -285,13 +301,19 @@ impl Drop for Place {
     }
 }
 
-/// The calls open on one connection, and since when it has had none.
+/// The calls open on one connection, since when it has had none, and where it is in its life.
 #[derive(Debug)]
 struct Calls {
     open: AtomicUsize,
     idle_since: Mutex<Instant>,
-    /// The connection's reader, woken when its last call ends so it arms its idle timer.
+    /// The connection's task, woken when its last call ends (so it arms its idle timer) or when it must close.
     reader: AtomicWaker,
+    /// Cancelled when the connection reaches its age: its streams stop reading and end CONNECTION_AGED.
+    going_away: CancellationToken,
+    /// Cancelled when the connection is gone (its place freed).
+    closed: CancellationToken,
+    /// Set when the connection must close now, whatever it carries: its reads and writes fail.
+    forced: OnceLock<Expired>,
 }
 
 impl Calls {
@@ -300,11 +322,29 @@ impl Calls {
             open: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             reader: AtomicWaker::new(),
+            going_away: CancellationToken::new(),
+            closed: CancellationToken::new(),
+            forced: OnceLock::new(),
         }
     }
 
     fn touch(&self) {
         *self.idle_since.lock() = Instant::now();
+    }
+
+    /// Closes the connection now, by `why`; returns whether it was still open.
+    fn force_close(&self, why: Expired) -> bool {
+        if self.closed.is_cancelled() {
+            return false;
+        }
+        let _ = self.forced.set(why);
+        // Whether its task waits to read or to write, its next poll fails.
+        self.reader.wake();
+        true
+    }
+
+    fn forced(&self) -> Option<io::Error> {
+        self.forced.get().map(|why| closed(*why))
     }
 }
 
@@ -561,6 +601,10 @@ enum Expired {
     Handshake,
     HeaderRead,
     Idle,
+    /// Still open at the end of its grace after its age.
+    AgeGrace,
+    /// Still open at the end of the drain's grace for clients to read their answers.
+    Drain,
 }
 
 impl Expired {
@@ -569,6 +613,8 @@ impl Expired {
             Self::Handshake => "limits.handshake_timeout_seconds",
             Self::HeaderRead => "limits.header_read_timeout_seconds",
             Self::Idle => "limits.connection_idle_timeout_seconds",
+            Self::AgeGrace => "limits.max_connection_age_grace_seconds",
+            Self::Drain => "the end of the drain",
         }
     }
 }
@@ -625,6 +671,9 @@ impl<T: AsyncRead> AsyncRead for Guarded<T> {
             return Poll::Ready(Err(closed(expired)));
         }
         this.calls.reader.register(cx.waker());
+        if let Some(error) = this.calls.forced() {
+            return Poll::Ready(Err(error));
+        }
         let before = buf.filled().len();
         if let Poll::Ready(read) = this.inner.poll_read(cx, buf) {
             let now = Instant::now();
@@ -697,12 +746,17 @@ fn closed(expired: Expired) -> io::Error {
     )
 }
 
+// Writes fail too once the connection is closed by force: a client that reads nothing leaves the server
+// waiting to write, never to read.
 impl<T: AsyncWrite> AsyncWrite for Guarded<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.calls.forced() {
+            return Poll::Ready(Err(error));
+        }
         self.project().inner.poll_write(cx, buf)
     }
 
@@ -711,6 +765,9 @@ impl<T: AsyncWrite> AsyncWrite for Guarded<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.calls.forced() {
+            return Poll::Ready(Err(error));
+        }
         self.project().inner.poll_write_vectored(cx, bufs)
     }
 
@@ -719,11 +776,143 @@ impl<T: AsyncWrite> AsyncWrite for Guarded<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(error) = self.calls.forced() {
+            return Poll::Ready(Err(error));
+        }
         self.project().inner.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// In each call's request extensions: resolves when the call's connection reaches its age (the connection is
+/// about to get its GOAWAY), so a long call can end itself cleanly instead of being cut at the grace's end.
+#[derive(Clone, Debug)]
+pub struct GoingAway(CancellationToken);
+
+impl GoingAway {
+    /// Resolves when the connection reaches its age.
+    pub async fn reached(&self) {
+        self.0.cancelled().await;
+    }
+
+    /// A connection that never ages (tests, calls not counted against a connection).
+    pub fn never() -> Self {
+        Self(CancellationToken::new())
+    }
+}
+
+/// How long a gRPC connection may live (`limits.max_connection_age_seconds` and its grace).
+#[derive(Clone, Copy, Debug)]
+pub struct Age {
+    /// The age, before jitter.
+    pub max: Duration,
+    /// After the GOAWAY, how long its calls may go on before the connection is closed under them.
+    pub grace: Duration,
+}
+
+impl Age {
+    /// One connection's age: `max` ±10%, drawn uniformly (as grpc-go does), so connections opened together do
+    /// not all come back together.
+    fn draw(&self) -> Duration {
+        self.max.mul_f64(rand::random_range(0.9..=1.1))
+    }
+}
+
+/// Serves the gRPC connections of `incoming` until `stop`, each in its own task through `serve` (given the
+/// connection and the signal that starts its graceful shutdown: a GOAWAY, calls in flight finish). A connection
+/// gets that signal at its `age` (jittered) or at `stop`; one still open `age.grace` after its age is closed.
+/// Returns once every connection it served has ended.
+pub async fn serve_grpc<T, F, Fut, E>(
+    incoming: Connecting<Guarded<T>>,
+    serve: F,
+    age: Option<Age>,
+    stop: CancellationToken,
+) where
+    F: Fn(Guarded<T>, WaitForCancellationFutureOwned) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let open = TaskTracker::new();
+    tokio::pin!(incoming);
+    loop {
+        let next = tokio::select! {
+            next = incoming.next() => next,
+            () = stop.cancelled() => break,
+        };
+        let connection = match next {
+            Some(Ok(connection)) => connection,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "connection not served");
+                continue;
+            }
+            None => break,
+        };
+        let calls = Arc::clone(&connection.calls);
+        let goaway = CancellationToken::new();
+        let served = serve(connection, goaway.clone().cancelled_owned());
+        open.spawn(connection_life(served, calls, goaway, age, stop.clone()));
+    }
+    open.close();
+    open.wait().await;
+}
+
+/// One connection from its start to its end: served until it closes, the drain starts, or it reaches its age;
+/// then a GOAWAY (`goaway`); after an age, `grace` for its calls, then the close.
+async fn connection_life<Fut, E>(
+    served: Fut,
+    calls: Arc<Calls>,
+    goaway: CancellationToken,
+    age: Option<Age>,
+    stop: CancellationToken,
+) where
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(served);
+    let aged_at = age.map(|age| Instant::now() + age.draw());
+    let reached_age = async {
+        match aged_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let aged = tokio::select! {
+        // Polled here too: the connection is served from the start, not from its signal.
+        result = &mut served => return report_served(result),
+        () = calls.closed.cancelled() => false,
+        () = stop.cancelled() => false,
+        () = reached_age => true,
+    };
+    if aged {
+        tracing::debug!(
+            calls = calls.open.load(Ordering::Acquire),
+            "connection reached its age: GOAWAY"
+        );
+        connection_aged(AgedEnd::GoAway);
+        // Streams first, so each stops reading and answers what it read while the connection still carries it.
+        calls.going_away.cancel();
+    }
+    goaway.cancel();
+    if let (true, Some(age)) = (aged, age) {
+        tokio::select! {
+            result = &mut served => return report_served(result),
+            () = tokio::time::sleep(age.grace) => {
+                if calls.force_close(Expired::AgeGrace) {
+                    tracing::debug!(calls = calls.open.load(Ordering::Acquire), "aged connection closed at the end of its grace");
+                    connection_aged(AgedEnd::Forced);
+                }
+            }
+        }
+    }
+    report_served(served.await);
+}
+
+fn report_served<E: std::fmt::Display>(result: Result<(), E>) {
+    if let Err(error) = result {
+        tracing::debug!(%error, "gRPC connection ended in error");
     }
 }
 
@@ -771,13 +960,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let call = peer_addr(request.extensions())
             .and_then(|remote| self.connections.calls_of(remote))
             .map(|calls| {
                 calls.open.fetch_add(1, Ordering::AcqRel);
                 OpenCall(calls)
             });
+        if let Some(OpenCall(calls)) = &call {
+            request
+                .extensions_mut()
+                .insert(GoingAway(calls.going_away.clone()));
+        }
         CallFuture {
             inner: self.inner.call(request),
             call,

@@ -20,7 +20,7 @@ use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig}
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
 use crate::gateway::{Gateway, GatewayError, GatewayState};
-use crate::listener::{ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
+use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::telemetry::http::Exposed;
@@ -125,6 +125,7 @@ pub struct RunningGateway {
     emulator: Option<InProcessEmulator>,
     metrics: MetricsServer,
     drain_timeout: Duration,
+    connections: Arc<Connections>,
 }
 
 impl RunningGateway {
@@ -191,6 +192,8 @@ impl RunningGateway {
                     grace = ?CLIENT_READ_GRACE,
                     "closing connections whose clients did not read their answers"
                 );
+                // The connections' own tasks outlive the server's: they are closed through their sockets.
+                self.connections.close_all();
                 self.server.abort();
                 Ok(())
             }
@@ -465,7 +468,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     let shed = load_shedding(&config.limits);
     let router = builder
         // The first layer is outermost: shed calls are still traced and attributed.
-        .layer(ConnectionCallsLayer::new(connections))
+        .layer(ConnectionCallsLayer::new(Arc::clone(&connections)))
         .layer(TraceContextLayer::new())
         .layer(ClientIdLayer::new())
         .layer(shed.clone())
@@ -480,19 +483,15 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         readiness: Arc::clone(&state) as _,
     };
     let metrics = metrics_listener.serve(metrics, exposed, &config.limits);
-    let shutdown = stop.clone();
-    let server = tokio::spawn(async move {
-        let signal = shutdown.cancelled_owned();
-        match incoming {
-            GrpcIncoming::Plain(incoming) => {
-                router.serve_with_incoming_shutdown(incoming, signal).await
-            }
-            GrpcIncoming::Tls(incoming) => {
-                router.serve_with_incoming_shutdown(incoming, signal).await
-            }
-        }
-        .map_err(|error| ServeError::Serve(error.to_string()))
+    let age = limits.max_connection_age.map(|max| Age {
+        max,
+        grace: limits.max_connection_age_grace,
     });
+    // tonic's server has no hook on one connection (and its own max_connection_age sends no GOAWAY when a
+    // grace is set, and draws no jitter), so each connection gets a server of its own, whose shutdown signal is
+    // that connection's: tonic's graceful path sends the GOAWAY, with its HTTP/2 settings, layers and
+    // connection info unchanged. Building one is cheap (no socket); a connection lives much longer.
+    let server = tokio::spawn(serve_connections(incoming, router, age, stop.clone()));
     tracing::info!(%local_addr, hubs = %config.hubs().join(", "), "gateway listening");
     Ok(RunningGateway {
         local_addr,
@@ -502,7 +501,57 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         emulator,
         metrics,
         drain_timeout: config.drain_timeout,
+        connections,
     })
+}
+
+/// Serves every connection of `incoming` through `router` (see [`crate::listener::serve_grpc`]) until `stop`.
+async fn serve_connections<L, ResBody>(
+    incoming: GrpcIncoming,
+    router: tonic::transport::server::Router<L>,
+    age: Option<Age>,
+    stop: CancellationToken,
+) -> Result<(), ServeError>
+where
+    tonic::transport::server::Router<L>: Clone + Send + 'static,
+    L: tower::Layer<tonic::service::Routes> + Clone + Send + 'static,
+    L::Service: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use futures_util::StreamExt as _;
+    fn one<T: Send + 'static>(
+        connection: T,
+    ) -> impl futures_util::Stream<Item = std::io::Result<T>> + Send {
+        // Never ends: an incoming stream that ends starts tonic's shutdown.
+        futures_util::stream::once(std::future::ready(Ok(connection)))
+            .chain(futures_util::stream::pending())
+    }
+    match incoming {
+        GrpcIncoming::Plain(incoming) => {
+            let serve = move |connection, signal| {
+                router
+                    .clone()
+                    .serve_with_incoming_shutdown(one(connection), signal)
+            };
+            crate::listener::serve_grpc(incoming, serve, age, stop).await;
+        }
+        GrpcIncoming::Tls(incoming) => {
+            let serve = move |connection, signal| {
+                router
+                    .clone()
+                    .serve_with_incoming_shutdown(one(connection), signal)
+            };
+            crate::listener::serve_grpc(incoming, serve, age, stop).await;
+        }
+    }
+    Ok(())
 }
 
 /// The producer the upstream asks for (and the in-process emulator it sends to, if that is the upstream).

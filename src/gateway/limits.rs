@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
-use eventhub_wire::settings::{rate, seconds};
+use eventhub_wire::settings::{optional_seconds, rate, seconds};
 
 /// Bounds on calls, streams and clients.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,6 +42,20 @@ pub struct Limits {
     /// A gRPC connection with no call open for this long is closed (its client reconnects when it needs to).
     #[serde(rename = "connection_idle_timeout_seconds", with = "seconds")]
     pub connection_idle_timeout: Duration,
+    /// How long a gRPC connection may live, ±10% drawn per connection (so connections opened together do not
+    /// all reconnect together); then it gets an HTTP/2 GOAWAY: calls in flight finish, new calls go to a new
+    /// connection, which a Service or L4 balancer may send to another replica (replicas added by an autoscaler
+    /// otherwise get no traffic from clients already connected). A `SendStream` on it stops reading, answers
+    /// every event it read, and ends UNAVAILABLE CONNECTION_AGED (retry at once). Off when unset, the default,
+    /// as in gRPC's own servers: it costs every client a reconnect and every stream a retry, and behind an L7
+    /// proxy (Envoy, a mesh) or with client-side balancing over a headless Service it buys nothing.
+    #[serde(rename = "max_connection_age_seconds", with = "optional_seconds")]
+    pub max_connection_age: Option<Duration>,
+    /// After its GOAWAY, how long an aged connection may still carry its calls before it is closed under them
+    /// (a client that keeps a call open, or reads no answers, cannot pin its connection). At least
+    /// `producer.send_timeout`, so every event read before the age is answered before the close.
+    #[serde(rename = "max_connection_age_grace_seconds", with = "seconds")]
+    pub max_connection_age_grace: Duration,
     /// Most encoded event bytes one peer address may have buffered or in flight in the producer (its share of
     /// `producer.max_buffered_bytes`); beyond it its events wait, until their deadline, for its own to finish.
     pub max_buffered_bytes_per_client: u64,
@@ -92,6 +106,8 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             connection_idle_timeout: Duration::from_secs(300),
+            max_connection_age: None,
+            max_connection_age_grace: Duration::from_secs(60),
             max_buffered_bytes_per_client: 64 * 1024 * 1024,
             stream_idle_timeout: Duration::from_secs(300),
             http2_max_concurrent_streams: 1000,
@@ -203,6 +219,22 @@ impl Limits {
             if !(second / 10..=at_most).contains(&value) {
                 return invalid(field, range);
             }
+        }
+        let ages = second..=Duration::from_secs(30 * 86_400);
+        if self
+            .max_connection_age
+            .is_some_and(|age| !ages.contains(&age))
+        {
+            return invalid(
+                "max_connection_age_seconds",
+                "must be between 1 s and 2592000 s (30 days), or unset for no age",
+            );
+        }
+        if !(second..=Duration::from_secs(86_400)).contains(&self.max_connection_age_grace) {
+            return invalid(
+                "max_connection_age_grace_seconds",
+                "must be between 1 s and 86400 s (a day)",
+            );
         }
         Ok(())
     }
@@ -320,6 +352,27 @@ mod tests {
                     ..Limits::default()
                 },
                 "connection_idle_timeout_seconds",
+            ),
+            (
+                Limits {
+                    max_connection_age: Some(Duration::from_millis(500)),
+                    ..Limits::default()
+                },
+                "max_connection_age_seconds",
+            ),
+            (
+                Limits {
+                    max_connection_age: Some(Duration::from_secs(31 * 86_400)),
+                    ..Limits::default()
+                },
+                "max_connection_age_seconds",
+            ),
+            (
+                Limits {
+                    max_connection_age_grace: Duration::ZERO,
+                    ..Limits::default()
+                },
+                "max_connection_age_grace_seconds",
             ),
             (
                 Limits {

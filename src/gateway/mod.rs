@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Authenticator, Caller, Credentials};
+use crate::listener::GoingAway;
 use crate::middleware::{ClientId, peer_ip};
 use crate::proto::v1;
 use crate::telemetry::http::Readiness;
@@ -438,10 +439,17 @@ impl v1::event_hub_gateway_server::EventHubGateway for Gateway {
         let call = self.state.call(&request).await?;
         // A stream is bounded by the caller's deadline only: the send timeout bounds each of its events.
         let deadline = deadline::from_metadata(request.metadata()).map(deadline::answer_before);
+        // Set by the connection layer; a call it did not count (none in the server) never ages.
+        let going_away = request
+            .extensions()
+            .get::<GoingAway>()
+            .cloned()
+            .unwrap_or_else(GoingAway::never);
         let acks = stream::start(
             Arc::clone(&self.state),
             call,
             deadline,
+            going_away,
             request.into_inner(),
         );
         Ok(Response::new(acks))

@@ -90,7 +90,7 @@ impl ClientShare {
         };
         // An event larger than a whole share still goes, alone.
         let weight = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.size);
-        let permit = match Arc::clone(&share).try_acquire_many_owned(weight) {
+        let permit = match Arc::clone(share).try_acquire_many_owned(weight) {
             Ok(permit) => permit,
             Err(_) => tokio::time::timeout_at(
                 deadline.into(),

@@ -169,6 +169,18 @@ pub enum GatewayError {
         /// What the stream had read.
         progress: StreamProgress,
     },
+    /// The stream's connection reached `limits.max_connection_age_seconds` (it is about to get its GOAWAY): the
+    /// stream stopped reading and ends once every event read is acknowledged, so its client reopens it on a
+    /// new connection, which may reach another replica.
+    #[error(
+        "the stream's connection reached its maximum age (limits.max_connection_age_seconds) after {progress}; \
+         every event read is acknowledged and no later message was read: open a new stream (on a new \
+         connection) to send the rest"
+    )]
+    ConnectionAged {
+        /// What the stream had read.
+        progress: StreamProgress,
+    },
 }
 
 /// Why a `SendStream` message could not be read.
@@ -263,6 +275,7 @@ mod reason {
     pub const STREAM_IDLE: &str = "STREAM_IDLE";
     pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
     pub const HUB_NOT_ALLOWED: &str = "HUB_NOT_ALLOWED";
+    pub const CONNECTION_AGED: &str = "CONNECTION_AGED";
 }
 
 /// A status under construction.
@@ -447,6 +460,11 @@ impl GatewayError {
             Self::StreamIdle { progress, .. } => Built::new(Code::Unavailable, reason::STREAM_IDLE)
                 .retry(Duration::ZERO)
                 .progress(progress),
+            Self::ConnectionAged { progress } => {
+                Built::new(Code::Unavailable, reason::CONNECTION_AGED)
+                    .retry(Duration::ZERO)
+                    .progress(progress)
+            }
         }
     }
 
@@ -471,6 +489,7 @@ impl GatewayError {
             reason::STREAM_IDLE => "stream_idle",
             reason::UNAUTHENTICATED => "unauthenticated",
             reason::HUB_NOT_ALLOWED => "hub_not_allowed",
+            reason::CONNECTION_AGED => "connection_aged",
             // Every reason is listed above (a test checks each); a new one shows as this until it is added.
             _ => "other",
         }
@@ -827,6 +846,13 @@ mod tests {
                 },
                 Code::PermissionDenied,
                 "HUB_NOT_ALLOWED",
+            ),
+            (
+                GatewayError::ConnectionAged {
+                    progress: StreamProgress::default(),
+                },
+                Code::Unavailable,
+                "CONNECTION_AGED",
             ),
         ];
         for (error, code, reason) in cases {

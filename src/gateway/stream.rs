@@ -2,7 +2,7 @@
 //! stops reading, so HTTP/2 flow control holds the client back), acknowledges every sequence exactly once
 //! with its real outcome, groups acks that are ready together, and on half-close sends every remaining ack.
 //! Every other ending (a message it cannot read, the stream's deadline, idleness past
-//! `stream_idle_timeout_seconds`, draining) also answers every event read first, then ends the call with a
+//! `stream_idle_timeout_seconds`, draining, its connection's age) also answers every event read first, then ends the call with a
 //! status that says why; only a client that went away gets nothing.
 //!
 //! Memory per stream has a fixed ceiling, whatever the client sends or fails to read: every sequence read,
@@ -29,6 +29,7 @@ use super::guard::Refusal;
 use super::shares::HeldShare;
 use super::status::{self, GatewayError, StreamFault, StreamProgress};
 use super::{CallContext, GatewayState};
+use crate::listener::GoingAway;
 use crate::proto::v1;
 use eventhub_telemetry::metrics::{HubEventsCache, OpenStream, Outcomes, Rpc};
 
@@ -102,6 +103,7 @@ enum ReadEnd {
 enum Interruption {
     Draining,
     Deadline,
+    ConnectionAged,
 }
 
 impl Interruption {
@@ -109,12 +111,18 @@ impl Interruption {
         match self {
             Self::Draining => ReadEnd::Draining,
             Self::Deadline => ReadEnd::Failed(GatewayError::StreamDeadlineExceeded { progress }),
+            Self::ConnectionAged => ReadEnd::Failed(GatewayError::ConnectionAged { progress }),
         }
     }
 }
 
-/// Resolves when the gateway starts draining or the stream's deadline passes.
-async fn interruption(state: &GatewayState, deadline: Option<Instant>) -> Interruption {
+/// Resolves when the gateway starts draining, the stream's deadline passes, or its connection reaches its age
+/// (the drain's ending, for one connection: stop reading, answer what was read, say why).
+async fn interruption(
+    state: &GatewayState,
+    deadline: Option<Instant>,
+    going_away: &GoingAway,
+) -> Interruption {
     let deadline_passed = async {
         match deadline {
             Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -122,8 +130,10 @@ async fn interruption(state: &GatewayState, deadline: Option<Instant>) -> Interr
         }
     };
     tokio::select! {
+        biased;
         () = state.draining.cancelled() => Interruption::Draining,
         () = deadline_passed => Interruption::Deadline,
+        () = going_away.reached() => Interruption::ConnectionAged,
     }
 }
 
@@ -151,12 +161,13 @@ fn unreadable(status: &Status, progress: StreamProgress, max_request_bytes: usiz
     ReadEnd::Failed(fault.with_progress(status.message().to_owned(), progress))
 }
 
-/// Starts serving one stream, which ends by `deadline` (the caller's `grpc-timeout`, if any); returns its
-/// responses.
+/// Starts serving one stream, which ends by `deadline` (the caller's `grpc-timeout`, if any) or when its
+/// connection is `going_away`; returns its responses.
 pub fn start(
     state: Arc<GatewayState>,
     call: CallContext,
     deadline: Option<Instant>,
+    going_away: GoingAway,
     inbound: Streaming<v1::SendStreamRequest>,
 ) -> AckStream {
     let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
@@ -169,7 +180,7 @@ pub fn start(
             let (heard, hearing) = mpsc::unbounded_channel();
             let acker = Acker::new(Arc::clone(&state), responses.clone());
             let acker = tokio::spawn(acker.run(hearing).in_current_span());
-            let end = read(&state, &call, deadline, inbound, heard.clone()).await;
+            let end = read(&state, &call, deadline, &going_away, inbound, heard.clone()).await;
             // The acker answers what is pending, then ends.
             let _ = heard.send(Heard::ReadingDone);
             drop(heard);
@@ -197,6 +208,7 @@ async fn read(
     state: &Arc<GatewayState>,
     call: &CallContext,
     deadline: Option<Instant>,
+    going_away: &GoingAway,
     mut inbound: Streaming<v1::SendStreamRequest>,
     heard: mpsc::UnboundedSender<Heard>,
 ) -> ReadEnd {
@@ -207,7 +219,7 @@ async fn read(
     let unacked = Arc::new(Semaphore::new(budget));
     let mut counters = HubEventsCache::new(Rpc::SendStream);
     let mut progress = StreamProgress::default();
-    let interrupted = interruption(state, deadline);
+    let interrupted = interruption(state, deadline, going_away);
     tokio::pin!(interrupted);
     loop {
         // A permit before every read: with none left the stream is not read, and HTTP/2 pushes back.

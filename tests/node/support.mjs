@@ -97,6 +97,18 @@ export async function startGateway(args, ms = 20000, env = {}) {
   };
 }
 
+/** The sum of the samples of `name` in the Prometheus page at `metrics` whose labels include `labels`. */
+export async function metricSum(metrics, name, labels = {}) {
+  const page = await (await fetch(`http://${metrics}/metrics`)).text();
+  let sum = 0;
+  for (const line of page.split("\n")) {
+    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
+    const wanted = Object.entries(labels).every(([key, value]) => line.includes(`${key}="${value}"`));
+    if (wanted) sum += Number(line.slice(line.lastIndexOf(" ") + 1));
+  }
+  return sum;
+}
+
 /** proto-loader options of the suite. */
 export const loaderOptions = {
   includeDirs: [protoDir],

@@ -59,6 +59,7 @@ EXTRA_KINDS = {
     "managed-identity-tuned": set(),
     "auth-kubernetes-tls": {"ClusterRoleBinding"},
     "auth-jwks-mtls": set(),
+    "headless-round-robin": {"HorizontalPodAutoscaler"},
 }
 BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
 CLUSTER_SCOPED = {"ClusterRoleBinding"}
@@ -155,6 +156,11 @@ class Rendering:
         found = self.all(kind)
         assert len(found) == 1, f"{len(found)} {kind} objects"
         return found[0]
+
+    def service(self, suffix=""):
+        """The Service named `<fullname><suffix>`."""
+        (found,) = [doc for doc in self.all("Service") if doc["metadata"]["name"] == f"demo-eventhub-gateway{suffix}"]
+        return found
 
     @property
     def pod(self):
@@ -316,6 +322,9 @@ SCHEMA_VIOLATIONS = {
     "tls-secret-name": ({"tls": {"secretName": "Gateway_TLS"}}, "/tls/secretName"),
     "tls-relative-mount": ({"tls": {"mountPath": "tls"}}, "/tls/mountPath"),
     "api-server-port": ({"networkPolicy": {"apiServerPorts": [0]}}, "/networkPolicy/apiServerPorts/0"),
+    "connection-age-zero": ({"config": {"limits": {"max_connection_age_seconds": 0}}}, "/config/limits/max_connection_age_seconds"),
+    "connection-age-as-text": ({"config": {"limits": {"max_connection_age_seconds": "5m"}}}, "/config/limits/max_connection_age_seconds"),
+    "headless-as-text": ({"service": {"headless": "yes"}}, "/service/headless"),
 }
 
 
@@ -373,6 +382,10 @@ CONTRADICTIONS = {
         'auth.grants[0] (billing): event hub "orders" is not in eventHubs.hubs',
     ),
     "grant-names-twice": ({"auth": {"grants": [GRANT, GRANT]}}, 'auth.grants[1]: the name "billing" is used twice'),
+    "connection-age-grace-under-send-timeout": (
+        {"config": {"limits": {"max_connection_age_seconds": 300, "max_connection_age_grace_seconds": 10}}},
+        "config.limits.max_connection_age_grace_seconds (10) must be at least config.producer.send_timeout (60)",
+    ),
 }
 
 
@@ -549,7 +562,7 @@ def test_probes_and_ports_point_at_the_gateways_listeners(case):
     assert config["metrics_listen"] == f"0.0.0.0:{ports['metrics']}", "kubelet reaches the probes off-loopback"
     for probe, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
         assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
-    service = rendering.one("Service")
+    service = rendering.service()
     by_name = {port["name"]: port for port in service["spec"]["ports"]}
     assert by_name["grpc"]["appProtocol"] == "grpc" and by_name["grpc"]["targetPort"] == "grpc"
     assert by_name["metrics"]["targetPort"] == "metrics"
@@ -660,6 +673,32 @@ def test_the_service_monitor_needs_its_api():
     assert without_api.all("ServiceMonitor") == []
     assert "does not serve monitoring.coreos.com/v1" in without_api.notes
     assert render({}, api_versions=[SERVICE_MONITOR_API]).all("ServiceMonitor") == [], "off unless enabled"
+
+
+def test_load_spreads_through_a_headless_service_or_a_connection_age():
+    """The two ways to reach pods the autoscaler adds: a headless Service for clients that balance calls
+    themselves (round_robin), or the ClusterIP Service with a connection age that makes clients reconnect."""
+    default = render()
+    assert [service["metadata"]["name"] for service in default.all("Service")] == ["demo-eventhub-gateway"]
+    assert "max_connection_age_seconds" not in default.config["limits"], "no age by default (null is dropped)"
+    assert default.config["limits"]["max_connection_age_grace_seconds"] == 60
+
+    headless = render_case("headless-round-robin")
+    service, plain = headless.service("-headless"), headless.service()
+    assert service["spec"]["clusterIP"] == "None"
+    assert plain["spec"]["type"] == "ClusterIP" and "clusterIP" not in plain["spec"], "the ClusterIP Service stays"
+    assert service["spec"]["selector"] == plain["spec"]["selector"]
+    assert service["spec"]["selector"].items() <= headless.pod["metadata"]["labels"].items()
+    # The gRPC port only: a ServiceMonitor selecting both by their labels finds metrics on one, scraped once.
+    assert service["spec"]["ports"] == [
+        {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}
+    ]
+    assert "publishNotReadyAddresses" not in service["spec"], "only ready pods are resolved"
+
+    aged = render_case("hpa-pdb")
+    assert aged.config["limits"]["max_connection_age_seconds"] == 300
+    assert aged.config["limits"]["max_connection_age_grace_seconds"] == 60
+    assert aged.all("Service") == [aged.service()]
 
 
 def test_autoscaling_replaces_the_replica_count():

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod balancer;
 mod fixture;
 pub mod relay;
 #[allow(unused_imports)] // each test binary uses a different subset
@@ -808,6 +809,20 @@ pub fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> 
         .map(|sample| sample.value)
 }
 
+/// The sum of the samples named `name` whose labels include `labels` (every other label summed over).
+pub fn sample_sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|sample| sample.name == name)
+        .filter(|sample| {
+            labels
+                .iter()
+                .all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(*value))
+        })
+        .map(|sample| sample.value)
+        .sum()
+}
+
 /// The gateway's `/metrics` page, parsed.
 pub async fn scrape(gateway: &eventhub_gateway::server::RunningGateway) -> Vec<Sample> {
     let response = http_get(gateway.metrics_addr(), "/metrics")
@@ -972,6 +987,24 @@ impl GatewayProcess {
         .expect("connects to the gateway process")
     }
 
+    /// Its `/metrics` page, parsed.
+    pub async fn samples(&self) -> Vec<Sample> {
+        let response = http_get(self.metrics, "/metrics")
+            .await
+            .expect("the metrics page answers");
+        assert_eq!(response.status, 200, "{}", response.body);
+        prometheus_samples(&response.body)
+    }
+
+    /// Events it answered OK (`events_sent_total{outcome="ok"}`, every hub and RPC).
+    pub async fn events_ok(&self) -> f64 {
+        sample_sum(
+            &self.samples().await,
+            "eventhub_gateway_events_sent_total",
+            &[("outcome", "ok")],
+        )
+    }
+
     /// Sends SIGTERM and waits up to `within` for the process to exit; its exit status, or `None` if it is
     /// still running.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
@@ -1029,6 +1062,35 @@ pub async fn try_client_from(
         .connect_with_connector(connector)
         .await?;
     Ok(eventhub_gateway::proto::v1::event_hub_gateway_client::EventHubGatewayClient::new(channel))
+}
+
+/// A gRPC channel to `server` that counts the TCP connections it opens (a channel reconnects, for instance,
+/// after its connection gets a GOAWAY).
+pub async fn counting_channel(
+    server: SocketAddr,
+) -> (
+    tonic::transport::Channel,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&opened);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let counted = Arc::clone(&counted);
+        async move {
+            let stream = tokio::net::TcpStream::connect(server).await?;
+            stream.set_nodelay(true)?;
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+        .expect("a valid URI")
+        .connect_with_connector(connector)
+        .await
+        .expect("connects");
+    (channel, opened)
 }
 
 /// A process's RSS watched by [`GatewayProcess::watch_rss`]; sampling stops when it is dropped.

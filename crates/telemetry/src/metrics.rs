@@ -56,6 +56,9 @@ pub const CONNECTION_ATTEMPTS: &str = "eventhub_gateway_connection_attempts_tota
 pub const CONNECTION_FAILURES: &str = "eventhub_gateway_connection_failures_total";
 /// Open connections declared dead because work awaited an answer while nothing arrived for `stall_timeout`.
 pub const CONNECTIONS_STALLED: &str = "eventhub_gateway_connections_stalled_total";
+/// gRPC client connections that reached `limits.max_connection_age_seconds`, by `end`: `goaway` (each, when it
+/// was sent its GOAWAY) and `forced` (those still open after the grace, closed under their calls).
+pub const CLIENT_CONNECTIONS_AGED: &str = "eventhub_gateway_client_connections_aged_total";
 /// Tokens obtained from the credential since start.
 pub const TOKEN_REFRESHES: &str = "eventhub_gateway_token_refreshes_total";
 /// Token fetches that failed since start.
@@ -270,6 +273,13 @@ fn describe() {
         "Connection attempts that failed, by reason: the stage that failed (proxy: the HTTP CONNECT proxy; tcp: refused, unreachable or \
          unresolved; tls; websocket; amqp: AMQP/SASL open, session or $cbs links; timeout: \
          pool_connection_create_timeout passed)."
+    );
+    describe_counter!(
+        CLIENT_CONNECTIONS_AGED,
+        Unit::Count,
+        "gRPC client connections that reached limits.max_connection_age_seconds, by end: goaway (sent their GOAWAY: \
+         calls in flight finish, new calls go to a new connection) or forced (still open after \
+         limits.max_connection_age_grace_seconds, closed under their calls)."
     );
     describe_counter!(
         TOKEN_REFRESHES,
@@ -506,6 +516,24 @@ pub async fn time_batch<T, E>(
     histogram!(SEND_DURATION, "event_hub" => label(), "outcome" => outcome)
         .record(elapsed.as_secs_f64());
     result
+}
+
+/// How a connection that reached its age ended (the `end` label of [`CLIENT_CONNECTIONS_AGED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgedEnd {
+    /// It was sent its GOAWAY.
+    GoAway,
+    /// It was still open after the grace, and closed.
+    Forced,
+}
+
+/// Counts a client connection that reached its age and ended as `end` says.
+pub fn connection_aged(end: AgedEnd) {
+    let end = match end {
+        AgedEnd::GoAway => "goaway",
+        AgedEnd::Forced => "forced",
+    };
+    counter!(CLIENT_CONNECTIONS_AGED, "end" => end).increment(1);
 }
 
 /// Counts a batch retry scheduled for `hub`.

@@ -146,6 +146,34 @@ pub mod millis {
     }
 }
 
+/// An optional duration whose number form is seconds: unset (or null) means the bound is off.
+pub mod optional_seconds {
+    use super::*;
+
+    /// One duration, read and written as [`seconds`](super::seconds) does.
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    struct Seconds(#[serde(with = "super::seconds")] Duration);
+
+    /// Reads nothing (off), or a humantime string or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<Seconds>::deserialize(deserializer)?.map(|Seconds(duration)| duration))
+    }
+
+    /// Writes a number of seconds, or nothing.
+    pub fn serialize<S: Serializer>(
+        duration: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match duration {
+            Some(duration) => super::seconds::serialize(duration, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+}
+
 /// An optional rate (events or bytes per second): unset means unlimited, and 0 is refused rather than
 /// taken to mean "off" or "nothing passes".
 pub mod rate {
@@ -284,5 +312,39 @@ mod tests {
         assert!(error.contains(rate::PROBLEM), "{error}");
         let error = parse(r#"{"timeout": 1, "linger_ms": 1, "rate": 4294967296}"#).unwrap_err();
         assert!(error.contains("at most"), "{error}");
+    }
+
+    #[test]
+    fn an_optional_duration_is_unset_null_or_a_duration() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Optional {
+            #[serde(with = "optional_seconds", default)]
+            age: Option<Duration>,
+        }
+        let read = |json: &str| serde_json::from_str::<Optional>(json).map_err(|e| e.to_string());
+        assert_eq!(read("{}").unwrap().age, None);
+        assert_eq!(read(r#"{"age": null}"#).unwrap().age, None);
+        assert_eq!(
+            read(r#"{"age": "30m"}"#).unwrap().age,
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            read(r#"{"age": 1.5}"#).unwrap().age,
+            Some(Duration::from_millis(1500))
+        );
+        assert!(
+            read(r#"{"age": -1}"#)
+                .unwrap_err()
+                .contains("must not be negative")
+        );
+        let written = serde_json::to_string(&Optional {
+            age: Some(Duration::from_secs(90)),
+        })
+        .unwrap();
+        assert_eq!(written, r#"{"age":90}"#);
+        assert_eq!(
+            serde_json::to_string(&Optional { age: None }).unwrap(),
+            r#"{"age":null}"#
+        );
     }
 }

@@ -245,6 +245,10 @@ auth.kubernetes; a jwksConfigMap becomes the jwks_file it is mounted as), `api_k
 {{- if lt (float64 $v.config.limits.http2_connection_window_bytes) (mulf $v.config.limits.http2_stream_window_bytes 64) }}
 {{- fail "config.limits.http2_connection_window_bytes must be at least 64 times http2_stream_window_bytes" }}
 {{- end }}
+{{- $limits := $v.config.limits }}
+{{- if and (not (kindIs "invalid" $limits.max_connection_age_seconds)) (lt (float64 $limits.max_connection_age_grace_seconds) (float64 $producer.send_timeout)) }}
+{{- fail (printf "config.limits.max_connection_age_grace_seconds (%v) must be at least config.producer.send_timeout (%v) when max_connection_age_seconds is set, so every event read before a connection's age is answered before it is closed" $limits.max_connection_age_grace_seconds $producer.send_timeout) }}
+{{- end }}
 {{- if and $v.tls.clientAuth (not $v.tls.secretName) }}
 {{- fail "tls.clientAuth needs tls.secretName (the Secret's ca.crt is the client CA)" }}
 {{- end }}
