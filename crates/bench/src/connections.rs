@@ -454,3 +454,28 @@ pub async fn run(
     }
     Ok(Report { outcome, problems })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_source_address_gets_at_most_its_share() {
+        let mut counts = std::collections::HashMap::<Ipv4Addr, usize>::new();
+        for index in 0..10_000 {
+            let address = source(1, index, IDLE_PER_ADDRESS);
+            assert_eq!(address.octets()[..2], [127, 1]);
+            assert_ne!(address.octets()[3], 0);
+            *counts.entry(address).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 50);
+        assert!(counts.values().all(|&count| count == IDLE_PER_ADDRESS));
+        // Past 250 blocks the third octet moves on, and no address repeats.
+        assert_eq!(
+            source(2, 250 * 10, 10),
+            Ipv4Addr::new(127, 2, 1, 1),
+            "block 250"
+        );
+        assert_eq!(source(2, 249 * 10, 10), Ipv4Addr::new(127, 2, 0, 250));
+    }
+}

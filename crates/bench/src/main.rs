@@ -538,3 +538,24 @@ async fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_long_round_trip_runs_only_its_scenarios_and_connections_runs_once_per_short_one() {
+        for scenario in SCENARIOS {
+            assert!(planned(scenario, true, 0), "{scenario}");
+            assert!(planned(scenario, true, 2), "{scenario}");
+            assert_eq!(
+                planned(scenario, true, 20),
+                LONG_RTT_SCENARIOS.contains(scenario),
+                "{scenario}"
+            );
+        }
+        assert!(!planned("connections", false, 0));
+        assert!(planned("direct", false, 20));
+        assert!(LONG_RTT_SCENARIOS.iter().all(|s| SCENARIOS.contains(s)));
+    }
+}

@@ -461,3 +461,35 @@ pub async fn unary(
         latencies: results.into_iter().map(|r| r.2).collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(round_trip_ms: u64, smoke: bool) -> Budget {
+        Budget {
+            duration: Duration::from_secs(1),
+            max_events: None,
+            smoke,
+            external_gateway: None,
+            round_trip: Duration::from_millis(round_trip_ms),
+            pin: false,
+        }
+    }
+
+    #[test]
+    fn direct_callers_grow_with_the_round_trip_between_bounds() {
+        assert_eq!(direct_callers(budget(0, false)), 4096);
+        assert_eq!(direct_callers(budget(2, false)), 5250);
+        assert_eq!(direct_callers(budget(20, false)), 18_750);
+        assert_eq!(direct_callers(budget(1000, false)), 65_536);
+        assert_eq!(direct_callers(budget(20, true)), 64);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let latencies = (1..=1000).map(Duration::from_millis).collect();
+        assert_eq!(percentiles(latencies), Some([500.0, 990.0, 999.0]));
+        assert_eq!(percentiles(Vec::new()), None);
+    }
+}
