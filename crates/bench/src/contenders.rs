@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
 use crate::HUB;
+use crate::pin::{self, Side};
 use crate::scenarios::{Budget, Outcome};
 
 /// Where a contender sends: the gateway's gRPC address, or Event Hubs (the emulator) directly.
@@ -27,11 +27,13 @@ pub fn rust_sdk_binary() -> Option<std::path::PathBuf> {
         .find(|path| path.exists())
 }
 
-/// Runs one contender to completion and reads its result line.
+/// Runs one contender to completion and reads its result line; on the client's CPUs with `--pin`.
 pub fn run(scenario: &str, size: usize, budget: Budget, target: Target) -> Result<Outcome, String> {
+    let side = budget.pin.then_some(Side::Client);
+    let program = |path: &Path| pin::command(path, side).map_err(|error| format!("{error:#}"));
     let mut command = match scenario {
         "rust-sdk" => {
-            Command::new(rust_sdk_binary().ok_or("not built: run scripts/build-rust-sdk.sh first")?)
+            program(&rust_sdk_binary().ok_or("not built: run scripts/build-rust-sdk.sh first")?)?
         }
         _ => {
             let interpreter = if Path::new(".venv/bin/python").exists() {
@@ -39,7 +41,7 @@ pub fn run(scenario: &str, size: usize, budget: Budget, target: Target) -> Resul
             } else {
                 "python3"
             };
-            let mut command = Command::new(interpreter);
+            let mut command = program(Path::new(interpreter))?;
             command.arg("crates/bench/contenders/python/contenders.py");
             // `python-gateway-single` is `python-gateway` with one event per stream message.
             match scenario {

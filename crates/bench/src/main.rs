@@ -1,13 +1,16 @@
 //! `bench`: the contenders of the benchmark report in one run, on a fresh in-process emulator and gateway per
 //! scenario and simulated round trip: raw fe2o3 batches (the ceiling), the producer alone, gRPC streams, unary
 //! calls (saturation, and latency at half of it), `SendEvents` batches, many keys, overload of a gateway
-//! process, the Python contenders and the official Rust SDK. Prints a table, writes JSON and SVG charts.
+//! process, a crowd of idle connections and slow streams on a gateway process, the Python contenders and the
+//! official Rust SDK. Prints a table, writes JSON and SVG charts.
 //! `--smoke` runs a few hundred events per scenario and checks that every event answered OK was stored,
 //! never speed.
 
 mod chart;
+mod connections;
 mod contenders;
 mod overload;
+mod pin;
 mod scenarios;
 
 use std::net::SocketAddr;
@@ -45,8 +48,9 @@ struct Args {
     /// Event body sizes, bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,1024")]
     sizes: Vec<usize>,
-    /// Simulated round trips to Event Hubs (a delay before every disposition), milliseconds.
-    #[arg(long, value_delimiter = ',', default_value = "0,2")]
+    /// Simulated round trips to Event Hubs (a delay before every disposition), milliseconds. From 10 ms up,
+    /// only the scenarios of `LONG_RTT_SCENARIOS` run, unless named with `--only`.
+    #[arg(long, value_delimiter = ',', default_value = "0,2,20")]
     latency_ms: Vec<u64>,
     /// Only these scenarios (default: all).
     #[arg(long, value_delimiter = ',')]
@@ -73,6 +77,16 @@ struct Args {
     /// under a profiler); the events cannot be read back then, so the loss check is left out.
     #[arg(long, value_name = "HOST:PORT")]
     gateway: Option<SocketAddr>,
+    /// Client and server on separate halves of the CPUs (taskset) where they are separate processes: `unary`
+    /// (its client then runs as `bench --gateway`), `overload`, `connections` and the contender processes.
+    #[arg(long)]
+    pin: bool,
+    /// Idle connections of the `connections` scenario [default: 10000; 200 with --smoke].
+    #[arg(long, value_name = "N")]
+    connections: Option<usize>,
+    /// Open streams (10 events/s each) of the `connections` scenario [default: 1000; 20 with --smoke].
+    #[arg(long, value_name = "M")]
+    streams: Option<usize>,
 }
 
 /// The scenarios that only need a gateway's gRPC address.
@@ -96,12 +110,35 @@ const SCENARIOS: &[&str] = &[
     "keys-service",
     "keys-local",
     "overload",
+    "connections",
     "python-gateway",
     "python-gateway-single",
     "python-seed",
     "python-sdk-batched",
     "rust-sdk",
 ];
+
+/// The scenarios run at round trips of 10 ms and more (the full run's 20 ms): those that show what is in
+/// flight per sender. The others would only add minutes to the run.
+const LONG_RTT_SCENARIOS: &[&str] = &[
+    "emulator-ceiling",
+    "direct",
+    "stream",
+    "stream-batched",
+    "python-sdk-batched",
+    "rust-sdk",
+];
+
+/// Whether `scenario` runs at this size and round trip, unless it was named with `--only`: the long round
+/// trip for `LONG_RTT_SCENARIOS` only, `connections` at the first size and short round trips only (its
+/// figures are about memory and latency under a crowd, not about event size).
+fn planned(scenario: &str, first_size: bool, latency: u64) -> bool {
+    let long = latency >= 10;
+    match scenario {
+        "connections" => first_size && !long,
+        _ => !long || LONG_RTT_SCENARIOS.contains(&scenario),
+    }
+}
 
 /// Events stored in the bench hub so far.
 fn stored(emulator: &Emulator) -> u64 {
@@ -164,14 +201,30 @@ async fn run_one(
     size: usize,
     latency: u64,
     budget: Budget,
+    crowd: connections::Crowd,
     problems: &mut Vec<String>,
 ) -> anyhow::Result<Outcome> {
     let smoke = budget.is_smoke();
-    // The contenders that bring their own client to Event Hubs, and the overload's gateway process, need
-    // no gateway in this process.
+    let budget = Budget {
+        round_trip: Duration::from_millis(latency),
+        pin: budget.pin && pin::applies(scenario) && budget.external_gateway.is_none(),
+        ..budget
+    };
+    let _pinned = if budget.pin {
+        Some(pin::this_process(pin::own_side(scenario))?)
+    } else {
+        None
+    };
+    // The contenders that bring their own client to Event Hubs, and the scenarios with a gateway process,
+    // need no gateway in this process.
     let standalone = matches!(
         scenario,
-        "emulator-ceiling" | "overload" | "python-seed" | "python-sdk-batched" | "rust-sdk"
+        "emulator-ceiling"
+            | "overload"
+            | "connections"
+            | "python-seed"
+            | "python-sdk-batched"
+            | "rust-sdk"
     );
     if let Some(external) = budget.external_gateway {
         anyhow::ensure!(
@@ -207,11 +260,19 @@ async fn run_one(
                 .as_ref()
                 .map(|g| g.state().producer())
                 .ok_or_else(|| anyhow::anyhow!("no gateway"))?;
-            Outcome::new(
+            let mut outcome = Outcome::new(
                 scenario,
                 size,
                 scenarios::direct(producer, size, None, budget).await,
-            )
+            );
+            let callers = scenarios::direct_callers(budget);
+            outcome.note = Some(format!("{callers} closed-loop callers"));
+            outcome
+        }
+        "unary" if budget.pin => {
+            let addr = gateway.as_ref().map(|g| g.local_addr());
+            let addr = addr.ok_or_else(|| anyhow::anyhow!("no gateway"))?;
+            tokio::task::block_in_place(|| pin::unary_client(addr, size, latency, budget))?
         }
         scenario if GATEWAY_SCENARIOS.contains(&scenario) => {
             let addr = gateway.as_ref().map(|g| g.local_addr());
@@ -257,6 +318,12 @@ async fn run_one(
             }
             report.outcome
         }
+        "connections" => {
+            let report = connections::run(emulator, size, crowd, budget).await?;
+            let at = format!("connections {size} B {latency} ms");
+            problems.extend(report.problems.iter().map(|p| format!("{at}: {p}")));
+            report.outcome
+        }
         contender => contenders::run(
             contender,
             size,
@@ -275,6 +342,7 @@ async fn run_one(
         emulator.shutdown(Duration::from_secs(5)).await;
     }
     result.latency_ms = latency;
+    result.pinned = budget.pin;
     let at = format!("{scenario} {size} B {latency} ms");
     // At least once: every event answered OK is stored (duplicates may add more).
     if stored_now < result.events_ok {
@@ -283,7 +351,8 @@ async fn run_one(
             result.events_ok
         ));
     }
-    // Overload refuses events by design; everywhere else a failure is a problem in a smoke run.
+    // Overload refuses events by design; everywhere else a failure is a problem in a smoke run. (`connections`
+    // reports its own failures, in any run.)
     if smoke && (result.events_ok == 0 || (scenario != "overload" && result.events_failed > 0)) {
         problems.push(format!(
             "{at}: {} ok, {} failed",
@@ -342,7 +411,11 @@ fn print_table(outcomes: &[Outcome]) {
             .unwrap_or_default();
         println!(
             "{:<22} {:>6} {:>6} {:>12.0} {:>10} {:>22}",
-            o.scenario,
+            if o.pinned {
+                format!("{} (pinned)", o.scenario)
+            } else {
+                o.scenario.clone()
+            },
             o.size,
             format!("{} ms", o.latency_ms),
             o.events_per_second,
@@ -373,7 +446,25 @@ async fn main() -> anyhow::Result<()> {
         max_events: args.events.or(args.smoke.then_some(300)),
         smoke: args.smoke,
         external_gateway: args.gateway,
+        round_trip: Duration::ZERO,
+        pin: args.pin,
     };
+    if args.pin {
+        pin::check()?;
+    }
+    // Against a gateway elsewhere, only this client can be pinned here.
+    let _pinned_client = match (args.pin, args.gateway) {
+        (true, Some(addr)) => {
+            eprintln!(
+                "--pin: this client on CPUs {}; run the gateway at {addr} on the others, e.g. `taskset -c {}`",
+                pin::list(pin::Side::Client)?,
+                pin::list(pin::Side::Server)?
+            );
+            Some(pin::this_process(pin::Side::Client)?)
+        }
+        _ => None,
+    };
+    let crowd = connections::Crowd::new(args.connections, args.streams, args.smoke);
     let unknown: Vec<&String> = args
         .only
         .iter()
@@ -394,26 +485,29 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let runs = (chosen.len() * args.sizes.len() * args.latency_ms.len()) as u64;
-    let progress = ProgressBar::new(runs).with_style(
+    let mut runs = Vec::new();
+    for &latency in &args.latency_ms {
+        for (index, &size) in args.sizes.iter().enumerate() {
+            for &scenario in &chosen {
+                if !args.only.is_empty() || planned(scenario, index == 0, latency) {
+                    runs.push((latency, size, scenario));
+                }
+            }
+        }
+    }
+    let progress = ProgressBar::new(runs.len() as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut outcomes = Vec::new();
     let mut problems = Vec::new();
-    for &latency in &args.latency_ms {
-        for &size in &args.sizes {
-            for &scenario in &chosen {
-                progress.set_message(format!("{scenario}, {size} B, {latency} ms"));
-                match run_one(scenario, size, latency, budget, &mut problems).await {
-                    Ok(outcome) => outcomes.push(outcome),
-                    Err(error) => {
-                        problems.push(format!("{scenario} {size} B {latency} ms: {error:#}"))
-                    }
-                }
-                progress.inc(1);
-            }
+    for (latency, size, scenario) in runs {
+        progress.set_message(format!("{scenario}, {size} B, {latency} ms"));
+        match run_one(scenario, size, latency, budget, crowd, &mut problems).await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(error) => problems.push(format!("{scenario} {size} B {latency} ms: {error:#}")),
         }
+        progress.inc(1);
     }
     progress.finish_and_clear();
     if let Some((exports, telemetry)) = tracing {
@@ -443,4 +537,25 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("{} problem(s)", problems.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_long_round_trip_runs_only_its_scenarios_and_connections_runs_once_per_short_one() {
+        for scenario in SCENARIOS {
+            assert!(planned(scenario, true, 0), "{scenario}");
+            assert!(planned(scenario, true, 2), "{scenario}");
+            assert_eq!(
+                planned(scenario, true, 20),
+                LONG_RTT_SCENARIOS.contains(scenario),
+                "{scenario}"
+            );
+        }
+        assert!(!planned("connections", false, 0));
+        assert!(planned("direct", false, 20));
+        assert!(LONG_RTT_SCENARIOS.iter().all(|s| SCENARIOS.contains(s)));
+    }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use eventhub_gateway::proto::v1;
 use fe2o3_amqp_types::messaging::Body;
 use tonic::Code;
 
+use crate::pin::{self, Side};
 use crate::scenarios::{self, Budget, Outcome};
 use crate::{HUB, PARTITIONS};
 
@@ -35,16 +36,23 @@ pub struct Report {
     pub peak_rss_mib: f64,
 }
 
-/// A gateway in its own process, forwarding to `emulator`.
-struct GatewayProcess {
+/// A gateway in its own process, forwarding to `emulator`; killed when dropped.
+pub struct GatewayProcess {
     child: Child,
-    addr: SocketAddr,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
 }
 
 impl GatewayProcess {
-    fn start(emulator: &Emulator) -> anyhow::Result<Self> {
+    /// Starts `eventhub-gateway` (beside this binary) with these extra settings (`EVENTHUB_GATEWAY_*`
+    /// variables), on the server's CPUs with `pin`.
+    pub fn start(
+        emulator: &Emulator,
+        settings: &[(&str, String)],
+        pin: Option<Side>,
+    ) -> anyhow::Result<Self> {
         let binary = std::env::current_exe()?.with_file_name("eventhub-gateway");
-        let mut child = Command::new(&binary)
+        let mut child = pin::command(&binary, pin)?
             .args([
                 "serve",
                 "--listen",
@@ -55,6 +63,7 @@ impl GatewayProcess {
             .args(["--event-hub", HUB])
             .args(["--connection-string", &emulator.connection_string()])
             .env("RUST_LOG", "error")
+            .envs(settings.iter().map(|(name, value)| (*name, value)))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -73,10 +82,15 @@ impl GatewayProcess {
             addr: started.grpc,
         })
     }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 /// Resident memory of process `pid` now, MiB (Linux /proc).
-fn rss_mib(pid: u32) -> Option<f64> {
+pub fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -99,7 +113,7 @@ fn body(id: u64, size: usize) -> bytes::Bytes {
 
 /// Measures the gateway process's unary saturation, offers twice that for `budget`, then reads back.
 pub async fn run(emulator: &Emulator, size: usize, budget: Budget) -> anyhow::Result<Report> {
-    let gateway = GatewayProcess::start(emulator)?;
+    let gateway = GatewayProcess::start(emulator, &[], budget.pin.then_some(Side::Server))?;
     let callers = if budget.is_smoke() { 8 } else { 512 };
     let warmup = Budget {
         duration: budget.duration.min(Duration::from_secs(3)),
