@@ -87,6 +87,7 @@ async fn the_clients_trace_continues_through_the_gateway_onto_the_stored_event()
         Some(&OtlpSettings {
             endpoint: Some(format!("http://{addr}")),
             protocol: OtlpProtocol::Grpc,
+            sampler_ratio: None,
         }),
     )
     .unwrap();
