@@ -31,7 +31,8 @@ pub enum OtelError {
 /// Where spans go.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OtlpSettings {
-    /// The collector's URL; `None` lets the exporter read `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
+    /// The collector's URL (over HTTP, the whole URL: `http://host:4318/v1/traces`); `None` lets the exporter
+    /// read `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
     pub endpoint: Option<String>,
     /// gRPC (default) or HTTP with protobuf bodies.
     pub protocol: OtlpProtocol,
@@ -81,26 +82,7 @@ impl OtlpSettings {
 pub fn tracer_provider(
     settings: &OtlpSettings,
 ) -> Result<(SdkTracerProvider, SpanQueue), OtelError> {
-    let failed =
-        |error: opentelemetry_otlp::ExporterBuildError| OtelError::Exporter(error.to_string());
-    let exporter = match settings.protocol {
-        OtlpProtocol::Grpc => {
-            let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-            if let Some(endpoint) = &settings.endpoint {
-                builder = builder.with_endpoint(endpoint);
-            }
-            builder.build().map_err(failed)?
-        }
-        OtlpProtocol::HttpProtobuf => {
-            let mut builder = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary);
-            if let Some(endpoint) = &settings.endpoint {
-                builder = builder.with_endpoint(endpoint);
-            }
-            builder.build().map_err(failed)?
-        }
-    };
+    let exporter = span_exporter(settings)?;
     let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
         || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
             .is_ok_and(|value| value.contains("service.name="));
@@ -121,9 +103,34 @@ pub fn tracer_provider(
     // Event spans are made through the global provider (see `EventSpans`).
     opentelemetry::global::set_tracer_provider(provider.clone());
     eventhub_telemetry::otel::mark_exporting(
-        env_usize("OTEL_SPAN_LINK_COUNT_LIMIT").unwrap_or(eventhub_telemetry::otel::DEFAULT_LINK_LIMIT),
+        env_usize("OTEL_SPAN_LINK_COUNT_LIMIT")
+            .unwrap_or(eventhub_telemetry::otel::DEFAULT_LINK_LIMIT),
     );
     Ok((provider, queue))
+}
+
+/// The OTLP exporter `settings` name.
+fn span_exporter(settings: &OtlpSettings) -> Result<opentelemetry_otlp::SpanExporter, OtelError> {
+    let failed =
+        |error: opentelemetry_otlp::ExporterBuildError| OtelError::Exporter(error.to_string());
+    Ok(match settings.protocol {
+        OtlpProtocol::Grpc => {
+            let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(endpoint) = &settings.endpoint {
+                builder = builder.with_endpoint(endpoint);
+            }
+            builder.build().map_err(failed)?
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary);
+            if let Some(endpoint) = &settings.endpoint {
+                builder = builder.with_endpoint(endpoint);
+            }
+            builder.build().map_err(failed)?
+        }
+    })
 }
 
 fn env_usize(name: &str) -> Option<usize> {
@@ -157,6 +164,11 @@ impl SpanQueue {
     /// Spans this queue turned away.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Spans waiting for the exporter now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// The span processor: the SDK's batch processor (`OTEL_BSP_*`, its queue this one's size) behind this
@@ -283,5 +295,115 @@ impl<F: std::future::Future> std::future::Future for InRuntime<F> {
         let this = self.project();
         let _entered = this.runtime.as_ref().map(tokio::runtime::Handle::enter);
         this.inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    /// An exporter that stops in its first export until released, and counts what it is given.
+    #[derive(Debug)]
+    struct StuckExporter {
+        entered: Mutex<Option<mpsc::Sender<()>>>,
+        release: Mutex<Option<mpsc::Receiver<()>>>,
+        exported: Arc<AtomicUsize>,
+    }
+
+    impl SpanExporter for StuckExporter {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            if let Some(entered) = self.entered.lock().take() {
+                let _ = entered.send(());
+                if let Some(release) = self.release.lock().take() {
+                    // Bounded, so a broken test cannot hang.
+                    let _ = release.recv_timeout(Duration::from_secs(30));
+                }
+            }
+            self.exported.fetch_add(batch.len(), Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking_or_growing() {
+        const CAPACITY: usize = 4;
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let exported = Arc::new(AtomicUsize::new(0));
+        let queue = SpanQueue::new(CAPACITY);
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(queue.processor(StuckExporter {
+                entered: Mutex::new(Some(entered_tx)),
+                release: Mutex::new(Some(release_rx)),
+                exported: Arc::clone(&exported),
+            }))
+            .build();
+        let tracer = provider.tracer("test");
+        // A full batch (the SDK caps the batch at the queue's size) starts an export, which gets stuck.
+        for _ in 0..CAPACITY {
+            tracer.start("span").end();
+        }
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the first export starts");
+        assert_eq!(queue.dropped(), 0);
+        // The collector is stuck: what the queue cannot hold is dropped and counted, and ending spans
+        // never waits.
+        let free = CAPACITY - queue.waiting();
+        for _ in 0..100 {
+            tracer.start("span").end();
+        }
+        assert_eq!(queue.waiting(), CAPACITY);
+        assert_eq!(queue.dropped(), (100 - free) as u64);
+        release.send(()).unwrap();
+        provider.shutdown().unwrap();
+        assert_eq!(
+            exported.load(Ordering::Relaxed),
+            CAPACITY + 100 - (100 - free),
+            "every span admitted is exported"
+        );
+        assert_eq!(queue.waiting(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_reach_an_otlp_http_collector() {
+        let (requests_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let _ = requests_tx.send(body.len());
+                async { "" }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let exporter = span_exporter(&OtlpSettings {
+            endpoint: Some(format!("http://{addr}/v1/traces")),
+            protocol: OtlpProtocol::HttpProtobuf,
+            sampler_ratio: None,
+        })
+        .unwrap();
+        let queue = SpanQueue::new(16);
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(queue.processor(exporter))
+            .build();
+        provider.tracer("test").start("span").end();
+        // The batch processor's thread exports with the runtime's HTTP client (it panicked without one).
+        tokio::task::spawn_blocking(move || provider.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        let bytes = tokio::time::timeout(Duration::from_secs(30), requests.recv())
+            .await
+            .expect("an export request")
+            .unwrap();
+        assert!(bytes > 0);
+        assert_eq!(queue.dropped(), 0);
     }
 }

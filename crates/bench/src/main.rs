@@ -154,7 +154,8 @@ async fn export_spans(sampler_ratio: Option<f64>) -> anyhow::Result<(Arc<AtomicU
     let telemetry = logging::init(
         LogFormat::Text,
         Some(&OtlpSettings {
-            endpoint: Some(format!("http://{addr}")),
+            // Over HTTP the URL is taken as is: the signal's path is part of it.
+            endpoint: Some(format!("http://{addr}/v1/traces")),
             protocol: OtlpProtocol::HttpProtobuf,
             sampler_ratio,
         }),

@@ -277,6 +277,62 @@ mod tests {
     }
 
     #[test]
+    fn traceparent_is_the_w3c_text_of_a_span_context() {
+        for (trace, span, flags) in [
+            ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", 1),
+            ("00000000000000000000000000000001", "0000000000000001", 0),
+            ("ffffffffffffffffffffffffffffffff", "ffffffffffffffff", 0xff),
+        ] {
+            let span_context = SpanContext::new(
+                TraceId::from_hex(trace).unwrap(),
+                SpanId::from_hex(span).unwrap(),
+                TraceFlags::new(flags),
+                false,
+                TraceState::default(),
+            );
+            assert_eq!(
+                traceparent(&span_context),
+                format!("00-{trace}-{span}-{flags:02x}")
+            );
+        }
+    }
+
+    #[test]
+    fn an_unsampled_or_absent_parent_gets_no_event_spans() {
+        let unsampled = TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            None,
+        )
+        .unwrap();
+        let parent = opentelemetry::Context::new()
+            .with_remote_span_context(span_context(&unsampled).unwrap());
+        assert!(EventSpans::under(parent).is_none());
+        assert!(EventSpans::under(opentelemetry::Context::new()).is_none());
+    }
+
+    #[test]
+    fn a_sampled_parent_gets_event_spans_with_its_tracestate() {
+        let sampled = TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some("congo=t61rcWkgMzE"),
+        )
+        .unwrap();
+        let parent =
+            opentelemetry::Context::new().with_remote_span_context(span_context(&sampled).unwrap());
+        let spans = EventSpans::under(parent).expect("a sampled parent");
+        assert_eq!(spans.0.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+    }
+
+    #[test]
+    fn hub_names_are_made_once() {
+        let first = interned("hub-a").unwrap();
+        let again = interned("hub-a").unwrap();
+        assert_eq!(first.span_name, "create hub-a");
+        assert_eq!(first.hub, "hub-a");
+        assert!(std::ptr::eq(first.span_name, again.span_name));
+    }
+
+    #[test]
     fn spans_without_an_exporter_have_no_context_to_give() {
         assert_eq!(trace_context_of(&tracing::info_span!("nothing")), None);
     }
