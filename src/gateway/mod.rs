@@ -239,15 +239,15 @@ impl GatewayState {
         let own = Instant::now() + self.send_timeout;
         let deadline = deadline::from_metadata(request.metadata())
             .map_or(own, |timeout| deadline::answer_before(timeout).min(own));
-        // Taken once per call: the parent of every event span of the call (streams included).
-        let span_parent = otel::is_exporting().then(otel::current_context);
+        // Decided once per call (streams included): only a sampled call's events get spans of their own.
+        let event_spans = otel::EventSpans::for_current_call();
         let peer = peer_ip(request.extensions());
         Ok(CallContext {
             caller,
             client,
             share: self.shares.share_of(peer),
             trace_context,
-            span_parent,
+            event_spans,
             deadline,
         })
     }
@@ -262,7 +262,8 @@ pub struct CallContext {
     /// call.
     share: ClientShare,
     trace_context: Option<TraceContext>,
-    span_parent: Option<opentelemetry::Context>,
+    /// The spans of its events, if its span is exported and sampled.
+    event_spans: Option<otel::EventSpans>,
     deadline: Instant,
 }
 
@@ -282,11 +283,12 @@ impl CallContext {
         }
     }
 
-    /// The trace context written onto one event for `hub`. With spans exported, it is the event's own span
-    /// (a child of the call's, as the Azure SDKs make one per message); without, the caller's context as is.
+    /// The trace context written onto one event for `hub`. For a sampled call with spans exported, it is the
+    /// event's own span (a child of the call's, as the Azure SDKs make one per message); otherwise the
+    /// caller's context as is.
     fn event_trace_context(&self, hub: &str) -> Option<TraceContext> {
-        match &self.span_parent {
-            Some(parent) => otel::event_span(parent, hub).or_else(|| self.trace_context.clone()),
+        match &self.event_spans {
+            Some(spans) => spans.event(hub).or_else(|| self.trace_context.clone()),
             None => self.trace_context.clone(),
         }
     }

@@ -64,6 +64,9 @@ struct Args {
     /// Export every span over OTLP (to a sink in this process that drops them), for the cost of tracing.
     #[arg(long)]
     otlp: bool,
+    /// With `--otlp`: sample this fraction of calls (parentbased_traceidratio) instead of every one.
+    #[arg(long, value_name = "RATIO", requires = "otlp")]
+    otlp_sampler_ratio: Option<f64>,
     /// A few hundred events per scenario, checking correctness and loss only (what CI runs).
     #[arg(long)]
     smoke: bool,
@@ -172,7 +175,7 @@ async fn start_emulator() -> anyhow::Result<Emulator> {
 
 /// An OTLP/HTTP endpoint on loopback that counts the export requests it is sent and drops them; every span
 /// of this process is exported to it from now on.
-async fn export_spans() -> anyhow::Result<(Arc<AtomicU64>, Telemetry)> {
+async fn export_spans(sampler_ratio: Option<f64>) -> anyhow::Result<(Arc<AtomicU64>, Telemetry)> {
     let exports = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&exports);
     let app = axum::Router::new().route(
@@ -188,8 +191,10 @@ async fn export_spans() -> anyhow::Result<(Arc<AtomicU64>, Telemetry)> {
     let telemetry = logging::init(
         LogFormat::Text,
         Some(&OtlpSettings {
-            endpoint: Some(format!("http://{addr}")),
+            // Over HTTP the URL is taken as is: the signal's path is part of it.
+            endpoint: Some(format!("http://{addr}/v1/traces")),
             protocol: OtlpProtocol::HttpProtobuf,
+            sampler_ratio,
         }),
     )?;
     Ok((exports, telemetry))
@@ -481,7 +486,7 @@ async fn main() -> anyhow::Result<()> {
         .filter(|s| !args.skip.iter().any(|o| o == s))
         .collect();
     let tracing = if args.otlp {
-        Some(export_spans().await?)
+        Some(export_spans(args.otlp_sampler_ratio).await?)
     } else {
         None
     };
@@ -511,9 +516,10 @@ async fn main() -> anyhow::Result<()> {
     }
     progress.finish_and_clear();
     if let Some((exports, telemetry)) = tracing {
+        let dropped = telemetry.dropped_spans();
         tokio::task::block_in_place(|| telemetry.shutdown());
         println!(
-            "every span exported over OTLP/HTTP: {} export requests",
+            "spans exported over OTLP/HTTP: {} export requests, {dropped} spans dropped",
             exports.load(Ordering::Relaxed)
         );
     }
