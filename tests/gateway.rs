@@ -717,23 +717,6 @@ async fn a_connection_gets_at_most_http2_max_concurrent_streams_calls_at_once() 
 // How a stream ends: every event read is acknowledged exactly once before any ending the client can hear.
 // ------------------------------------------------------------------------------------------------------------
 
-/// The `ErrorInfo.metadata` of a status.
-fn error_metadata(
-    status: &eventhub_gateway::proto::google::rpc::Status,
-) -> HashMap<String, String> {
-    use prost::Message;
-    status
-        .details
-        .iter()
-        .find(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
-        .map(|any| {
-            eventhub_gateway::proto::google::rpc::ErrorInfo::decode(any.value.as_slice())
-                .unwrap()
-                .metadata
-        })
-        .unwrap_or_default()
-}
-
 /// One gRPC frame: the compressed flag, the length and the bytes (`length` may lie, to cut a message short).
 fn grpc_frame(compressed: bool, length: usize, bytes: &[u8]) -> Vec<u8> {
     let mut frame = vec![u8::from(compressed)];

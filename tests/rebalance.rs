@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -211,20 +210,6 @@ fn stream_request(sequence: u64) -> v1::SendStreamRequest {
     }
 }
 
-/// The `ErrorInfo` metadata of a status.
-fn error_metadata(status: &tonic::Status) -> HashMap<String, String> {
-    rich_status(status)
-        .details
-        .iter()
-        .find(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
-        .map(|any| {
-            eventhub_gateway::proto::google::rpc::ErrorInfo::decode(any.value.as_slice())
-                .unwrap()
-                .metadata
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_open_across_its_connections_age_ends_connection_aged_with_every_event_it_read_answered()
  {
@@ -269,7 +254,7 @@ async fn a_stream_open_across_its_connections_age_ends_connection_aged_with_ever
     let status = ended.expect("the stream ends with a status, not OK");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(error_reason(&rich_status(&status)), "CONNECTION_AGED");
-    let metadata = error_metadata(&status);
+    let metadata = error_metadata(&rich_status(&status));
     let last: u64 = metadata["last_sequence"].parse().unwrap();
     assert_eq!(metadata["messages_read"], last.to_string());
     assert!(

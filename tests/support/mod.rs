@@ -603,6 +603,23 @@ pub fn rich_status(status: &tonic::Status) -> eventhub_gateway::proto::google::r
         .expect("the status carries google.rpc.Status details")
 }
 
+/// The `ErrorInfo.metadata` of a status (empty without an `ErrorInfo`).
+pub fn error_metadata(
+    status: &eventhub_gateway::proto::google::rpc::Status,
+) -> std::collections::HashMap<String, String> {
+    use prost::Message;
+    status
+        .details
+        .iter()
+        .find(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
+        .map(|any| {
+            eventhub_gateway::proto::google::rpc::ErrorInfo::decode(any.value.as_slice())
+                .expect("ErrorInfo decodes")
+                .metadata
+        })
+        .unwrap_or_default()
+}
+
 /// The `ErrorInfo.reason` of a status.
 pub fn error_reason(status: &eventhub_gateway::proto::google::rpc::Status) -> String {
     use prost::Message;
