@@ -471,11 +471,7 @@ async fn admit(
 struct Acker {
     state: Arc<GatewayState>,
     responses: mpsc::Sender<Result<v1::SendStreamResponse, Status>>,
-    /// Enqueued events by tag, from `first_tag` on; `None` once answered.
-    waiting: VecDeque<Option<Waiting>>,
-    first_tag: u64,
-    /// Outcomes heard before their event's `Enqueued` (at most the stream's unacked budget).
-    early: HashMap<u64, Outcome>,
+    waiting: ByTag<Waiting>,
     /// Acks ready to send.
     acks: Vec<v1::StreamAck>,
 }
@@ -488,9 +484,7 @@ impl Acker {
         Self {
             state,
             responses,
-            waiting: VecDeque::new(),
-            first_tag: 0,
-            early: HashMap::new(),
+            waiting: ByTag::default(),
             acks: Vec::new(),
         }
     }
@@ -540,44 +534,26 @@ impl Acker {
 
     /// Takes in one message; false once the reader is done.
     fn hear(&mut self, heard: Heard) -> bool {
+        let acks = &mut self.acks;
         match heard {
             Heard::Refused(ack, permit) => {
                 drop(permit);
-                self.acks.push(ack);
+                acks.push(ack);
             }
             Heard::Enqueued(waiting) => {
-                let tag = self.first_tag + self.waiting.len() as u64;
-                match self.early.remove(&tag) {
-                    Some(outcome) => {
-                        self.answer(waiting, outcome);
-                        self.waiting.push_back(None); // its tag's place
-                        self.forget_answered();
-                    }
-                    None => self.waiting.push_back(Some(waiting)),
+                if let Some((waiting, outcome)) = self.waiting.push(waiting) {
+                    acks.push(ack(waiting, outcome));
                 }
             }
             Heard::Outcome {
                 first,
                 count,
                 outcome,
-            } => {
-                for tag in first..first.saturating_add(count) {
-                    let known = tag.checked_sub(self.first_tag).map(|at| at as usize);
-                    match known {
-                        // Answered already: at its deadline.
-                        None => {}
-                        Some(at) if at < self.waiting.len() => {
-                            if let Some(waiting) = self.waiting[at].take() {
-                                self.answer(waiting, outcome.clone());
-                            }
-                        }
-                        Some(_) => {
-                            self.early.insert(tag, outcome.clone());
-                        }
-                    }
-                }
-                self.forget_answered();
-            }
+            } => self
+                .waiting
+                .complete(first, count, &outcome, |waiting, outcome| {
+                    acks.push(ack(waiting, outcome));
+                }),
             Heard::ReadingDone => return false,
         }
         true
@@ -585,60 +561,17 @@ impl Acker {
 
     /// The deadline of the oldest event still waiting: the earliest of all.
     fn next_deadline(&self) -> Option<Instant> {
-        self.waiting
-            .front()
-            .and_then(|front| front.as_ref())
-            .map(|waiting| waiting.deadline)
+        self.waiting.oldest().map(|waiting| waiting.deadline)
     }
 
     /// Answers every event whose deadline is past `now` without its outcome.
     fn lapse(&mut self, now: Instant) {
         while self.next_deadline().is_some_and(|deadline| deadline <= now) {
-            if let Some(Some(waiting)) = self.waiting.pop_front() {
-                self.first_tag += 1;
+            if let Some(waiting) = self.waiting.take_oldest() {
                 let lapsed = self.state.producer.deadline_passed(&waiting.pledge);
-                self.answer(waiting, Err(lapsed));
+                self.acks.push(ack(waiting, Err(lapsed)));
             }
-            self.forget_answered();
         }
-    }
-
-    /// Drops the answered events at the front, so the front is the oldest still waiting.
-    fn forget_answered(&mut self) {
-        while let Some(None) = self.waiting.front() {
-            self.waiting.pop_front();
-            self.first_tag += 1;
-        }
-    }
-
-    /// Acks one event with its outcome, releasing its shares.
-    fn answer(&mut self, waiting: Waiting, outcome: Outcome) {
-        let Waiting {
-            sequence,
-            index,
-            mut counted,
-            ..
-        } = waiting;
-        let ack = match outcome {
-            Ok(receipt) => {
-                counted.ok(1);
-                v1::StreamAck {
-                    sequence,
-                    status: Some(status::ok()),
-                    partition_id: receipt.partition_id.unwrap_or_default(),
-                }
-            }
-            Err(error) => {
-                let error = GatewayError::event(field_path(index), error);
-                counted.failed(error.reason(), 1);
-                v1::StreamAck {
-                    sequence,
-                    status: Some(error.to_rpc_status()),
-                    partition_id: String::new(),
-                }
-            }
-        };
-        self.acks.push(ack);
     }
 
     /// Sends the acks ready, at most `MAX_ACKS_PER_RESPONSE` per response; false when the client is gone.
@@ -660,5 +593,190 @@ impl Acker {
             }
         }
         true
+    }
+}
+
+/// The ack of one event with its outcome; its shares are released as it is dropped here.
+fn ack(waiting: Waiting, outcome: Outcome) -> v1::StreamAck {
+    let Waiting {
+        sequence,
+        index,
+        mut counted,
+        ..
+    } = waiting;
+    match outcome {
+        Ok(receipt) => {
+            counted.ok(1);
+            v1::StreamAck {
+                sequence,
+                status: Some(status::ok()),
+                partition_id: receipt.partition_id.unwrap_or_default(),
+            }
+        }
+        Err(error) => {
+            let error = GatewayError::event(field_path(index), error);
+            counted.failed(error.reason(), 1);
+            v1::StreamAck {
+                sequence,
+                status: Some(error.to_rpc_status()),
+                partition_id: String::new(),
+            }
+        }
+    }
+}
+
+/// A stream's enqueued events by tag (tags count up from 0 in enqueue order), and the outcomes heard before
+/// their event was: each event is taken out once, by its outcome or as the oldest at its deadline.
+struct ByTag<T> {
+    /// From `first_tag` on; `None` once taken.
+    waiting: VecDeque<Option<T>>,
+    first_tag: u64,
+    /// Outcomes of tags not pushed yet (at most the stream's unacked budget).
+    early: HashMap<u64, Outcome>,
+}
+
+impl<T> Default for ByTag<T> {
+    fn default() -> Self {
+        Self {
+            waiting: VecDeque::new(),
+            first_tag: 0,
+            early: HashMap::new(),
+        }
+    }
+}
+
+impl<T> ByTag<T> {
+    /// Adds the event of the next tag; gives it back with its outcome if that was heard first.
+    fn push(&mut self, entry: T) -> Option<(T, Outcome)> {
+        let tag = self.first_tag + self.waiting.len() as u64;
+        match self.early.remove(&tag) {
+            Some(outcome) => {
+                self.waiting.push_back(None); // its tag's place
+                self.forget_taken();
+                Some((entry, outcome))
+            }
+            None => {
+                self.waiting.push_back(Some(entry));
+                None
+            }
+        }
+    }
+
+    /// Hands each event tagged `first` to `first + count - 1` that still waits to `answer`, with `outcome`;
+    /// keeps the outcome of a tag not pushed yet for when it is.
+    fn complete(
+        &mut self,
+        first: u64,
+        count: u64,
+        outcome: &Outcome,
+        mut answer: impl FnMut(T, Outcome),
+    ) {
+        for tag in first..first.saturating_add(count) {
+            match tag.checked_sub(self.first_tag).map(|at| at as usize) {
+                // Taken already, at its deadline.
+                None => {}
+                Some(at) if at < self.waiting.len() => {
+                    if let Some(entry) = self.waiting[at].take() {
+                        answer(entry, outcome.clone());
+                    }
+                }
+                Some(_) => {
+                    self.early.insert(tag, outcome.clone());
+                }
+            }
+        }
+        self.forget_taken();
+    }
+
+    /// The oldest event still waiting.
+    fn oldest(&self) -> Option<&T> {
+        self.waiting.front().and_then(Option::as_ref)
+    }
+
+    /// Takes the oldest event still waiting out.
+    fn take_oldest(&mut self) -> Option<T> {
+        // The front is always an event still waiting (`forget_taken`).
+        let oldest = self.waiting.pop_front()?;
+        self.first_tag += 1;
+        self.forget_taken();
+        oldest
+    }
+
+    /// Whether no event waits.
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Drops the places of taken events at the front, so the front is the oldest still waiting.
+    fn forget_taken(&mut self) {
+        while let Some(None) = self.waiting.front() {
+            self.waiting.pop_front();
+            self.first_tag += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventhub_producer::{Receipt, SendError};
+
+    fn ok() -> Outcome {
+        Ok(Receipt { partition_id: None })
+    }
+
+    fn failed() -> Outcome {
+        Err(SendError::Closed)
+    }
+
+    /// Completes `first..first + count` and returns what was handed out: (entry, ok?).
+    fn complete(
+        queue: &mut ByTag<&'static str>,
+        first: u64,
+        count: u64,
+        outcome: Outcome,
+    ) -> Vec<(&'static str, bool)> {
+        let mut answered = Vec::new();
+        queue.complete(first, count, &outcome, |entry, outcome| {
+            answered.push((entry, outcome.is_ok()))
+        });
+        answered
+    }
+
+    #[test]
+    fn each_event_is_taken_once_by_its_outcome_or_as_the_oldest() {
+        let mut queue = ByTag::default();
+        for entry in ["a", "b", "c", "d"] {
+            assert!(queue.push(entry).is_none());
+        }
+        // A batch held b and c.
+        assert_eq!(complete(&mut queue, 1, 2, ok()), [("b", true), ("c", true)]);
+        assert_eq!(queue.oldest(), Some(&"a"));
+        // a's deadline passes: it is taken as the oldest, and its late outcome finds nothing.
+        assert_eq!(queue.take_oldest(), Some("a"));
+        assert_eq!(queue.oldest(), Some(&"d"), "b and c are gone with a");
+        assert!(complete(&mut queue, 0, 1, failed()).is_empty());
+        assert_eq!(complete(&mut queue, 3, 1, failed()), [("d", false)]);
+        assert!(queue.is_empty());
+        assert_eq!(queue.take_oldest(), None);
+    }
+
+    #[test]
+    fn an_outcome_heard_before_its_event_waits_for_it() {
+        let mut queue = ByTag::default();
+        assert!(queue.push("a").is_none());
+        // The route answered tags 1 and 2 before the reader said they were enqueued.
+        assert!(complete(&mut queue, 1, 2, failed()).is_empty());
+        assert_eq!(queue.oldest(), Some(&"a"));
+        let (entry, outcome) = queue.push("b").expect("its outcome came first");
+        assert_eq!(entry, "b");
+        assert!(outcome.is_err());
+        assert!(queue.push("c").is_some());
+        // Tag 3 has no outcome yet: it waits behind a.
+        assert!(queue.push("d").is_none());
+        assert_eq!(complete(&mut queue, 0, 1, ok()), [("a", true)]);
+        assert_eq!(queue.oldest(), Some(&"d"));
+        assert_eq!(complete(&mut queue, 3, 1, ok()), [("d", true)]);
+        assert!(queue.is_empty());
     }
 }
