@@ -510,7 +510,10 @@ impl Acker {
                     Some(heard) => reading &= self.hear(heard),
                     None => reading = false,
                 },
-                () = &mut lapse, if lapse_at.is_some() => self.lapse(Instant::now()),
+                // The deadline the timer was set for has passed, whatever the clocks say (no spin on it).
+                () = &mut lapse, if lapse_at.is_some() => {
+                    self.lapse(lapse_at.map_or_else(Instant::now, |at| at.max(Instant::now())));
+                }
             }
             // Take in whatever else is ready before sending, so acks ready together go together.
             while reading || !self.waiting.is_empty() {
