@@ -838,6 +838,21 @@ mod tests {
         GatewayConfig::load_with_env(Some(&file), no_env(), Figment::new())
     }
 
+    /// The problem of a config `text` refused for `field`, checked to contain `problem`.
+    fn invalid_problem(text: &str, field: &str, problem: &str) -> String {
+        match toml(text) {
+            Err(ConfigError::Invalid {
+                field: found,
+                problem: text,
+            }) => {
+                assert_eq!(found, field, "{text}");
+                assert!(text.contains(problem), "{field}: {text}");
+                text
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+
     #[test]
     fn durations_are_humantime_strings_or_numbers_under_the_documented_keys() {
         let config = toml(
@@ -915,17 +930,8 @@ mod tests {
                 "invalid type",
             ),
         ] {
-            match toml(text) {
-                Err(ConfigError::Invalid {
-                    field: found,
-                    problem: text,
-                }) => {
-                    assert_eq!(found, field, "{text}");
-                    assert!(text.contains(problem), "{field}: {text}");
-                    assert!(text.contains("gateway.toml"), "{field}: {text}");
-                }
-                other => panic!("{field}: {other:?}"),
-            }
+            let text = invalid_problem(text, field, problem);
+            assert!(text.contains("gateway.toml"), "{field}: {text}");
         }
         let config = toml("[limits]\nclient_events_per_second = 50\n").unwrap();
         assert_eq!(
@@ -964,16 +970,7 @@ mod tests {
                 "must be between 1 s and 86400 s (a day)",
             ),
         ] {
-            match toml(text) {
-                Err(ConfigError::Invalid {
-                    field: found,
-                    problem: text,
-                }) => {
-                    assert_eq!(found, field, "{text}");
-                    assert!(text.contains(problem), "{field}: {text}");
-                }
-                other => panic!("{field}: {other:?}"),
-            }
+            invalid_problem(text, field, problem);
         }
         // A shorter send timeout allows a shorter grace; without an age the grace is not checked against it.
         toml("[limits]\nmax_connection_age_seconds = 60\nmax_connection_age_grace_seconds = 10\n[producer]\nsend_timeout = 10\n")

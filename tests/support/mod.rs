@@ -603,10 +603,10 @@ pub fn rich_status(status: &tonic::Status) -> eventhub_gateway::proto::google::r
         .expect("the status carries google.rpc.Status details")
 }
 
-/// The `ErrorInfo.metadata` of a status (empty without an `ErrorInfo`).
-pub fn error_metadata(
+/// The `ErrorInfo` detail of a status, if it has one.
+pub fn error_info(
     status: &eventhub_gateway::proto::google::rpc::Status,
-) -> std::collections::HashMap<String, String> {
+) -> Option<eventhub_gateway::proto::google::rpc::ErrorInfo> {
     use prost::Message;
     status
         .details
@@ -615,23 +615,22 @@ pub fn error_metadata(
         .map(|any| {
             eventhub_gateway::proto::google::rpc::ErrorInfo::decode(any.value.as_slice())
                 .expect("ErrorInfo decodes")
-                .metadata
         })
+}
+
+/// The `ErrorInfo.metadata` of a status (empty without an `ErrorInfo`).
+pub fn error_metadata(
+    status: &eventhub_gateway::proto::google::rpc::Status,
+) -> std::collections::HashMap<String, String> {
+    error_info(status)
+        .map(|info| info.metadata)
         .unwrap_or_default()
 }
 
 /// The `ErrorInfo.reason` of a status.
 pub fn error_reason(status: &eventhub_gateway::proto::google::rpc::Status) -> String {
-    use prost::Message;
-    status
-        .details
-        .iter()
-        .find(|any| any.type_url.ends_with("/google.rpc.ErrorInfo"))
-        .map(|any| {
-            eventhub_gateway::proto::google::rpc::ErrorInfo::decode(any.value.as_slice())
-                .expect("ErrorInfo decodes")
-                .reason
-        })
+    error_info(status)
+        .map(|info| info.reason)
         .unwrap_or_default()
 }
 
