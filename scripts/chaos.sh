@@ -5,7 +5,8 @@
 # Needs root, iproute2, nftables (installed with apt-get when missing) and tbf. Everything it makes is removed
 # on exit, on failure and on Ctrl-C: every process in both namespaces is killed, then the namespaces go (and
 # with them the veth pair, the nftables table and the qdiscs). No address outside the namespaces is a target.
-# CHAOS_PROFILE=release builds and runs release binaries (default: debug).
+# CHAOS_PROFILE=release builds and runs release binaries (default: debug). CHAOS_PREBUILT=1 builds nothing and
+# runs the binaries already in the target directory (scripts/test.sh, after its own build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -126,12 +127,19 @@ EOF
 
 target=${CARGO_TARGET_DIR:-$root/target}
 bin=$target/$profile
-echo "chaos.sh: namespaces $gw_ns (10.213.0.1) and $eh_ns (10.213.0.2); building ($profile)" >&2
-# setsid: the build's own process group, so an interrupt ends every rustc with it, not only cargo.
-setsid cargo build --locked "${profile_flag[@]}" --bin eventhub-gateway --bin chaos &
-build=$!
-wait "$build"
-build=
+if [ -n "${CHAOS_PREBUILT:-}" ]; then
+    echo "chaos.sh: namespaces $gw_ns (10.213.0.1) and $eh_ns (10.213.0.2); binaries of $bin" >&2
+    for name in eventhub-gateway chaos; do
+        [ -x "$bin/$name" ] || fail "CHAOS_PREBUILT is set but $bin/$name is not built"
+    done
+else
+    echo "chaos.sh: namespaces $gw_ns (10.213.0.1) and $eh_ns (10.213.0.2); building ($profile)" >&2
+    # setsid: the build's own process group, so an interrupt ends every rustc with it, not only cargo.
+    setsid cargo build --locked "${profile_flag[@]}" --bin eventhub-gateway --bin chaos &
+    build=$!
+    wait "$build"
+    build=
+fi
 
 export CHAOS_GATEWAY_BIN=$bin/eventhub-gateway
 export CHAOS_GATEWAY_NS=$gw_ns CHAOS_EMULATOR_NS=$eh_ns
