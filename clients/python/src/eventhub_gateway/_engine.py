@@ -1,0 +1,512 @@
+"""The batching engine: coalesces every caller's events into `SendStreamRequest.events` messages on one
+`SendStream`, matches acks to callers, retries what can be retried until each event's deadline, moves to a new
+stream (or connection) when one ends, and bounds what is in flight (events and bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import grpc
+import grpc.aio
+
+from ._channel import CallMetadata
+from ._proto import gateway_pb2, gateway_pb2_grpc
+from .errors import (
+    DeadlineExceeded,
+    Draining,
+    EventTooLarge,
+    GatewayError,
+    GatewayUnavailable,
+    Overloaded,
+    ProducerClosed,
+    Unauthenticated,
+    for_one_event,
+    from_call,
+    from_rpc_error,
+    from_status,
+)
+from .events import Receipt
+
+log = logging.getLogger("eventhub_gateway")
+
+# Stream endings after which a new stream is opened at once: the gateway acknowledged everything it read.
+_CLEAN_ENDINGS = frozenset({"STREAM_IDLE", "CONNECTION_AGED", "DRAINING"})
+# A protobuf event's envelope inside a SendStreamRequest, beyond its body (tags, lengths, small fields).
+_EVENT_OVERHEAD_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The engine's knobs (see `GatewayProducer` for what each means)."""
+
+    event_hub: str
+    max_batch_events: int
+    max_batch_bytes: int
+    linger: float
+    max_in_flight_events: int
+    max_in_flight_bytes: int
+    send_timeout: float
+    pool_get_timeout: float
+    retry_backoff: float
+    retry_backoff_max: float
+
+
+class Item:
+    """One event on its way: the encoded event, its caller's future, its deadline and where it is now."""
+
+    __slots__ = ("event", "size", "future", "deadline", "attempts", "order", "stream", "sequence", "trace",
+                 "finished")
+
+    def __init__(self, event: gateway_pb2.Event, future: asyncio.Future, deadline: float, order: int,
+                 trace: Optional[list[tuple[str, str]]]) -> None:
+        self.event = event
+        self.size = event.ByteSize() + _EVENT_OVERHEAD_BYTES
+        self.future = future
+        self.deadline = deadline
+        self.attempts = 0
+        self.order = order
+        self.stream: Optional[_Stream] = None  # the stream it was written to and awaits an ack on
+        self.sequence = 0
+        self.trace = trace  # the caller's trace context: sent alone, with it as call metadata
+        # Counted out of the window. The future can be done before (a cancelled caller), so it does not tell.
+        self.finished = False
+
+
+class _Stream:
+    """One SendStream call and the events written to it that await their acks, by sequence."""
+
+    __slots__ = ("call", "unacked", "ended", "half_closed")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.unacked: dict[int, Item] = {}
+        self.ended = False
+        self.half_closed = False
+
+
+class Engine:
+    """Runs on one event loop; every method is called from it."""
+
+    def __init__(self, settings: Settings, channel_factory: Callable[[], grpc.aio.Channel],
+                 metadata: CallMetadata) -> None:
+        self.settings = settings
+        self._channel_factory = channel_factory
+        self._metadata = metadata
+        self._loop = asyncio.get_running_loop()
+        self._channel = channel_factory()
+        self._stub = gateway_pb2_grpc.EventHubGatewayStub(self._channel)
+        self._retired_channels: list[grpc.aio.Channel] = []
+        self._pending: deque[Item] = deque()
+        self._wake = asyncio.Event()
+        self._stream: Optional[_Stream] = None
+        self._readers: set[asyncio.Task] = set()
+        self._side_tasks: set[asyncio.Task] = set()
+        self._sequence = 1
+        self._order = 0
+        self._failures = 0  # streams in a row that broke before any ack: the next open waits a backoff
+        self._renew_channel = False
+        self._in_flight_events = 0
+        self._in_flight_bytes = 0
+        self._room_waiters: deque[asyncio.Future] = deque()
+        self._outstanding: set[asyncio.Future] = set()
+        # Deadlines: events with the producer's send_timeout arrive in deadline order (a deque); those with a
+        # timeout of their own go to a heap. Both are swept by one timer.
+        self._by_arrival: deque[Item] = deque()
+        self._by_deadline: list[tuple[float, int, Item]] = []
+        self._closing = False
+        self._closed = False
+        self._writer = self._loop.create_task(self._write_loop())
+        self._sweeper = self._loop.create_task(self._sweep_loop())
+
+    async def channel_ready(self) -> None:
+        """Waits until the channel has a connection to the gateway."""
+        await self._channel.channel_ready()
+
+    # -- admission ------------------------------------------------------------------------------------------
+
+    def new_item(self, event: gateway_pb2.Event, timeout: Optional[float],
+                 trace: Optional[list[tuple[str, str]]]) -> Item:
+        """An item for `event`, or EventTooLarge when it could never fit in one message to the gateway."""
+        if self._closing:
+            raise ProducerClosed("the producer is closed")
+        now = self._loop.time()
+        own_timeout = timeout is not None
+        deadline = now + (timeout if own_timeout else self.settings.send_timeout)
+        self._order += 1
+        item = Item(event, self._loop.create_future(), deadline, self._order, trace)
+        if item.size > self.settings.max_batch_bytes:
+            raise EventTooLarge(
+                f"the encoded event is {item.size} bytes, over max_batch_bytes ({self.settings.max_batch_bytes})",
+                code=grpc.StatusCode.INVALID_ARGUMENT, fields=[("event", "over max_batch_bytes")],
+            )
+        if own_timeout:
+            heapq.heappush(self._by_deadline, (deadline, item.order, item))
+        else:
+            self._by_arrival.append(item)
+            if len(self._by_arrival) > 4 * self.settings.max_in_flight_events:
+                # Finished events behind a slow one at the front: drop them so the deque stays bounded.
+                self._by_arrival = deque(i for i in self._by_arrival if not i.finished)
+        return item
+
+    def has_room(self, item: Item) -> bool:
+        """Whether the in-flight window takes `item` now (an event larger than the byte window goes alone)."""
+        return not self._room_waiters and self._window_takes(item)
+
+    def _window_takes(self, item: Item) -> bool:
+        if self._in_flight_events >= self.settings.max_in_flight_events:
+            return False
+        return self._in_flight_bytes == 0 or self._in_flight_bytes + item.size <= self.settings.max_in_flight_bytes
+
+    async def wait_for_room(self, item: Item) -> None:
+        """Waits, first come first served, for the window to take `item`: at most pool_get_timeout and never
+        past the event's deadline, then Overloaded."""
+        limit = max(min(self.settings.pool_get_timeout, item.deadline - self._loop.time()), 0.0)
+        end = self._loop.time() + limit
+        waiter = self._loop.create_future()
+        self._room_waiters.append(waiter)
+        try:
+            while not (self._room_waiters[0] is waiter and self._window_takes(item)):
+                remaining = end - self._loop.time()
+                try:
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(waiter, remaining)
+                except asyncio.TimeoutError:
+                    raise Overloaded(
+                        f"this client's in-flight window ({self.settings.max_in_flight_events} events, "
+                        f"{self.settings.max_in_flight_bytes} bytes) stayed full for {limit:.3g} s "
+                        "(pool_get_timeout, or the event's deadline)",
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    ) from None
+                if self._closing:
+                    raise ProducerClosed("the producer is closed")
+                renewed = self._loop.create_future()
+                self._room_waiters[self._room_waiters.index(waiter)] = renewed
+                waiter = renewed
+        finally:
+            try:
+                self._room_waiters.remove(waiter)
+            except ValueError:
+                pass
+            self._wake_room_waiter()
+
+    def admit(self, item: Item) -> None:
+        """Counts `item` in the window and queues it for the writer."""
+        self._in_flight_events += 1
+        self._in_flight_bytes += item.size
+        self._outstanding.add(item.future)
+        self._dispatch(item)
+
+    def abandon(self, item: Item) -> None:
+        """Forgets an item that was never admitted (its caller gave up waiting for room)."""
+        item.finished = True
+        item.future.cancel()
+
+    def _dispatch(self, item: Item) -> None:
+        if item.trace is not None:
+            self._spawn(self._send_alone(item))
+            return
+        self._pending.append(item)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _wake_room_waiter(self) -> None:
+        if self._room_waiters and not self._room_waiters[0].done():
+            self._room_waiters[0].set_result(None)
+
+    # -- outcomes -------------------------------------------------------------------------------------------
+
+    def _release(self, item: Item) -> None:
+        """Counts a finished event out of the window (once), whether its caller still waits or not."""
+        if item.finished:
+            return
+        item.finished = True
+        self._in_flight_events -= 1
+        self._in_flight_bytes -= item.size
+        self._outstanding.discard(item.future)
+        item.stream = None
+        if self._room_waiters:
+            self._wake_room_waiter()
+
+    def _succeed(self, item: Item, partition_id: str) -> None:
+        if not item.future.done():
+            item.future.set_result(
+                Receipt(self.settings.event_hub, partition_id, item.event.message_id, item.attempts))
+        self._release(item)
+
+    def _fail(self, item: Item, error: GatewayError) -> None:
+        if not item.future.done():
+            item.future.set_exception(error)
+        self._release(item)
+
+    def _retry_or_fail(self, item: Item, error: GatewayError) -> None:
+        """Sends `item` again after a backoff if its error is retryable and its deadline allows, else fails it."""
+        if item.finished:
+            return
+        item.stream = None
+        if not error.retryable or self._closing:
+            self._fail(item, error)
+            return
+        backoff = min(self.settings.retry_backoff * (2 ** min(item.attempts - 1, 16)), self.settings.retry_backoff_max)
+        delay = max(error.retry_after or 0.0, random.uniform(backoff / 2, backoff))
+        if self._loop.time() + delay >= item.deadline:
+            self._fail(item, error)
+            return
+        self._loop.call_later(delay, self._resend, item)
+
+    def _resend(self, item: Item) -> None:
+        if item.future.done():
+            self._release(item)  # its caller went away: not sent again
+        elif not item.finished:
+            self._dispatch(item)
+
+    def _expire(self, item: Item) -> None:
+        stream = item.stream
+        if stream is not None:
+            stream.unacked.pop(item.sequence, None)
+            error = DeadlineExceeded(
+                "the event's deadline passed while it awaited its outcome: it may have been published",
+                published=None,
+            )
+        else:
+            error = DeadlineExceeded("the event's deadline passed before it was sent: it was not published",
+                                     published=False)
+        self._fail(item, error)
+
+    async def _sweep_loop(self) -> None:
+        interval = min(0.05, self.settings.send_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = self._loop.time()
+            arrivals = self._by_arrival
+            while arrivals and (arrivals[0].finished or arrivals[0].deadline <= now):
+                item = arrivals.popleft()
+                if not item.finished:
+                    self._expire(item)
+            heap = self._by_deadline
+            while heap and (heap[0][2].finished or heap[0][0] <= now):
+                item = heapq.heappop(heap)[2]
+                if not item.finished:
+                    self._expire(item)
+
+    # -- the stream -----------------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        settings = self.settings
+        pending = self._pending
+        while True:
+            if not pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            stream = self._stream
+            if stream is None or stream.ended:
+                try:
+                    stream = await self._open_stream()
+                except GatewayError as error:
+                    while pending:
+                        self._fail(pending.popleft(), error)
+                    continue
+            if settings.linger > 0 and stream.unacked and not self._batch_full():
+                # The gateway is busy with earlier messages anyway: let more events join this one.
+                await asyncio.sleep(settings.linger)
+                if stream.ended:
+                    continue
+            first = self._sequence
+            request = gateway_pb2.SendStreamRequest(event_hub=settings.event_hub, sequence=first)
+            batch = []
+            size = 0
+            while pending and len(batch) < settings.max_batch_events:
+                item = pending[0]
+                if item.future.done():  # expired, or its caller went away: not sent
+                    pending.popleft()
+                    self._release(item)
+                    continue
+                if batch and size + item.size > settings.max_batch_bytes:
+                    break
+                pending.popleft()
+                batch.append(item)
+                size += item.size
+            if not batch:
+                continue
+            request.events.extend([item.event for item in batch])
+            unacked = stream.unacked
+            for sequence, item in enumerate(batch, first):
+                item.sequence = sequence
+                item.stream = stream
+                item.attempts += 1
+                unacked[sequence] = item
+            self._sequence = first + len(batch)
+            try:
+                await stream.call.write(request)
+            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                pass  # the call ended: its reader sends again what it carried
+
+    def _batch_full(self) -> bool:
+        return len(self._pending) >= self.settings.max_batch_events
+
+    async def _open_stream(self) -> _Stream:
+        if self._failures:
+            backoff = min(self.settings.retry_backoff * (2 ** min(self._failures - 1, 16)),
+                          self.settings.retry_backoff_max)
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+        if self._renew_channel:
+            self._renew_channel = False
+            self._retired_channels.append(self._channel)
+            self._channel = self._channel_factory()
+            self._stub = gateway_pb2_grpc.EventHubGatewayStub(self._channel)
+        try:
+            metadata = await self._metadata.get()
+        except Exception as error:  # noqa: BLE001 - the token source is the caller's code
+            raise Unauthenticated(f"the token source failed: {error!r}"[:512],
+                                  code=grpc.StatusCode.UNAUTHENTICATED) from error
+        call = self._stub.SendStream(metadata=metadata, wait_for_ready=True)
+        stream = _Stream(call)
+        self._stream = stream
+        reader = self._loop.create_task(self._read_loop(stream))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        return stream
+
+    async def _read_loop(self, stream: _Stream) -> None:
+        error: Optional[GatewayError] = None
+        call = stream.call
+        acked_any = False
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                unacked = stream.unacked
+                for ack in response.acks:
+                    item = unacked.pop(ack.sequence, None)
+                    if item is None:
+                        continue
+                    acked_any = True
+                    status = ack.status
+                    if status.code == 0:
+                        self._succeed(item, ack.partition_id)
+                    else:
+                        self._retry_or_fail(item, for_one_event(from_status(status)))
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                error = from_call(code, await call.details(), await call.trailing_metadata())
+        except grpc.RpcError as rpc_error:
+            error = from_rpc_error(rpc_error)
+        except asyncio.CancelledError:
+            error = ProducerClosed("the producer is closed")
+            raise
+        finally:
+            self._stream_ended(stream, error, acked_any)
+
+    def _stream_ended(self, stream: _Stream, error: Optional[GatewayError], acked_any: bool) -> None:
+        stream.ended = True
+        if self._stream is stream:
+            self._stream = None
+        leftover = sorted(stream.unacked.values(), key=lambda item: item.order)
+        stream.unacked.clear()
+        reason = error.reason if error is not None else None
+        if error is None and not stream.half_closed:
+            error = GatewayUnavailable("the gateway ended the stream", code=grpc.StatusCode.OK)
+        if error is not None and reason not in _CLEAN_ENDINGS:
+            self._failures = 0 if acked_any else self._failures + 1
+            log.info("stream to the gateway ended: %r; %d events to send again", error, len(leftover))
+        else:
+            self._failures = 0
+        if isinstance(error, Draining):
+            self._renew_channel = True
+        if error is None:
+            error = GatewayUnavailable("the stream ended before this event's ack", code=grpc.StatusCode.UNKNOWN)
+        # Unacknowledged events go first, in the order they were sent, ahead of what waits to be sent.
+        for item in reversed(leftover):
+            if item.finished:
+                continue
+            item.stream = None
+            if error.retryable and not self._closing and self._loop.time() < item.deadline:
+                if item.trace is not None:
+                    self._dispatch(item)
+                else:
+                    self._pending.appendleft(item)
+            else:
+                self._fail(item, error)
+        if self._pending and not self._wake.is_set():
+            self._wake.set()
+
+    async def _send_alone(self, item: Item) -> None:
+        """Sends a traced event by itself with SendEvent, so its trace context travels as call metadata."""
+        item.attempts += 1
+        try:
+            metadata = [*(await self._metadata.get()), *(item.trace or ())]
+            timeout = max(item.deadline - self._loop.time(), 0.001)
+            response = await self._stub.SendEvent(
+                gateway_pb2.SendEventRequest(event_hub=self.settings.event_hub, event=item.event),
+                metadata=metadata, timeout=timeout, wait_for_ready=True,
+            )
+        except grpc.RpcError as rpc_error:
+            error = from_rpc_error(rpc_error)
+            if isinstance(error, Draining):
+                self._renew_channel = True
+            self._retry_or_fail(item, error)
+            return
+        except Exception as error:  # noqa: BLE001 - the token source is the caller's code
+            self._fail(item, Unauthenticated(f"the token source failed: {error!r}"[:512],
+                                             code=grpc.StatusCode.UNAUTHENTICATED))
+            return
+        self._succeed(item, response.partition_id)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = self._loop.create_task(coroutine)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    # -- flush and close ------------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Waits until every event handed in so far has its outcome."""
+        waiting = list(self._outstanding)
+        if waiting:
+            await asyncio.wait(waiting)
+
+    async def close(self, timeout: Optional[float]) -> None:
+        """Waits (at most `timeout`) for every outstanding event, ends the stream and the channel; what is still
+        outstanding then fails with ProducerClosed."""
+        if self._closed:
+            return
+        self._closing = True
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        self._writer.cancel()
+        stream = self._stream
+        if stream is not None and not stream.ended:
+            stream.half_closed = True
+            try:
+                await stream.call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                pass
+        readers = list(self._readers)
+        if readers:
+            await asyncio.wait(readers, timeout=5)
+        self._sweeper.cancel()
+        for task in [*readers, *self._side_tasks]:
+            task.cancel()
+        leftover = [*self._pending, *(item for s in [stream] if s for item in s.unacked.values())]
+        for item in leftover:
+            self._fail(item, ProducerClosed("the producer closed before this event's outcome"))
+        for waiter in list(self._outstanding):
+            if not waiter.done():
+                waiter.set_exception(ProducerClosed("the producer closed before this event's outcome"))
+        self._outstanding.clear()
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        for channel in [self._channel, *self._retired_channels]:
+            await channel.close()
+        self._closed = True

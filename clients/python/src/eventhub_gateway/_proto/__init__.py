@@ -1,0 +1,1 @@
+"""Stubs generated from the repository's proto/ by generate_stubs.py; do not edit."""
