@@ -15,11 +15,12 @@ listen=${DEMO_LISTEN:-127.0.0.1:50051}
 metrics_listen=${DEMO_METRICS_LISTEN:-127.0.0.1:9464}
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Python venv with the demo's few packages (examples/requirements.txt: the official SDK, grpcio)"
+step "Python venv with the demo's few packages (examples/requirements.txt: the official SDK, grpcio) and the client package (clients/python)"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r examples/requirements.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation ./clients/python
 
 if [ -n "${EVENTHUB_GATEWAY_BIN:-}" ]; then
     gateway=$EVENTHUB_GATEWAY_BIN

@@ -20,6 +20,8 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+# The client package from its directory, as its users install it; its dependency ranges must take the pins.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation ./clients/python
 
 step "Node modules (tests/node/package-lock.json)"
 (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
