@@ -158,11 +158,13 @@ def result_status(api, status):
 class GatewayProcess:
     """A running `eventhub-gateway serve` on free loopback ports (gRPC, and `metrics`: the HTTP listener of
     /metrics and the probes). `args` are extra flags (`--emulator ...` or `--connection-string ...`), `env` extra
-    environment (`EVENTHUB_GATEWAY_LIMITS__...`), `credentials` the channel's TLS credentials for a TLS listener."""
+    environment (`EVENTHUB_GATEWAY_LIMITS__...`), `credentials` the channel's TLS credentials for a TLS listener,
+    `listen` the gRPC address (a stopped gateway's `address`, to start its successor on the same port)."""
 
-    def __init__(self, api, *args, env=None, startup_timeout=20, log_lines=300, credentials=None):
+    def __init__(self, api, *args, env=None, startup_timeout=20, log_lines=300, credentials=None,
+                 listen="127.0.0.1:0"):
         self.api = api
-        self.args = [BINARY, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *args]
+        self.args = [BINARY, "serve", "--listen", listen, "--metrics-listen", "127.0.0.1:0", *args]
         self.process = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,

@@ -1,10 +1,7 @@
 """`eventhub-gateway emulator --fault-control ADDR` seen from the official Python SDK: faults injected over HTTP
 into the running emulator process reach the SDK as the service's would."""
 
-import http.client
-import json
 import queue
-import subprocess
 import threading
 import time
 
@@ -12,67 +9,7 @@ import pytest
 from azure.eventhub import EventData
 from azure.eventhub.exceptions import ConnectError, EventHubError
 
-from conftest import BINARY, producer, read_partition, stop_process
-
-
-class ControlledEmulator:
-    """The emulator binary on free loopback ports, its fault control address read from stderr."""
-
-    def __init__(self):
-        self.process = subprocess.Popen(
-            [BINARY, "emulator", "--listen", "127.0.0.1:0", "--event-hub", "eh1:1", "--fault-control", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        lines = queue.Queue()
-
-        def pump(stream):
-            for line in stream:
-                lines.put(line)
-
-        # Both pipes are drained for the process's life, so its logs never fill one and stall it.
-        for stream in (self.process.stdout, self.process.stderr):
-            threading.Thread(target=pump, args=(stream,), daemon=True).start()
-        self.connection_string = None
-        self.control = None
-        deadline = time.monotonic() + 15
-        while (self.connection_string is None or self.control is None) and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line.startswith("Endpoint="):
-                self.connection_string = line.strip()
-            elif "fault control on http://" in line:
-                host, port = line.split("http://")[1].split("/")[0].rsplit(":", 1)
-                self.control = (host, int(port))
-        if self.connection_string is None or self.control is None:
-            self.stop()
-            raise RuntimeError("the emulator did not print its connection string and fault control address")
-
-    def call(self, method, path):
-        """One request to the fault control: the status and the JSON body."""
-        connection = http.client.HTTPConnection(*self.control, timeout=10)
-        try:
-            connection.request(method, path)
-            response = connection.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        finally:
-            connection.close()
-
-    def post(self, path):
-        status, body = self.call("POST", path)
-        assert status == 200, f"POST {path}: {status} {body}"
-        return body
-
-    def faults(self):
-        status, body = self.call("GET", "/faults")
-        assert status == 200, body
-        return body
-
-    def stop(self):
-        stop_process(self.process)
+from conftest import ControlledEmulator, producer, read_partition
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ log = logging.getLogger("eventhub_gateway")
 
 # Stream endings after which a new stream is opened at once: the gateway acknowledged everything it read.
 _CLEAN_ENDINGS = frozenset({"STREAM_IDLE", "CONNECTION_AGED", "DRAINING"})
+# Statuses of a stream that the gRPC library made rather than the gateway and that mean it broke: sent again.
+_BROKEN_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
 # A protobuf event's envelope inside a SendStreamRequest, beyond its body (tags, lengths, small fields).
 _EVENT_OVERHEAD_BYTES = 16
 
@@ -61,7 +63,7 @@ class Item:
     """One event on its way: the encoded event, its caller's future, its deadline and where it is now."""
 
     __slots__ = ("event", "size", "future", "deadline", "attempts", "order", "stream", "sequence", "trace",
-                 "finished")
+                 "finished", "in_doubt")
 
     def __init__(self, event: gateway_pb2.Event, future: asyncio.Future, deadline: float, order: int,
                  trace: Optional[list[tuple[str, str]]]) -> None:
@@ -76,18 +78,24 @@ class Item:
         self.trace = trace  # the caller's trace context: sent alone, with it as call metadata
         # Counted out of the window. The future can be done before (a cancelled caller), so it does not tell.
         self.finished = False
+        # An earlier attempt's outcome is unknown (OUTCOME_UNKNOWN, or a stream that broke under it): a later
+        # "not published" is then no longer true of the event.
+        self.in_doubt = False
 
 
 class _Stream:
     """One SendStream call and the events written to it that await their acks, by sequence."""
 
-    __slots__ = ("call", "unacked", "ended", "half_closed")
+    __slots__ = ("call", "unacked", "ended", "half_closed", "accepted", "error")
 
     def __init__(self, call: Any) -> None:
         self.call = call
         self.unacked: dict[int, Item] = {}
         self.ended = False
         self.half_closed = False
+        # The gateway answered the call's headers: events are written only then (see _open_stream).
+        self.accepted = False
+        self.error: Optional[GatewayError] = None  # how it ended
 
 
 class Engine:
@@ -241,6 +249,8 @@ class Engine:
         self._release(item)
 
     def _fail(self, item: Item, error: GatewayError) -> None:
+        if item.in_doubt and isinstance(error, DeadlineExceeded) and error.published is False:
+            error.published = None  # this attempt was not sent, an earlier one may have been published
         if not item.future.done():
             item.future.set_exception(error)
         self._release(item)
@@ -250,6 +260,8 @@ class Engine:
         if item.finished:
             return
         item.stream = None
+        if error.reason == "OUTCOME_UNKNOWN":
+            item.in_doubt = True
         if not error.retryable or self._closing:
             self._fail(item, error)
             return
@@ -274,6 +286,10 @@ class Engine:
                 "the event's deadline passed while it awaited its outcome: it may have been published",
                 published=None,
             )
+        elif item.in_doubt:
+            error = DeadlineExceeded(
+                "the event's deadline passed before it could be sent again; an earlier attempt's outcome is "
+                "unknown: it may have been published", published=None)
         else:
             error = DeadlineExceeded("the event's deadline passed before it was sent: it was not published",
                                      published=False)
@@ -310,8 +326,7 @@ class Engine:
                 try:
                     stream = await self._open_stream()
                 except GatewayError as error:
-                    while pending:
-                        self._fail(pending.popleft(), error)
+                    self._refused(error)
                     continue
             if settings.linger > 0 and stream.unacked and not self._batch_full():
                 # The gateway is busy with earlier messages anyway: let more events join this one.
@@ -351,6 +366,22 @@ class Engine:
     def _batch_full(self) -> bool:
         return len(self._pending) >= self.settings.max_batch_events
 
+    def _refused(self, error: GatewayError) -> None:
+        """No stream could be opened (the gateway refused the call, or the token source failed): nothing was
+        written, so each waiting event stays for the next stream, or fails with `error` when it is not
+        retryable or its deadline leaves no room for the error's retry delay."""
+        now = self._loop.time()
+        kept: deque[Item] = deque()
+        for item in self._pending:
+            if item.finished:
+                continue
+            if error.retryable and not self._closing and now + (error.retry_after or 0.0) < item.deadline:
+                kept.append(item)
+            else:
+                self._fail(item, error)
+        self._pending.clear()
+        self._pending.extend(kept)
+
     async def _open_stream(self) -> _Stream:
         if self._failures:
             backoff = min(self.settings.retry_backoff * (2 ** min(self._failures - 1, 16)),
@@ -372,6 +403,16 @@ class Engine:
         reader = self._loop.create_task(self._read_loop(stream))
         self._readers.add(reader)
         reader.add_done_callback(self._readers.discard)
+        # Nothing is written before the gateway answers the call's headers. A call it refuses (DRAINING,
+        # OVERLOADED, UNAUTHENTICATED) then carries no event, so its events were certainly not sent; and its
+        # status survives: a write racing a refusal makes grpc.aio replace the status with INTERNAL. While
+        # the gateway cannot be reached, events wait here (not on the wire) until their deadline.
+        await call.initial_metadata()
+        if call.done():
+            await asyncio.wait({reader})
+            raise stream.error or GatewayUnavailable("the gateway ended the stream at once",
+                                                     code=grpc.StatusCode.UNAVAILABLE)
+        stream.accepted = True
         return stream
 
     async def _read_loop(self, stream: _Stream) -> None:
@@ -412,9 +453,19 @@ class Engine:
         leftover = sorted(stream.unacked.values(), key=lambda item: item.order)
         stream.unacked.clear()
         reason = error.reason if error is not None else None
+        if type(error) is GatewayError and reason is None and error.code in _BROKEN_CODES:
+            # Not the gateway's status but the gRPC library's: the connection broke, or grpc.aio replaced the
+            # gateway's status with INTERNAL after a write raced the stream's end. Sent again, like any break.
+            error = GatewayUnavailable(f"the stream to the gateway broke: {error.message}", code=error.code)
+        # The gateway acknowledges every event it read before its own status; without one, any event written
+        # may have been published.
+        in_doubt = reason is None
         if error is None and not stream.half_closed:
             error = GatewayUnavailable("the gateway ended the stream", code=grpc.StatusCode.OK)
-        if error is not None and reason not in _CLEAN_ENDINGS:
+        stream.error = error
+        # A call refused at once counts as a failure even when its reason is a clean ending (DRAINING): the
+        # next one waits a backoff instead of spinning on a gateway that refuses every call.
+        if error is not None and (reason not in _CLEAN_ENDINGS or not stream.accepted):
             self._failures = 0 if acked_any else self._failures + 1
             log.info("stream to the gateway ended: %r; %d events to send again", error, len(leftover))
         else:
@@ -424,11 +475,13 @@ class Engine:
         if error is None:
             error = GatewayUnavailable("the stream ended before this event's ack", code=grpc.StatusCode.UNKNOWN)
         # Unacknowledged events go first, in the order they were sent, ahead of what waits to be sent.
+        now = self._loop.time()
         for item in reversed(leftover):
             if item.finished:
                 continue
             item.stream = None
-            if error.retryable and not self._closing and self._loop.time() < item.deadline:
+            item.in_doubt = item.in_doubt or in_doubt
+            if error.retryable and not self._closing and now + (error.retry_after or 0.0) < item.deadline:
                 if item.trace is not None:
                     self._dispatch(item)
                 else:
@@ -452,6 +505,8 @@ class Engine:
             error = from_rpc_error(rpc_error)
             if isinstance(error, Draining):
                 self._renew_channel = True
+            if error.reason is None:
+                item.in_doubt = True  # gRPC's own status (a broken connection, its timer): no one knows
             self._retry_or_fail(item, error)
             return
         except Exception as error:  # noqa: BLE001 - the token source is the caller's code
@@ -479,6 +534,7 @@ class Engine:
         if self._closed:
             return
         self._closing = True
+        end = self._loop.time() + (timeout if timeout is not None else float("inf"))
         try:
             await asyncio.wait_for(self.flush(), timeout)
         except asyncio.TimeoutError:
@@ -487,10 +543,14 @@ class Engine:
         stream = self._stream
         if stream is not None and not stream.ended:
             stream.half_closed = True
-            try:
-                await stream.call.done_writing()
-            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-                pass
+            if not stream.accepted:
+                stream.call.cancel()  # never answered (no gateway there): nothing on it to wait for
+            else:
+                # Bounded: a half-close waits for the connection, which may never come back.
+                try:
+                    await asyncio.wait_for(stream.call.done_writing(), max(end - self._loop.time(), 0.1))
+                except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError, asyncio.TimeoutError):
+                    stream.call.cancel()
         readers = list(self._readers)
         if readers:
             await asyncio.wait(readers, timeout=5)

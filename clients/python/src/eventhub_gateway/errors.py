@@ -120,7 +120,8 @@ class Unauthenticated(GatewayError):
 
 class DeadlineExceeded(GatewayError):
     """DEADLINE_EXCEEDED: the event's deadline passed. `published` is False when the event never left this
-    client or the gateway said it was not sent, None when it was on its way and may have been published."""
+    client or the gateway said it was not sent (and no earlier attempt's outcome is unknown), None when it was
+    on its way, or an earlier attempt was, and it may have been published."""
 
     def __init__(self, message: str, *, published: Optional[bool] = None, **kwargs: Any) -> None:
         kwargs.setdefault("code", grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -203,6 +204,13 @@ def from_status(status: status_pb2.Status) -> GatewayError:
     if kind is None:
         kind = _BY_CODE.get(code, GatewayError)
     message = status.message[:_MAX_MESSAGE_CHARS]
+    if kind is DeadlineExceeded:
+        # The gateway's DEADLINE_EXCEEDED says the event was never sent to Event Hubs (an event on the wire at
+        # its deadline is OUTCOME_UNKNOWN instead). The one exception, a stream's own deadline, never applies:
+        # this client sets none. Without the gateway's reason (gRPC's own timer) nobody knows.
+        published = False if reason == "DEADLINE_EXCEEDED" else None
+        return DeadlineExceeded(message, published=published, code=code, reason=reason, retry_after=retry_after,
+                                metadata=metadata, fields=fields)
     return kind(message, code=code, reason=reason, retry_after=retry_after, metadata=metadata, fields=fields)
 
 
