@@ -100,6 +100,7 @@ const GATEWAY_SCENARIOS: &[&str] = &[
     "batch-rpc",
     "python-gateway",
     "python-gateway-single",
+    "python-client",
 ];
 
 /// Every scenario, in the order the table shows them.
@@ -116,6 +117,7 @@ const SCENARIOS: &[&str] = &[
     "connections",
     "python-gateway",
     "python-gateway-single",
+    "python-client",
     "python-seed",
     "python-sdk-batched",
     "rust-sdk",

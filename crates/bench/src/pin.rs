@@ -29,6 +29,7 @@ pub fn applies(scenario: &str) -> bool {
             | "connections"
             | "python-gateway"
             | "python-gateway-single"
+            | "python-client"
             | "python-seed"
             | "python-sdk-batched"
             | "rust-sdk"

@@ -15,6 +15,12 @@ Scenarios:
                       `SendStream` calls, each on its own channel (its own HTTP/2 connection), each fed by a
                       generator as fast as flow control allows, --events-per-message (100) events per message
                       (1: each in its own message); acks with status code 0 count as ok.
+  python-client       the seed's pattern through this repository's client package (`clients/python`, import
+                      `eventhub_gateway`, imported from the checkout ahead of any installed copy): --callers (100)
+                      asyncio tasks in one process and one event loop, each awaiting its own
+                      `GatewayProducer.send_event(body)`, one event per call, all through one producer (which
+                      batches concurrent calls into SendStream messages). --gather N makes each caller await
+                      `asyncio.gather` of N calls per round instead (the `EventAggregator` pattern).
 
 Every scenario sends bodies of --size bytes (b"x" * size, as the Rust benches do) to --hub with no partition key
 or id (the service or the gateway picks the partition), for --duration seconds or until --max-events events were
@@ -25,14 +31,15 @@ prints exactly one JSON line on stdout:
    "latency_ms": {"p50": ..., "p99": ..., "p999": ...}}
 
 - The clock starts once every client is connected (SDK: `create_batch()` on each client opens its connection and
-  send link without sending anything; gRPC: every channel ready) and stops when the last outcome arrived.
+  send link without sending anything; gRPC: every channel ready; python-client: `GatewayProducer.start()`, its
+  channel ready) and stops when the last outcome arrived.
 - An event is "sent" when it is handed over (passed to `send_batch`, added to a batch, yielded to the stream);
   each is then counted exactly once: ok, or failed (an SDK exception, a nack, no ack before the stream ended, or
   no outcome before --drain-timeout).
 - Latency is per event, from its send start to its outcome (ok or failed), nearest-rank percentiles in ms, null
   when no event got an outcome. Send start: python-seed, before taking a client from the pool (what the caller of
   the pool waits); python-sdk-batched, when the event is added to its batch; python-gateway, when the generator
-  yields it.
+  yields it; python-client, before `send_event` is called (its outcome: when the call returns or raises).
 
 Logs go to stderr. Exit status 0 when the run completed (failed events are counted, not fatal); 2 with a message
 on stderr when it could not run at all (bad arguments, no connection, stubs not generated). SIGINT or SIGTERM
@@ -40,6 +47,7 @@ stops sending early and still reports.
 """
 
 import argparse
+import asyncio
 import collections
 import itertools
 import json
@@ -559,6 +567,104 @@ def python_gateway(args, run, body):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The gateway through this repository's client package (clients/python)
+# ----------------------------------------------------------------------------------------------------------------
+
+CLIENT_SRC = REPO / "clients" / "python" / "src"
+
+
+def import_client():
+    """The checkout's own `eventhub_gateway` (clients/python/src), ahead of any installed copy, so the benchmark
+    measures the package of this tree."""
+    if CLIENT_SRC.is_dir():
+        sys.path.insert(0, str(CLIENT_SRC))
+    try:
+        import eventhub_gateway
+    except ImportError as error:
+        raise CannotRun(f"the client package does not import: {error} (its dependencies: "
+                        "clients/python/pyproject.toml)") from error
+    return eventhub_gateway
+
+
+def python_client(args, run, body):
+    client = import_client()
+    return asyncio.run(python_client_run(client, args, run, body))
+
+
+async def python_client_run(client, args, run, body):
+    options = {} if args.linger_ms is None else {"linger_ms": args.linger_ms}
+    producer = client.GatewayProducer(
+        args.gateway, args.hub, client_id="bench-python", send_timeout=args.drain_timeout,
+        pool_connection_create_timeout=args.setup_timeout, **options,
+    )
+    started = clock()
+    try:
+        await producer.start()
+    except client.GatewayError as error:
+        await producer.close(timeout=0)
+        raise CannotRun(f"gateway {args.gateway}: {describe(error)}") from None
+    log.info("producer connected to %s in %.3f s", args.gateway, clock() - started)
+
+    rec = Recorder()  # one event loop, one thread: one recorder, no lock
+    send = producer.send_event
+    per_round = args.gather
+
+    async def one(started):
+        # rec.in_flight counts events without an outcome; a cancelled call (past --drain-timeout) stays in it.
+        try:
+            await send(body)
+        except Exception as error:  # noqa: BLE001 - a failed event is counted, not fatal
+            rec.in_flight -= 1
+            rec.record(False, clock() - started, describe(error))
+        else:
+            rec.in_flight -= 1
+            rec.record(True, clock() - started)
+
+    async def caller():
+        while True:
+            started = clock()
+            if per_round == 1:
+                if not run.sending(started):
+                    break
+                rec.in_flight += 1
+                await one(started)
+                continue
+            count = 0
+            while count < per_round and run.sending(started):
+                count += 1
+            if count == 0:
+                break
+            rec.in_flight += count
+            await asyncio.gather(*[one(started) for _ in range(count)])
+        finished = clock()
+        if rec.finished is None or finished > rec.finished:
+            rec.finished = finished
+
+    run.begin()
+    tasks = [asyncio.ensure_future(caller()) for _ in range(args.callers)]
+    await asyncio.wait(tasks, timeout=max(run.deadline - clock(), 0.0))
+    run.stop.set()
+    # A call started just before the deadline may take its whole send_timeout (--drain-timeout): a little slack.
+    _, stuck = await asyncio.wait(tasks, timeout=max(run.drain_deadline() + 5.0 - clock(), 0.0))
+    ended = rec.finished if rec.finished is not None else run.started
+    if stuck:
+        ended = clock()
+        log.warning("%d of %d callers still waiting for an outcome after --drain-timeout %.0f s; their events "
+                    "in flight are counted as failed", len(stuck), len(tasks), args.drain_timeout)
+        for task in stuck:
+            task.cancel()
+        await asyncio.wait(stuck, timeout=5.0)
+        rec.unanswered(rec.in_flight, "no outcome within --drain-timeout")
+        rec.in_flight = 0
+    result = report("python-client", run, [rec], ended)
+    try:
+        await asyncio.wait_for(producer.close(timeout=5.0), 15.0)
+    except Exception as error:  # noqa: BLE001 - closing is best effort, and logged
+        log.warning("closing the producer failed: %s", describe(error))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -566,6 +672,7 @@ SCENARIOS = {
     "python-seed": python_seed,
     "python-sdk-batched": python_sdk_batched,
     "python-gateway": python_gateway,
+    "python-client": python_client,
 }
 
 
@@ -623,6 +730,16 @@ def parse_args(argv):
                          help="events per SendStream message (`events`; 1 sends each in `event`) (default 100)")
     gateway.add_argument("--proto-dir", default=str(REPO / "proto"),
                          help="the proto root (default the repo's proto/)")
+
+    client = scenarios.add_parser("python-client", parents=[common],
+                                  help="this repository's client package: callers awaiting send_event")
+    client.add_argument("--gateway", required=True, metavar="HOST:PORT")
+    client.add_argument("--callers", type=positive_int, default=100,
+                        help="concurrent asyncio callers in one event loop (default 100)")
+    client.add_argument("--gather", type=positive_int, default=1,
+                        help="send_event calls each caller awaits at once with asyncio.gather (default 1)")
+    client.add_argument("--linger-ms", type=float, default=None,
+                        help="the producer's linger_ms (default: the package's)")
     return parser.parse_args(argv)
 
 
