@@ -60,7 +60,10 @@ async fn a_batch_never_exceeds_the_link_limit() {
 #[tokio::test]
 async fn events_linger_for_company_then_go_together() {
     let fx = Fixture::builder(&["eh1:1"])
-        .producer(|config| config.linger = Duration::from_millis(300))
+        .producer(|config| {
+            config.linger = Duration::from_millis(300);
+            config.adaptive_linger = false;
+        })
         .start()
         .await;
     let started = Instant::now();
@@ -71,6 +74,27 @@ async fn events_linger_for_company_then_go_together() {
     // A lower bound only: the batch cannot have left before its linger ended.
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(fx.faults().transfers_seen(), 1, "ten events, one batch");
+}
+
+#[tokio::test]
+async fn an_adaptive_linger_sends_at_once_then_gathers_behind_the_batch_in_flight() {
+    let fx = Fixture::builder(&["eh1:1"])
+        .producer(|config| config.linger = Duration::from_secs(30))
+        .faults(|faults| faults.delay_dispositions(Duration::from_millis(300)))
+        .start()
+        .await;
+    let first = fx.send_many("eh1", 1, |i| Event::text(format!("{i}"))).await;
+    assert!(first.iter().all(Result::is_ok), "sent without waiting the 30 s linger");
+    // Ten at once: some may go before the others queue, the rest go together once that batch is answered.
+    let outcomes = fx
+        .send_many("eh1", 10, |i| Event::text(format!("{i}")))
+        .await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    let transfers = fx.faults().transfers_seen();
+    assert!(
+        (2..=3).contains(&transfers),
+        "one batch, then ten events in at most two: {transfers} transfers"
+    );
 }
 
 #[tokio::test]

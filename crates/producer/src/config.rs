@@ -45,6 +45,10 @@ pub struct ProducerConfig {
     /// How long an event waits for others to share its batch (a number in files is milliseconds).
     #[serde(rename = "linger_ms", with = "millis")]
     pub linger: Duration,
+    /// Linger only while the route has a batch in flight: with nothing in flight, a batch goes as soon as the
+    /// events already queued for its route have joined it, and a lingering one goes once the route's last batch
+    /// is answered. A batch then waits for a round trip, never for a timer, when it has no company to wait for.
+    pub adaptive_linger: bool,
     /// Batches in flight (unsettled) on one link.
     pub max_in_flight_per_link: usize,
     /// Batches in flight for one keyless route; keyed and partition routes keep one, so retries never reorder a key.
@@ -118,6 +122,7 @@ impl Default for ProducerConfig {
             reconnect_backoff_max: Duration::from_secs(30),
             pool_get_timeout: Duration::from_secs(60),
             linger: Duration::from_millis(5),
+            adaptive_linger: true,
             max_in_flight_per_link: 64,
             max_in_flight_unordered: 16,
             local_partitioning: false,

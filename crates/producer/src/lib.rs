@@ -202,6 +202,7 @@ impl Producer {
         let pool = Pool::new(config.clone(), context, stop.clone());
         let route_settings = RouteSettings {
             linger: config.linger,
+            adaptive_linger: config.adaptive_linger,
             max_in_flight: 1,
             idle_exit: config.max_idle,
             max_attempts: config.retry_max_attempts,

@@ -1,5 +1,6 @@
 //! One route's batcher (hub + partition key, hub + partition id, or hub round-robin): events accumulate for at
-//! most `linger` or until the next would not fit, batches go out through the retrying send stack, and each
+//! most `linger` or until the next would not fit (with an adaptive linger, only while a batch is in flight),
+//! batches go out through the retrying send stack, and each
 //! event that went on the wire with its batch gets the batch's outcome (one whose deadline passed first was
 //! left out and answered by its ticket).
 
@@ -147,6 +148,8 @@ pub struct Pending {
 pub struct RouteSettings {
     /// Longest wait for a batch to fill.
     pub linger: Duration,
+    /// Linger only while a batch is in flight (see `ProducerConfig::adaptive_linger`).
+    pub adaptive_linger: bool,
     /// Batches in flight at once for this route.
     pub max_in_flight: usize,
     /// A route with nothing to do for this long ends.
@@ -598,6 +601,11 @@ pub async fn run_route<H: RouteHost>(
                 None => closed = true,
                 // Its ticket answered it already: it takes no room in a batch.
                 Some(event) if event.claim.is_expired() => drop(event),
+                // Its deadline passed in the queue, before its ticket's timer noticed (a batch that goes out at
+                // once would otherwise carry it): it never goes on the wire, and is answered so here.
+                Some(event) if event.deadline <= now() && event.claim.expire() => {
+                    event.reply.send(Err(SendError::DeadlineExceeded { last_error: None }));
+                }
                 Some(event) => {
                     last_activity = now();
                     if let Some((event, limit)) = admission.admit(event).await {
@@ -618,8 +626,9 @@ pub async fn run_route<H: RouteHost>(
                 }
             }
         }
-        if closed {
-            batcher.seal_open(); // closing: no lingering
+        if closed || (settings.adaptive_linger && in_flight.is_empty() && events.is_empty()) {
+            // Closing; or nothing in flight to wait behind and no event queued to wait for.
+            batcher.seal_open();
         }
         while in_flight.len() < settings.max_in_flight
             && let Some(sealed) = batcher.next_sealed()
@@ -1111,6 +1120,7 @@ mod tests {
     fn settings() -> RouteSettings {
         RouteSettings {
             linger: LINGER,
+            adaptive_linger: false,
             max_in_flight: 1,
             idle_exit: LONG,
             max_attempts: 5,
@@ -1225,6 +1235,42 @@ mod tests {
         reply.send_response(());
         for outcome in outcomes {
             assert_eq!(outcome.await.unwrap(), Ok(Receipt { partition_id: None }));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_linger_waits_only_behind_a_batch_in_flight() {
+        let settings = RouteSettings {
+            adaptive_linger: true,
+            linger: LONG,
+            ..settings()
+        };
+        let mut route = start(Target::Key("k".into()), 1 << 20, settings);
+        let started = tokio::time::Instant::now();
+        let first = numbered(3, 1);
+        let mut outcomes = route.enqueue_all(&first).await;
+        let (request, reply) = route.next_batch().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "nothing in flight: it goes once the queued events joined it"
+        );
+        assert_eq!(bodies(&request), first);
+        // Behind the batch in flight, the next events wait for its answer, not for the hour-long linger.
+        let second: Vec<Vec<u8>> = (10..12).map(|n| vec![n; 1]).collect();
+        outcomes.extend(route.enqueue_all(&second).await);
+        tokio::time::sleep(LINGER).await;
+        reply.send_response(());
+        let (request, reply) = route.next_batch().await;
+        assert_eq!(
+            started.elapsed(),
+            LINGER,
+            "sent as soon as the batch ahead was answered"
+        );
+        assert_eq!(bodies(&request), second);
+        reply.send_response(());
+        for outcome in outcomes {
+            assert!(outcome.await.unwrap().is_ok());
         }
     }
 

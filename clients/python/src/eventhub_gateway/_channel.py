@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Awaitable, Callable, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -13,10 +13,12 @@ import grpc.aio
 TokenSource = Union[str, Callable[[], Union[str, Awaitable[str]]]]
 Metadata = Sequence[tuple[str, str]]
 
+_otel_trace: Any
+_otel_inject: Any
 try:  # optional: trace context of the caller's current OpenTelemetry span
-    from opentelemetry import trace as _otel_trace
-    from opentelemetry.propagate import inject as _otel_inject
-except ImportError:  # pragma: no cover - exercised when opentelemetry-api is absent
+    from opentelemetry import trace as _otel_trace  # type: ignore[import-not-found, no-redef]
+    from opentelemetry.propagate import inject as _otel_inject  # type: ignore[import-not-found, no-redef]
+except ImportError:  # exercised when opentelemetry-api is absent
     _otel_trace = None
     _otel_inject = None
 

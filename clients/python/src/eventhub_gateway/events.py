@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from ._proto import gateway_pb2
 from .errors import GatewayError
 
-Data = Union[str, bytes, bytearray, memoryview, dict]
+Data = Union[str, bytes, bytearray, memoryview, dict[str, Any]]
 JSON_CONTENT_TYPE = "application/json"
 
 
