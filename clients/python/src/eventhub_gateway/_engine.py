@@ -111,6 +111,7 @@ class Engine:
         self._stub = gateway_pb2_grpc.EventHubGatewayStub(self._channel)
         self._retired_channels: list[grpc.aio.Channel] = []
         self._pending: deque[Item] = deque()
+        self._hurry: Optional[asyncio.Future[None]] = None  # set while the writer lingers
         self._wake = asyncio.Event()
         self._stream: Optional[_Stream] = None
         self._readers: set[asyncio.Task] = set()
@@ -223,6 +224,13 @@ class Engine:
         self._pending.append(item)
         if not self._wake.is_set():
             self._wake.set()
+        if self._hurry is not None and self._batch_full():
+            self._hurry_up()
+
+    def _hurry_up(self) -> None:
+        """Ends the writer's linger: the message is full, or nothing it could wait behind is left."""
+        if self._hurry is not None and not self._hurry.done():
+            self._hurry.set_result(None)
 
     def _wake_room_waiter(self) -> None:
         if self._room_waiters and not self._room_waiters[0].done():
@@ -329,8 +337,14 @@ class Engine:
                     self._refused(error)
                     continue
             if settings.linger > 0 and stream.unacked and not self._batch_full():
-                # The gateway is busy with earlier messages anyway: let more events join this one.
-                await asyncio.sleep(settings.linger)
+                # The gateway is busy with earlier messages anyway: let more events join this one, until the
+                # linger ends, the message is full or every earlier event is answered (then it goes at once).
+                self._hurry = self._loop.create_future()
+                try:
+                    await asyncio.wait_for(self._hurry, settings.linger)
+                except asyncio.TimeoutError:
+                    pass
+                self._hurry = None
                 if stream.ended:
                     continue
             first = self._sequence
@@ -435,6 +449,8 @@ class Engine:
                         self._succeed(item, ack.partition_id)
                     else:
                         self._retry_or_fail(item, for_one_event(from_status(status)))
+                if not unacked:
+                    self._hurry_up()
             code = await call.code()
             if code != grpc.StatusCode.OK:
                 error = from_call(code, await call.details(), await call.trailing_metadata())
