@@ -238,6 +238,16 @@ def test_the_committed_stubs_match_proto():
     assert checked.returncode == 0, checked.stderr
 
 
+def test_the_package_type_checks_strictly(tmp_path):
+    """py.typed promises types: mypy --strict (the package's own [tool.mypy]) finds nothing."""
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(PACKAGE / "pyproject.toml"),
+         "--cache-dir", str(tmp_path / "mypy-cache"), str(PACKAGE / "src" / "eventhub_gateway")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_the_package_installs_from_its_directory_into_a_fresh_venv_and_sends(gateway, tmp_path):
     """`pip install ./clients/python` with only its declared dependency ranges (from the package index), then
     one event from the fresh venv."""

@@ -59,13 +59,18 @@ class Settings:
     retry_backoff_max: float
 
 
+def _stub_for(channel: grpc.aio.Channel) -> Any:
+    """The generated (untyped) stub over `channel`."""
+    return gateway_pb2_grpc.EventHubGatewayStub(channel)  # type: ignore[no-untyped-call]
+
+
 class Item:
     """One event on its way: the encoded event, its caller's future, its deadline and where it is now."""
 
     __slots__ = ("event", "size", "future", "deadline", "attempts", "order", "stream", "sequence", "trace",
                  "finished", "in_doubt")
 
-    def __init__(self, event: gateway_pb2.Event, future: asyncio.Future, deadline: float, order: int,
+    def __init__(self, event: gateway_pb2.Event, future: asyncio.Future[Receipt], deadline: float, order: int,
                  trace: Optional[list[tuple[str, str]]]) -> None:
         self.event = event
         self.size = event.ByteSize() + _EVENT_OVERHEAD_BYTES
@@ -108,22 +113,22 @@ class Engine:
         self._metadata = metadata
         self._loop = asyncio.get_running_loop()
         self._channel = channel_factory()
-        self._stub = gateway_pb2_grpc.EventHubGatewayStub(self._channel)
+        self._stub = _stub_for(self._channel)
         self._retired_channels: list[grpc.aio.Channel] = []
         self._pending: deque[Item] = deque()
         self._hurry: Optional[asyncio.Future[None]] = None  # set while the writer lingers
         self._wake = asyncio.Event()
         self._stream: Optional[_Stream] = None
-        self._readers: set[asyncio.Task] = set()
-        self._side_tasks: set[asyncio.Task] = set()
+        self._readers: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._sequence = 1
         self._order = 0
         self._failures = 0  # streams in a row that broke before any ack: the next open waits a backoff
         self._renew_channel = False
         self._in_flight_events = 0
         self._in_flight_bytes = 0
-        self._room_waiters: deque[asyncio.Future] = deque()
-        self._outstanding: set[asyncio.Future] = set()
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._outstanding: set[asyncio.Future[Receipt]] = set()
         # Deadlines: events with the producer's send_timeout arrive in deadline order (a deque); those with a
         # timeout of their own go to a heap. Both are swept by one timer.
         self._by_arrival: deque[Item] = deque()
@@ -146,7 +151,7 @@ class Engine:
             raise ProducerClosed("the producer is closed")
         now = self._loop.time()
         own_timeout = timeout is not None
-        deadline = now + (timeout if own_timeout else self.settings.send_timeout)
+        deadline = now + (self.settings.send_timeout if timeout is None else timeout)
         self._order += 1
         item = Item(event, self._loop.create_future(), deadline, self._order, trace)
         if item.size > self.settings.max_batch_bytes:
@@ -349,7 +354,7 @@ class Engine:
                     continue
             first = self._sequence
             request = gateway_pb2.SendStreamRequest(event_hub=settings.event_hub, sequence=first)
-            batch = []
+            batch: list[Item] = []
             size = 0
             while pending and len(batch) < settings.max_batch_events:
                 item = pending[0]
@@ -405,7 +410,7 @@ class Engine:
             self._renew_channel = False
             self._retired_channels.append(self._channel)
             self._channel = self._channel_factory()
-            self._stub = gateway_pb2_grpc.EventHubGatewayStub(self._channel)
+            self._stub = _stub_for(self._channel)
         try:
             metadata = await self._metadata.get()
         except Exception as error:  # noqa: BLE001 - the token source is the caller's code
@@ -580,9 +585,9 @@ class Engine:
             if not waiter.done():
                 waiter.set_exception(ProducerClosed("the producer closed before this event's outcome"))
         self._outstanding.clear()
-        for waiter in self._room_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        for room in self._room_waiters:
+            if not room.done():
+                room.set_result(None)
         for channel in [self._channel, *self._retired_channels]:
-            await channel.close()
+            await channel.close(None)
         self._closed = True

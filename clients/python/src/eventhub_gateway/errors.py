@@ -229,7 +229,7 @@ def for_one_event(error: GatewayError) -> GatewayError:
 
 def from_rpc_error(error: grpc.RpcError) -> GatewayError:
     """The exception for a failed call (see `from_call`)."""
-    return from_call(error.code(), error.details(), error.trailing_metadata())  # type: ignore[attr-defined]
+    return from_call(error.code(), error.details(), error.trailing_metadata())
 
 
 def from_call(code: grpc.StatusCode, details: Optional[str], trailers: Any) -> GatewayError:

@@ -235,8 +235,15 @@ class GatewayProducer:
             engine.admit(item)
             futures.append(item.future)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        return [Result(error=outcome) if isinstance(outcome, GatewayError) else Result(receipt=outcome)
-                for outcome in outcomes]
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, Receipt):
+                results.append(Result(receipt=outcome))
+            elif isinstance(outcome, GatewayError):
+                results.append(Result(error=outcome))
+            else:  # a cancellation, say: not an outcome of the event
+                raise outcome
+        return results
 
     async def flush(self) -> None:
         """Waits until every event handed in so far has its outcome."""
@@ -252,8 +259,8 @@ class GatewayProducer:
             await engine.close(self._settings.send_timeout if timeout is None else timeout)
 
 
-def _failed(error: GatewayError) -> asyncio.Future:
-    future = asyncio.get_running_loop().create_future()
+def _failed(error: GatewayError) -> asyncio.Future[Receipt]:
+    future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
     future.set_exception(error)
     return future
 
