@@ -408,7 +408,7 @@ class Engine:
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
         if self._renew_channel:
             self._renew_channel = False
-            self._retired_channels.append(self._channel)
+            self._spawn(self._retire(self._channel))
             self._channel = self._channel_factory()
             self._stub = _stub_for(self._channel)
         try:
@@ -535,6 +535,13 @@ class Engine:
                                              code=grpc.StatusCode.UNAUTHENTICATED))
             return
         self._succeed(item, response.partition_id)
+
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        """Closes a draining gateway's channel once its calls ended (at most send_timeout); close() closes it if
+        that is not over by then."""
+        self._retired_channels.append(channel)
+        await channel.close(self.settings.send_timeout)
+        self._retired_channels.remove(channel)
 
     def _spawn(self, coroutine: Any) -> None:
         task = self._loop.create_task(coroutine)
