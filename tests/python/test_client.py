@@ -205,6 +205,29 @@ def test_the_sync_producer_serves_50_threads_at_once(gateway):
         assert of_thread == [f"thread {index} event {n}" for n in range(20)], "one thread's key keeps its order"
 
 
+def test_an_event_sent_inside_a_span_carries_its_trace_and_others_carry_none(gateway):
+    """With opentelemetry-api installed, the caller's current span travels as the call's traceparent (the event
+    goes alone with SendEvent), and the gateway continues that trace onto the stored event."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    trace_id, span_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    span = NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(1)))
+
+    async def send():
+        async with GatewayProducer(gateway.address, HUB) as producer:
+            with trace.use_span(span):
+                traced = await producer.send_event("traced", message_id="traced")
+            plain = await producer.send_event("plain", message_id="plain")
+            return traced, plain
+
+    before = partition_positions(gateway.connection_string, HUB)
+    run(send())
+    stored = {event.message_id: properties(event) for _, event in stored_events(gateway, before)}
+    assert stored["traced"]["traceparent"].split("-")[1] == f"{trace_id:032x}", stored["traced"]
+    assert "traceparent" not in stored["plain"], stored["plain"]
+
+
 @pytest.mark.parametrize(
     "example, options",
     [
