@@ -365,6 +365,14 @@ pub async fn stream(addr: SocketAddr, size: usize, per_message: u64, budget: Bud
     (ok, failed, started.elapsed().as_secs_f64())
 }
 
+/// Logs the first few failed calls of a run (a failure in a benchmark is a finding, not noise).
+fn report_failure(status: &tonic::Status) {
+    static REPORTED: AtomicU64 = AtomicU64::new(0);
+    if REPORTED.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("bench: a call failed: {:?} {}", status.code(), status.message());
+    }
+}
+
 /// Unary calls' counts and each call's latency.
 pub struct Calls {
     pub counts: Counts,
@@ -394,7 +402,13 @@ pub async fn unary(
                 event_hub: String::new(),
                 event: Some(binary_event(size)),
             };
-            u64::from(client.send_event(request).await.is_ok())
+            match client.send_event(request).await {
+                Ok(_) => 1,
+                Err(status) => {
+                    report_failure(&status);
+                    0
+                }
+            }
         } else {
             let request = v1::SendEventsRequest {
                 event_hub: String::new(),
@@ -407,7 +421,10 @@ pub async fn unary(
                     .iter()
                     .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
                     .count() as u64,
-                Err(_) => 0,
+                Err(status) => {
+                    report_failure(&status);
+                    0
+                }
             }
         };
         (ok, per_call as u64 - ok, began.elapsed())

@@ -45,9 +45,9 @@ pub struct ProducerConfig {
     /// How long an event waits for others to share its batch (a number in files is milliseconds).
     #[serde(rename = "linger_ms", with = "millis")]
     pub linger: Duration,
-    /// Linger only while the route has a batch in flight: with nothing in flight, a batch goes as soon as the
-    /// events already queued for its route have joined it, and a lingering one goes once the route's last batch
-    /// is answered. A batch then waits for a round trip, never for a timer, when it has no company to wait for.
+    /// Linger only while the route has a batch in flight: with nothing in flight, a batch goes once no more
+    /// events arrive for about a millisecond (the rest of a burst), and a lingering one goes once the route's last
+    /// batch is answered. A batch then waits behind a round trip, not for a timer it has no company to wait for.
     pub adaptive_linger: bool,
     /// Batches in flight (unsettled) on one link.
     pub max_in_flight_per_link: usize,

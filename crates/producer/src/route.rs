@@ -494,6 +494,13 @@ impl Batcher {
         }
     }
 
+    /// Brings the open batch's sealing forward to `at`, if it was due later.
+    fn hurry(&mut self, at: Instant) {
+        if let Some(batch) = self.open.as_mut() {
+            batch.seal_at = batch.seal_at.min(at);
+        }
+    }
+
     /// Seals the open batch, if there is one, behind those already sealed.
     fn seal_open(&mut self) {
         if let Some(batch) = self.open.take() {
@@ -580,6 +587,10 @@ impl<H: RouteHost> Admission<H> {
     }
 }
 
+/// With an adaptive linger and nothing in flight, how long a batch waits for more events once the route's queue
+/// is empty: the events of one request reach their route well within it (tokio's timers round it up to 1 ms).
+const BURST_GAP: Duration = Duration::from_micros(200);
+
 /// Runs a route until its channel closes (producer closing) or it idles out, answering every event it took.
 pub async fn run_route<H: RouteHost>(
     host: Arc<H>,
@@ -595,8 +606,12 @@ pub async fn run_route<H: RouteHost>(
     let mut last_activity = now();
     loop {
         let seal_at = batcher.seal_at();
+        let mut answered = false;
         tokio::select! {
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => last_activity = now(),
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
+                last_activity = now();
+                answered = true;
+            }
             event = events.recv(), if !closed && batcher.has_room() => match event {
                 None => closed = true,
                 // Its ticket answered it already: it takes no room in a batch.
@@ -626,9 +641,16 @@ pub async fn run_route<H: RouteHost>(
                 }
             }
         }
-        if closed || (settings.adaptive_linger && in_flight.is_empty() && events.is_empty()) {
-            // Closing; or nothing in flight to wait behind and no event queued to wait for.
-            batcher.seal_open();
+        if closed {
+            batcher.seal_open(); // closing: no lingering
+        } else if settings.adaptive_linger && in_flight.is_empty() && events.is_empty() {
+            if answered {
+                // Its company gathered while the last batch was in flight: nothing left to wait for.
+                batcher.seal_open();
+            } else {
+                // Nothing to wait behind: wait only for the rest of a burst (one request's events) to arrive.
+                batcher.hurry(now() + BURST_GAP);
+            }
         }
         while in_flight.len() < settings.max_in_flight
             && let Some(sealed) = batcher.next_sealed()
@@ -1250,21 +1272,22 @@ mod tests {
         let first = numbered(3, 1);
         let mut outcomes = route.enqueue_all(&first).await;
         let (request, reply) = route.next_batch().await;
-        assert_eq!(
-            started.elapsed(),
-            Duration::ZERO,
-            "nothing in flight: it goes once the queued events joined it"
+        assert!(
+            started.elapsed() <= Duration::from_millis(1),
+            "nothing in flight: it goes within a burst gap, not at the linger ({:?})",
+            started.elapsed()
         );
         assert_eq!(bodies(&request), first);
         // Behind the batch in flight, the next events wait for its answer, not for the hour-long linger.
         let second: Vec<Vec<u8>> = (10..12).map(|n| vec![n; 1]).collect();
         outcomes.extend(route.enqueue_all(&second).await);
         tokio::time::sleep(LINGER).await;
+        let answered_at = started.elapsed();
         reply.send_response(());
         let (request, reply) = route.next_batch().await;
         assert_eq!(
             started.elapsed(),
-            LINGER,
+            answered_at,
             "sent as soon as the batch ahead was answered"
         );
         assert_eq!(bodies(&request), second);
