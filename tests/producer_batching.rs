@@ -83,8 +83,13 @@ async fn an_adaptive_linger_sends_at_once_then_gathers_behind_the_batch_in_fligh
         .faults(|faults| faults.delay_dispositions(Duration::from_millis(300)))
         .start()
         .await;
-    let first = fx.send_many("eh1", 1, |i| Event::text(format!("{i}"))).await;
-    assert!(first.iter().all(Result::is_ok), "sent without waiting the 30 s linger");
+    let first = fx
+        .send_many("eh1", 1, |i| Event::text(format!("{i}")))
+        .await;
+    assert!(
+        first.iter().all(Result::is_ok),
+        "sent without waiting the 30 s linger"
+    );
     // Ten at once: some may go before the others queue, the rest go together once that batch is answered.
     let outcomes = fx
         .send_many("eh1", 10, |i| Event::text(format!("{i}")))

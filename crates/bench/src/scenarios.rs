@@ -369,7 +369,11 @@ pub async fn stream(addr: SocketAddr, size: usize, per_message: u64, budget: Bud
 fn report_failure(status: &tonic::Status) {
     static REPORTED: AtomicU64 = AtomicU64::new(0);
     if REPORTED.fetch_add(1, Ordering::Relaxed) < 5 {
-        eprintln!("bench: a call failed: {:?} {}", status.code(), status.message());
+        eprintln!(
+            "bench: a call failed: {:?} {}",
+            status.code(),
+            status.message()
+        );
     }
 }
 
