@@ -13,14 +13,18 @@ import grpc.aio
 TokenSource = Union[str, Callable[[], Union[str, Awaitable[str]]]]
 Metadata = Sequence[tuple[str, str]]
 
-_otel_trace: Any
-_otel_inject: Any
-try:  # optional: trace context of the caller's current OpenTelemetry span
-    from opentelemetry import trace as _otel_trace  # type: ignore[import-not-found, no-redef]
-    from opentelemetry.propagate import inject as _otel_inject  # type: ignore[import-not-found, no-redef]
-except ImportError:  # exercised when opentelemetry-api is absent
-    _otel_trace = None
-    _otel_inject = None
+
+def _load_opentelemetry() -> tuple[Any, Any]:
+    """opentelemetry-api's trace module and W3C inject, when it is installed (it is optional)."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.propagate import inject
+    except ImportError:
+        return None, None
+    return trace, inject
+
+
+_otel_trace, _otel_inject = _load_opentelemetry()
 
 # Channel options: keepalive pings find a dead gateway connection while a stream waits for acks.
 _CHANNEL_OPTIONS = [

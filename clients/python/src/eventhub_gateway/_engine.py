@@ -67,15 +67,16 @@ def _stub_for(channel: grpc.aio.Channel) -> Any:
 class Item:
     """One event on its way: the encoded event, its caller's future, its deadline and where it is now."""
 
-    __slots__ = ("event", "size", "future", "deadline", "attempts", "order", "stream", "sequence", "trace",
-                 "finished", "in_doubt")
+    __slots__ = ("event", "size", "future", "deadline", "own_timeout", "attempts", "order", "stream", "sequence",
+                 "trace", "finished", "in_doubt")
 
     def __init__(self, event: gateway_pb2.Event, future: asyncio.Future[Receipt], deadline: float, order: int,
-                 trace: Optional[list[tuple[str, str]]]) -> None:
+                 trace: Optional[list[tuple[str, str]]], own_timeout: bool) -> None:
         self.event = event
         self.size = event.ByteSize() + _EVENT_OVERHEAD_BYTES
         self.future = future
         self.deadline = deadline
+        self.own_timeout = own_timeout  # a timeout of the call's, not the producer's send_timeout
         self.attempts = 0
         self.order = order
         self.stream: Optional[_Stream] = None  # the stream it was written to and awaits an ack on
@@ -132,6 +133,7 @@ class Engine:
         # Deadlines: events with the producer's send_timeout arrive in deadline order (a deque); those with a
         # timeout of their own go to a heap. Both are swept by one timer.
         self._by_arrival: deque[Item] = deque()
+        self._compact_at = 4 * settings.max_in_flight_events
         self._by_deadline: list[tuple[float, int, Item]] = []
         self._closing = False
         self._closed = False
@@ -149,23 +151,14 @@ class Engine:
         """An item for `event`, or EventTooLarge when it could never fit in one message to the gateway."""
         if self._closing:
             raise ProducerClosed("the producer is closed")
-        now = self._loop.time()
-        own_timeout = timeout is not None
-        deadline = now + (self.settings.send_timeout if timeout is None else timeout)
+        deadline = self._loop.time() + (self.settings.send_timeout if timeout is None else timeout)
         self._order += 1
-        item = Item(event, self._loop.create_future(), deadline, self._order, trace)
+        item = Item(event, self._loop.create_future(), deadline, self._order, trace, timeout is not None)
         if item.size > self.settings.max_batch_bytes:
             raise EventTooLarge(
                 f"the encoded event is {item.size} bytes, over max_batch_bytes ({self.settings.max_batch_bytes})",
                 code=grpc.StatusCode.INVALID_ARGUMENT, fields=[("event", "over max_batch_bytes")],
             )
-        if own_timeout:
-            heapq.heappush(self._by_deadline, (deadline, item.order, item))
-        else:
-            self._by_arrival.append(item)
-            if len(self._by_arrival) > 4 * self.settings.max_in_flight_events:
-                # Finished events behind a slow one at the front: drop them so the deque stays bounded.
-                self._by_arrival = deque(i for i in self._by_arrival if not i.finished)
         return item
 
     def has_room(self, item: Item) -> bool:
@@ -211,10 +204,19 @@ class Engine:
             self._wake_room_waiter()
 
     def admit(self, item: Item) -> None:
-        """Counts `item` in the window and queues it for the writer."""
+        """Counts `item` in the window, watches its deadline and queues it for the writer."""
         self._in_flight_events += 1
         self._in_flight_bytes += item.size
         self._outstanding.add(item.future)
+        if item.own_timeout:
+            heapq.heappush(self._by_deadline, (item.deadline, item.order, item))
+        else:
+            # Admitted first come, first served, so these deadlines never decrease.
+            self._by_arrival.append(item)
+            if len(self._by_arrival) > self._compact_at:
+                # Finished events behind a slow one at the front: dropped, so the deque stays bounded.
+                self._by_arrival = deque(i for i in self._by_arrival if not i.finished)
+                self._compact_at = max(4 * self.settings.max_in_flight_events, 2 * len(self._by_arrival))
         self._dispatch(item)
 
     def abandon(self, item: Item) -> None:
