@@ -10,6 +10,8 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 import grpc
 import grpc.aio
 
+from .errors import Unauthenticated
+
 TokenSource = Union[str, Callable[[], Union[str, Awaitable[str]]]]
 Metadata = Sequence[tuple[str, str]]
 
@@ -100,14 +102,20 @@ class CallMetadata:
         self._token = token
 
     async def get(self) -> list[tuple[str, str]]:
-        """The metadata for a new call (a token callable is asked each time)."""
+        """The metadata for a new call (a token callable is asked each time); Unauthenticated when the token
+        source fails."""
         if self._token is None:
             return list(self._fixed)
-        token = self._token() if callable(self._token) else self._token
-        if inspect.isawaitable(token):
-            token = await token
+        try:
+            token = self._token() if callable(self._token) else self._token
+            if inspect.isawaitable(token):
+                token = await token
+        except Exception as error:  # noqa: BLE001 - the token source is the caller's code
+            raise Unauthenticated(f"the token source failed: {error!r}"[:512],
+                                  code=grpc.StatusCode.UNAUTHENTICATED) from error
         if not isinstance(token, str) or not token:
-            raise ValueError("the token source gave no token")
+            raise Unauthenticated("the token source failed: it gave no token",
+                                  code=grpc.StatusCode.UNAUTHENTICATED)
         return [*self._fixed, ("authorization", f"Bearer {token}")]
 
 

@@ -161,16 +161,31 @@ class Engine:
             )
         return item
 
-    def has_room(self, item: Item) -> bool:
-        """Whether the in-flight window takes `item` now (an event larger than the byte window goes alone)."""
-        return not self._room_waiters and self._window_takes(item)
+    def try_admit(self, item: Item) -> bool:
+        """Admits `item` if the in-flight window takes it now (an event larger than the byte window goes alone)
+        and nobody waits before it; else `admit_when_room` is the way in."""
+        if self._room_waiters or not self._window_takes(item):
+            return False
+        self._admit(item)
+        return True
+
+    async def admit_when_room(self, item: Item) -> None:
+        """Admits `item` once the window has room for it; an item whose wait fails (Overloaded, ProducerClosed,
+        its caller cancelled) is forgotten."""
+        try:
+            await self._wait_for_room(item)
+        except BaseException:
+            item.finished = True
+            item.future.cancel()
+            raise
+        self._admit(item)
 
     def _window_takes(self, item: Item) -> bool:
         if self._in_flight_events >= self.settings.max_in_flight_events:
             return False
         return self._in_flight_bytes == 0 or self._in_flight_bytes + item.size <= self.settings.max_in_flight_bytes
 
-    async def wait_for_room(self, item: Item) -> None:
+    async def _wait_for_room(self, item: Item) -> None:
         """Waits, first come first served, for the window to take `item`: at most pool_get_timeout and never
         past the event's deadline, then Overloaded."""
         limit = max(min(self.settings.pool_get_timeout, item.deadline - self._loop.time()), 0.0)
@@ -203,7 +218,7 @@ class Engine:
                 pass
             self._wake_room_waiter()
 
-    def admit(self, item: Item) -> None:
+    def _admit(self, item: Item) -> None:
         """Counts `item` in the window, watches its deadline and queues it for the writer."""
         self._in_flight_events += 1
         self._in_flight_bytes += item.size
@@ -218,11 +233,6 @@ class Engine:
                 self._by_arrival = deque(i for i in self._by_arrival if not i.finished)
                 self._compact_at = max(4 * self.settings.max_in_flight_events, 2 * len(self._by_arrival))
         self._dispatch(item)
-
-    def abandon(self, item: Item) -> None:
-        """Forgets an item that was never admitted (its caller gave up waiting for room)."""
-        item.finished = True
-        item.future.cancel()
 
     def _dispatch(self, item: Item) -> None:
         if item.trace is not None:
@@ -280,12 +290,17 @@ class Engine:
         if not error.retryable or self._closing:
             self._fail(item, error)
             return
-        backoff = min(self.settings.retry_backoff * (2 ** min(item.attempts - 1, 16)), self.settings.retry_backoff_max)
-        delay = max(error.retry_after or 0.0, random.uniform(backoff / 2, backoff))
+        delay = max(error.retry_after or 0.0, self._backoff(item.attempts))
         if self._loop.time() + delay >= item.deadline:
             self._fail(item, error)
             return
         self._loop.call_later(delay, self._resend, item)
+
+    def _backoff(self, failures: int) -> float:
+        """The pause after `failures` failures in a row: doubling from retry_backoff up to retry_backoff_max,
+        jittered over its upper half."""
+        ceiling = min(self.settings.retry_backoff * (2 ** min(failures - 1, 16)), self.settings.retry_backoff_max)
+        return random.uniform(ceiling / 2, ceiling)
 
     def _resend(self, item: Item) -> None:
         if item.future.done():
@@ -405,19 +420,13 @@ class Engine:
 
     async def _open_stream(self) -> _Stream:
         if self._failures:
-            backoff = min(self.settings.retry_backoff * (2 ** min(self._failures - 1, 16)),
-                          self.settings.retry_backoff_max)
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            await asyncio.sleep(self._backoff(self._failures))
         if self._renew_channel:
             self._renew_channel = False
             self._spawn(self._retire(self._channel))
             self._channel = self._channel_factory()
             self._stub = _stub_for(self._channel)
-        try:
-            metadata = await self._metadata.get()
-        except Exception as error:  # noqa: BLE001 - the token source is the caller's code
-            raise Unauthenticated(f"the token source failed: {error!r}"[:512],
-                                  code=grpc.StatusCode.UNAUTHENTICATED) from error
+        metadata = await self._metadata.get()
         call = self._stub.SendStream(metadata=metadata, wait_for_ready=True)
         stream = _Stream(call)
         self._stream = stream
@@ -532,9 +541,8 @@ class Engine:
                 item.in_doubt = True  # gRPC's own status (a broken connection, its timer): no one knows
             self._retry_or_fail(item, error)
             return
-        except Exception as error:  # noqa: BLE001 - the token source is the caller's code
-            self._fail(item, Unauthenticated(f"the token source failed: {error!r}"[:512],
-                                             code=grpc.StatusCode.UNAUTHENTICATED))
+        except Unauthenticated as error:  # the token source failed
+            self._fail(item, error)
             return
         self._succeed(item, response.partition_id)
 
@@ -587,9 +595,7 @@ class Engine:
         self._sweeper.cancel()
         for task in [*readers, *self._side_tasks]:
             task.cancel()
-        leftover = [*self._pending, *(item for s in [stream] if s for item in s.unacked.values())]
-        for item in leftover:
-            self._fail(item, ProducerClosed("the producer closed before this event's outcome"))
+        # Every admitted event still without an outcome: queued, awaiting its ack, or waiting to be retried.
         for waiter in list(self._outstanding):
             if not waiter.done():
                 waiter.set_exception(ProducerClosed("the producer closed before this event's outcome"))

@@ -193,13 +193,8 @@ class GatewayProducer:
         event = encode(data, partition_key, partition_id, properties, content_type,
                        message_id or self._message_id(), correlation_id)
         item = engine.new_item(event, timeout, current_trace_context() if self._propagate_trace else None)
-        if not engine.has_room(item):
-            try:
-                await engine.wait_for_room(item)
-            except BaseException:
-                engine.abandon(item)
-                raise
-        engine.admit(item)
+        if not engine.try_admit(item):
+            await engine.admit_when_room(item)
         return await item.future
 
     async def send_events(self, events: Iterable[Union[Event, Data]], *,
@@ -225,14 +220,12 @@ class GatewayProducer:
             except GatewayError as error:
                 futures.append(_failed(error))
                 continue
-            if not engine.has_room(item):
+            if not engine.try_admit(item):
                 try:
-                    await engine.wait_for_room(item)
+                    await engine.admit_when_room(item)
                 except GatewayError as error:
-                    engine.abandon(item)
                     futures.append(_failed(error))
                     continue
-            engine.admit(item)
             futures.append(item.future)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         results = []
