@@ -198,6 +198,7 @@ async fn fixture(required: bool) -> Fixture {
             sha256: hex(&Sha256::digest(API_KEY)),
         }],
         grants: grants(),
+        ..AuthConfig::default()
     };
     let shutdown = CancellationToken::new();
     let authenticator =
@@ -789,6 +790,7 @@ fn url_config(url: &str, token_file: Option<&Path>) -> AuthConfig {
         }],
         api_keys: Vec::new(),
         grants: grants(),
+        sas_keys: Vec::new(),
     }
 }
 
