@@ -467,6 +467,7 @@ mod tests {
             jwt: vec![issuer()],
             api_keys: vec![key()],
             grants: vec![grant()],
+            sas_keys: Vec::new(),
         };
         config.validate(&hubs()).unwrap();
     }
