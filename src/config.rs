@@ -739,6 +739,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own error type
     fn the_rest_listener_is_off_by_default_and_must_not_share_a_port() {
         figment::Jail::expect_with(|jail| {
             let config = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap();

@@ -428,6 +428,16 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
              every hub (set [auth] required = true with grants)"
         );
     }
+    if let Some(http) = config.http_listen
+        && !config.auth.required
+        && !http.ip().is_loopback()
+    {
+        tracing::warn!(
+            http_listen = %http,
+            "auth.required is false on the REST listener beyond loopback: any caller that reaches it may publish \
+             to every hub (set [auth] required = true with grants)"
+        );
+    }
     let state = Arc::new(GatewayState::new(
         producer,
         hubs,
