@@ -865,6 +865,15 @@ mod tests {
                 "HUB_NOT_ALLOWED",
             ),
             (
+                GatewayError::SasResourceNotCovered {
+                    hub: "orders".into(),
+                    resource: "https://gw/audit".into(),
+                    requested: "orders".into(),
+                },
+                Code::PermissionDenied,
+                "HUB_NOT_ALLOWED",
+            ),
+            (
                 GatewayError::ConnectionAged {
                     progress: StreamProgress::default(),
                 },

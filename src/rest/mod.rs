@@ -32,6 +32,7 @@ use crate::listener::{Connections, accept_with_backoff};
 use crate::middleware::{ClientId, LoadShedLayer, ShedBound, peer_ip, trace_context};
 use crate::proto::v1;
 use crate::proto::v1::event_hub_gateway_server::EventHubGateway as _;
+use eventhub_telemetry::metrics::REST_REQUESTS;
 
 pub use answer::{Refusal, http_status};
 pub use request::{BATCH_MEDIA_TYPE, Route, Target};
@@ -239,10 +240,23 @@ async fn handle(settings: &RestSettings, request: http::Request<Incoming>) -> Re
     if let Some(context) = &trace {
         eventhub_telemetry::otel::set_remote_parent(&span, context);
     }
+    let route_kind = route.as_ref().map(|route| route.target.clone());
     let response =
         tracing::Instrument::instrument(answer(settings, parts, body, route, trace), span.clone())
             .await;
     span.record("http.response.status_code", response.status().as_u16());
+    let route_label = match route_kind {
+        Some(Target::Hub) => "hub",
+        Some(Target::Partition(_)) => "partition",
+        Some(Target::Publisher(_)) => "publisher",
+        None => "none",
+    };
+    metrics::counter!(
+        REST_REQUESTS,
+        "route" => route_label,
+        "status" => response.status().as_str().to_owned()
+    )
+    .increment(1);
     response
 }
 

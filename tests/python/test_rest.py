@@ -274,6 +274,7 @@ def test_missing_expired_forged_and_unknown_credentials_are_401(rest):
     refused("Bearer not-a-configured-key", "unknown_api_key")
     samples, _ = scrape(rest)
     assert (sample(samples, "eventhub_gateway_auth_failures_total", reason="sas_bad_signature") or 0) >= 1
+    assert (sample(samples, "eventhub_gateway_rest_requests_total", route="hub", status="401") or 0) >= 6
 
 
 def test_a_hub_not_granted_or_not_covered_by_sr_is_403(rest):
