@@ -147,7 +147,7 @@ pub enum AuthError {
         /// What is wrong (static text).
         problem: &'static str,
     },
-    /// The `authorization` header's scheme is not `Bearer`.
+    /// The `authorization` header's scheme is neither `Bearer` nor `SharedAccessSignature`.
     #[error(
         "the authorization header's scheme is neither Bearer nor SharedAccessSignature: send `authorization: Bearer <token>`"
     )]
@@ -322,10 +322,11 @@ fn bearer_token(authorization: &str) -> Result<&str, AuthError> {
 }
 
 /// The whole value, when the scheme is `SharedAccessSignature` (case-insensitive), bounded in length.
-fn sas_token(authorization: &str) -> Result<Option<&str>, AuthError> {
+fn sas_token(authorization: &str) -> Result<Option<std::borrow::Cow<'_, str>>, AuthError> {
+    const SCHEME: &str = "SharedAccessSignature";
     let value = authorization.trim();
     let scheme = value.split([' ', '\t']).next().unwrap_or_default();
-    if !scheme.eq_ignore_ascii_case("SharedAccessSignature") {
+    if !scheme.eq_ignore_ascii_case(SCHEME) {
         return Ok(None);
     }
     if value.len() > jwt::MAX_TOKEN_LEN {
@@ -334,8 +335,12 @@ fn sas_token(authorization: &str) -> Result<Option<&str>, AuthError> {
             limit: jwt::MAX_TOKEN_LEN,
         });
     }
-    // The wire crate's parser expects the scheme as the Azure SDKs write it.
-    Ok(Some(value))
+    // The wire crate's parser expects the scheme as the Azure SDKs write it, and one space after it.
+    if scheme == SCHEME && value.as_bytes().get(SCHEME.len()) == Some(&b' ') {
+        return Ok(Some(std::borrow::Cow::Borrowed(value)));
+    }
+    let fields = value[scheme.len()..].trim_start();
+    Ok(Some(std::borrow::Cow::Owned(format!("{SCHEME} {fields}"))))
 }
 
 /// A reqwest client for one issuer's JWKS URL: its own CA bundle if configured, no redirects, no proxy.
@@ -494,7 +499,7 @@ impl Authenticator {
                 if self.sas_keys.is_empty() {
                     return Err(AuthError::SasUnknownKeyName);
                 }
-                let (name, resource) = self.sas_keys.verify(token, jwt::now_unix())?;
+                let (name, resource) = self.sas_keys.verify(&token, jwt::now_unix())?;
                 let mut caller = self.identified(name, IdentitySource::SharedAccessSignature);
                 if let Caller::Identified { access, .. } = &mut caller {
                     access.sas_resource = Some(resource);

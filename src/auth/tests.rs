@@ -1190,6 +1190,16 @@ async fn a_sas_token_proves_its_keys_identity_limited_to_its_resource() {
     let (identity, grants, access) = identified(caller);
     assert_eq!(identity.name, "billing-batch");
     assert_eq!(identity.source, IdentitySource::SharedAccessSignature);
+    // The scheme is case-insensitive, as HTTP's are.
+    let lower = token.replacen("SharedAccessSignature ", "sharedaccesssignature  ", 1);
+    let caller = authenticator
+        .authenticate(Credentials {
+            authorization: Some(&lower),
+            peer_certificate: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(identified(caller).0.name, "billing-batch");
     assert_eq!(grants, ["billing"]);
     let resource = access
         .sas_resource()
