@@ -863,6 +863,8 @@ def test_the_rest_api_gets_its_port_and_sas_keys_come_from_secrets():
     env = {variable["name"]: variable for variable in rendering.container["env"]}
     assert env["SAS_KEY_0"]["valueFrom"]["secretKeyRef"] == {"name": "device-sas-key", "key": "key"}
     assert env["SAS_KEY_1"]["valueFrom"]["secretKeyRef"] == {"name": "partner-keys", "key": "primary"}
+    assert "REST send API:             https://demo-eventhub-gateway.teams.svc:8443/<hub>/messages" in rendering.notes
+    assert "REST send API" not in off.notes
 
 
 @pytest.mark.parametrize("client_auth", [False, True])
