@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -418,3 +419,51 @@ key = "{tmp_path / 'server.key'}"
 def test_no_sas_key_reaches_a_log_line(rest):
     logs = rest.logs()
     assert DEVICES_KEY not in logs and STRANGER_KEY not in logs
+
+
+def raw_connection(gateway):
+    host, port = gateway.http.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    return connection
+
+
+def closed_by_peer(connection, within):
+    """Whether the peer closes `connection` within `within` seconds (reading whatever it sends first)."""
+    connection.settimeout(within)
+    try:
+        while connection.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_the_listener_is_bounded_like_the_grpc_one(start_gateway, tmp_path):
+    slow_heads = tmp_path / "slow.toml"
+    slow_heads.write_text('http_listen = "127.0.0.1:0"\n[limits]\nheader_read_timeout_seconds = 1\n')
+    running = start_gateway(*HUBS, "--config", str(slow_heads))
+    # Too many header fields: 431, as hyper answers.
+    headers = {f"x-h{n}": "v" for n in range(120)}
+    assert requests.post(url(running, "/eh1/messages"), data=b"x", headers=headers, timeout=TIMEOUT).status_code == 431
+    # A request head that never ends is closed after header_read_timeout.
+    slow = raw_connection(running)
+    slow.sendall(b"POST /eh1/messages HTTP/1.1\r\nHost: x\r\n")
+    assert closed_by_peer(slow, within=10), "a slow request head must be closed"
+    slow.close()
+
+    capped = tmp_path / "capped.toml"
+    capped.write_text('http_listen = "127.0.0.1:0"\n[limits]\nmax_connections_per_client = 2\n')
+    running = start_gateway(*HUBS, "--config", str(capped))
+    # Two connections per client address; a third is closed as it is accepted.
+    held = [raw_connection(running) for _ in range(2)]
+    time.sleep(0.3)
+    third = raw_connection(running)
+    assert closed_by_peer(third, within=5), "the third connection of one client must be closed"
+    third.close()
+    for connection in held:
+        connection.sendall(b"POST /eh1/partitions/0/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+        connection.settimeout(TIMEOUT)
+        assert connection.recv(65536).startswith(b"HTTP/1.1 201"), "connections within the cap are served"
+        connection.close()
