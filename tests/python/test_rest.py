@@ -387,31 +387,45 @@ def test_a_rate_limited_identity_gets_429_with_retry_after(rest):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_the_listener_serves_tls_with_the_grpc_listeners_certificate(api, tmp_path):
+def test_the_listener_serves_mtls_with_the_grpc_listeners_material(api, tmp_path):
+    """HTTPS with the gRPC listener's certificate, key and client CA: a SAS token or the client certificate's
+    identity (its DNS SAN) authenticates a request, as on gRPC; a plain-text request gets no answer."""
     make_ca(tmp_path)
     issue(tmp_path, "server", "/CN=localhost", ["DNS:localhost", "IP:127.0.0.1"], "serverAuth")
+    issue(tmp_path, "client", "/CN=scripts-client", ["DNS:scripts"], "clientAuth")
     config = tmp_path / "gateway.toml"
     config.write_text(config_text(tmp_path, extra=f"""
 [tls]
 cert = "{tmp_path / 'server.pem'}"
 key = "{tmp_path / 'server.key'}"
+client_ca = "{tmp_path / 'ca.pem'}"
 """))
-    credentials = grpc.ssl_channel_credentials(root_certificates=(tmp_path / "ca.pem").read_bytes())
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(tmp_path / "ca.pem").read_bytes(),
+        private_key=(tmp_path / "client.key").read_bytes(),
+        certificate_chain=(tmp_path / "client.pem").read_bytes(),
+    )
     running = GatewayProcess(
         api, *HUBS, "--config", str(config), env={"TEST_STRANGER_SAS_KEY": STRANGER_KEY}, credentials=credentials
     )
+    tls = {"verify": str(tmp_path / "ca.pem"), "cert": (str(tmp_path / "client.pem"), str(tmp_path / "client.key"))}
     try:
         before = partition_positions(running.connection_string, "eh1")
         sas = generate_sas_token(f"https://{running.http}/eh1", "devices", DEVICES_KEY)
-        response = requests.post(
-            url(running, "/eh1/partitions/3/messages", scheme="https"), data=b"over tls",
-            headers={"Authorization": sas}, verify=str(tmp_path / "ca.pem"), timeout=TIMEOUT,
-        )
+        response = post(running, "/eh1/partitions/3/messages", b"over tls", {"Authorization": sas}, "https", **tls)
         assert response.status_code == 201, response.text
         stored = stored_events(running, "eh1", before)
         assert {p: [body(e) for e in events] for p, events in stored.items()} == {"3": [b"over tls"]}
+        # No authorization header: the certificate's identity, `scripts`, whose grant alone covers eh2.
+        response = post(running, "/eh2/messages", b"by certificate", None, "https", **tls)
+        assert response.status_code == 201, response.text
+        # The devices' SAS identity has no grant for eh2: the token, not the certificate, decides.
+        sas_eh2 = generate_sas_token(f"https://{running.http}/eh2", "devices", DEVICES_KEY)
+        error_of(post(running, "/eh2/messages", b"x", {"Authorization": sas_eh2}, "https", **tls), 403, "HUB_NOT_ALLOWED")
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.post(url(running, "/eh1/messages"), data=b"plain", timeout=TIMEOUT)
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.post(url(running, "/eh1/messages", "https"), data=b"no cert", verify=tls["verify"], timeout=TIMEOUT)
     finally:
         running.stop()
 
