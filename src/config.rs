@@ -29,6 +29,8 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// The HTTP listener of `/metrics`, `/healthz` and `/readyz` (port 0 picks a free port).
     pub metrics_listen: SocketAddr,
+    /// The Event Hubs REST send API's listener (off when unset; TLS as `tls`; port 0 picks a free port).
+    pub http_listen: Option<SocketAddr>,
     /// The Event Hubs the gateway forwards to; the first is the default of requests that name none.
     pub event_hubs: Vec<String>,
     /// A connection string (SAS key or signature). Prefer `connection_string_file` or the environment.
@@ -121,6 +123,7 @@ impl Default for GatewayConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            http_listen: None,
             event_hubs: Vec::new(),
             connection_string: None,
             connection_string_file: None,
@@ -355,11 +358,12 @@ impl GatewayConfig {
         if self.auth.required
             && self.auth.jwt.is_empty()
             && self.auth.api_keys.is_empty()
+            && self.auth.sas_keys.is_empty()
             && !client_certificates
         {
             return invalid(
                 "auth.required",
-                "no caller could prove an identity: configure auth.jwt, auth.api_keys or tls.client_ca",
+                "no caller could prove an identity: configure auth.jwt, auth.api_keys, auth.sas_keys or tls.client_ca",
             );
         }
         Ok(())
@@ -461,6 +465,19 @@ impl GatewayConfig {
                 "metrics_listen",
                 "must differ from listen (the gRPC listener)",
             );
+        }
+        if let Some(http) = self.http_listen
+            && http.port() != 0
+        {
+            if http == self.listen {
+                return invalid("http_listen", "must differ from listen (the gRPC listener)");
+            }
+            if http == self.metrics_listen {
+                return invalid(
+                    "http_listen",
+                    "must differ from metrics_listen (the metrics and probes listener)",
+                );
+            }
         }
         Ok(())
     }
@@ -717,6 +734,25 @@ mod tests {
             jail.set_env("EVENTHUB_GATEWAY_METRICS_LISTEN", "127.0.0.1:50051");
             let error = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap_err();
             assert!(error.to_string().contains("metrics_listen"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own error type
+    fn the_rest_listener_is_off_by_default_and_must_not_share_a_port() {
+        figment::Jail::expect_with(|jail| {
+            let config = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap();
+            assert_eq!(config.http_listen, None);
+            jail.set_env("EVENTHUB_GATEWAY_HTTP_LISTEN", "127.0.0.1:8080");
+            let config = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap();
+            assert_eq!(
+                config.http_listen.map(|a| a.to_string()).as_deref(),
+                Some("127.0.0.1:8080")
+            );
+            jail.set_env("EVENTHUB_GATEWAY_HTTP_LISTEN", "127.0.0.1:9464");
+            let error = GatewayConfig::load(None, flags(&[("emulator", true.into())])).unwrap_err();
+            assert!(error.to_string().contains("http_listen"), "{error}");
             Ok(())
         });
     }

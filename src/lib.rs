@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod listener;
 pub mod middleware;
 pub mod proto;
+pub mod rest;
 pub mod server;
 pub mod telemetry;
 pub mod tls_material;

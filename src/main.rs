@@ -108,6 +108,9 @@ struct ServeArgs {
     /// The HTTP listener of /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The Event Hubs REST send API's listener [default: off].
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<std::net::SocketAddr>,
     /// An Event Hubs connection string (prefer --connection-string-file or EVENTHUB_GATEWAY_CONNECTION_STRING).
     #[arg(long, conflicts_with_all = ["connection_string_file", "namespace", "emulator"])]
     connection_string: Option<String>,
@@ -165,6 +168,9 @@ impl ServeArgs {
         }
         if let Some(addr) = self.metrics_listen {
             set("metrics_listen", addr.to_string().into());
+        }
+        if let Some(addr) = self.http_listen {
+            set("http_listen", addr.to_string().into());
         }
         if let Some(text) = &self.connection_string {
             set("connection_string", text.clone().into());
@@ -302,6 +308,7 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
         serde_json::json!({
             "grpc": gateway.local_addr().to_string(),
             "metrics": gateway.metrics_addr().to_string(),
+            "http": gateway.http_addr().map(|addr| addr.to_string()),
             "emulator": emulator.as_ref().map(|(connection_string, _)| connection_string),
         })
     );

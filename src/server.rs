@@ -23,6 +23,7 @@ use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
+use crate::rest::{RestError, RestListener, RestServer, RestSettings};
 use crate::telemetry::http::Exposed;
 use crate::telemetry::http::{HttpError, MetricsListener, MetricsServer};
 use crate::tls_material::{self, TlsFileError};
@@ -94,6 +95,9 @@ pub enum ServeError {
     /// The metrics and probes listener could not start.
     #[error(transparent)]
     MetricsListener(#[from] HttpError),
+    /// The REST send API's listener could not start.
+    #[error(transparent)]
+    RestListener(#[from] RestError),
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -126,9 +130,15 @@ pub struct RunningGateway {
     metrics: MetricsServer,
     drain_timeout: Duration,
     connections: Arc<Connections>,
+    rest: Option<RestServer>,
 }
 
 impl RunningGateway {
+    /// Where the REST send API listens, when `http_listen` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.rest.as_ref().map(RestServer::local_addr)
+    }
+
     /// Where the gRPC listener is.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -198,6 +208,9 @@ impl RunningGateway {
                 Ok(())
             }
         };
+        if let Some(rest) = self.rest {
+            rest.shutdown().await;
+        }
         // Kept to the end of the drain, so probes and scrapes see it happen.
         self.metrics.shutdown().await;
         #[cfg(feature = "emulator")]
@@ -415,6 +428,16 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
              every hub (set [auth] required = true with grants)"
         );
     }
+    if let Some(http) = config.http_listen
+        && !config.auth.required
+        && !http.ip().is_loopback()
+    {
+        tracing::warn!(
+            http_listen = %http,
+            "auth.required is false on the REST listener beyond loopback: any caller that reaches it may publish \
+             to every hub (set [auth] required = true with grants)"
+        );
+    }
     let state = Arc::new(GatewayState::new(
         producer,
         hubs,
@@ -436,7 +459,8 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
-    let gateway = EventHubGatewayServer::new(Gateway::new(Arc::clone(&state)))
+    let service = Gateway::new(Arc::clone(&state));
+    let gateway = EventHubGatewayServer::new(service.clone())
         .max_decoding_message_size(config.limits.max_request_bytes)
         .max_encoding_message_size(config.limits.max_request_bytes)
         .accept_compressed(CompressionEncoding::Gzip);
@@ -451,8 +475,18 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
 
     let (local_addr, listener) = bind_grpc(&config).await?;
     let metrics_listener = MetricsListener::bind(config.metrics_listen).await?;
+    let rest_listener = match config.http_listen {
+        Some(addr) => Some(RestListener::bind(addr).await?),
+        None => None,
+    };
     let limits = &config.limits;
     let connections = Connections::new(limits.max_connections, limits.max_connections_per_client);
+    // The REST listener speaks HTTP/1.1: the same certificate, key and client CA, its own ALPN.
+    let rest_tls = listener_tls.as_ref().map(|tls| {
+        let mut tls = rustls::ServerConfig::clone(tls);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(tls)
+    });
     let incoming = crate::listener::grpc_incoming(
         listener,
         &connections,
@@ -476,6 +510,15 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    let rest = rest_listener.map(|listener| {
+        listener.serve(RestSettings {
+            gateway: service,
+            shed: shed.clone(),
+            limits: config.limits.clone(),
+            send_timeout: config.producer.send_timeout,
+            tls: rest_tls,
+        })
+    });
     let exposed = Exposed {
         reports: Reports::default()
             .and(Arc::clone(&state) as _)
@@ -502,6 +545,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         metrics,
         drain_timeout: config.drain_timeout,
         connections,
+        rest,
     })
 }
 

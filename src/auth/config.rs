@@ -30,6 +30,23 @@ pub struct AuthConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     /// `[[auth.grants]]`: which identities may publish to which hubs.
     pub grants: Vec<GrantConfig>,
+    /// `[[auth.sas_keys]]`: gateway-issued keys that sign `SharedAccessSignature` tokens.
+    pub sas_keys: Vec<SasKeyConfig>,
+}
+
+/// One `[[auth.sas_keys]]` key: its name (a token's `skn`), the identity a token signed with it proves, and
+/// where its secret is (a file or an environment variable; never in the configuration itself).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SasKeyConfig {
+    /// The key's name, as senders put it in `skn`.
+    pub name: String,
+    /// The identity a token signed with this key proves (its grants give its hubs).
+    pub identity: String,
+    /// A file holding the key (a trailing newline is ignored).
+    pub key_file: Option<PathBuf>,
+    /// An environment variable holding the key.
+    pub key_env: Option<String>,
 }
 
 /// One `[[auth.jwt]]` issuer.
@@ -120,6 +137,16 @@ impl AuthConfig {
                 return invalid(
                     format!("api_keys[{index}].sha256"),
                     format!("the same key as api_keys[{first}]; a key proves one identity"),
+                );
+            }
+        }
+        let mut key_names: HashMap<&str, usize> = HashMap::new();
+        for (index, key) in self.sas_keys.iter().enumerate() {
+            key.validate(&format!("sas_keys[{index}]"))?;
+            if let Some(first) = key_names.insert(key.name.as_str(), index) {
+                return invalid(
+                    format!("sas_keys[{index}].name"),
+                    format!("the same name as sas_keys[{first}]; a token's skn names one key"),
                 );
             }
         }
@@ -238,6 +265,40 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|address| address.is_loopback())
 }
 
+impl SasKeyConfig {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.name.is_empty() || self.name.len() > 256 {
+            return invalid(format!("{at}.name"), "must be 1 to 256 characters");
+        }
+        if !self.name.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return invalid(
+                format!("{at}.name"),
+                "may hold only visible ASCII (it is sent in a token's skn)",
+            );
+        }
+        if self.identity.trim().is_empty() {
+            return invalid(format!("{at}.identity"), "must not be empty");
+        }
+        match (&self.key_file, &self.key_env) {
+            (Some(_), Some(_)) => invalid(
+                format!("{at}.key_env"),
+                "key_file and key_env are both set; set exactly one",
+            ),
+            (None, None) => invalid(
+                format!("{at}.key_file"),
+                "set key_file or key_env (exactly one): where the key is",
+            ),
+            (Some(path), None) if path.as_os_str().is_empty() => {
+                invalid(format!("{at}.key_file"), "must not be empty")
+            }
+            (None, Some(name)) if name.is_empty() => {
+                invalid(format!("{at}.key_env"), "must not be empty")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl GrantConfig {
     fn validate(&self, at: &str, event_hubs: &[String]) -> Result<(), ConfigError> {
         if self.name.is_empty() {
@@ -349,6 +410,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn sas_keys_are_checked_naming_the_field() {
+        let key = |name: &str, file: Option<&str>, env: Option<&str>| SasKeyConfig {
+            name: name.into(),
+            identity: "devices".into(),
+            key_file: file.map(Into::into),
+            key_env: env.map(Into::into),
+        };
+        let field_of = |keys: Vec<SasKeyConfig>| match (AuthConfig {
+            sas_keys: keys,
+            ..AuthConfig::default()
+        })
+        .validate(&[])
+        {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field_of(vec![key("a", None, None)]), "sas_keys[0].key_file");
+        assert_eq!(
+            field_of(vec![key("a", Some("/k"), Some("K"))]),
+            "sas_keys[0].key_env"
+        );
+        assert_eq!(
+            field_of(vec![key("a b", Some("/k"), None)]),
+            "sas_keys[0].name"
+        );
+        assert_eq!(
+            field_of(vec![key("a", Some("/k"), None), key("a", None, Some("K"))]),
+            "sas_keys[1].name"
+        );
+        assert!(
+            AuthConfig {
+                sas_keys: vec![key("devices", Some("/k"), None)],
+                ..AuthConfig::default()
+            }
+            .validate(&[])
+            .is_ok()
+        );
+    }
+
     fn with_grant(change: impl FnOnce(&mut GrantConfig)) -> AuthConfig {
         let mut grant = grant();
         change(&mut grant);
@@ -366,6 +467,7 @@ mod tests {
             jwt: vec![issuer()],
             api_keys: vec![key()],
             grants: vec![grant()],
+            sas_keys: Vec::new(),
         };
         config.validate(&hubs()).unwrap();
     }

@@ -14,14 +14,17 @@ mod config;
 mod grants;
 pub mod jwks;
 pub mod jwt;
+mod sas;
 
-pub use config::{ApiKeyConfig, AuthConfig, GrantConfig, JwtIssuerConfig};
+pub use config::{ApiKeyConfig, AuthConfig, GrantConfig, JwtIssuerConfig, SasKeyConfig};
 pub use grants::glob_matches;
+pub use sas::SasResource;
 
 use api_key::ApiKeys;
 use grants::{Grants, HubScope};
 use jwks::{FileKeys, KeySource, Timing, UrlKeys};
 use jwt::ClaimsPolicy;
+use sas::SasKeys;
 
 /// What a call presents to prove who it is.
 #[derive(Clone, Copy, Debug, Default)]
@@ -41,7 +44,14 @@ pub enum IdentitySource {
     ApiKey,
     /// A client certificate (URI SAN, DNS SAN or subject CN).
     Certificate,
+    /// A `SharedAccessSignature` token signed with a configured `[[auth.sas_keys]]` key.
+    SharedAccessSignature,
 }
+
+/// Where under its hub a request goes (`["publishers", p]` for the REST publisher route); requests without it
+/// go to the hub itself. A SAS token's `sr` must cover the hub and this tail.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceTail(pub Vec<String>);
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,12 +83,22 @@ impl Grant {
 #[derive(Clone, Debug, Default)]
 pub struct Access {
     grants: Vec<Arc<Grant>>,
+    /// A SAS token's `sr`: the only resource the call may reach, within its grants.
+    sas_resource: Option<SasResource>,
 }
 
 impl Access {
     /// Access through these grants (in the order given), for tests and callers building their own.
     pub fn from_grants(grants: Vec<Arc<Grant>>) -> Self {
-        Self { grants }
+        Self {
+            grants,
+            sas_resource: None,
+        }
+    }
+
+    /// The resource a SAS token limits the call to, if it came with one.
+    pub fn sas_resource(&self) -> Option<&SasResource> {
+        self.sas_resource.as_ref()
     }
 
     /// The first grant that covers `hub`, if any.
@@ -127,11 +147,17 @@ pub enum AuthError {
         /// What is wrong (static text).
         problem: &'static str,
     },
-    /// The `authorization` header's scheme is not `Bearer`.
+    /// The `authorization` header's scheme is neither `Bearer` nor `SharedAccessSignature`.
     #[error(
-        "the authorization header's scheme is not Bearer: send `authorization: Bearer <token>`"
+        "the authorization header's scheme is neither Bearer nor SharedAccessSignature: send `authorization: Bearer <token>`"
     )]
     UnsupportedScheme,
+    /// A `SharedAccessSignature` token's `skn` names no configured `[[auth.sas_keys]]` key.
+    #[error("the SharedAccessSignature's key name (skn) is not one of the gateway's SAS keys")]
+    SasUnknownKeyName,
+    /// A `SharedAccessSignature` token's `sig` does not verify with its key.
+    #[error("the SharedAccessSignature's signature (sig) does not verify with its key")]
+    SasBadSignature,
     /// The bearer token is longer than accepted.
     #[error("the bearer token is {length} bytes long; at most {limit} are accepted")]
     TooLong {
@@ -216,6 +242,8 @@ impl AuthError {
             Self::Missing => "missing",
             Self::Malformed { .. } => "malformed",
             Self::UnsupportedScheme => "unsupported_scheme",
+            Self::SasUnknownKeyName => "sas_unknown_key_name",
+            Self::SasBadSignature => "sas_bad_signature",
             Self::TooLong { .. } => "too_long",
             Self::Expired { .. } => "expired",
             Self::NotYetValid { .. } => "not_yet_valid",
@@ -267,6 +295,7 @@ pub struct Authenticator {
     /// The configured issuers, for error messages.
     issuer_names: String,
     api_keys: ApiKeys,
+    sas_keys: SasKeys,
     grants: Grants,
 }
 
@@ -290,6 +319,28 @@ fn bearer_token(authorization: &str) -> Result<&str, AuthError> {
         });
     }
     Ok(token)
+}
+
+/// The whole value, when the scheme is `SharedAccessSignature` (case-insensitive), bounded in length.
+fn sas_token(authorization: &str) -> Result<Option<std::borrow::Cow<'_, str>>, AuthError> {
+    const SCHEME: &str = "SharedAccessSignature";
+    let value = authorization.trim();
+    let scheme = value.split([' ', '\t']).next().unwrap_or_default();
+    if !scheme.eq_ignore_ascii_case(SCHEME) {
+        return Ok(None);
+    }
+    if value.len() > jwt::MAX_TOKEN_LEN {
+        return Err(AuthError::TooLong {
+            length: value.len(),
+            limit: jwt::MAX_TOKEN_LEN,
+        });
+    }
+    // The wire crate's parser expects the scheme as the Azure SDKs write it, and one space after it.
+    if scheme == SCHEME && value.as_bytes().get(SCHEME.len()) == Some(&b' ') {
+        return Ok(Some(std::borrow::Cow::Borrowed(value)));
+    }
+    let fields = value[scheme.len()..].trim_start();
+    Ok(Some(std::borrow::Cow::Owned(format!("{SCHEME} {fields}"))))
 }
 
 /// A reqwest client for one issuer's JWKS URL: its own CA bundle if configured, no redirects, no proxy.
@@ -401,6 +452,8 @@ impl Authenticator {
                 keys,
             });
         }
+        let sas_keys = SasKeys::load(&config.sas_keys, |name| std::env::var(name).ok())
+            .map_err(|(field, problem)| setup_error(format!("auth.{field}"), problem))?;
         let authenticator = Arc::new(Self {
             required: config.required,
             issuer_names: config
@@ -411,6 +464,7 @@ impl Authenticator {
                 .join(", "),
             issuers,
             api_keys: ApiKeys::new(&config.api_keys),
+            sas_keys,
             grants: Grants::new(&config.grants),
         });
         // The first fetch happens in the task: an unreachable endpoint delays nothing, and a token arriving
@@ -441,6 +495,17 @@ impl Authenticator {
             return Ok(Caller::Anonymous);
         }
         if let Some(authorization) = credentials.authorization {
+            if let Some(token) = sas_token(authorization)? {
+                if self.sas_keys.is_empty() {
+                    return Err(AuthError::SasUnknownKeyName);
+                }
+                let (name, resource) = self.sas_keys.verify(&token, jwt::now_unix())?;
+                let mut caller = self.identified(name, IdentitySource::SharedAccessSignature);
+                if let Caller::Identified { access, .. } = &mut caller {
+                    access.sas_resource = Some(resource);
+                }
+                return Ok(caller);
+            }
             let token = bearer_token(authorization)?;
             if !self.issuers.is_empty() && jwt::looks_like_jwt(token) {
                 let name = self.verify_jwt(token).await?;

@@ -198,6 +198,7 @@ async fn fixture(required: bool) -> Fixture {
             sha256: hex(&Sha256::digest(API_KEY)),
         }],
         grants: grants(),
+        ..AuthConfig::default()
     };
     let shutdown = CancellationToken::new();
     let authenticator =
@@ -789,6 +790,7 @@ fn url_config(url: &str, token_file: Option<&Path>) -> AuthConfig {
         }],
         api_keys: Vec::new(),
         grants: grants(),
+        sas_keys: Vec::new(),
     }
 }
 
@@ -1150,4 +1152,117 @@ fn every_reason_is_a_distinct_bounded_label() {
         .reason(),
         "algorithm_refused"
     );
+}
+
+#[tokio::test]
+async fn a_sas_token_proves_its_keys_identity_limited_to_its_resource() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("devices.key");
+    std::fs::write(&key_path, "device-secret\n").unwrap();
+    let config = AuthConfig {
+        required: true,
+        sas_keys: vec![SasKeyConfig {
+            name: "devices".into(),
+            identity: "billing-batch".into(),
+            key_file: Some(key_path),
+            key_env: None,
+        }],
+        grants: grants(),
+        ..AuthConfig::default()
+    };
+    let authenticator = Authenticator::start(&config, &hubs(), CancellationToken::new())
+        .await
+        .unwrap();
+    let now = jwt::now_unix();
+    let token = eventhub_wire::sas::sign_token(
+        "https://gw:8080/orders",
+        "devices",
+        "device-secret",
+        now + 60,
+    );
+    let caller = authenticator
+        .authenticate(Credentials {
+            authorization: Some(&token),
+            peer_certificate: None,
+        })
+        .await
+        .unwrap();
+    let (identity, grants, access) = identified(caller);
+    assert_eq!(identity.name, "billing-batch");
+    assert_eq!(identity.source, IdentitySource::SharedAccessSignature);
+    // The scheme is case-insensitive, as HTTP's are.
+    let lower = token.replacen("SharedAccessSignature ", "sharedaccesssignature  ", 1);
+    let caller = authenticator
+        .authenticate(Credentials {
+            authorization: Some(&lower),
+            peer_certificate: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(identified(caller).0.name, "billing-batch");
+    assert_eq!(grants, ["billing"]);
+    let resource = access
+        .sas_resource()
+        .expect("a SAS caller is limited to its sr");
+    assert!(resource.covers("orders", &[]));
+    assert!(!resource.covers("payments", &[]));
+
+    let forged =
+        eventhub_wire::sas::sign_token("https://gw/orders", "devices", "guessed", now + 60);
+    refused(
+        authenticator
+            .authenticate(Credentials {
+                authorization: Some(&forged),
+                peer_certificate: None,
+            })
+            .await,
+        &forged,
+        "sas_bad_signature",
+    );
+    // A bearer credential is still a bearer credential: SAS keys do not change how those are read.
+    let bearer = refused(
+        authenticator
+            .authenticate(Credentials {
+                authorization: Some("Bearer device-secret"),
+                peer_certificate: None,
+            })
+            .await,
+        "device-secret",
+        "unknown_api_key",
+    );
+    assert!(matches!(bearer, AuthError::UnknownApiKey));
+}
+
+#[tokio::test]
+async fn a_sas_token_without_sas_keys_names_no_key_and_auth_off_ignores_it() {
+    let required = AuthConfig {
+        required: true,
+        api_keys: vec![ApiKeyConfig {
+            identity: "billing-batch".into(),
+            sha256: "a".repeat(64),
+        }],
+        grants: grants(),
+        ..AuthConfig::default()
+    };
+    let token =
+        eventhub_wire::sas::sign_token("sb://ns/orders", "devices", "k", jwt::now_unix() + 60);
+    let credentials = Credentials {
+        authorization: Some(&token),
+        peer_certificate: None,
+    };
+    let authenticator = Authenticator::start(&required, &hubs(), CancellationToken::new())
+        .await
+        .unwrap();
+    refused(
+        authenticator.authenticate(credentials).await,
+        &token,
+        "sas_unknown_key_name",
+    );
+    let off = Authenticator::start(&AuthConfig::default(), &hubs(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(matches!(
+        off.authenticate(credentials).await.unwrap(),
+        Caller::Anonymous
+    ));
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Authenticator, Caller, Credentials};
+use crate::auth::{Authenticator, Caller, Credentials, ResourceTail};
 use crate::listener::GoingAway;
 use crate::middleware::{ClientId, peer_ip};
 use crate::proto::v1;
@@ -242,7 +242,9 @@ impl GatewayState {
         // Decided once per call (streams included): only a sampled call's events get spans of their own.
         let event_spans = otel::EventSpans::for_current_call();
         let peer = peer_ip(request.extensions());
+        let tail = request.extensions().get::<ResourceTail>().cloned();
         Ok(CallContext {
+            tail,
             caller,
             client,
             share: self.shares.share_of(peer),
@@ -256,6 +258,8 @@ impl GatewayState {
 /// One call's caller, trace context and deadline.
 #[derive(Clone)]
 pub struct CallContext {
+    /// Where under its hub the call goes (the REST publisher and partition routes); `None` is the hub itself.
+    tail: Option<ResourceTail>,
     caller: Caller,
     client: ClientId,
     /// The buffer share of the peer address (the client cannot choose it, unlike its id), looked up once per
@@ -274,6 +278,22 @@ impl CallContext {
         let Caller::Identified { identity, access } = &self.caller else {
             return Ok(());
         };
+        if let Some(resource) = access.sas_resource() {
+            let tail = self.tail.as_ref().map_or(&[][..], |tail| tail.0.as_slice());
+            if !resource.covers(hub, tail) {
+                metrics::counter!(GRANT_EVENTS, "grant" => "none").increment(events);
+                let mut requested = hub.to_owned();
+                for segment in tail {
+                    requested.push('/');
+                    requested.push_str(segment);
+                }
+                return Err(GatewayError::SasResourceNotCovered {
+                    hub: hub.to_owned(),
+                    resource: resource.as_str().to_owned(),
+                    requested: status::clip(&requested).into_owned(),
+                });
+            }
+        }
         let grant = access.grant_for(hub);
         let label = grant.map_or("none", |grant| grant.name.as_str()).to_owned();
         metrics::counter!(GRANT_EVENTS, "grant" => label).increment(events);

@@ -83,6 +83,18 @@ pub enum GatewayError {
         /// The caller's identity, clipped.
         identity: String,
     },
+    /// The call's SharedAccessSignature was signed for a resource (`sr`) that does not cover the request's.
+    #[error(
+        "the SharedAccessSignature's resource (sr) {resource:?} does not cover {requested:?}: sign the hub's URL (or its publisher's, for the publisher route)"
+    )]
+    SasResourceNotCovered {
+        /// The hub asked for (a served one).
+        hub: String,
+        /// The token's `sr`, clipped.
+        resource: String,
+        /// The request's resource path (`hub`, `hub/publishers/p`), clipped.
+        requested: String,
+    },
     /// A client or the whole gateway is over its events-per-second limit.
     #[error(
         "{subject} is over its limit of {limit_per_second} events/s; retry after {retry_after:?}"
@@ -400,6 +412,11 @@ impl GatewayError {
                 Built::new(Code::PermissionDenied, reason::HUB_NOT_ALLOWED)
                     .meta("event_hub", hub.clone())
                     .meta("identity", identity.clone())
+            }
+            Self::SasResourceNotCovered { hub, resource, .. } => {
+                Built::new(Code::PermissionDenied, reason::HUB_NOT_ALLOWED)
+                    .meta("event_hub", hub.clone())
+                    .meta("sas_resource", resource.clone())
             }
             Self::RateLimited {
                 subject,
@@ -843,6 +860,15 @@ mod tests {
                 GatewayError::HubNotAllowed {
                     hub: "orders".into(),
                     identity: "billing".into(),
+                },
+                Code::PermissionDenied,
+                "HUB_NOT_ALLOWED",
+            ),
+            (
+                GatewayError::SasResourceNotCovered {
+                    hub: "orders".into(),
+                    resource: "https://gw/audit".into(),
+                    requested: "orders".into(),
                 },
                 Code::PermissionDenied,
                 "HUB_NOT_ALLOWED",

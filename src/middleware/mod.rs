@@ -17,7 +17,7 @@ pub use held_body::HeldBody;
 pub use shed::{CallSlot, ClientSlot, LoadShed, LoadShedLayer, PermitBody, ShedBound, ShedFuture};
 pub use trace_context::{
     TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContextFuture, TraceContextLayer,
-    TraceContextService, TracedBody,
+    TraceContextService, TracedBody, trace_context,
 };
 
 #[cfg(test)]

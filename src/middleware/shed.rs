@@ -109,6 +109,25 @@ impl LoadShedLayer {
     pub fn max_concurrent_calls(&self) -> usize {
         self.shared.max_concurrent_calls
     }
+
+    /// A place for one call from `peer` outside the gRPC server (the REST listener's requests share the same
+    /// caps and counters), or the cap it hit; the place is held until the slot is dropped.
+    pub fn admit(&self, peer: Option<IpAddr>) -> Result<CallSlot, ShedBound> {
+        let client = ClientSlot::take(&self.shared, peer).map_err(|()| {
+            self.shared.shed_per_client.fetch_add(1, Ordering::Relaxed);
+            ShedBound::PerClient
+        })?;
+        match self.shared.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(CallSlot {
+                _total: permit,
+                _client: client,
+            }),
+            Err(_) => {
+                self.shared.shed.fetch_add(1, Ordering::Relaxed);
+                Err(ShedBound::Total)
+            }
+        }
+    }
 }
 
 impl<S> Layer<S> for LoadShedLayer {

@@ -91,8 +91,8 @@ where
     }
 }
 
-/// The request's trace context, if it has exactly one valid `traceparent`.
-fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
+/// The request's trace context, if it has exactly one valid `traceparent` (for listeners other than gRPC's).
+pub fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
     let mut parents = headers.get_all(TRACEPARENT_HEADER).iter();
     let parent = parents.next()?.to_str().ok()?;
     if parents.next().is_some() {

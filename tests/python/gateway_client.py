@@ -184,6 +184,8 @@ class GatewayProcess:
             announced = json.loads(line[0])
             self.address = announced["grpc"]
             self.metrics = announced["metrics"]
+            # The REST send API's listener, when `http_listen` is set.
+            self.http = announced.get("http")
             self.connection_string = announced.get("emulator")
         except (IndexError, ValueError, KeyError, TypeError):
             self.stop()

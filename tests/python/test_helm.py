@@ -60,6 +60,7 @@ EXTRA_KINDS = {
     "auth-kubernetes-tls": {"ClusterRoleBinding"},
     "auth-jwks-mtls": set(),
     "headless-round-robin": {"HorizontalPodAutoscaler"},
+    "rest-sas": set(),
 }
 BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
 CLUSTER_SCOPED = {"ClusterRoleBinding"}
@@ -840,6 +841,30 @@ def test_api_key_hashes_and_grants_are_written_into_the_config_as_they_are():
     grants = CASES["auth-jwks-mtls"]
     assert checksum(grants) != checksum(merged(grants, {"auth": {"grants": grants["auth"]["grants"][:1]}})), (
         "a changed grant rolls the pods")
+
+
+def test_the_rest_api_gets_its_port_and_sas_keys_come_from_secrets():
+    """`rest.enabled` adds `http_listen`, the container and Service port and its NetworkPolicy rule; each SAS key
+    is an environment variable from its Secret, named in the config by `key_env`, never written into it."""
+    off = render_case("defaults")
+    assert "http_listen" not in off.config
+    assert [port["name"] for port in off.service()["spec"]["ports"]] == ["grpc", "metrics"]
+    rendering = render_case("rest-sas")
+    assert rendering.config["http_listen"] == "0.0.0.0:8443"
+    http = [port for port in rendering.service()["spec"]["ports"] if port["name"] == "http"]
+    assert http == [{"name": "http", "port": 8443, "targetPort": "http", "protocol": "TCP", "appProtocol": "https"}]
+    assert {"name": "http", "containerPort": 8443, "protocol": "TCP"} in rendering.container["ports"]
+    rules = rendering.one("NetworkPolicy")["spec"]["ingress"]
+    assert any(rule["ports"] == [{"port": "http", "protocol": "TCP"}] for rule in rules)
+    assert rendering.config["auth"]["sas_keys"] == [
+        {"name": "devices", "identity": "device-fleet", "key_env": "SAS_KEY_0"},
+        {"name": "partners", "identity": "partners", "key_env": "SAS_KEY_1"},
+    ]
+    env = {variable["name"]: variable for variable in rendering.container["env"]}
+    assert env["SAS_KEY_0"]["valueFrom"]["secretKeyRef"] == {"name": "device-sas-key", "key": "key"}
+    assert env["SAS_KEY_1"]["valueFrom"]["secretKeyRef"] == {"name": "partner-keys", "key": "primary"}
+    assert "REST send API:             https://demo-eventhub-gateway.teams.svc:8443/<hub>/messages" in rendering.notes
+    assert "REST send API" not in off.notes
 
 
 @pytest.mark.parametrize("client_auth", [False, True])

@@ -74,6 +74,8 @@ pub const AUTH_FAILURES: &str = "eventhub_gateway_auth_failures_total";
 pub const GRANT_CALLS: &str = "eventhub_gateway_grant_calls_total";
 /// Events admitted under each `grant`, and events refused HUB_NOT_ALLOWED (`grant="none"`).
 pub const GRANT_EVENTS: &str = "eventhub_gateway_grant_events_total";
+/// REST send API requests answered, by `route` (`hub`, `partition`, `publisher`, `none`) and HTTP `status`.
+pub const REST_REQUESTS: &str = "eventhub_gateway_rest_requests_total";
 /// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls` or `limits.max_calls_per_client`.
 pub const SHED_CALLS: &str = "eventhub_gateway_shed_calls_total";
 /// gRPC calls in flight.
@@ -315,6 +317,11 @@ fn describe() {
         RATE_LIMITED_EVENTS,
         Unit::Count,
         "Events refused with RATE_LIMITED by the per-client or global limit."
+    );
+    describe_counter!(
+        REST_REQUESTS,
+        Unit::Count,
+        "REST send API requests answered, by route (hub, partition, publisher, none) and HTTP status."
     );
     describe_counter!(
         SHED_CALLS,

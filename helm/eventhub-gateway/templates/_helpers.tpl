@@ -98,6 +98,9 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
   "event_hubs" .Values.eventHubs.hubs
   "websockets" .Values.eventHubs.websockets
   "drain_timeout_seconds" .Values.config.drain_timeout_seconds }}
+{{- if .Values.rest.enabled }}
+{{- $_ := set $config "http_listen" (printf "0.0.0.0:%d" (int .Values.service.httpPort)) }}
+{{- end }}
 {{- if eq $mode "emulator" }}
 {{- $_ := set $config "emulator" true }}
 {{- $_ := set $config "emulator_partitions" (int .Values.emulator.partitions) }}
@@ -170,6 +173,13 @@ auth.kubernetes; a jwksConfigMap becomes the jwks_file it is mounted as), `api_k
 {{- with $auth.api_keys }}
 {{- $_ := set $out "api_keys" . }}
 {{- end }}
+{{- with $auth.sas_keys }}
+{{- $keys := list }}
+{{- range $i, $key := . }}
+{{- $keys = append $keys (dict "name" $key.name "identity" $key.identity "key_env" (printf "SAS_KEY_%d" $i)) }}
+{{- end }}
+{{- $_ := set $out "sas_keys" $keys }}
+{{- end }}
 {{- with $auth.grants }}
 {{- $grants := list }}
 {{- range . }}
@@ -186,7 +196,7 @@ auth.kubernetes; a jwksConfigMap becomes the jwks_file it is mounted as), `api_k
 
 {{/* Whether callers send bearer credentials (JWTs or API keys), which plain-text gRPC would expose. */}}
 {{- define "eventhub-gateway.bearerAuth" -}}
-{{- if or .Values.auth.kubernetes.enabled .Values.auth.jwt .Values.auth.api_keys }}true{{ end }}
+{{- if or .Values.auth.kubernetes.enabled .Values.auth.jwt .Values.auth.api_keys .Values.auth.sas_keys }}true{{ end }}
 {{- end }}
 
 {{/* The TCP ports of the auth.jwt issuers' JWKS URLs (443 unless the URL names one), one per line. */}}
@@ -272,7 +282,7 @@ auth.kubernetes; a jwksConfigMap becomes the jwks_file it is mounted as), `api_k
 {{- end }}
 {{- if $auth.required }}
 {{- if not (or (include "eventhub-gateway.bearerAuth" .) $v.tls.clientAuth) }}
-{{- fail "auth.required needs a way to authenticate: auth.kubernetes.enabled, auth.jwt, auth.api_keys or tls.clientAuth" }}
+{{- fail "auth.required needs a way to authenticate: auth.kubernetes.enabled, auth.jwt, auth.api_keys, auth.sas_keys or tls.clientAuth" }}
 {{- end }}
 {{- if not $auth.grants }}
 {{- fail "auth.required with no auth.grants lets no one publish: grant identities their hubs" }}
