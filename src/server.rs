@@ -19,6 +19,7 @@ use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig};
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
+use crate::gateway::schemas::{SchemaError, Schemas};
 use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
@@ -94,6 +95,9 @@ pub enum ServeError {
     /// The metrics and probes listener could not start.
     #[error(transparent)]
     MetricsListener(#[from] HttpError),
+    /// A hub's JSON Schema cannot be read or compiled; names the file.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -237,6 +241,7 @@ pub struct PreparedGateway {
     config: GatewayConfig,
     upstream: Upstream,
     listener_tls: Option<Arc<rustls::ServerConfig>>,
+    schemas: Arc<Schemas>,
 }
 
 /// Checks `config` as far as it can be without a socket or a token; `serve --check-config` stops here.
@@ -271,10 +276,13 @@ pub fn prepare(config: GatewayConfig) -> Result<PreparedGateway, ServeError> {
         }
     };
     config.producer.validate().map_err(ProducerError::from)?;
+    // Compiled here, so --check-config and start both stop on a bad schema, naming its file.
+    let schemas = Arc::new(Schemas::load(&config.schemas)?);
     Ok(PreparedGateway {
         config,
         upstream,
         listener_tls,
+        schemas,
     })
 }
 
@@ -398,7 +406,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         config,
         upstream,
         listener_tls,
-        ..
+        schemas,
     } = prepared;
     // Before any event can be counted: handles resolved earlier would be no-ops.
     let metrics = Metrics::install()?;
@@ -421,7 +429,9 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         config.limits.clone(),
         authenticator,
         config.producer.send_timeout,
-    ));
+    )
+    .with_schemas(Arc::clone(&schemas)));
+    tokio::spawn(reload_schemas_on_sighup(schemas, stop.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(follow_readiness(health, Arc::clone(&state), stop.clone()));
@@ -503,6 +513,54 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         drain_timeout: config.drain_timeout,
         connections,
     })
+}
+
+/// Reads every hub's JSON Schema again at each SIGHUP until `stop`: all swapped in at once, or, when one fails,
+/// all kept and the failure logged naming the file. Traffic goes on meanwhile (an event checks against the
+/// schema it took).
+async fn reload_schemas_on_sighup(schemas: Arc<Schemas>, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "no SIGHUP handler: schemas cannot be reloaded");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = hangups.recv() => if received.is_none() { return },
+            }
+            if schemas.is_empty() {
+                tracing::info!("SIGHUP: no schemas configured, nothing to reload");
+                continue;
+            }
+            // Reading and compiling is blocking work: off the runtime's worker threads.
+            let reloading = Arc::clone(&schemas);
+            let reloaded = tokio::task::spawn_blocking(move || reloading.reload()).await;
+            match reloaded {
+                Ok(Ok(count)) => {
+                    eventhub_telemetry::metrics::schema_reloaded(true);
+                    tracing::info!(schemas = count, "SIGHUP: schemas reloaded");
+                }
+                Ok(Err(error)) => {
+                    eventhub_telemetry::metrics::schema_reloaded(false);
+                    tracing::error!(%error, "SIGHUP: schema reload failed; every schema in use is kept");
+                }
+                Err(error) => {
+                    eventhub_telemetry::metrics::schema_reloaded(false);
+                    tracing::error!(%error, "SIGHUP: schema reload failed; every schema in use is kept");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (schemas, stop);
+    }
 }
 
 /// Serves every connection of `incoming` through `router` (see [`crate::listener::serve_grpc`]) until `stop`.
