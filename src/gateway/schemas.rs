@@ -169,6 +169,7 @@ impl Compiled {
         };
         let validator = jsonschema::options()
             .with_draft(draft)
+            .with_base_uri(file_uri(path))
             .with_retriever(NoRetrieval)
             .build(&schema)
             .map_err(|error| SchemaError::Invalid {
@@ -239,6 +240,33 @@ fn describe_compile_error(error: &jsonschema::ValidationError<'_>) -> String {
         format!("{text} (at schema location {location})")
     }
 }
+
+/// The file's `file://` URI: the base of relative `$ref`s (which are then refused by name, not for lack of a
+/// base), unless the schema's `$id` gives another.
+fn file_uri(path: &Path) -> String {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let text = absolute.to_string_lossy();
+    let encoded = percent_encoding::utf8_percent_encode(&text, PATH_UNSAFE);
+    format!("file://{encoded}")
+}
+
+/// What a path keeps out of a URI: controls, space and the characters URIs give a meaning to (`/` stays).
+const PATH_UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b']')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
 
 /// Refuses every `$ref` outside the schema file: the gateway fetches nothing at start or reload.
 struct NoRetrieval;
