@@ -423,14 +423,16 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
              every hub (set [auth] required = true with grants)"
         );
     }
-    let state = Arc::new(GatewayState::new(
-        producer,
-        hubs,
-        config.limits.clone(),
-        authenticator,
-        config.producer.send_timeout,
-    )
-    .with_schemas(Arc::clone(&schemas)));
+    let state = Arc::new(
+        GatewayState::new(
+            producer,
+            hubs,
+            config.limits.clone(),
+            authenticator,
+            config.producer.send_timeout,
+        )
+        .with_schemas(Arc::clone(&schemas)),
+    );
     tokio::spawn(reload_schemas_on_sighup(schemas, stop.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();

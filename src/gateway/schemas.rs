@@ -154,7 +154,11 @@ impl Compiled {
         let declared = schema
             .as_object()
             .and_then(|object| object.get("$schema"))
-            .map(|uri| uri.as_str().map(str::to_owned).unwrap_or_else(|| uri.to_string()));
+            .map(|uri| {
+                uri.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| uri.to_string())
+            });
         let (draft, name) = match declared.as_deref().map(Draft::from_schema_uri) {
             None => (Draft::Draft202012, "2020-12"),
             Some(Draft::Draft202012) => (Draft::Draft202012, "2020-12"),
@@ -496,17 +500,17 @@ mod tests {
         assert_eq!(schema.draft(), "07");
         assert!(schema.check(br#"{"n":1}"#).is_ok());
         let refused = schema.check(br#"{"a":1}"#).unwrap_err();
-        assert!(
-            refused.listed[0].description.contains('b'),
-            "{refused:?}"
-        );
+        assert!(refused.listed[0].description.contains('b'), "{refused:?}");
     }
 
     #[test]
     fn unusable_schemas_are_refused_naming_the_file() {
         let cases = [
             (json!({"type": 12}), "is not a usable schema"),
-            (json!({"$ref": "https://example.com/other.json"}), "outside the schema file"),
+            (
+                json!({"$ref": "https://example.com/other.json"}),
+                "outside the schema file",
+            ),
             (json!({"$ref": "other.json"}), "outside the schema file"),
             (json!({"pattern": "(unclosed"}), "is not a usable schema"),
             (
@@ -556,7 +560,10 @@ mod tests {
         // A file gone is a failed reload too.
         std::fs::remove_file(&first).unwrap();
         let error = schemas.reload().unwrap_err().to_string();
-        assert!(error.contains("cannot read") && error.contains("a.json"), "{error}");
+        assert!(
+            error.contains("cannot read") && error.contains("a.json"),
+            "{error}"
+        );
         assert!(schemas.for_hub("a").unwrap().check(b"[]").is_ok());
     }
 

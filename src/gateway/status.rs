@@ -990,7 +990,11 @@ mod tests {
         assert_eq!(info.metadata["violations"], "100+");
         assert_eq!(info.metadata["event_hub"], "orders");
         let bad = decode_detail::<rpc::BadRequest>(&status, "google.rpc.BadRequest").unwrap();
-        let fields: Vec<&str> = bad.field_violations.iter().map(|v| v.field.as_str()).collect();
+        let fields: Vec<&str> = bad
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
         assert_eq!(
             fields,
             [

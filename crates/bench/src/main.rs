@@ -610,7 +610,11 @@ mod tests {
             let Some(Body::Binary(body)) = event.body else {
                 panic!("a binary body")
             };
-            assert!(body.len() >= size && body.len() <= size.max(200), "{size}: {}", body.len());
+            assert!(
+                body.len() >= size && body.len() <= size.max(200),
+                "{size}: {}",
+                body.len()
+            );
             assert_eq!(schema.check(&body), Ok(()), "{size}");
         }
     }
