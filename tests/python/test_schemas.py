@@ -196,6 +196,20 @@ def test_a_draft_07_schema_is_applied(api, start_gateway, tmp_path):
     # eh1 has no schema here: the default hub takes the same event.
     assert gateway.stub.SendEvents(pb.SendEventsRequest(events=events[1:2]), timeout=CALL_TIMEOUT).results[0].status.code == 0
 
+    # The Python client raises SchemaViolation (an InvalidEvent) with the pointers, and sends the valid one.
+    from eventhub_gateway import GatewayProducerSync, InvalidEvent, SchemaViolation
+
+    with GatewayProducerSync(gateway.address, "eh2") as producer:
+        assert producer.send_event({"user": "bo"}).event_hub == "eh2"
+        try:
+            producer.send_event({"user": 5, "email": "c@example.com"})
+            raise AssertionError("an invalid event was accepted")
+        except SchemaViolation as error:
+            assert isinstance(error, InvalidEvent) and not error.retryable
+            assert error.reason == "SCHEMA_VIOLATION" and error.code == Code.INVALID_ARGUMENT
+            assert {field for field, _ in error.fields} == {"event.body/user", "event.body"}, error.fields
+            assert error.metadata["violations"] == "2", error.metadata
+
 
 def run_serve(config, *extra):
     return subprocess.run(
