@@ -355,6 +355,11 @@ impl PreparedGateway {
         &self.upstream
     }
 
+    /// The hubs' JSON Schemas, compiled.
+    pub fn schemas(&self) -> &Schemas {
+        &self.schemas
+    }
+
     /// One line on where Event Hubs is and how it is reached (no secret), for `--check-config`.
     pub fn describe_upstream(&self) -> String {
         match &self.upstream {

@@ -363,11 +363,19 @@ impl Schemas {
         self.hubs.is_empty()
     }
 
-    /// The hubs with a schema and their files.
-    pub fn files(&self) -> impl Iterator<Item = (&str, &Path)> {
+    /// One line per hub with a schema: `<hub>: <file> (draft <draft>)`, for `--check-config`.
+    pub fn describe(&self) -> Vec<String> {
         self.hubs
             .iter()
-            .map(|hub| (hub.hub.as_str(), hub.path.as_path()))
+            .map(|entry| {
+                format!(
+                    "{}: {} (draft {})",
+                    entry.hub,
+                    entry.path.display(),
+                    entry.current.read().draft()
+                )
+            })
+            .collect()
     }
 
     /// `hub`'s schema now, if it has one.
@@ -542,6 +550,13 @@ mod tests {
             ("b".to_owned(), second.clone()),
         ]);
         let schemas = Schemas::load(&files).unwrap();
+        assert_eq!(
+            schemas.describe(),
+            [
+                format!("a: {} (draft 2020-12)", first.display()),
+                format!("b: {} (draft 2020-12)", second.display())
+            ]
+        );
         assert!(schemas.for_hub("none").is_none());
         let before = schemas.for_hub("a").unwrap();
         assert!(before.check(b"{}").is_ok());

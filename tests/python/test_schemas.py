@@ -238,6 +238,11 @@ def test_a_bad_schema_stops_the_start_naming_its_file(tmp_path):
             assert expected in done.stderr, f"{name}: {done.stderr}"
             assert "schemas.eh1" in done.stderr, f"{name}: {done.stderr}"
             assert done.stdout == "", f"{name}: announced listeners: {done.stdout}"
+    # --check-config says which schema each hub has.
+    config, files = write_config(tmp_path, {"eh2": DRAFT7_SCHEMA})
+    done = run_serve(config, "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert f"json schema of eh2: {files['eh2']} (draft 07)" in done.stderr, done.stderr
     # A file that is not there, and a hub that is not served, are named too.
     config = tmp_path / "missing.toml"
     config.write_text('event_hubs = ["eh1"]\n[schemas]\neh1 = "/nonexistent/eh1.json"\n')
