@@ -4,6 +4,7 @@
 //! module wires the sections together and checks what spans them. Durations read as humantime strings or
 //! numbers of seconds (`eventhubs::settings`); every error names its setting by its dotted path.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
@@ -63,6 +64,9 @@ pub struct GatewayConfig {
     pub producer: ProducerConfig,
     /// Who may call, and which hubs each identity may reach.
     pub auth: AuthConfig,
+    /// A JSON Schema file per served hub (`[schemas] eh1 = "/etc/schemas/eh1.json"`): that hub's JSON bodies
+    /// must match it (docs/schemas.md). Compiled at start; SIGHUP reads them again.
+    pub schemas: BTreeMap<String, PathBuf>,
 }
 
 /// Where Entra ID tokens come from (azure_identity credentials).
@@ -139,6 +143,7 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             producer: ProducerConfig::default(),
             auth: AuthConfig::default(),
+            schemas: BTreeMap::new(),
         }
     }
 }
@@ -354,6 +359,7 @@ impl GatewayConfig {
         self.auth
             .validate(&self.hubs())
             .map_err(|error| error.within("auth"))?;
+        self.validate_schemas()?;
         let client_certificates = self.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
         if self.auth.required
             && self.auth.jwt.is_empty()
@@ -454,6 +460,23 @@ impl GatewayConfig {
                 "needs websockets = true: a proxy carries AMQP over WebSockets (port 443), as with the \
                  Azure SDKs' http_proxy",
             );
+        }
+        Ok(())
+    }
+
+    /// Each schema is for a served hub. (Its file is read and compiled when the gateway is prepared.)
+    fn validate_schemas(&self) -> Result<(), ConfigError> {
+        let hubs = self.hubs();
+        for (hub, path) in &self.schemas {
+            if !hubs.contains(hub) {
+                return invalid(
+                    &format!("schemas.{hub}"),
+                    &format!("is not a served hub (the hubs: {})", hubs.join(", ")),
+                );
+            }
+            if path.as_os_str().is_empty() {
+                return invalid(&format!("schemas.{hub}"), "must name a JSON Schema file");
+            }
         }
         Ok(())
     }
@@ -872,6 +895,22 @@ mod tests {
         let file = dir.path().join("gateway.toml");
         std::fs::write(&file, format!("emulator = true\n{text}")).unwrap();
         GatewayConfig::load_with_env(Some(&file), no_env(), Figment::new())
+    }
+
+    #[test]
+    fn schemas_name_served_hubs() {
+        let config = toml("event_hubs = [\"a\", \"b\"]\n[schemas]\nb = \"/s/b.json\"\n").unwrap();
+        assert_eq!(config.schemas["b"], PathBuf::from("/s/b.json"));
+        invalid_problem(
+            "event_hubs = [\"a\"]\n[schemas]\nc = \"/s/c.json\"\n",
+            "schemas.c",
+            "is not a served hub (the hubs: a)",
+        );
+        invalid_problem(
+            "event_hubs = [\"a\"]\n[schemas]\na = \"\"\n",
+            "schemas.a",
+            "must name a JSON Schema file",
+        );
     }
 
     /// The problem of a config `text` refused for `field`, checked to contain `problem`.

@@ -298,6 +298,9 @@ async fn run_gateway(args: ServeArgs) -> anyhow::Result<()> {
             config.listen
         );
         eprintln!("{}", prepared.describe_upstream());
+        for schema in prepared.schemas().describe() {
+            eprintln!("json schema of {schema}");
+        }
         return Ok(());
     }
     let gateway = server::start_prepared(prepared).await?;

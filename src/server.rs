@@ -19,6 +19,7 @@ use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig};
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
+use crate::gateway::schemas::{SchemaError, Schemas};
 use crate::gateway::{Gateway, GatewayError, GatewayState};
 use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
@@ -98,6 +99,9 @@ pub enum ServeError {
     /// The REST send API's listener could not start.
     #[error(transparent)]
     RestListener(#[from] RestError),
+    /// A hub's JSON Schema cannot be read or compiled; names the file.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -250,6 +254,7 @@ pub struct PreparedGateway {
     config: GatewayConfig,
     upstream: Upstream,
     listener_tls: Option<Arc<rustls::ServerConfig>>,
+    schemas: Arc<Schemas>,
 }
 
 /// Checks `config` as far as it can be without a socket or a token; `serve --check-config` stops here.
@@ -284,10 +289,13 @@ pub fn prepare(config: GatewayConfig) -> Result<PreparedGateway, ServeError> {
         }
     };
     config.producer.validate().map_err(ProducerError::from)?;
+    // Compiled here, so --check-config and start both stop on a bad schema, naming its file.
+    let schemas = Arc::new(Schemas::load(&config.schemas)?);
     Ok(PreparedGateway {
         config,
         upstream,
         listener_tls,
+        schemas,
     })
 }
 
@@ -360,6 +368,11 @@ impl PreparedGateway {
         &self.upstream
     }
 
+    /// The hubs' JSON Schemas, compiled.
+    pub fn schemas(&self) -> &Schemas {
+        &self.schemas
+    }
+
     /// One line on where Event Hubs is and how it is reached (no secret), for `--check-config`.
     pub fn describe_upstream(&self) -> String {
         match &self.upstream {
@@ -411,7 +424,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         config,
         upstream,
         listener_tls,
-        ..
+        schemas,
     } = prepared;
     // Before any event can be counted: handles resolved earlier would be no-ops.
     let metrics = Metrics::install()?;
@@ -438,13 +451,17 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
              to every hub (set [auth] required = true with grants)"
         );
     }
-    let state = Arc::new(GatewayState::new(
-        producer,
-        hubs,
-        config.limits.clone(),
-        authenticator,
-        config.producer.send_timeout,
-    ));
+    let state = Arc::new(
+        GatewayState::new(
+            producer,
+            hubs,
+            config.limits.clone(),
+            authenticator,
+            config.producer.send_timeout,
+        )
+        .with_schemas(Arc::clone(&schemas)),
+    );
+    tokio::spawn(reload_schemas_on_sighup(schemas, stop.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(follow_readiness(health, Arc::clone(&state), stop.clone()));
@@ -547,6 +564,54 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         connections,
         rest,
     })
+}
+
+/// Reads every hub's JSON Schema again at each SIGHUP until `stop`: all swapped in at once, or, when one fails,
+/// all kept and the failure logged naming the file. Traffic goes on meanwhile (an event checks against the
+/// schema it took).
+async fn reload_schemas_on_sighup(schemas: Arc<Schemas>, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "no SIGHUP handler: schemas cannot be reloaded");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = hangups.recv() => if received.is_none() { return },
+            }
+            if schemas.is_empty() {
+                tracing::info!("SIGHUP: no schemas configured, nothing to reload");
+                continue;
+            }
+            // Reading and compiling is blocking work: off the runtime's worker threads.
+            let reloading = Arc::clone(&schemas);
+            let reloaded = tokio::task::spawn_blocking(move || reloading.reload()).await;
+            match reloaded {
+                Ok(Ok(count)) => {
+                    eventhub_telemetry::metrics::schema_reloaded(true);
+                    tracing::info!(schemas = count, "SIGHUP: schemas reloaded");
+                }
+                Ok(Err(error)) => {
+                    eventhub_telemetry::metrics::schema_reloaded(false);
+                    tracing::error!(%error, "SIGHUP: schema reload failed; every schema in use is kept");
+                }
+                Err(error) => {
+                    eventhub_telemetry::metrics::schema_reloaded(false);
+                    tracing::error!(%error, "SIGHUP: schema reload failed; every schema in use is kept");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (schemas, stop);
+    }
 }
 
 /// Serves every connection of `incoming` through `router` (see [`crate::listener::serve_grpc`]) until `stop`.

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod limits;
 pub mod prescan;
 pub mod rate_limit;
+pub mod schemas;
 pub mod shares;
 pub mod status;
 pub mod stream;
@@ -35,6 +36,7 @@ use eventhub_telemetry::otel;
 use limits::Limits;
 use prost::Message;
 use rate_limit::RateLimits;
+use schemas::Schemas;
 use shares::{BufferShares, ClientShare, HeldShare};
 pub use status::GatewayError;
 
@@ -50,6 +52,8 @@ pub struct GatewayState {
     send_timeout: Duration,
     /// The `SendStream` tasks, so a drain can wait for every stream to have sent its last status.
     streams: TaskTracker,
+    /// The hubs' JSON Schemas (none: nothing is checked).
+    schemas: Arc<Schemas>,
 }
 
 impl GatewayState {
@@ -76,7 +80,19 @@ impl GatewayState {
             draining: CancellationToken::new(),
             send_timeout,
             streams: TaskTracker::new(),
+            schemas: Arc::default(),
         }
+    }
+
+    /// The same state checking JSON bodies against `schemas` (per hub).
+    pub fn with_schemas(mut self, schemas: Arc<Schemas>) -> Self {
+        self.schemas = schemas;
+        self
+    }
+
+    /// The hubs' JSON Schemas (for a reload).
+    pub fn schemas(&self) -> &Arc<Schemas> {
+        &self.schemas
     }
 
     /// The producer behind the gateway.
@@ -190,8 +206,21 @@ impl GatewayState {
         path: &(dyn Fn() -> String + Sync),
     ) -> Result<(eventhub_producer::Event, HeldShare), GatewayError> {
         let share = call.share.hold(proto.encoded_len(), deadline).await?;
+        let json_kind = matches!(proto.body, Some(v1::event::Body::Json(_)));
         let event = event_from_proto(proto, call.event_trace_context(hub).as_ref())
             .map_err(|error| GatewayError::event(path(), error))?;
+        // Checked after conversion, so every way in (each body kind, REST, CloudEvents) meets the same rule.
+        if let Some(schema) = self.schemas.for_hub(hub)
+            && schemas::applies(json_kind, event.content_type.as_deref())
+        {
+            schema
+                .check(&event.body)
+                .map_err(|violations| GatewayError::SchemaViolation {
+                    path: path(),
+                    hub: hub.to_owned(),
+                    violations,
+                })?;
+        }
         Ok((event, share))
     }
 

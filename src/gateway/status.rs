@@ -8,6 +8,7 @@ use prost::Message;
 use tonic::Code;
 
 use crate::auth::AuthError;
+use crate::gateway::schemas::Violations;
 use crate::proto::google::rpc;
 use eventhub_producer::{ErrorClass, SendError};
 
@@ -193,6 +194,29 @@ pub enum GatewayError {
         /// What the stream had read.
         progress: StreamProgress,
     },
+    /// The event's JSON body does not match its hub's JSON Schema (or is not JSON although its content type
+    /// says so); `path` is where the event sits in the request.
+    #[error(
+        "{path}: the body does not match the JSON Schema of event hub {hub:?}: {} violation(s){}",
+        violations.count_label(),
+        first_violation(violations)
+    )]
+    SchemaViolation {
+        /// The event's path in the request.
+        path: String,
+        /// The hub whose schema refused it.
+        hub: String,
+        /// The first violations (JSON Pointers into the body) and how many were found.
+        violations: Violations,
+    },
+}
+
+fn first_violation(violations: &Violations) -> String {
+    match violations.listed.first() {
+        Some(first) if first.pointer.is_empty() => format!("; at the root: {}", first.description),
+        Some(first) => format!("; at {}: {}", first.pointer, first.description),
+        None => String::new(),
+    }
 }
 
 /// Why a `SendStream` message could not be read.
@@ -288,6 +312,7 @@ mod reason {
     pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
     pub const HUB_NOT_ALLOWED: &str = "HUB_NOT_ALLOWED";
     pub const CONNECTION_AGED: &str = "CONNECTION_AGED";
+    pub const SCHEMA_VIOLATION: &str = "SCHEMA_VIOLATION";
 }
 
 /// A status under construction.
@@ -295,7 +320,7 @@ struct Built {
     code: Code,
     reason: &'static str,
     metadata: HashMap<String, String>,
-    field_violation: Option<(String, String)>,
+    field_violations: Vec<(String, String)>,
     retry_after: Option<Duration>,
     quota_subject: Option<(String, String)>,
 }
@@ -306,7 +331,7 @@ impl Built {
             code,
             reason,
             metadata: HashMap::new(),
-            field_violation: None,
+            field_violations: Vec::new(),
             retry_after: None,
             quota_subject: None,
         }
@@ -316,7 +341,7 @@ impl Built {
         // Field paths and descriptions may hold client text (a map key, a partition id).
         let field = clip(&field).into_owned();
         let description = clip_to(&description, MESSAGE_MAX).into_owned();
-        self.field_violation = Some((field, description));
+        self.field_violations.push((field, description));
         self
     }
 
@@ -482,6 +507,23 @@ impl GatewayError {
                     .retry(Duration::ZERO)
                     .progress(progress)
             }
+            // One field violation per listed violation: `<path>.body` then the JSON Pointer of the instance
+            // location (`events[2].body/items/0/price`; the root is `events[2].body`).
+            Self::SchemaViolation {
+                path,
+                hub,
+                violations,
+            } => violations.listed.iter().fold(
+                Built::new(Code::InvalidArgument, reason::SCHEMA_VIOLATION)
+                    .meta("event_hub", hub.clone())
+                    .meta("violations", violations.count_label()),
+                |built, violation| {
+                    built.field(
+                        format!("{path}.body{}", violation.pointer),
+                        violation.description.clone(),
+                    )
+                },
+            ),
         }
     }
 
@@ -507,6 +549,7 @@ impl GatewayError {
             reason::UNAUTHENTICATED => "unauthenticated",
             reason::HUB_NOT_ALLOWED => "hub_not_allowed",
             reason::CONNECTION_AGED => "connection_aged",
+            reason::SCHEMA_VIOLATION => "schema_violation",
             // Every reason is listed above (a test checks each); a new one shows as this until it is added.
             _ => "other",
         }
@@ -523,16 +566,18 @@ impl GatewayError {
             },
             "google.rpc.ErrorInfo",
         )];
-        if let Some((field, description)) = built.field_violation {
-            let violation = rpc::bad_request::FieldViolation {
-                field,
-                description,
-                ..Default::default()
-            };
+        if !built.field_violations.is_empty() {
+            let field_violations = built
+                .field_violations
+                .into_iter()
+                .map(|(field, description)| rpc::bad_request::FieldViolation {
+                    field,
+                    description,
+                    ..Default::default()
+                })
+                .collect();
             details.push(pack(
-                &rpc::BadRequest {
-                    field_violations: vec![violation],
-                },
+                &rpc::BadRequest { field_violations },
                 "google.rpc.BadRequest",
             ));
         }
@@ -880,6 +925,19 @@ mod tests {
                 Code::Unavailable,
                 "CONNECTION_AGED",
             ),
+            (
+                GatewayError::SchemaViolation {
+                    path: "event".into(),
+                    hub: "eh1".into(),
+                    violations: Violations {
+                        listed: Vec::new(),
+                        found: 0,
+                        more: false,
+                    },
+                },
+                Code::InvalidArgument,
+                "SCHEMA_VIOLATION",
+            ),
         ];
         for (error, code, reason) in cases {
             let status = error.to_rpc_status();
@@ -930,6 +988,59 @@ mod tests {
         let bad = decode_detail::<rpc::BadRequest>(&status, "google.rpc.BadRequest").unwrap();
         assert_eq!(bad.field_violations[0].field, "events[3].partition_id");
         assert!(bad.field_violations[0].description.contains("has 4"));
+    }
+
+    #[test]
+    fn a_schema_violation_names_each_pointer_under_the_event_body() {
+        use crate::gateway::schemas::{MAX_LISTED, Violation};
+        let violation = |pointer: &str| Violation {
+            pointer: pointer.into(),
+            description: format!("{} is wrong", "y".repeat(200)),
+        };
+        let status = GatewayError::SchemaViolation {
+            path: "events[2]".into(),
+            hub: "orders".into(),
+            violations: Violations {
+                listed: ["", "/id", "/items/0/price", "/a", "/b"]
+                    .into_iter()
+                    .map(violation)
+                    .collect(),
+                found: 100,
+                more: true,
+            },
+        }
+        .to_rpc_status();
+        assert_eq!(status.code, Code::InvalidArgument as i32);
+        let info = decode_detail::<rpc::ErrorInfo>(&status, "google.rpc.ErrorInfo").unwrap();
+        assert_eq!(info.reason, "SCHEMA_VIOLATION");
+        assert_eq!(info.metadata["violations"], "100+");
+        assert_eq!(info.metadata["event_hub"], "orders");
+        let bad = decode_detail::<rpc::BadRequest>(&status, "google.rpc.BadRequest").unwrap();
+        let fields: Vec<&str> = bad
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "events[2].body",
+                "events[2].body/id",
+                "events[2].body/items/0/price",
+                "events[2].body/a",
+                "events[2].body/b"
+            ]
+        );
+        assert_eq!(bad.field_violations.len(), MAX_LISTED);
+        assert!(
+            status
+                .message
+                .starts_with("events[2]: the body does not match the JSON Schema of event hub \"orders\": 100+ violation(s); at the root: yyy"),
+            "{}",
+            status.message
+        );
+        // Five clipped descriptions, a clipped message: bounded whatever the body.
+        assert!(status.encoded_len() < 4096, "{}", status.encoded_len());
     }
 
     #[test]

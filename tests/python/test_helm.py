@@ -61,12 +61,14 @@ EXTRA_KINDS = {
     "auth-jwks-mtls": set(),
     "headless-round-robin": {"HorizontalPodAutoscaler"},
     "rest-sas": set(),
+    "schemas": set(),
 }
 BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
 CLUSTER_SCOPED = {"ClusterRoleBinding"}
-# Where the pod finds its service-account token and CA, and the ConfigMaps of auth.jwt[].jwksConfigMap.
+# Where the pod finds its service-account token and CA, the ConfigMaps of auth.jwt[].jwksConfigMap and of schemas.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 JWKS_DIR = "/var/run/eventhub-gateway/jwks"
+SCHEMAS_DIR = "/var/run/eventhub-gateway/schemas"
 
 # kubernetes-validate has no schema for the Prometheus Operator's CRD: this is the part of the ServiceMonitor
 # CRD (monitoring.coreos.com/v1) that the chart writes, transcribed with its types, closed to other keys.
@@ -483,12 +485,18 @@ def test_the_config_map_passes_check_config(case, tmp_path, tls_material):
             path = pathlib.Path(moved(f"{mount['mountPath']}/{item['path']}"))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"keys": []}))
+        elif mount["name"].startswith("schema-"):
+            (item,) = volume["configMap"]["items"]
+            path = pathlib.Path(moved(f"{mount['mountPath']}/{item['path']}"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"type": "object"}))
     if rendering.pod["spec"]["automountServiceAccountToken"]:
         service_account = pathlib.Path(moved(SERVICE_ACCOUNT_DIR))
         service_account.mkdir(parents=True)
         (service_account / "token").write_text("fake.service-account.token")
         (service_account / "ca.crt").write_bytes((tls_material / "ca.crt").read_bytes())
     text = text.replace(SERVICE_ACCOUNT_DIR, moved(SERVICE_ACCOUNT_DIR)).replace(JWKS_DIR, moved(JWKS_DIR))
+    text = text.replace(SCHEMAS_DIR, moved(SCHEMAS_DIR))
     assert set(re.findall(r"(\S*)/var/run/", text)) <= {str(tmp_path)}, "every file the config names is mounted"
     config_file.write_text(text)
 
@@ -825,6 +833,26 @@ def test_jwks_from_a_config_map_is_a_mounted_file_and_urls_get_egress():
     assert key.config["auth"]["jwt"][0]["jwks_file"] == f"{JWKS_DIR}/0/k.json"
     emulator_with_url = render({"auth": {"jwt": [values["jwt"][1]]}, "networkPolicy": {"egressTo": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}})
     assert egress_rules(emulator_with_url.one("NetworkPolicy"))[1] == ([8443], [{"ipBlock": {"cidr": "203.0.113.0/24"}}])
+
+
+def test_schemas_from_config_maps_are_mounted_files_named_in_the_config():
+    rendering = render_case("schemas")
+    assert rendering.config["schemas"] == {
+        "audit": f"{SCHEMAS_DIR}/0/audit.schema.json",
+        "orders": f"{SCHEMAS_DIR}/1/schema.json",
+    }
+    volumes = {volume["name"]: volume for volume in rendering.pod["spec"]["volumes"]}
+    assert volumes["schema-0"]["configMap"] == {
+        "name": "platform-schemas", "items": [{"key": "audit.schema.json", "path": "audit.schema.json"}]
+    }
+    assert volumes["schema-1"]["configMap"] == {"name": "orders-schema", "items": [{"key": "schema.json", "path": "schema.json"}]}
+    mounts = {m["name"]: m for m in rendering.container["volumeMounts"] if m["name"].startswith("schema-")}
+    assert mounts == {
+        f"schema-{i}": {"name": f"schema-{i}", "mountPath": f"{SCHEMAS_DIR}/{i}", "readOnly": True} for i in (0, 1)
+    }, "no subPath: edits reach the file"
+    assert "schemas" not in render().config and not any(
+        v["name"].startswith("schema-") for v in render().pod["spec"]["volumes"]
+    )
 
 
 def test_api_key_hashes_and_grants_are_written_into_the_config_as_they_are():

@@ -96,6 +96,8 @@ struct Args {
 const GATEWAY_SCENARIOS: &[&str] = &[
     "stream",
     "stream-batched",
+    "stream-json",
+    "stream-schema",
     "unary",
     "batch-rpc",
     "python-gateway",
@@ -109,6 +111,8 @@ const SCENARIOS: &[&str] = &[
     "direct",
     "stream",
     "stream-batched",
+    "stream-json",
+    "stream-schema",
     "unary",
     "batch-rpc",
     "keys-service",
@@ -134,12 +138,17 @@ const LONG_RTT_SCENARIOS: &[&str] = &[
     "rust-sdk",
 ];
 
+/// The scenarios that run only when named with `--only`: the cost of schema validation is a comparison of
+/// its own (`stream-json` against `stream-schema`), not a row of every run.
+const NAMED_ONLY_SCENARIOS: &[&str] = &["stream-json", "stream-schema"];
+
 /// Whether `scenario` runs at this size and round trip, unless it was named with `--only`: the long round
 /// trip for `LONG_RTT_SCENARIOS` only, `connections` at the first size and short round trips only (its
-/// figures are about memory and latency under a crowd, not about event size).
+/// figures are about memory and latency under a crowd, not about event size), `NAMED_ONLY_SCENARIOS` never.
 fn planned(scenario: &str, first_size: bool, latency: u64) -> bool {
     let long = latency >= 10;
     match scenario {
+        scenario if NAMED_ONLY_SCENARIOS.contains(&scenario) => false,
         "connections" => first_size && !long,
         _ => !long || LONG_RTT_SCENARIOS.contains(&scenario),
     }
@@ -153,8 +162,10 @@ fn stored(emulator: &Emulator) -> u64 {
         .sum()
 }
 
-async fn start_gateway() -> anyhow::Result<RunningGateway> {
-    let config = GatewayConfig {
+/// A gateway in this process on its own emulator; for `stream-schema`, with `ORDER_SCHEMA` on the hub (its
+/// file in a temporary directory kept until the gateway is started: the schema is compiled at start).
+async fn start_gateway(scenario: &str) -> anyhow::Result<RunningGateway> {
+    let mut config = GatewayConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         emulator: true,
@@ -162,6 +173,12 @@ async fn start_gateway() -> anyhow::Result<RunningGateway> {
         emulator_partitions: PARTITIONS,
         ..GatewayConfig::default()
     };
+    let directory = tempfile::tempdir()?;
+    if scenario == "stream-schema" {
+        let file = directory.path().join("order.schema.json");
+        std::fs::write(&file, scenarios::ORDER_SCHEMA)?;
+        config.schemas.insert(HUB.into(), file);
+    }
     Ok(server::start(config).await?)
 }
 
@@ -245,7 +262,7 @@ async fn run_one(
     let (gateway, own_emulator) = if standalone {
         (None, Some(start_emulator().await?))
     } else {
-        (Some(start_gateway().await?), None)
+        (Some(start_gateway(scenario).await?), None)
     };
     let emulator = own_emulator
         .as_ref()
@@ -380,7 +397,13 @@ async fn gateway_scenario(
     Ok(match scenario {
         "stream" | "stream-batched" => {
             let per_message = if scenario == "stream" { 1 } else { 100 };
-            let counts = scenarios::stream(addr, size, per_message, budget).await;
+            let counts =
+                scenarios::stream(addr, size, per_message, scenarios::binary_event, budget).await;
+            Outcome::new(scenario, size, counts)
+        }
+        // `stream` with JSON bodies (application/json), without and with a schema on the hub.
+        "stream-json" | "stream-schema" => {
+            let counts = scenarios::stream(addr, size, 1, scenarios::json_event, budget).await;
             Outcome::new(scenario, size, counts)
         }
         "unary" => {
@@ -554,6 +577,10 @@ mod tests {
     #[test]
     fn the_long_round_trip_runs_only_its_scenarios_and_connections_runs_once_per_short_one() {
         for scenario in SCENARIOS {
+            if NAMED_ONLY_SCENARIOS.contains(scenario) {
+                assert!(!planned(scenario, true, 0), "{scenario}");
+                continue;
+            }
             assert!(planned(scenario, true, 0), "{scenario}");
             assert!(planned(scenario, true, 2), "{scenario}");
             assert_eq!(
@@ -565,5 +592,30 @@ mod tests {
         assert!(!planned("connections", false, 0));
         assert!(planned("direct", false, 20));
         assert!(LONG_RTT_SCENARIOS.iter().all(|s| SCENARIOS.contains(s)));
+        assert!(NAMED_ONLY_SCENARIOS.iter().all(|s| SCENARIOS.contains(s)));
+    }
+
+    #[test]
+    fn the_schema_scenario_sends_events_its_schema_takes_at_every_size() {
+        use eventhub_gateway::gateway::schemas::Compiled;
+        use eventhub_gateway::proto::v1::event::Body;
+        let schema = Compiled::compile(
+            HUB,
+            std::path::Path::new("order.schema.json"),
+            scenarios::ORDER_SCHEMA.as_bytes(),
+        )
+        .unwrap();
+        for size in [100, 1024, 65_536] {
+            let event = scenarios::json_event(size);
+            let Some(Body::Binary(body)) = event.body else {
+                panic!("a binary body")
+            };
+            assert!(
+                body.len() >= size && body.len() <= size.max(200),
+                "{size}: {}",
+                body.len()
+            );
+            assert_eq!(schema.check(&body), Ok(()), "{size}");
+        }
     }
 }

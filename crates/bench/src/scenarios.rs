@@ -111,6 +111,48 @@ pub fn binary_event(size: usize) -> v1::Event {
     }
 }
 
+/// The JSON Schema of `stream-schema`: an order as a platform team would pin it down (types, required
+/// properties, a pattern, bounds, items by `$ref`), so validation does real work on every event.
+pub const ORDER_SCHEMA: &str = r##"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["id", "kind", "items", "note"],
+  "additionalProperties": false,
+  "properties": {
+    "id": {"type": "integer", "minimum": 0},
+    "kind": {"enum": ["order", "refund"]},
+    "items": {"type": "array", "minItems": 1, "maxItems": 50, "items": {"$ref": "#/$defs/item"}},
+    "note": {"type": "string", "maxLength": 1048576}
+  },
+  "$defs": {
+    "item": {
+      "type": "object",
+      "required": ["sku", "price", "qty"],
+      "properties": {
+        "sku": {"type": "string", "pattern": "^[a-z]{3}-[0-9]{4}$"},
+        "price": {"type": "number", "minimum": 0},
+        "qty": {"type": "integer", "minimum": 1}
+      }
+    }
+  }
+}"##;
+
+/// An event of about `size` bytes (at least ~150) of JSON body, `content_type` `application/json`, that
+/// [`ORDER_SCHEMA`] takes: three items, padded to the size with its `note`.
+pub fn json_event(size: usize) -> v1::Event {
+    let head = r#"{"id":42,"kind":"order","items":[{"sku":"abc-0001","price":9.5,"qty":1},{"sku":"def-0002","price":0.25,"qty":12},{"sku":"ghi-0003","price":100,"qty":2}],"note":""#;
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut text = String::with_capacity(head.len() + pad + 2);
+    text.push_str(head);
+    text.extend(std::iter::repeat_n('x', pad));
+    text.push_str("\"}");
+    v1::Event {
+        body: Some(v1::event::Body::Binary(bytes::Bytes::from(text))),
+        content_type: "application/json".into(),
+        ..Default::default()
+    }
+}
+
 /// Nearest-rank p50, p99 and p999, milliseconds.
 pub fn percentiles(mut latencies: Vec<Duration>) -> Option<[f64; 3]> {
     if latencies.is_empty() {
@@ -311,7 +353,13 @@ pub async fn connect_tcp(
 
 /// `SendStream` calls, each on its own connection, fed as fast as flow control allows, `per_message` events
 /// per message (1: in `event`; more: in `events`).
-pub async fn stream(addr: SocketAddr, size: usize, per_message: u64, budget: Budget) -> Counts {
+pub async fn stream(
+    addr: SocketAddr,
+    size: usize,
+    per_message: u64,
+    event: fn(usize) -> v1::Event,
+    budget: Budget,
+) -> Counts {
     let streams = if budget.is_smoke() { 2 } else { 8 };
     let started = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
@@ -333,9 +381,9 @@ pub async fn stream(addr: SocketAddr, size: usize, per_message: u64, budget: Bud
                             events: Vec::new(),
                         };
                         if per_message == 1 {
-                            request.event = Some(binary_event(size));
+                            request.event = Some(event(size));
                         } else {
-                            request.events = (0..per_message).map(|_| binary_event(size)).collect();
+                            request.events = (0..per_message).map(|_| event(size)).collect();
                         }
                         sequence += per_message;
                         if requests.send(request).await.is_err() {

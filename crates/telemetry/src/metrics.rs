@@ -84,6 +84,10 @@ pub const CALLS_IN_FLIGHT: &str = "eventhub_gateway_calls_in_flight";
 pub const STREAMS_OPEN: &str = "eventhub_gateway_streams_open";
 /// 1 when `/readyz` answers ready, else 0.
 pub const READY: &str = "eventhub_gateway_ready";
+/// JSON bodies checked against their hub's schema, by `event_hub` and `outcome` (`valid`, `invalid`).
+pub const SCHEMA_VALIDATIONS: &str = "eventhub_gateway_schema_validations_total";
+/// Schema reloads (SIGHUP), by `outcome`: `ok` (every schema swapped) or `failed` (all kept).
+pub const SCHEMA_RELOADS: &str = "eventhub_gateway_schema_reloads_total";
 
 /// The `outcome` of an event Event Hubs accepted, and of a batch sent.
 pub const OUTCOME_OK: &str = "ok";
@@ -335,6 +339,50 @@ fn describe() {
         Unit::Count,
         "1 when the gateway is ready (a ready connection to Event Hubs, not draining), else 0."
     );
+    describe_counter!(
+        SCHEMA_VALIDATIONS,
+        Unit::Count,
+        "JSON bodies checked against their hub's JSON Schema, by hub and outcome (valid, invalid: refused \
+         SCHEMA_VIOLATION)."
+    );
+    describe_counter!(
+        SCHEMA_RELOADS,
+        Unit::Count,
+        "Schema reloads on SIGHUP, by outcome: ok (every schema swapped) or failed (every schema kept)."
+    );
+}
+
+/// One hub's schema-validation counters, resolved once (each JSON event of a hub with a schema counts one).
+pub struct SchemaValidations {
+    valid: Counter,
+    invalid: Counter,
+}
+
+impl SchemaValidations {
+    /// The counters of `hub` (a served hub with a schema).
+    pub fn new(hub: &str) -> Self {
+        let hub: SharedString = SharedString::from(Arc::<str>::from(hub));
+        Self {
+            valid: counter!(SCHEMA_VALIDATIONS, "event_hub" => hub.clone(), "outcome" => "valid"),
+            invalid: counter!(SCHEMA_VALIDATIONS, "event_hub" => hub, "outcome" => "invalid"),
+        }
+    }
+
+    /// Counts a body that matched its schema.
+    pub fn valid(&self) {
+        self.valid.increment(1);
+    }
+
+    /// Counts a body refused by its schema.
+    pub fn invalid(&self) {
+        self.invalid.increment(1);
+    }
+}
+
+/// Counts one schema reload by its outcome.
+pub fn schema_reloaded(ok: bool) {
+    let outcome = if ok { OUTCOME_OK } else { "failed" };
+    counter!(SCHEMA_RELOADS, "outcome" => outcome).increment(1);
 }
 
 /// Which RPC took an event.

@@ -119,6 +119,15 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- $_ := set $config "tls" $tls }}
 {{- end }}
 {{- $_ := set $config "auth" (include "eventhub-gateway.authConfig" . | fromYaml) }}
+{{- with .Values.schemas }}
+{{- $files := dict }}
+{{- $i := 0 }}
+{{- range $hub, $schema := . }}
+{{- $_ := set $files $hub (printf "%s/%d/%s" (include "eventhub-gateway.schemasDir" $) $i ($schema.configMap.key | default "schema.json")) }}
+{{- $i = add1 $i }}
+{{- end }}
+{{- $_ := set $config "schemas" $files }}
+{{- end }}
 {{- range $section := list "limits" "producer" }}
 {{- $settings := dict }}
 {{- range $key, $value := index $.Values.config $section }}
@@ -129,6 +138,11 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- $_ := set $config $section $settings }}
 {{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* Where the ConfigMap of the i-th hub of `schemas` (by name) is mounted: <this>/<i>/<key>. */}}
+{{- define "eventhub-gateway.schemasDir" -}}
+/var/run/eventhub-gateway/schemas
 {{- end }}
 
 {{/* Where the ConfigMap of `auth.jwt[i].jwksConfigMap` is mounted: <this>/<i>/<key>. */}}

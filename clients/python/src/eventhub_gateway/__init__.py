@@ -18,6 +18,7 @@ from .errors import (
     ProducerClosed,
     RateLimited,
     RequestTooLarge,
+    SchemaViolation,
     Unauthenticated,
     UnknownEventHub,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "Receipt",
     "RequestTooLarge",
     "Result",
+    "SchemaViolation",
     "Unauthenticated",
     "UnknownEventHub",
 ]

@@ -100,6 +100,13 @@ class InvalidEvent(GatewayError):
     """INVALID_ARGUMENT / INVALID_EVENT: the event breaks a rule or limit; `field` names it."""
 
 
+class SchemaViolation(InvalidEvent):
+    """INVALID_ARGUMENT / SCHEMA_VIOLATION: the event's JSON body does not match its hub's JSON Schema (or is not
+    JSON although its content type says so). `fields` holds up to five violations, each `<event>.body` followed
+    by the JSON Pointer of the instance location (`event.body/items/0/price`) and what is wrong;
+    `metadata['violations']` counts them (`100+` beyond a hundred)."""
+
+
 class EventTooLarge(GatewayError):
     """INVALID_ARGUMENT / EVENT_TOO_LARGE: the encoded event cannot fit in one Event Hubs message (or in one
     message to the gateway, `max_batch_bytes`)."""
@@ -153,6 +160,7 @@ _BY_REASON: dict[str, type[GatewayError]] = {
     "DRAINING": Draining,
     "OUTCOME_UNKNOWN": OutcomeUnknown,
     "INVALID_EVENT": InvalidEvent,
+    "SCHEMA_VIOLATION": SchemaViolation,
     "EVENT_TOO_LARGE": EventTooLarge,
     "UNKNOWN_EVENT_HUB": UnknownEventHub,
     "HUB_NOT_ALLOWED": PermissionDenied,

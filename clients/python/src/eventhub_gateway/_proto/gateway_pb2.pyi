@@ -33,6 +33,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAUTHENTICATED: _ClassVar[ErrorReason]
     HUB_NOT_ALLOWED: _ClassVar[ErrorReason]
     CONNECTION_AGED: _ClassVar[ErrorReason]
+    SCHEMA_VIOLATION: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_EVENT: ErrorReason
 EVENT_TOO_LARGE: ErrorReason
@@ -52,6 +53,7 @@ STREAM_IDLE: ErrorReason
 UNAUTHENTICATED: ErrorReason
 HUB_NOT_ALLOWED: ErrorReason
 CONNECTION_AGED: ErrorReason
+SCHEMA_VIOLATION: ErrorReason
 
 class Event(_message.Message):
     __slots__ = ("text", "binary", "json", "partition_key", "partition_id", "properties", "content_type", "message_id", "correlation_id")
