@@ -1,33 +1,65 @@
-//! Protobuf events into producer events: body kinds, JSON from `google.protobuf.Struct`, ids, properties, and
-//! the call's trace context; every refusal names the field.
+//! Protobuf events into producer events: body kinds (a CloudEvent through `cloud_event`), JSON from
+//! `google.protobuf.Struct`, ids, properties, and the call's trace context; every refusal names the field.
 
 use prost_types::value::Kind;
 
+use super::cloud_event;
 use crate::proto::v1;
 use eventhub_producer::{Event, SendError, TraceContext};
 use eventhub_wire::limits;
 
 /// The producer event of a protobuf event (routing, size and partition ids are checked by the producer).
 pub fn event_from_proto(
-    proto: v1::Event,
+    mut proto: v1::Event,
     trace_context: Option<&TraceContext>,
 ) -> Result<Event, SendError> {
+    let mut cloud_event_key = None;
     let mut event = match proto.body {
         None => {
             return Err(SendError::InvalidEvent {
                 field: "body",
-                reason: "is required: set one of text, binary or json".into(),
+                reason: "is required: set one of text, binary, json or cloud_event".into(),
             });
         }
         Some(v1::event::Body::Text(text)) => Event::text(text),
         Some(v1::event::Body::Binary(bytes)) => Event::binary(bytes),
         Some(v1::event::Body::Json(object)) => Event::json(&struct_to_json(object)?),
+        Some(v1::event::Body::CloudEvent(cloud)) => {
+            let mode = cloud_event::mode(&proto.content_type)?;
+            let converted = cloud_event::convert(*cloud, mode)?;
+            if let Some(name) = proto.properties.keys().find(|name| {
+                name.starts_with(cloud_event::PROPERTY_PREFIX)
+                    || name.starts_with(cloud_event::OTHER_PROPERTY_PREFIX)
+            }) {
+                return Err(SendError::InvalidEvent {
+                    field: "properties",
+                    reason: format!(
+                        "{name:?}: beside a cloud_event, names starting with cloudEvents_ or cloudEvents: \
+                         are the CloudEvent's own; set it as a cloud_event attribute"
+                    ),
+                });
+            }
+            cloud_event_key = converted.partition_key;
+            let mut event = Event::binary(converted.body);
+            event.content_type = match mode {
+                cloud_event::Mode::Binary => converted.content_type,
+                cloud_event::Mode::Structured => Some(std::mem::take(&mut proto.content_type)),
+            };
+            event.properties = converted.properties.into_iter().collect();
+            proto.content_type.clear();
+            event
+        }
     };
     if !proto.content_type.is_empty() {
         event = event.with_content_type(proto.content_type);
     }
     if !proto.partition_key.is_empty() {
         event = event.with_partition_key(proto.partition_key);
+    } else if proto.partition_id.is_empty()
+        && let Some(key) = cloud_event_key
+    {
+        // The CloudEvents partitioning extension routes when the Event itself does not.
+        event = event.with_partition_key(key);
     }
     if !proto.partition_id.is_empty() {
         event = event.with_partition_id(proto.partition_id);
