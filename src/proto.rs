@@ -32,7 +32,7 @@ pub mod io {
     /// `io.cloudevents`.
     pub mod cloudevents {
         /// `io.cloudevents.v1`: the CloudEvents protobuf format (`CloudEvent`), vendored under
-        /// `proto/io/cloudevents/v1/`; the API's `Event.cloud_event`.
+        /// `proto/io_cloudevents/v1/`; the API's `Event.cloud_event`.
         #[allow(clippy::all, missing_docs)]
         pub mod v1 {
             tonic::include_proto!("io.cloudevents.v1");

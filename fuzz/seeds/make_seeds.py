@@ -184,7 +184,7 @@ producer:
 
 def main():
     with tempfile.TemporaryDirectory() as out:
-        protos = ["eventhub/gateway/v1/gateway.proto", "google/rpc/status.proto"]
+        protos = ["eventhub/gateway/v1/gateway.proto", "io_cloudevents/v1/cloudevents.proto", "google/rpc/status.proto"]
         subprocess.run(
             [sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "proto"), f"--python_out={out}", *protos],
             check=True,

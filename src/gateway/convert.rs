@@ -228,4 +228,119 @@ mod tests {
             }
         ));
     }
+
+    fn cloud_event(partition_key: Option<&str>) -> v1::Event {
+        use crate::proto::io::cloudevents::v1::{
+            CloudEvent,
+            cloud_event::{CloudEventAttributeValue, Data, cloud_event_attribute_value::Attr},
+        };
+        let mut attributes = std::collections::HashMap::new();
+        if let Some(key) = partition_key {
+            attributes.insert(
+                "partitionkey".to_owned(),
+                CloudEventAttributeValue {
+                    attr: Some(Attr::CeString(key.into())),
+                },
+            );
+        }
+        v1::Event {
+            body: Some(v1::event::Body::CloudEvent(Box::new(CloudEvent {
+                id: "1".into(),
+                source: "/s".into(),
+                spec_version: "1.0".into(),
+                r#type: "t".into(),
+                attributes,
+                data: Some(Data::TextData("hi".into())),
+            }))),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cloud_event_keeps_the_events_own_fields_beside_its_attributes() {
+        let proto = v1::Event {
+            properties: [("colour".to_owned(), "blue".to_owned())].into(),
+            message_id: "m".into(),
+            ..cloud_event(Some("from-extension"))
+        };
+        let event = event_from_proto(proto, None).unwrap();
+        assert_eq!(event.body.as_ref(), b"hi");
+        assert_eq!(event.properties["colour"], "blue");
+        assert_eq!(event.properties["cloudEvents_id"], "1");
+        assert_eq!(
+            event.properties["cloudEvents_partitionkey"],
+            "from-extension"
+        );
+        assert_eq!(event.message_id.as_deref(), Some("m"));
+        // The partitioning extension routes only when the Event does not.
+        assert_eq!(event.partition_key.as_deref(), Some("from-extension"));
+        let keyed = v1::Event {
+            partition_key: "own".into(),
+            ..cloud_event(Some("from-extension"))
+        };
+        assert_eq!(
+            event_from_proto(keyed, None)
+                .unwrap()
+                .partition_key
+                .as_deref(),
+            Some("own")
+        );
+        let pinned = v1::Event {
+            partition_id: "2".into(),
+            ..cloud_event(Some("from-extension"))
+        };
+        let pinned = event_from_proto(pinned, None).unwrap();
+        assert_eq!(pinned.partition_key, None);
+        assert_eq!(pinned.partition_id.as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_cloud_events_content_type_selects_the_mode() {
+        let structured = v1::Event {
+            content_type: "application/cloudevents+json; charset=utf-8".into(),
+            ..cloud_event(None)
+        };
+        let event = event_from_proto(structured, None).unwrap();
+        assert_eq!(
+            event.content_type.as_deref(),
+            Some("application/cloudevents+json; charset=utf-8")
+        );
+        let json: serde_json::Value = serde_json::from_slice(&event.body).unwrap();
+        assert_eq!(json["data"], "hi");
+        assert!(event.properties.is_empty());
+        let other = v1::Event {
+            content_type: "text/plain".into(),
+            ..cloud_event(None)
+        };
+        let error = event_from_proto(other, None).unwrap_err();
+        assert!(matches!(
+            error,
+            SendError::InvalidEvent {
+                field: "content_type",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn properties_cannot_pose_as_cloud_event_attributes() {
+        for name in ["cloudEvents_id", "cloudEvents:type"] {
+            let proto = v1::Event {
+                properties: [(name.to_owned(), "x".to_owned())].into(),
+                ..cloud_event(None)
+            };
+            let error = event_from_proto(proto, None).unwrap_err();
+            assert!(
+                matches!(&error, SendError::InvalidEvent { field: "properties", reason } if reason.contains(name)),
+                "{error:?}"
+            );
+        }
+        // Without a CloudEvent such names are the sender's own.
+        let plain = v1::Event {
+            body: Some(v1::event::Body::Text("t".into())),
+            properties: [("cloudEvents_id".to_owned(), "x".to_owned())].into(),
+            ..Default::default()
+        };
+        event_from_proto(plain, None).unwrap();
+    }
 }
