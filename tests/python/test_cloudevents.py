@@ -312,3 +312,34 @@ def test_a_bad_cloud_event_fails_alone_in_a_batch(api, ce, gateway):
     assert response.results[0].status.code == 0
     rich = check_error(result_status(api, response.results[1].status), Code.INVALID_ARGUMENT, "INVALID_EVENT")
     assert rich.fields == ["events[1].cloud_event.source"], rich
+
+
+def test_the_python_client_sends_a_cloudevents_sdk_event(gateway):
+    """`eventhub_gateway` takes the SDK's CloudEvent as data: binary mode, or structured on request."""
+    from cloudevents.core.v1.event import CloudEvent
+    from eventhub_gateway import GatewayProducerSync
+
+    when = datetime.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=datetime.timezone.utc)
+    attributes = {"type": "dev.example.client", "source": "/client", "time": when, "count": 3, "flag": True}
+    as_json = CloudEvent(attributes={**attributes, "id": uuid.uuid4().hex}, data={"n": 1, "big": 2**60})
+    raw = CloudEvent(attributes={**attributes, "id": uuid.uuid4().hex, "datacontenttype": "application/octet-stream"},
+                     data=b"\x00\xff")
+    structured = CloudEvent(attributes={**attributes, "id": uuid.uuid4().hex}, data="words")
+    before = partition_positions(gateway.connection_string, HUB)
+    with GatewayProducerSync(gateway.address, HUB) as producer:
+        producer.send_event(as_json, partition_id="0")
+        producer.send_event(raw, partition_id="0")
+        producer.send_event(structured, partition_id="0", content_type="application/cloudevents+json")
+    stored = read_since(gateway.connection_string, HUB, before)["0"]
+    decoded = {event.get_id(): event for event in map(decode, stored)}
+    assert set(decoded) == {as_json.get_id(), raw.get_id(), structured.get_id()}
+    first = decoded[as_json.get_id()]
+    assert first.get_data() == {"n": 1, "big": 2**60}
+    assert first.get_datacontenttype() == "application/json"
+    assert first.get_time() == when
+    assert first.get_extension("count") == "3", "binary mode: the canonical string form"
+    assert decoded[raw.get_id()].get_data() == b"\x00\xff"
+    last = decoded[structured.get_id()]
+    assert last.get_data() == "words"
+    assert last.get_extension("count") == 3 and last.get_extension("flag") is True
+    assert last.get_time() == when
