@@ -1,8 +1,8 @@
 """Publishes events through eventhub-gateway from Python with stubs generated from proto/ by stock grpcio-tools.
 
     python -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen \
-        proto/eventhub/gateway/v1/gateway.proto proto/google/rpc/status.proto \
-        proto/google/rpc/code.proto proto/google/rpc/error_details.proto
+        proto/eventhub/gateway/v1/gateway.proto proto/io_cloudevents/v1/cloudevents.proto \
+        proto/google/rpc/status.proto proto/google/rpc/code.proto proto/google/rpc/error_details.proto
     PYTHONPATH=gen python examples/python_client.py [GATEWAY_ADDRESS]
 
 Sends one event, a batch of three (one of them invalid, to show per-event results), and a stream of 1000

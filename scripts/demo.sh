@@ -64,7 +64,8 @@ step "1000 events, one per line, streamed"
 seq 1 1000 | "$gateway" send --gateway "http://$listen" --quiet -
 step "The Python example client (stubs generated from proto/ with grpcio-tools)"
 .venv/bin/python -m grpc_tools.protoc -I proto --python_out="$generated" --grpc_python_out="$generated" \
-    proto/eventhub/gateway/v1/gateway.proto proto/google/rpc/status.proto proto/google/rpc/code.proto \
+    proto/eventhub/gateway/v1/gateway.proto proto/io_cloudevents/v1/cloudevents.proto \
+    proto/google/rpc/status.proto proto/google/rpc/code.proto \
     proto/google/rpc/error_details.proto
 PYTHONPATH="$generated" .venv/bin/python examples/python_client.py "$listen"
 step "Reading back with the official Python SDK, straight from the emulator"

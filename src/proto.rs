@@ -27,6 +27,19 @@ pub mod google {
     }
 }
 
+/// The CloudEvents project's packages.
+pub mod io {
+    /// `io.cloudevents`.
+    pub mod cloudevents {
+        /// `io.cloudevents.v1`: the CloudEvents protobuf format (`CloudEvent`), vendored under
+        /// `proto/io_cloudevents/v1/`; the API's `Event.cloud_event`.
+        #[allow(clippy::all, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("io.cloudevents.v1");
+        }
+    }
+}
+
 pub use eventhub::gateway::v1;
 
 /// The encoded `FileDescriptorSet` of `proto/` (with its imports), for gRPC reflection.

@@ -4,9 +4,10 @@ fails when the committed ones differ from what `proto/` generates now.
 
     python clients/python/generate_stubs.py [--check]
 
-The stubs are committed so that installing the package needs no code generator. Only `gateway.proto` is
-generated: `google.rpc` comes from `googleapis-common-protos`. The stub module's absolute import of the messages
-becomes a relative one, so the stubs live inside `eventhub_gateway._proto`.
+The stubs are committed so that installing the package needs no code generator. `gateway.proto` and the
+vendored CloudEvents format it imports (`io_cloudevents/v1/cloudevents.proto`) are generated; `google.rpc` comes
+from `googleapis-common-protos`. The stubs' absolute imports of each other become relative ones, so the stubs
+live inside `eventhub_gateway._proto`.
 """
 
 import argparse
@@ -19,8 +20,10 @@ import tempfile
 HERE = pathlib.Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parents[1] / "proto"
 SOURCE = "eventhub/gateway/v1/gateway.proto"
+CLOUDEVENTS = "io_cloudevents/v1/cloudevents.proto"
 TARGET = HERE / "src" / "eventhub_gateway" / "_proto"
 GENERATED = ("gateway_pb2.py", "gateway_pb2.pyi", "gateway_pb2_grpc.py")
+GENERATED_CLOUDEVENTS = ("cloudevents_pb2.py", "cloudevents_pb2.pyi")
 
 
 def generate(out_dir: pathlib.Path) -> dict[str, str]:
@@ -28,7 +31,7 @@ def generate(out_dir: pathlib.Path) -> dict[str, str]:
     result = subprocess.run(
         [
             sys.executable, "-m", "grpc_tools.protoc", "-I", str(PROTO_ROOT),
-            f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", SOURCE,
+            f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", SOURCE, CLOUDEVENTS,
         ],
         capture_output=True,
         text=True,
@@ -37,12 +40,21 @@ def generate(out_dir: pathlib.Path) -> dict[str, str]:
         sys.exit(f"generate_stubs.py: protoc failed ({result.returncode}): {result.stderr}")
     produced = out_dir / pathlib.Path(SOURCE).parent
     files = {name: (produced / name).read_text() for name in GENERATED}
+    cloudevents = out_dir / pathlib.Path(CLOUDEVENTS).parent
+    files.update({name: (cloudevents / name).read_text() for name in GENERATED_CLOUDEVENTS})
     files["gateway_pb2_grpc.py"] = re.sub(
         r"^from eventhub\.gateway\.v1 import gateway_pb2 as",
         "from . import gateway_pb2 as",
         files["gateway_pb2_grpc.py"],
         flags=re.MULTILINE,
     )
+    for name in ("gateway_pb2.py", "gateway_pb2.pyi"):
+        files[name] = re.sub(
+            r"^from io_cloudevents\.v1 import cloudevents_pb2 as",
+            "from . import cloudevents_pb2 as",
+            files[name],
+            flags=re.MULTILINE,
+        )
     return files
 
 

@@ -69,6 +69,41 @@ def gateway_request(pb):
         pb.SendStreamRequest(event_hub="eh1", sequence=7, events=events).SerializeToString(),
     )
     write("gateway_request", "properties", 3, pb.GetEventHubPropertiesRequest(event_hub="eh1").SerializeToString())
+    cloud = pb.Event(
+        cloud_event={
+            "id": "ce-1",
+            "source": "/fuzz",
+            "spec_version": "1.0",
+            "type": "dev.example.fuzz",
+            "attributes": {
+                "datacontenttype": {"ce_string": "application/json"},
+                "time": {"ce_timestamp": {"seconds": 1_700_000_000, "nanos": 5}},
+                "flag": {"ce_boolean": True},
+                "count": {"ce_integer": -7},
+                "blob": {"ce_bytes": b"\x00\xff"},
+                "dataschema": {"ce_uri": "https://example.com/s"},
+                "ref": {"ce_uri_ref": "/r"},
+                "partitionkey": {"ce_string": "k"},
+            },
+            "text_data": '{"a": [1, 2]}',
+        },
+    )
+    proto = pb.Event(
+        cloud_event={
+            "id": "ce-2",
+            "source": "urn:fuzz",
+            "spec_version": "1.0",
+            "type": "t",
+            "proto_data": {"type_url": "type.googleapis.com/x.Y", "value": b"\x08\x01"},
+        },
+        content_type="application/cloudevents+json",
+    )
+    write(
+        "gateway_request",
+        "cloud_events",
+        1,
+        pb.SendEventsRequest(event_hub="eh1", events=[cloud, proto]).SerializeToString(),
+    )
 
 
 def emulator_transfer():
@@ -184,7 +219,7 @@ producer:
 
 def main():
     with tempfile.TemporaryDirectory() as out:
-        protos = ["eventhub/gateway/v1/gateway.proto", "google/rpc/status.proto"]
+        protos = ["eventhub/gateway/v1/gateway.proto", "io_cloudevents/v1/cloudevents.proto", "google/rpc/status.proto"]
         subprocess.run(
             [sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "proto"), f"--python_out={out}", *protos],
             check=True,

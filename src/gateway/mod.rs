@@ -1,6 +1,7 @@
 //! The `EventHubGateway` gRPC service over the producer: hub selection, per-client rate limits, deadlines,
 //! per-event results, and the acknowledged stream.
 
+pub mod cloud_event;
 pub mod codec;
 pub mod convert;
 pub mod deadline;

@@ -1,7 +1,7 @@
 //! A cheap wire-level pass over a request's protobuf bytes before prost decodes them: counts `events`,
-//! bounds JSON (`google.protobuf.Struct`) nesting, estimates what the decoded message will occupy in memory,
-//! and checks everything prost would (wire types, varints, lengths, UTF-8, its recursion limit), without
-//! allocating. A request it passes decodes, into at most `max_decoded_bytes` of structures.
+//! bounds JSON (`google.protobuf.Struct`) nesting, walks CloudEvents (`io.cloudevents.v1.CloudEvent`),
+//! estimates what the decoded message will occupy in memory, and checks everything prost would (wire types,
+//! varints, lengths, UTF-8, its recursion limit), without allocating. A request it passes decodes, into at most `max_decoded_bytes` of structures.
 //!
 //! Why: protobuf's in-memory form is far larger than its wire form (an empty `Event` is 2 bytes on the wire
 //! and a few hundred in memory; a `Struct` field a few bytes and a B-tree slot), so a 16 MiB request of empty
@@ -10,6 +10,7 @@
 use std::fmt;
 use std::mem::size_of;
 
+use crate::proto::io::cloudevents::v1::{CloudEvent, cloud_event};
 use crate::proto::v1;
 
 /// The request messages the gateway decodes.
@@ -161,6 +162,14 @@ const BTREE_NODE_COST: usize = 11 * (size_of::<String>() + size_of::<prost_types
 const STRUCT_COST: usize = size_of::<prost_types::Struct>() + BTREE_NODE_COST;
 const STRUCT_FIELD_COST: usize = BTREE_NODE_COST / 5;
 const STRING_SLACK: usize = 16;
+/// A CloudEvent is boxed in its `Event` (build.rs): the box, once per `cloud_event` field.
+const CLOUD_EVENT_COST: usize = size_of::<CloudEvent>() + STRING_SLACK;
+type AttributeEntry = (String, cloud_event::CloudEventAttributeValue);
+/// An attribute's share of the hash map, generously: while the table doubles, the old and the new one (3 x
+/// the buckets, at 7/8 load) are both live.
+const ATTRIBUTE_COST: usize = 4 * size_of::<AttributeEntry>() + 16;
+/// The attribute map's first table: 4 buckets and their control bytes.
+const ATTRIBUTE_TABLE_COST: usize = 4 * size_of::<AttributeEntry>() + 32;
 
 fn string_cost(len: usize) -> usize {
     if len == 0 { 0 } else { len + STRING_SLACK }
@@ -503,6 +512,105 @@ impl Scanner<'_> {
                 7 => self.string(reader, wire_type, &path.field("content_type"))?,
                 8 => self.string(reader, wire_type, &path.field("message_id"))?,
                 9 => self.string(reader, wire_type, &path.field("correlation_id"))?,
+                10 => {
+                    let path = path.field("cloud_event");
+                    let mut inner = Self::nested(reader, wire_type, ctx, &path)?;
+                    self.cost(CLOUD_EVENT_COST, &path)?;
+                    self.cloud_event(&mut inner, ctx - 1, &path)?;
+                }
+                _ => reader.skip(number, wire_type, ctx, path)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// An `io.cloudevents.v1.CloudEvent`. Its nesting is fixed (attribute values, a timestamp inside one, the
+    /// `Any` of `proto_data`; unknown groups count against the recursion limit as everywhere), so only its
+    /// size needs a bound: strings and bytes by their length, the attribute map by its entries.
+    fn cloud_event(
+        &mut self,
+        reader: &mut Reader<'_>,
+        ctx: u32,
+        path: &Path<'_>,
+    ) -> Result<(), ScanError> {
+        let mut has_attributes = false;
+        while !reader.is_empty() {
+            let (number, wire_type) = reader.key(path)?;
+            match number {
+                1 => self.string(reader, wire_type, &path.field("id"))?,
+                2 => self.string(reader, wire_type, &path.field("source"))?,
+                3 => self.string(reader, wire_type, &path.field("spec_version"))?,
+                4 => self.string(reader, wire_type, &path.field("type"))?,
+                5 => {
+                    let path = path.field("attributes");
+                    let mut entry = Self::map_entry(reader, wire_type, ctx, &path)?;
+                    if !has_attributes {
+                        has_attributes = true;
+                        self.cost(ATTRIBUTE_TABLE_COST, &path)?;
+                    }
+                    self.cost(ATTRIBUTE_COST, &path)?;
+                    while !entry.is_empty() {
+                        let (number, wire_type) = entry.key(&path)?;
+                        match number {
+                            1 => self.string(&mut entry, wire_type, &path)?,
+                            2 => {
+                                let mut value =
+                                    Self::nested(&mut entry, wire_type, ctx - 1, &path)?;
+                                self.attribute_value(&mut value, ctx - 2, &path)?;
+                            }
+                            _ => entry.skip(number, wire_type, ctx - 1, &path)?,
+                        }
+                    }
+                }
+                6 => self.bytes(reader, wire_type, &path.field("binary_data"))?,
+                7 => self.string(reader, wire_type, &path.field("text_data"))?,
+                8 => {
+                    let path = path.field("proto_data");
+                    let mut any = Self::nested(reader, wire_type, ctx, &path)?;
+                    while !any.is_empty() {
+                        let (number, wire_type) = any.key(&path)?;
+                        match number {
+                            1 => self.string(&mut any, wire_type, &path)?,
+                            2 => self.bytes(&mut any, wire_type, &path)?,
+                            _ => any.skip(number, wire_type, ctx - 1, &path)?,
+                        }
+                    }
+                }
+                _ => reader.skip(number, wire_type, ctx, path)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A `CloudEventAttributeValue`: scalars, strings and bytes, or a `google.protobuf.Timestamp`.
+    fn attribute_value(
+        &mut self,
+        reader: &mut Reader<'_>,
+        ctx: u32,
+        path: &Path<'_>,
+    ) -> Result<(), ScanError> {
+        while !reader.is_empty() {
+            let (number, wire_type) = reader.key(path)?;
+            match number {
+                1 | 2 => {
+                    expect(wire_type, VARINT, path)?;
+                    reader.varint(path)?;
+                }
+                3 | 5 | 6 => self.string(reader, wire_type, path)?,
+                4 => self.bytes(reader, wire_type, path)?,
+                7 => {
+                    let mut timestamp = Self::nested(reader, wire_type, ctx, path)?;
+                    while !timestamp.is_empty() {
+                        let (number, wire_type) = timestamp.key(path)?;
+                        match number {
+                            1 | 2 => {
+                                expect(wire_type, VARINT, path)?;
+                                timestamp.varint(path)?;
+                            }
+                            _ => timestamp.skip(number, wire_type, ctx - 1, path)?,
+                        }
+                    }
+                }
                 _ => reader.skip(number, wire_type, ctx, path)?,
             }
         }
@@ -703,6 +811,114 @@ mod tests {
             correlation_id: "c".into(),
             ..Default::default()
         }
+    }
+
+    fn cloud_event_body() -> v1::Event {
+        use crate::proto::io::cloudevents::v1::cloud_event::{
+            CloudEventAttributeValue, Data, cloud_event_attribute_value::Attr,
+        };
+        let attributes = [
+            ("flag", Attr::CeBoolean(true)),
+            ("count", Attr::CeInteger(-7)),
+            ("subject", Attr::CeString("s".into())),
+            ("blob", Attr::CeBytes(vec![1, 2])),
+            ("dataschema", Attr::CeUri("https://example.com/s".into())),
+            ("ref", Attr::CeUriRef("/r".into())),
+            (
+                "time",
+                Attr::CeTimestamp(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 5,
+                }),
+            ),
+        ]
+        .into_iter()
+        .map(|(name, attr)| {
+            (
+                name.to_owned(),
+                CloudEventAttributeValue { attr: Some(attr) },
+            )
+        })
+        .collect();
+        v1::Event {
+            body: Some(v1::event::Body::CloudEvent(Box::new(CloudEvent {
+                id: "id-1".into(),
+                source: "/source".into(),
+                spec_version: "1.0".into(),
+                r#type: "com.example.t".into(),
+                attributes,
+                data: Some(Data::ProtoData(prost_types::Any {
+                    type_url: "type.googleapis.com/x.Y".into(),
+                    value: vec![8, 1],
+                })),
+            }))),
+            partition_key: "k".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cloud_events_are_walked_and_costed() {
+        let one = v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(cloud_event_body()),
+        };
+        let bytes = one.encode_to_vec();
+        let scanned = scan(Schema::SendEvent, &bytes, &LIMITS).unwrap();
+        v1::SendEventRequest::decode(bytes.as_slice()).unwrap();
+        let bare = v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(text("t")),
+        };
+        let plain = scan(Schema::SendEvent, &bare.encode_to_vec(), &LIMITS).unwrap();
+        assert!(
+            scanned.decoded_bytes - plain.decoded_bytes
+                >= size_of::<CloudEvent>() + 7 * 2 * size_of::<AttributeEntry>(),
+            "{scanned:?} {plain:?}"
+        );
+        // Bad UTF-8 in an attribute's string names the attribute map.
+        let mut damaged = bytes.clone();
+        let at = damaged.windows(2).position(|w| w == b"/r").unwrap();
+        damaged[at] = 0xff;
+        let error = scan(Schema::SendEvent, &damaged, &LIMITS).unwrap_err();
+        assert_eq!(error.field(), "event.cloud_event.attributes", "{error}");
+        assert!(v1::SendEventRequest::decode(damaged.as_slice()).is_err());
+        // A timestamp's seconds as a string (LEN) instead of a varint: prost fails, so must the scan.
+        let wrong = [
+            0x12, 0x0d, // event
+            0x52, 0x0b, // cloud_event
+            0x2a, 0x09, // attributes entry
+            0x0a, 0x01, b't', // key "t"
+            0x12, 0x04, // value
+            0x3a, 0x02, // ce_timestamp
+            0x0a, 0x00, // seconds as LEN
+        ];
+        assert!(v1::SendEventRequest::decode(wrong.as_slice()).is_err());
+        let error = scan(Schema::SendEvent, &wrong, &OPEN).unwrap_err();
+        assert_eq!(error.field(), "event.cloud_event.attributes", "{error}");
+        // Many attributes cross the bound at their map.
+        let tight = ScanLimits {
+            max_decoded_bytes: 1 << 16,
+            ..LIMITS
+        };
+        let mut many = cloud_event_body();
+        if let Some(v1::event::Body::CloudEvent(cloud)) = &mut many.body {
+            for n in 0..1000 {
+                cloud.attributes.insert(format!("x{n}"), Default::default());
+            }
+        }
+        let request = v1::SendEventRequest {
+            event_hub: String::new(),
+            event: Some(many),
+        };
+        let error = scan(Schema::SendEvent, &request.encode_to_vec(), &tight).unwrap_err();
+        assert_eq!(
+            error,
+            ScanError::TooCostly {
+                field: "event.cloud_event.attributes".into(),
+                limit: 1 << 16
+            }
+        );
     }
 
     #[test]
@@ -936,7 +1152,12 @@ mod tests {
                 Schema::SendEvents,
                 v1::SendEventsRequest {
                     event_hub: "eh1".into(),
-                    events: vec![rich_event(), text("é"), json_event(nested_json(5))],
+                    events: vec![
+                        rich_event(),
+                        text("é"),
+                        json_event(nested_json(5)),
+                        cloud_event_body(),
+                    ],
                 }
                 .encode_to_vec(),
             ),
@@ -955,6 +1176,14 @@ mod tests {
                 v1::SendEventRequest {
                     event_hub: "eh1".into(),
                     event: Some(rich_event()),
+                }
+                .encode_to_vec(),
+            ),
+            (
+                Schema::SendEvent,
+                v1::SendEventRequest {
+                    event_hub: "eh1".into(),
+                    event: Some(cloud_event_body()),
                 }
                 .encode_to_vec(),
             ),

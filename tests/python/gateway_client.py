@@ -19,6 +19,7 @@ from conftest import BINARY, REPO, producer, read_partition, stop_process
 PROTO_ROOT = REPO / "proto"
 PROTO_FILES = [
     "eventhub/gateway/v1/gateway.proto",
+    "io_cloudevents/v1/cloudevents.proto",
     "google/rpc/status.proto",
     "google/rpc/code.proto",
     "google/rpc/error_details.proto",

@@ -17,7 +17,8 @@ def test_the_python_walkthrough_runs_as_written(gateway, tmp_path):
     protoc = [
         sys.executable, "-m", "grpc_tools.protoc", "-I", "proto",
         f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-        "proto/eventhub/gateway/v1/gateway.proto", "proto/google/rpc/status.proto",
+        "proto/eventhub/gateway/v1/gateway.proto", "proto/io_cloudevents/v1/cloudevents.proto",
+        "proto/google/rpc/status.proto",
         "proto/google/rpc/code.proto", "proto/google/rpc/error_details.proto",
     ]
     subprocess.run(protoc, cwd=REPO, check=True, timeout=60)

@@ -153,6 +153,41 @@ def test_send_with_trace_context_properties_and_a_json_body(reflected):
     assert properties(event) == {"source": "grpcurl", "Diagnostic-Id": TRACEPARENT, "traceparent": TRACEPARENT}
 
 
+def test_a_cloud_event_by_reflection(reflected):
+    # The vendored io.cloudevents.v1 types resolve by reflection, in the describe and in the JSON mapping.
+    assert ".io.cloudevents.v1.CloudEvent cloud_event = 10;" in ok(
+        grpcurl(reflected, "describe", "eventhub.gateway.v1.Event")
+    )
+    assert "map<string, .io.cloudevents.v1.CloudEvent.CloudEventAttributeValue> attributes = 5;" in ok(
+        grpcurl(reflected, "describe", "io.cloudevents.v1.CloudEvent")
+    )
+    request = {
+        "eventHub": "eh2",
+        "event": {
+            "partitionId": "2",
+            "cloudEvent": {
+                "id": "grpcurl-ce-1",
+                "source": "/grpcurl",
+                "specVersion": "1.0",
+                "type": "dev.example.grpcurl",
+                "attributes": {
+                    "datacontenttype": {"ceString": "application/json"},
+                    "time": {"ceTimestamp": "2024-05-01T12:00:00Z"},
+                },
+                "textData": '{"hello": "cloudevents"}',
+            },
+        },
+    }
+    assert json.loads(ok(grpcurl(reflected, f"{SERVICE}/SendEvent", data=request))) == {
+        "eventHub": "eh2",
+        "partitionId": "2",
+    }
+    [event] = [e for _, e in stored_events(reflected, "eh2") if properties(e).get("cloudEvents_id") == "grpcurl-ce-1"]
+    assert event.body_as_json() == {"hello": "cloudevents"}
+    assert event.content_type == "application/json"
+    assert properties(event)["cloudEvents_time"] == "2024-05-01T12:00:00Z"
+
+
 def test_an_unknown_hub_is_not_found_with_its_error_info(reflected):
     result = grpcurl(
         reflected, f"{SERVICE}/SendEvent", data={"event_hub": "nope", "event": {"text": "lost"}}, flags=["-format-error"]

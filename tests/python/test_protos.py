@@ -13,6 +13,7 @@ PROTOC = str(pathlib.Path(sys.executable).parent / "protoc")
 GRPC_TOOLS = [sys.executable, "-m", "grpc_tools.protoc"]
 PROTOS = [
     "proto/eventhub/gateway/v1/gateway.proto",
+    "proto/io_cloudevents/v1/cloudevents.proto",
     "proto/google/rpc/status.proto",
     "proto/google/rpc/code.proto",
     "proto/google/rpc/error_details.proto",

@@ -1,17 +1,67 @@
-"""What a caller hands in (`Event`: str, bytes or dict data with routing and AMQP fields) and gets back
-(`Receipt`, `Result`), and how an event becomes the gateway's protobuf `Event`."""
+"""What a caller hands in (`Event`: str, bytes, dict or CloudEvent data with routing and AMQP fields) and gets
+back (`Receipt`, `Result`), and how an event becomes the gateway's protobuf `Event`."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from ._proto import gateway_pb2
+from ._proto import cloudevents_pb2, gateway_pb2
 from .errors import GatewayError
 
-Data = Union[str, bytes, bytearray, memoryview, dict[str, Any]]
+# A CloudEvent of the `cloudevents` package (any object with `get_attributes()` and `get_data()`) is data too.
+Data = Union[str, bytes, bytearray, memoryview, dict[str, Any], Any]
 JSON_CONTENT_TYPE = "application/json"
+_REQUIRED = {"id": "id", "source": "source", "specversion": "spec_version", "type": "type"}
+_INT32 = range(-(2**31), 2**31)
+
+
+def _is_cloud_event(data: Any) -> bool:
+    return callable(getattr(data, "get_attributes", None)) and callable(getattr(data, "get_data", None))
+
+
+def _cloud_event(data: Any) -> cloudevents_pb2.CloudEvent:
+    """The protobuf CloudEvent of a `cloudevents` SDK event: the required attributes as fields, the others
+    typed by their Python type, a dict as its JSON text (`application/json` unless the event names a type)."""
+    attributes = dict(data.get_attributes())
+    event = cloudevents_pb2.CloudEvent()
+    for name, field_name in _REQUIRED.items():
+        value = attributes.pop(name, "")
+        setattr(event, field_name, value if isinstance(value, str) else str(value))
+    for name, value in attributes.items():
+        if value is None:
+            continue
+        slot = event.attributes[name]
+        if isinstance(value, bool):
+            slot.ce_boolean = value
+        elif isinstance(value, int):
+            if value not in _INT32:
+                raise ValueError(f"CloudEvent attribute {name!r}: {value} is outside CloudEvents' 32-bit Integer")
+            slot.ce_integer = value
+        elif isinstance(value, (bytes, bytearray)):
+            slot.ce_bytes = bytes(value)
+        elif isinstance(value, datetime.datetime):
+            if value.tzinfo is None:
+                raise ValueError(f"CloudEvent attribute {name!r}: a datetime needs a time zone")
+            slot.ce_timestamp.FromDatetime(value.astimezone(datetime.timezone.utc))
+        elif name == "dataschema":
+            slot.ce_uri = str(value)
+        else:
+            slot.ce_string = str(value)
+    payload = data.get_data()
+    if payload is None:
+        pass
+    elif isinstance(payload, (bytes, bytearray, memoryview)):
+        event.binary_data = bytes(payload)
+    elif isinstance(payload, str):
+        event.text_data = payload
+    else:
+        event.text_data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        if "datacontenttype" not in attributes:
+            event.attributes["datacontenttype"].ce_string = JSON_CONTENT_TYPE
+    return event
 
 
 @dataclass(frozen=True)
@@ -63,11 +113,14 @@ def encode(
     """The protobuf event, or ValueError/TypeError naming the argument that cannot be sent.
 
     A dict becomes its exact `json.dumps` bytes with content type `application/json` (never a protobuf
-    Struct, whose numbers are doubles)."""
+    Struct, whose numbers are doubles). A CloudEvent (the `cloudevents` package's) becomes `Event.cloud_event`:
+    binary content mode, or structured with `content_type="application/cloudevents+json"`."""
     if partition_key and partition_id:
         raise ValueError("partition_key and partition_id are mutually exclusive: give one or neither")
     event = gateway_pb2.Event()
-    if isinstance(data, str):
+    if _is_cloud_event(data):
+        event.cloud_event.CopyFrom(_cloud_event(data))
+    elif isinstance(data, str):
         event.text = data
     elif isinstance(data, bytes):
         event.binary = data
@@ -78,7 +131,7 @@ def encode(
         if content_type is None:
             content_type = JSON_CONTENT_TYPE
     else:
-        raise TypeError(f"data must be str, bytes or dict, not {type(data).__name__}")
+        raise TypeError(f"data must be str, bytes, dict or a CloudEvent, not {type(data).__name__}")
     if partition_key:
         if not isinstance(partition_key, str):
             raise TypeError(f"partition_key must be a str, not {type(partition_key).__name__}")

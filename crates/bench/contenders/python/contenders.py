@@ -68,6 +68,7 @@ from array import array
 REPO = pathlib.Path(__file__).resolve().parents[4]
 PROTO_FILES = [
     "eventhub/gateway/v1/gateway.proto",
+    "io_cloudevents/v1/cloudevents.proto",
     "google/rpc/status.proto",
     "google/rpc/code.proto",
     "google/rpc/error_details.proto",

@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
+from . import cloudevents_pb2 as io__cloudevents_dot_v1_dot_cloudevents__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!eventhub/gateway/v1/gateway.proto\x12\x13\x65venthub.gateway.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xbc\x02\n\x05\x45vent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x02 \x01(\x0cH\x00\x12\'\n\x04json\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x15\n\rpartition_key\x18\x04 \x01(\t\x12\x14\n\x0cpartition_id\x18\x05 \x01(\t\x12>\n\nproperties\x18\x06 \x03(\x0b\x32*.eventhub.gateway.v1.Event.PropertiesEntry\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x12\n\nmessage_id\x18\x08 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x62ody\"P\n\x10SendEventRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12)\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1a.eventhub.gateway.v1.Event\"<\n\x11SendEventResponse\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12\x14\n\x0cpartition_id\x18\x02 \x01(\t\"R\n\x11SendEventsRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12*\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1a.eventhub.gateway.v1.Event\"G\n\x12SendEventsResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .eventhub.gateway.v1.EventResult\"G\n\x0b\x45ventResult\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x14\n\x0cpartition_id\x18\x02 \x01(\t\"\x8f\x01\n\x11SendStreamRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12)\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1a.eventhub.gateway.v1.Event\x12*\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x1a.eventhub.gateway.v1.Event\"B\n\x12SendStreamResponse\x12,\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1e.eventhub.gateway.v1.StreamAck\"W\n\tStreamAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x14\n\x0cpartition_id\x18\x03 \x01(\t\"1\n\x1cGetEventHubPropertiesRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\"i\n\x12\x45ventHubProperties\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rpartition_ids\x18\x02 \x03(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc1\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rINVALID_EVENT\x10\x01\x12\x13\n\x0f\x45VENT_TOO_LARGE\x10\x02\x12\x15\n\x11UNKNOWN_EVENT_HUB\x10\x03\x12\x10\n\x0cRATE_LIMITED\x10\x04\x12\x0e\n\nOVERLOADED\x10\x05\x12\x13\n\x0f\x45VENT_HUBS_BUSY\x10\x06\x12\x1a\n\x16\x45VENT_HUBS_UNAVAILABLE\x10\x07\x12\x0c\n\x08\x44RAINING\x10\x08\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\t\x12\x1b\n\x17\x45VENT_HUBS_UNAUTHORIZED\x10\n\x12\x17\n\x13\x45VENT_HUBS_REJECTED\x10\x0b\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x0c\x12\x15\n\x11MALFORMED_REQUEST\x10\r\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x0e\x12\x0f\n\x0bSTREAM_IDLE\x10\x0f\x12\x13\n\x0fUNAUTHENTICATED\x10\x10\x12\x13\n\x0fHUB_NOT_ALLOWED\x10\x11\x12\x13\n\x0f\x43ONNECTION_AGED\x10\x12\x12\x14\n\x10SCHEMA_VIOLATION\x10\x13\x32\xa4\x03\n\x0f\x45ventHubGateway\x12Z\n\tSendEvent\x12%.eventhub.gateway.v1.SendEventRequest\x1a&.eventhub.gateway.v1.SendEventResponse\x12]\n\nSendEvents\x12&.eventhub.gateway.v1.SendEventsRequest\x1a\'.eventhub.gateway.v1.SendEventsResponse\x12\x61\n\nSendStream\x12&.eventhub.gateway.v1.SendStreamRequest\x1a\'.eventhub.gateway.v1.SendStreamResponse(\x01\x30\x01\x12s\n\x15GetEventHubProperties\x12\x31.eventhub.gateway.v1.GetEventHubPropertiesRequest\x1a\'.eventhub.gateway.v1.EventHubPropertiesBw\n\x16\x64\x65v.eventhubgateway.v1B\x0cGatewayProtoP\x01Z8eventhubgateway.dev/gen/go/eventhub/gateway/v1;gatewayv1\xaa\x02\x12\x45ventHubGateway.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!eventhub/gateway/v1/gateway.proto\x12\x13\x65venthub.gateway.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a#io_cloudevents/v1/cloudevents.proto\"\xf2\x02\n\x05\x45vent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x02 \x01(\x0cH\x00\x12\'\n\x04json\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x34\n\x0b\x63loud_event\x18\n \x01(\x0b\x32\x1d.io.cloudevents.v1.CloudEventH\x00\x12\x15\n\rpartition_key\x18\x04 \x01(\t\x12\x14\n\x0cpartition_id\x18\x05 \x01(\t\x12>\n\nproperties\x18\x06 \x03(\x0b\x32*.eventhub.gateway.v1.Event.PropertiesEntry\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x12\n\nmessage_id\x18\x08 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x62ody\"P\n\x10SendEventRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12)\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1a.eventhub.gateway.v1.Event\"<\n\x11SendEventResponse\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12\x14\n\x0cpartition_id\x18\x02 \x01(\t\"R\n\x11SendEventsRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12*\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1a.eventhub.gateway.v1.Event\"G\n\x12SendEventsResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .eventhub.gateway.v1.EventResult\"G\n\x0b\x45ventResult\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x14\n\x0cpartition_id\x18\x02 \x01(\t\"\x8f\x01\n\x11SendStreamRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12)\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1a.eventhub.gateway.v1.Event\x12*\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x1a.eventhub.gateway.v1.Event\"B\n\x12SendStreamResponse\x12,\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1e.eventhub.gateway.v1.StreamAck\"W\n\tStreamAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x14\n\x0cpartition_id\x18\x03 \x01(\t\"1\n\x1cGetEventHubPropertiesRequest\x12\x11\n\tevent_hub\x18\x01 \x01(\t\"i\n\x12\x45ventHubProperties\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rpartition_ids\x18\x02 \x03(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc1\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rINVALID_EVENT\x10\x01\x12\x13\n\x0f\x45VENT_TOO_LARGE\x10\x02\x12\x15\n\x11UNKNOWN_EVENT_HUB\x10\x03\x12\x10\n\x0cRATE_LIMITED\x10\x04\x12\x0e\n\nOVERLOADED\x10\x05\x12\x13\n\x0f\x45VENT_HUBS_BUSY\x10\x06\x12\x1a\n\x16\x45VENT_HUBS_UNAVAILABLE\x10\x07\x12\x0c\n\x08\x44RAINING\x10\x08\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\t\x12\x1b\n\x17\x45VENT_HUBS_UNAUTHORIZED\x10\n\x12\x17\n\x13\x45VENT_HUBS_REJECTED\x10\x0b\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x0c\x12\x15\n\x11MALFORMED_REQUEST\x10\r\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x0e\x12\x0f\n\x0bSTREAM_IDLE\x10\x0f\x12\x13\n\x0fUNAUTHENTICATED\x10\x10\x12\x13\n\x0fHUB_NOT_ALLOWED\x10\x11\x12\x13\n\x0f\x43ONNECTION_AGED\x10\x12\x12\x14\n\x10SCHEMA_VIOLATION\x10\x13\x32\xa4\x03\n\x0f\x45ventHubGateway\x12Z\n\tSendEvent\x12%.eventhub.gateway.v1.SendEventRequest\x1a&.eventhub.gateway.v1.SendEventResponse\x12]\n\nSendEvents\x12&.eventhub.gateway.v1.SendEventsRequest\x1a\'.eventhub.gateway.v1.SendEventsResponse\x12\x61\n\nSendStream\x12&.eventhub.gateway.v1.SendStreamRequest\x1a\'.eventhub.gateway.v1.SendStreamResponse(\x01\x30\x01\x12s\n\x15GetEventHubProperties\x12\x31.eventhub.gateway.v1.GetEventHubPropertiesRequest\x1a\'.eventhub.gateway.v1.EventHubPropertiesBw\n\x16\x64\x65v.eventhubgateway.v1B\x0cGatewayProtoP\x01Z8eventhubgateway.dev/gen/go/eventhub/gateway/v1;gatewayv1\xaa\x02\x12\x45ventHubGateway.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.eventhubgateway.v1B\014GatewayProtoP\001Z8eventhubgateway.dev/gen/go/eventhub/gateway/v1;gatewayv1\252\002\022EventHubGateway.V1'
   _globals['_EVENT_PROPERTIESENTRY']._loaded_options = None
   _globals['_EVENT_PROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORREASON']._serialized_start=1301
-  _globals['_ERRORREASON']._serialized_end=1750
-  _globals['_EVENT']._serialized_start=147
-  _globals['_EVENT']._serialized_end=463
-  _globals['_EVENT_PROPERTIESENTRY']._serialized_start=406
-  _globals['_EVENT_PROPERTIESENTRY']._serialized_end=455
-  _globals['_SENDEVENTREQUEST']._serialized_start=465
-  _globals['_SENDEVENTREQUEST']._serialized_end=545
-  _globals['_SENDEVENTRESPONSE']._serialized_start=547
-  _globals['_SENDEVENTRESPONSE']._serialized_end=607
-  _globals['_SENDEVENTSREQUEST']._serialized_start=609
-  _globals['_SENDEVENTSREQUEST']._serialized_end=691
-  _globals['_SENDEVENTSRESPONSE']._serialized_start=693
-  _globals['_SENDEVENTSRESPONSE']._serialized_end=764
-  _globals['_EVENTRESULT']._serialized_start=766
-  _globals['_EVENTRESULT']._serialized_end=837
-  _globals['_SENDSTREAMREQUEST']._serialized_start=840
-  _globals['_SENDSTREAMREQUEST']._serialized_end=983
-  _globals['_SENDSTREAMRESPONSE']._serialized_start=985
-  _globals['_SENDSTREAMRESPONSE']._serialized_end=1051
-  _globals['_STREAMACK']._serialized_start=1053
-  _globals['_STREAMACK']._serialized_end=1140
-  _globals['_GETEVENTHUBPROPERTIESREQUEST']._serialized_start=1142
-  _globals['_GETEVENTHUBPROPERTIESREQUEST']._serialized_end=1191
-  _globals['_EVENTHUBPROPERTIES']._serialized_start=1193
-  _globals['_EVENTHUBPROPERTIES']._serialized_end=1298
-  _globals['_EVENTHUBGATEWAY']._serialized_start=1753
-  _globals['_EVENTHUBGATEWAY']._serialized_end=2173
+  _globals['_ERRORREASON']._serialized_start=1392
+  _globals['_ERRORREASON']._serialized_end=1841
+  _globals['_EVENT']._serialized_start=184
+  _globals['_EVENT']._serialized_end=554
+  _globals['_EVENT_PROPERTIESENTRY']._serialized_start=497
+  _globals['_EVENT_PROPERTIESENTRY']._serialized_end=546
+  _globals['_SENDEVENTREQUEST']._serialized_start=556
+  _globals['_SENDEVENTREQUEST']._serialized_end=636
+  _globals['_SENDEVENTRESPONSE']._serialized_start=638
+  _globals['_SENDEVENTRESPONSE']._serialized_end=698
+  _globals['_SENDEVENTSREQUEST']._serialized_start=700
+  _globals['_SENDEVENTSREQUEST']._serialized_end=782
+  _globals['_SENDEVENTSRESPONSE']._serialized_start=784
+  _globals['_SENDEVENTSRESPONSE']._serialized_end=855
+  _globals['_EVENTRESULT']._serialized_start=857
+  _globals['_EVENTRESULT']._serialized_end=928
+  _globals['_SENDSTREAMREQUEST']._serialized_start=931
+  _globals['_SENDSTREAMREQUEST']._serialized_end=1074
+  _globals['_SENDSTREAMRESPONSE']._serialized_start=1076
+  _globals['_SENDSTREAMRESPONSE']._serialized_end=1142
+  _globals['_STREAMACK']._serialized_start=1144
+  _globals['_STREAMACK']._serialized_end=1231
+  _globals['_GETEVENTHUBPROPERTIESREQUEST']._serialized_start=1233
+  _globals['_GETEVENTHUBPROPERTIESREQUEST']._serialized_end=1282
+  _globals['_EVENTHUBPROPERTIES']._serialized_start=1284
+  _globals['_EVENTHUBPROPERTIES']._serialized_end=1389
+  _globals['_EVENTHUBGATEWAY']._serialized_start=1844
+  _globals['_EVENTHUBGATEWAY']._serialized_end=2264
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
+from . import cloudevents_pb2 as _cloudevents_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -56,7 +57,7 @@ CONNECTION_AGED: ErrorReason
 SCHEMA_VIOLATION: ErrorReason
 
 class Event(_message.Message):
-    __slots__ = ("text", "binary", "json", "partition_key", "partition_id", "properties", "content_type", "message_id", "correlation_id")
+    __slots__ = ("text", "binary", "json", "cloud_event", "partition_key", "partition_id", "properties", "content_type", "message_id", "correlation_id")
     class PropertiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +68,7 @@ class Event(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     BINARY_FIELD_NUMBER: _ClassVar[int]
     JSON_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_EVENT_FIELD_NUMBER: _ClassVar[int]
     PARTITION_KEY_FIELD_NUMBER: _ClassVar[int]
     PARTITION_ID_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
@@ -76,13 +78,14 @@ class Event(_message.Message):
     text: str
     binary: bytes
     json: _struct_pb2.Struct
+    cloud_event: _cloudevents_pb2.CloudEvent
     partition_key: str
     partition_id: str
     properties: _containers.ScalarMap[str, str]
     content_type: str
     message_id: str
     correlation_id: str
-    def __init__(self, text: _Optional[str] = ..., binary: _Optional[bytes] = ..., json: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., partition_key: _Optional[str] = ..., partition_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., content_type: _Optional[str] = ..., message_id: _Optional[str] = ..., correlation_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., binary: _Optional[bytes] = ..., json: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., cloud_event: _Optional[_Union[_cloudevents_pb2.CloudEvent, _Mapping]] = ..., partition_key: _Optional[str] = ..., partition_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., content_type: _Optional[str] = ..., message_id: _Optional[str] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class SendEventRequest(_message.Message):
     __slots__ = ("event_hub", "event")
