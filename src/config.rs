@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
 use crate::gateway::limits::Limits;
+use crate::grpc_web::GrpcWebConfig;
 use eventhub_producer::{HttpProxy, ProducerConfig, ProxyCredentials};
 use eventhub_wire::settings::seconds;
 
@@ -61,6 +62,8 @@ pub struct GatewayConfig {
     pub producer: ProducerConfig,
     /// Who may call, and which hubs each identity may reach.
     pub auth: AuthConfig,
+    /// gRPC-Web (and HTTP/1.1) on the gRPC listener, with CORS per origin.
+    pub grpc_web: GrpcWebConfig,
 }
 
 /// Where Entra ID tokens come from (azure_identity credentials).
@@ -136,6 +139,7 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             producer: ProducerConfig::default(),
             auth: AuthConfig::default(),
+            grpc_web: GrpcWebConfig::default(),
         }
     }
 }
@@ -351,6 +355,9 @@ impl GatewayConfig {
         self.auth
             .validate(&self.hubs())
             .map_err(|error| error.within("auth"))?;
+        self.grpc_web
+            .validate()
+            .map_err(|error| error.within("grpc_web"))?;
         let client_certificates = self.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
         if self.auth.required
             && self.auth.jwt.is_empty()

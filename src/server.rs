@@ -20,7 +20,7 @@ use crate::config::{ConfigError, CredentialKind, EventHubsSource, GatewayConfig}
 use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
 use crate::gateway::{Gateway, GatewayError, GatewayState};
-use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
+use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Http1, Timeouts};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::telemetry::http::Exposed;
@@ -462,20 +462,21 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             header_read: limits.header_read_timeout,
             idle: limits.connection_idle_timeout,
         },
+        config.grpc_web.enabled.then_some(Http1 {
+            max_head_bytes: limits.http2_max_header_list_bytes as usize,
+        }),
     );
 
     let builder = grpc_server(&config.limits);
     let shed = load_shedding(&config.limits);
-    let router = builder
-        // The first layer is outermost: shed calls are still traced and attributed.
-        .layer(ConnectionCallsLayer::new(Arc::clone(&connections)))
+    // The first layer is outermost: shed calls are still traced and attributed.
+    let calls = tower::ServiceBuilder::new()
         .layer(TraceContextLayer::new())
         .layer(ClientIdLayer::new())
         .layer(shed.clone())
-        .add_service(gateway)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .into_inner();
+    let services = (gateway, health_service, reflection_v1, reflection_v1alpha);
+    let connection_calls = ConnectionCallsLayer::new(Arc::clone(&connections));
     let exposed = Exposed {
         reports: Reports::default()
             .and(Arc::clone(&state) as _)
@@ -491,7 +492,31 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     // grace is set, and draws no jitter), so each connection gets a server of its own, whose shutdown signal is
     // that connection's: tonic's graceful path sends the GOAWAY, with its HTTP/2 settings, layers and
     // connection info unchanged. Building one is cheap (no socket); a connection lives much longer.
-    let server = tokio::spawn(serve_connections(incoming, router, age, stop.clone()));
+    let server = if config.grpc_web.enabled {
+        let router = builder
+            .accept_http1(true)
+            // Counted as calls (a preflight too), so an HTTP/1.1 connection's idle and head bounds hold.
+            .layer(connection_calls)
+            // Outside gRPC-Web and shedding: a refusal's answer carries the CORS headers the page needs to
+            // read it, and a preflight costs no call slot.
+            .layer(config.grpc_web.cors_layers())
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(calls);
+        tokio::spawn(serve_connections(
+            incoming,
+            add_services(router, services),
+            age,
+            stop.clone(),
+        ))
+    } else {
+        let router = builder.layer(connection_calls).layer(calls);
+        tokio::spawn(serve_connections(
+            incoming,
+            add_services(router, services),
+            age,
+            stop.clone(),
+        ))
+    };
     tracing::info!(%local_addr, hubs = %config.hubs().join(", "), "gateway listening");
     Ok(RunningGateway {
         local_addr,
@@ -503,6 +528,30 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         drain_timeout: config.drain_timeout,
         connections,
     })
+}
+
+/// The gateway's services on `server`: the gateway (behind its request guard), health, reflection.
+fn add_services<L>(
+    mut server: Server<L>,
+    (gateway, health, reflection_v1, reflection_v1alpha): (
+        RequestGuard<EventHubGatewayServer<Gateway>>,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+) -> tonic::transport::server::Router<L>
+where
+    L: Clone,
+{
+    server
+        .add_service(gateway)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
 }
 
 /// Serves every connection of `incoming` through `router` (see [`crate::listener::serve_grpc`]) until `stop`.
