@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::ConfigError;
+use crate::listener::{ConnectionHandle, OpenCall};
 use eventhub_wire::settings::seconds;
 
 /// The one origin pattern that is not an origin: any origin, never with credentials.
@@ -254,6 +257,133 @@ where
             }
         }
         Poll::Ready(Ok(response))
+    }
+}
+
+/// How long the rest of a refused HTTP/1.1 request body is read, at most.
+pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Reads the rest of an HTTP/1.1 request body its call left unread (a request refused by its frame header, say)
+/// after the answer, up to `max_bytes` and [`DRAIN_TIME`], with the connection held busy meanwhile. Without
+/// it hyper closes the connection under a client still sending, whose write then fails before it reads the
+/// refusal; HTTP/2 needs none (a stream is reset alone).
+#[derive(Clone, Copy, Debug)]
+pub struct Http1DrainLayer {
+    /// Most bytes read after the call ended; beyond them the connection is closed.
+    pub max_bytes: usize,
+}
+
+impl<S> Layer<S> for Http1DrainLayer {
+    type Service = Http1Drain<S>;
+
+    fn layer(&self, inner: S) -> Http1Drain<S> {
+        Http1Drain {
+            inner,
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+/// The service of [`Http1DrainLayer`].
+#[derive(Clone, Debug)]
+pub struct Http1Drain<S> {
+    inner: S,
+    max_bytes: usize,
+}
+
+impl<S> Service<Request<tonic::body::Body>> for Http1Drain<S>
+where
+    S: Service<Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> S::Future {
+        if request.version() >= Version::HTTP_2 {
+            return self.inner.call(request);
+        }
+        let hold = request
+            .extensions()
+            .get::<ConnectionHandle>()
+            .map(ConnectionHandle::hold);
+        let max_bytes = self.max_bytes;
+        self.inner.call(request.map(|body| {
+            tonic::body::Body::new(DrainOnDrop {
+                inner: Some(body),
+                hold,
+                max_bytes,
+            })
+        }))
+    }
+}
+
+/// A request body whose unread rest is read in a task of its own when it is dropped.
+struct DrainOnDrop {
+    inner: Option<tonic::body::Body>,
+    hold: Option<OpenCall>,
+    max_bytes: usize,
+}
+
+impl http_body::Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        match self.inner.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), http_body::Body::size_hint)
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let (Some(mut body), hold) = (self.inner.take(), self.hold.take()) else {
+            return;
+        };
+        if http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let max_bytes = self.max_bytes;
+        runtime.spawn(async move {
+            let _busy = hold;
+            let drained = async {
+                let mut read = 0usize;
+                while let Some(Ok(frame)) =
+                    std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx))
+                        .await
+                {
+                    read += frame.data_ref().map_or(0, Bytes::len);
+                    if read > max_bytes {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drained).await;
+        });
     }
 }
 

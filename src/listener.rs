@@ -365,6 +365,19 @@ impl Drop for OpenCall {
     }
 }
 
+/// In each counted call's request extensions: its connection's calls, so work that outlives the call's answer
+/// (reading the rest of an HTTP/1.1 request body) keeps the connection busy, not idle, while it runs.
+#[derive(Clone, Debug)]
+pub struct ConnectionHandle(Arc<Calls>);
+
+impl ConnectionHandle {
+    /// Counts one more call open on the connection until the returned guard is dropped.
+    pub fn hold(&self) -> OpenCall {
+        self.0.open.fetch_add(1, Ordering::AcqRel);
+        OpenCall(Arc::clone(&self.0))
+    }
+}
+
 /// An accepted TCP connection holding its place among the open ones.
 #[derive(Debug)]
 pub struct CountedStream {
@@ -1163,9 +1176,9 @@ where
                 OpenCall(calls)
             });
         if let Some(OpenCall(calls)) = &call {
-            request
-                .extensions_mut()
-                .insert(GoingAway(calls.going_away.clone()));
+            let extensions = request.extensions_mut();
+            extensions.insert(GoingAway(calls.going_away.clone()));
+            extensions.insert(ConnectionHandle(Arc::clone(calls)));
         }
         CallFuture {
             inner: self.inner.call(request),

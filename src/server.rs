@@ -497,6 +497,10 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             .accept_http1(true)
             // Counted as calls (a preflight too), so an HTTP/1.1 connection's idle and head bounds hold.
             .layer(connection_calls)
+            // Base64 (text mode) sends a third more than it decodes to: twice the bound covers either.
+            .layer(crate::grpc_web::Http1DrainLayer {
+                max_bytes: 2 * config.limits.max_request_bytes,
+            })
             // Outside gRPC-Web and shedding: a refusal's answer carries the CORS headers the page needs to
             // read it, and a preflight costs no call slot.
             .layer(config.grpc_web.cors_layers())
