@@ -428,6 +428,47 @@ mod tests {
     }
 
     #[test]
+    fn the_section_reads_from_a_config_file_and_errors_name_its_dotted_path() {
+        use crate::config::GatewayConfig;
+        let config = GatewayConfig::from_file_text(
+            "emulator = true\n[grpc_web]\nenabled = true\n\
+             cors_allowed_origins = [\"https://app.example\"]\ncors_max_age_seconds = \"10m\"\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            config.grpc_web,
+            GrpcWebConfig {
+                enabled: true,
+                cors_allowed_origins: vec!["https://app.example".into()],
+                cors_max_age: Duration::from_secs(600),
+            }
+        );
+        match GatewayConfig::from_file_text(
+            "emulator = true\n[grpc_web]\nenabled = true\ncors_allowed_origins = [\"app.example\"]\n",
+            false,
+        ) {
+            Err(ConfigError::Invalid { field, .. }) => {
+                assert_eq!(field, "grpc_web.cors_allowed_origins[0]")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(GatewayConfig::default().grpc_web, GrpcWebConfig::default());
+    }
+
+    #[test]
+    fn the_helm_charts_grpc_web_values_are_the_settings_with_their_defaults() {
+        use figment::Figment;
+        use figment::providers::{Format, Yaml};
+        let values =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/eventhub-gateway/values.yaml");
+        let chart: GrpcWebConfig = Figment::from(Yaml::file_exact(values))
+            .extract_inner("config.grpc_web")
+            .unwrap();
+        assert_eq!(chart, GrpcWebConfig::default());
+    }
+
+    #[test]
     fn origins_are_exact_browser_origins_or_any_alone() {
         assert!(
             config(&[

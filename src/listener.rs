@@ -1291,6 +1291,93 @@ mod tests {
         assert_eq!(walker.slow_since(), None);
     }
 
+    const HTTP1: Http1 = Http1 { max_head_bytes: 64 };
+
+    /// A call opened and closed on `calls`, as the connection's call layer counts it.
+    fn one_call(calls: &Arc<Calls>) -> OpenCall {
+        calls.started.fetch_add(1, Ordering::AcqRel);
+        ConnectionHandle(Arc::clone(calls)).hold()
+    }
+
+    #[test]
+    fn with_http1_accepted_the_first_bytes_tell_http2_from_http1() {
+        let now = Instant::now();
+        let calls = Arc::new(Calls::new());
+        let mut walker = Walker::new(Some(HTTP1));
+        for byte in PREFACE {
+            walker.feed(std::slice::from_ref(byte), now, &calls);
+            assert!(!walker.handshake_done(&calls));
+        }
+        walker.feed(&frame(FRAME_SETTINGS, 0, &[0; 6]), now, &calls);
+        assert!(matches!(walker, Walker::Http2(_)));
+        assert!(walker.handshake_done(&calls));
+
+        // Diverging after a few bytes of the preface ("P", "R"): HTTP/1.1, those bytes part of its head.
+        let mut walker = Walker::new(Some(HTTP1));
+        walker.feed(b"PR", now, &calls);
+        assert!(matches!(walker, Walker::Sniffing { matched: 2, .. }));
+        assert!(!walker.feed(b"OPFIND / HTTP/1.1\r\n", now, &calls));
+        assert!(matches!(walker, Walker::Http1(_)));
+        assert_eq!(walker.slow_since(&calls), Some(now));
+        assert!(walker.feed(b"\r\n", now, &calls), "the head ended");
+        assert!(!walker.handshake_done(&calls), "done once its call opens");
+        let _call = one_call(&calls);
+        assert!(walker.handshake_done(&calls));
+        assert_eq!(walker.slow_since(&calls), None);
+
+        // Without HTTP/1.1, the same bytes are a broken HTTP/2 preface: never a handshake.
+        let mut walker = Walker::new(None);
+        walker.feed(b"POST / HTTP/1.1\r\n\r\n", now, &calls);
+        assert!(!walker.handshake_done(&calls));
+    }
+
+    #[test]
+    fn an_http1_head_starts_with_bytes_read_while_no_call_is_open_and_is_bounded() {
+        let start = Instant::now();
+        let calls = Arc::new(Calls::new());
+        let mut walker = Walker::new(Some(HTTP1));
+        assert!(walker.feed(b"POST /a HTTP/1.1\r\nhost: a\r\n\r\n", start, &calls));
+        let call = one_call(&calls);
+        // The body, read while its call is open, is no head however long.
+        walker.feed(&[b'x'; 1000], start, &calls);
+        assert!(!walker.head_too_large());
+        assert_eq!(walker.slow_since(&calls), None);
+        drop(call);
+        let later = start + Duration::from_secs(5);
+        walker.feed(b"POST /b HTTP/1.1\r\n", later, &calls);
+        assert_eq!(walker.slow_since(&calls), Some(later));
+        walker.feed(&[b'h'; 40], later, &calls);
+        assert!(!walker.head_too_large());
+        walker.feed(&[b'h'; 10], later, &calls);
+        assert!(walker.head_too_large(), "over 64 bytes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_connection_fails_at_the_header_read_deadline_of_its_second_head() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeouts = Timeouts {
+            handshake: Duration::from_secs(2),
+            header_read: Duration::from_secs(3),
+            idle: Duration::from_secs(50),
+        };
+        let (mut client, server) = tokio::io::duplex(1024);
+        let calls = Arc::new(Calls::new());
+        let start = Instant::now();
+        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, start, Some(HTTP1));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        guarded.read(&mut [0; 64]).await.unwrap();
+        drop(one_call(&calls));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        client.write_all(b"GET / HT").await.unwrap();
+        guarded.read(&mut [0; 64]).await.unwrap();
+        let error = guarded.read(&mut [0; 64]).await.unwrap_err();
+        assert!(
+            error.to_string().contains("header_read_timeout"),
+            "{error}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(10 + 3));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_fails_at_the_handshake_deadline_and_an_idle_one_at_the_idle_one() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

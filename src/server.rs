@@ -938,6 +938,7 @@ mod tests {
             &connections,
             Some(TlsAcceptor::from(config)),
             timeouts,
+            None,
         ) else {
             panic!("no TLS");
         };
