@@ -460,8 +460,8 @@ mod tests {
     fn the_helm_charts_grpc_web_values_are_the_settings_with_their_defaults() {
         use figment::Figment;
         use figment::providers::{Format, Yaml};
-        let values =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/eventhub-gateway/values.yaml");
+        let values = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("helm/eventhub-gateway/values.yaml");
         let chart: GrpcWebConfig = Figment::from(Yaml::file_exact(values))
             .extract_inner("config.grpc_web")
             .unwrap();

@@ -1371,10 +1371,7 @@ mod tests {
         client.write_all(b"GET / HT").await.unwrap();
         guarded.read(&mut [0; 64]).await.unwrap();
         let error = guarded.read(&mut [0; 64]).await.unwrap_err();
-        assert!(
-            error.to_string().contains("header_read_timeout"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("header_read_timeout"), "{error}");
         assert_eq!(start.elapsed(), Duration::from_secs(10 + 3));
     }
 
