@@ -1365,11 +1365,11 @@ mod tests {
         let start = Instant::now();
         let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, start, Some(HTTP1));
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        guarded.read(&mut [0; 64]).await.unwrap();
+        assert_eq!(guarded.read(&mut [0; 64]).await.unwrap(), 18);
         drop(one_call(&calls));
         tokio::time::sleep(Duration::from_secs(10)).await;
         client.write_all(b"GET / HT").await.unwrap();
-        guarded.read(&mut [0; 64]).await.unwrap();
+        assert_eq!(guarded.read(&mut [0; 64]).await.unwrap(), 8);
         let error = guarded.read(&mut [0; 64]).await.unwrap_err();
         assert!(error.to_string().contains("header_read_timeout"), "{error}");
         assert_eq!(start.elapsed(), Duration::from_secs(10 + 3));

@@ -118,3 +118,62 @@ async fn with_grpc_web_http2_grpc_and_grpc_web_share_the_port_and_refusals_keep_
     assert_eq!(violated_fields(&status), ["event.partition_id"]);
     gateway.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn over_tls_a_client_offering_only_http1_is_served_and_one_offering_h2_gets_h2() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::sync::Arc;
+
+    let pki = TestPki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = pki.server_tls(dir.path(), false);
+    let gateway = start_gateway(|config| {
+        config.tls = Some(tls);
+        config.grpc_web.enabled = true;
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let connect = |alpn: &[&[u8]]| {
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let address = gateway.local_addr();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+            connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .expect("TLS handshake")
+        }
+    };
+
+    let browser = connect(&[b"h2", b"http/1.1"]).await;
+    assert_eq!(browser.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    let mut http1 = connect(&[b"http/1.1"]).await;
+    assert_eq!(http1.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let request = v1::GetEventHubPropertiesRequest::default();
+    http1
+        .write_all(&grpc_web_request("GetEventHubProperties", &request, None))
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), http1.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closes the connection")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("grpc-status:0"), "{answer}");
+    gateway.shutdown().await.unwrap();
+}
