@@ -5,13 +5,16 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import http from "node:http";
 import net from "node:net";
 import path from "node:path";
 import { createFileRegistry, create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcWebTransport } from "@connectrpc/connect-node";
+import { compressionGzip, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { earliestEventPosition } from "@azure/event-hubs";
 import { partitionEnds, protoDir, readPartition, sleep, startGateway, waitServing, within } from "./support.mjs";
 
@@ -254,6 +257,74 @@ test("a malformed gRPC-Web message is refused MALFORMED_REQUEST", { timeout: 200
   assert.equal(status, "3");
   const detailsBin = response.headers["grpc-status-details-bin"] ?? unframe(response.body).trailers["grpc-status-details-bin"];
   assert.equal(richDetails(detailsBin).reason, "MALFORMED_REQUEST");
+});
+
+test("gRPC-Web over HTTP/2 with a gzip request: the event read back exact", { timeout: 45000 }, async () => {
+  const h2 = createClient(
+    service,
+    createGrpcWebTransport({
+      baseUrl: `http://${gateway.grpc}`,
+      httpVersion: "2",
+      sendCompression: compressionGzip,
+      acceptCompression: [compressionGzip],
+      compressMinBytes: 0,
+    }),
+  );
+  const text = "gzip over h2 ".repeat(200);
+  const last = await lastSequence("2");
+  const response = await h2.sendEvent({ event: { body: { case: "text", value: text }, partitionId: "2" } }, { timeoutMs: 15000 });
+  assert.equal(response.partitionId, "2");
+  const [event] = await readAfter("2", last, 1);
+  assert.equal(event.body.toString(), text);
+});
+
+test("gRPC-Web callers authenticate as gRPC ones: no credential is UNAUTHENTICATED (readable by the page), a granted API key sends", { timeout: 60000 }, async () => {
+  const directory = mkdtempSync(path.join(tmpdir(), "gateway-grpc-web-"));
+  const key = "web-api-key-0123456789";
+  const config = path.join(directory, "gateway.toml");
+  writeFileSync(
+    config,
+    `[grpc_web]
+enabled = true
+cors_allowed_origins = ["${ORIGIN}"]
+
+[auth]
+required = true
+
+[[auth.api_keys]]
+identity = "web-app"
+sha256 = "${createHash("sha256").update(key).digest("hex")}"
+
+[[auth.grants]]
+name = "web"
+identities = ["web-app"]
+event_hubs = ["eh1"]
+`,
+  );
+  const secured = await startGateway(["--emulator", "--listen", "127.0.0.1:0", "--event-hub", "eh1", "--config", config]);
+  try {
+    const securedClient = createClient(service, createGrpcWebTransport({ baseUrl: `http://${secured.grpc}`, httpVersion: "1.1" }));
+    const anonymous = await failure(securedClient.sendEvent({ event: { body: { case: "text", value: "x" } } }));
+    assert.equal(anonymous.code, Code.Unauthenticated);
+    const raw = await h1(secured.grpc, {
+      headers: { origin: ORIGIN, "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
+      body: frame(toBinary(SendEventRequest, create(SendEventRequest, { event: { body: { case: "text", value: "x" } } }))),
+    });
+    assert.equal(raw.headers["grpc-status"], "16");
+    assert.equal(raw.headers["access-control-allow-origin"], ORIGIN, "the page can read why");
+
+    const last = await lastSequence("0", secured.emulator);
+    const sent = await securedClient.sendEvent(
+      { event: { body: { case: "text", value: "with a key" }, partitionId: "0" } },
+      { headers: { authorization: `Bearer ${key}` }, timeoutMs: 15000 },
+    );
+    assert.equal(sent.partitionId, "0");
+    const [event] = await readAfter("0", last, 1, secured.emulator);
+    assert.equal(event.body.toString(), "with a key");
+  } finally {
+    await secured.stop(5000);
+    rmSync(directory, { recursive: true, force: true });
+  }
 });
 
 const PREFLIGHT = {
