@@ -503,6 +503,10 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     // that connection's: tonic's graceful path sends the GOAWAY, with its HTTP/2 settings, layers and
     // connection info unchanged. Building one is cheap (no socket); a connection lives much longer.
     let server = if config.grpc_web.enabled {
+        tracing::info!(
+            cors_allowed_origins = ?config.grpc_web.cors_allowed_origins,
+            "gRPC-Web on: the gRPC listener accepts HTTP/1.1 too"
+        );
         let router = builder
             .accept_http1(true)
             // Counted as calls (a preflight too), so an HTTP/1.1 connection's idle and head bounds hold.
