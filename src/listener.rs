@@ -2,8 +2,10 @@
 //! (backing off on `EMFILE`/`ENFILE`), at most `max_connections` open at once and `max_connections_per_client`
 //! per peer address, and on the gRPC listener a [`Guarded`] connection that is closed when it has not finished
 //! its TLS handshake and HTTP/2 preface in time, when a header block arrives too slowly, or when it has had no
-//! call open for `connection_idle_timeout`; and the life of each served gRPC connection ([`serve_grpc`]): at its
-//! age (`max_connection_age`, jittered) a GOAWAY, at the end of its grace (or of the drain's) a close.
+//! call open for `connection_idle_timeout` (with gRPC-Web, an HTTP/1.1 connection too, told apart by its first
+//! bytes: its request heads take the place of header blocks, and are bounded in size); and the life of each
+//! served gRPC connection ([`serve_grpc`]): at its age (`max_connection_age`, jittered) a GOAWAY (on HTTP/1.1,
+//! `connection: close`), at the end of its grace (or of the drain's) a close.
 
 use std::collections::HashMap;
 use std::io;
@@ -819,8 +821,9 @@ impl Expired {
 
 pin_project! {
     /// A gRPC connection closed (its reads fail, so the HTTP/2 server drops it) when it has not sent its preface
-    /// and first SETTINGS by the handshake deadline, when a header block takes longer than the header read
-    /// timeout, or when it has had no call open for the idle timeout.
+    /// and first SETTINGS (HTTP/1.1: its first request head) by the handshake deadline, when a header block
+    /// (HTTP/1.1: a request head) takes longer than the header read timeout, when an HTTP/1.1 request head
+    /// outgrows its bound, or when it has had no call open for the idle timeout.
     pub struct Guarded<T> {
         #[pin]
         inner: T,
