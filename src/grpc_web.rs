@@ -387,6 +387,90 @@ impl Drop for DrainOnDrop {
     }
 }
 
+/// Makes a gRPC-Web text body that is not base64 (tonic-web's INTERNAL "tonic-web: Invalid symbol ...") the
+/// client's error it is: INVALID_ARGUMENT MALFORMED_REQUEST with its rich details, as for any unreadable
+/// message. Other body errors (a connection lost mid-body) pass as they are.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WebDecodeErrorsLayer;
+
+impl<S> Layer<S> for WebDecodeErrorsLayer {
+    type Service = WebDecodeErrors<S>;
+
+    fn layer(&self, inner: S) -> WebDecodeErrors<S> {
+        WebDecodeErrors { inner }
+    }
+}
+
+/// The service of [`WebDecodeErrorsLayer`].
+#[derive(Clone, Debug)]
+pub struct WebDecodeErrors<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<tonic::body::Body>> for WebDecodeErrors<S>
+where
+    S: Service<Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> S::Future {
+        self.inner
+            .call(request.map(|body| tonic::body::Body::new(DecodeErrors { inner: body })))
+    }
+}
+
+/// A request body whose base64 decoding errors become MALFORMED_REQUEST.
+struct DecodeErrors {
+    inner: tonic::body::Body,
+}
+
+/// How tonic-web words a text body that does not decode (base64's errors, leftover bytes).
+fn undecodable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Internal
+        && ["tonic-web: Invalid", "tonic-web: malformed base64"]
+            .iter()
+            .any(|prefix| status.message().starts_with(prefix))
+}
+
+impl http_body::Body for DecodeErrors {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Err(status)) if undecodable(&status) => {
+                let detail = status
+                    .message()
+                    .trim_start_matches("tonic-web: ")
+                    .to_owned();
+                Poll::Ready(Some(Err(crate::gateway::GatewayError::MalformedRequest {
+                    field: None,
+                    detail: format!("the gRPC-Web text body is not base64: {detail}"),
+                }
+                .to_status())))
+            }
+            other => Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Whether `origin` is an origin as browsers send it: `http` or `https`, `://`, a lowercase host and an
 /// optional port, nothing after (no path, not even `/`).
 fn check_origin(origin: &str) -> Result<(), String> {

@@ -519,6 +519,7 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             // read it, and a preflight costs no call slot.
             .layer(config.grpc_web.cors_layers())
             .layer(tonic_web::GrpcWebLayer::new())
+            .layer(crate::grpc_web::WebDecodeErrorsLayer)
             .layer(calls);
         tokio::spawn(serve_connections(
             incoming,

@@ -225,6 +225,14 @@ test("gRPC-Web text mode (base64): a SendEvent read back exact, and a refusal wi
   const details = richDetails(refused.trailers["grpc-status-details-bin"]);
   assert.equal(details.reason, "INVALID_EVENT");
   assert.deepEqual(details.fields, ["event.partition_id"]);
+
+  // A body that is not base64 at all: the client's error, like any unreadable message.
+  const garbled = await h1(gateway.grpc, {
+    headers: { "content-type": "application/grpc-web-text", "x-grpc-web": "1" },
+    body: "!!!! not base64",
+  });
+  assert.equal(garbled.headers["grpc-status"], "3", JSON.stringify(garbled.headers));
+  assert.equal(richDetails(garbled.headers["grpc-status-details-bin"]).reason, "MALFORMED_REQUEST");
 });
 
 test("the request guard bounds what gRPC-Web text decodes to, not its base64", { timeout: 60000 }, async () => {
