@@ -455,13 +455,13 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     let connections = Connections::new(limits.max_connections, limits.max_connections_per_client);
     // With gRPC-Web, HTTP/1.1 by ALPN too (after h2, which browsers then still get): a client that offers only
     // http/1.1 would otherwise fail its handshake.
-    let listener_tls = listener_tls.map(|tls| match config.grpc_web.enabled {
-        true => {
-            let mut tls = (*tls).clone();
-            tls.alpn_protocols.push(b"http/1.1".to_vec());
-            Arc::new(tls)
+    let listener_tls = listener_tls.map(|tls| {
+        if !config.grpc_web.enabled {
+            return tls;
         }
-        false => tls,
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols.push(b"http/1.1".to_vec());
+        Arc::new(tls)
     });
     let incoming = crate::listener::grpc_incoming(
         listener,
