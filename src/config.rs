@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
 use crate::gateway::limits::Limits;
+use crate::grpc_web::GrpcWebConfig;
 use eventhub_producer::{HttpProxy, ProducerConfig, ProxyCredentials};
 use eventhub_wire::settings::seconds;
 
@@ -67,6 +68,8 @@ pub struct GatewayConfig {
     /// A JSON Schema file per served hub (`[schemas] eh1 = "/etc/schemas/eh1.json"`): that hub's JSON bodies
     /// must match it (docs/schemas.md). Compiled at start; SIGHUP reads them again.
     pub schemas: BTreeMap<String, PathBuf>,
+    /// gRPC-Web (and HTTP/1.1) on the gRPC listener, with CORS per origin.
+    pub grpc_web: GrpcWebConfig,
 }
 
 /// Where Entra ID tokens come from (azure_identity credentials).
@@ -144,6 +147,7 @@ impl Default for GatewayConfig {
             producer: ProducerConfig::default(),
             auth: AuthConfig::default(),
             schemas: BTreeMap::new(),
+            grpc_web: GrpcWebConfig::default(),
         }
     }
 }
@@ -360,6 +364,9 @@ impl GatewayConfig {
             .validate(&self.hubs())
             .map_err(|error| error.within("auth"))?;
         self.validate_schemas()?;
+        self.grpc_web
+            .validate()
+            .map_err(|error| error.within("grpc_web"))?;
         let client_certificates = self.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
         if self.auth.required
             && self.auth.jwt.is_empty()

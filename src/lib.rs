@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod grpc_web;
 pub mod listener;
 pub mod middleware;
 pub mod proto;

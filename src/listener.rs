@@ -2,8 +2,10 @@
 //! (backing off on `EMFILE`/`ENFILE`), at most `max_connections` open at once and `max_connections_per_client`
 //! per peer address, and on the gRPC listener a [`Guarded`] connection that is closed when it has not finished
 //! its TLS handshake and HTTP/2 preface in time, when a header block arrives too slowly, or when it has had no
-//! call open for `connection_idle_timeout`; and the life of each served gRPC connection ([`serve_grpc`]): at its
-//! age (`max_connection_age`, jittered) a GOAWAY, at the end of its grace (or of the drain's) a close.
+//! call open for `connection_idle_timeout` (with gRPC-Web, an HTTP/1.1 connection too, told apart by its first
+//! bytes: its request heads take the place of header blocks, and are bounded in size); and the life of each
+//! served gRPC connection ([`serve_grpc`]): at its age (`max_connection_age`, jittered) a GOAWAY (on HTTP/1.1,
+//! `connection: close`), at the end of its grace (or of the drain's) a close.
 
 use std::collections::HashMap;
 use std::io;
@@ -42,7 +44,8 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const FD_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The client connection preface of HTTP/2 (RFC 9113 section 3.4), before its first SETTINGS.
-const PREFACE_LEN: usize = 24;
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const PREFACE_LEN: usize = PREFACE.len();
 
 /// Raises the soft limit on open files to the hard limit, so the connection caps, not the kernel's default of
 /// 1024, bound the listeners; logs both.
@@ -305,6 +308,8 @@ impl Drop for Place {
 #[derive(Debug)]
 struct Calls {
     open: AtomicUsize,
+    /// Calls ever opened: on HTTP/1.1, a request head is done once its call has opened.
+    started: AtomicUsize,
     idle_since: Mutex<Instant>,
     /// The connection's task, woken when its last call ends (so it arms its idle timer) or when it must close.
     reader: AtomicWaker,
@@ -320,6 +325,7 @@ impl Calls {
     fn new() -> Self {
         Self {
             open: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             reader: AtomicWaker::new(),
             going_away: CancellationToken::new(),
@@ -358,6 +364,19 @@ impl Drop for OpenCall {
             self.0.touch();
             self.0.reader.wake();
         }
+    }
+}
+
+/// In each counted call's request extensions: its connection's calls, so work that outlives the call's answer
+/// (reading the rest of an HTTP/1.1 request body) keeps the connection busy, not idle, while it runs.
+#[derive(Clone, Debug)]
+pub struct ConnectionHandle(Arc<Calls>);
+
+impl ConnectionHandle {
+    /// Counts one more call open on the connection until the returned guard is dropped.
+    pub fn hold(&self) -> OpenCall {
+        self.0.open.fetch_add(1, Ordering::AcqRel);
+        OpenCall(Arc::clone(&self.0))
     }
 }
 
@@ -427,6 +446,13 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// HTTP/1.1 on the gRPC listener (gRPC-Web): how a request head is bounded besides its time.
+#[derive(Clone, Copy, Debug)]
+pub struct Http1 {
+    /// Most bytes of one request head (request line, headers, the empty line).
+    pub max_head_bytes: usize,
+}
+
 /// A stream of connections of type `T`, as tonic serves them.
 pub type Connecting<T> = Pin<Box<dyn Stream<Item = io::Result<T>> + Send>>;
 
@@ -439,18 +465,20 @@ pub enum GrpcIncoming {
 }
 
 /// The gRPC listener's incoming connections: accepted with backoff, capped by `connections`, the TLS handshake
-/// (with `tls`) done at most `handshake` after accept, many at once, each then [`Guarded`].
+/// (with `tls`) done at most `handshake` after accept, many at once, each then [`Guarded`] (as HTTP/2, or as
+/// HTTP/1.1 too when `http1` is given).
 pub fn grpc_incoming(
     listener: TcpListener,
     connections: &Arc<Connections>,
     tls: Option<TlsAcceptor>,
     timeouts: Timeouts,
+    http1: Option<Http1>,
 ) -> GrpcIncoming {
     let admitted = connections.limit(accept_with_backoff(listener));
     match tls {
         None => GrpcIncoming::Plain(Box::pin(admitted.map(move |stream| {
             let calls = Arc::clone(&stream.place.calls);
-            Ok(Guarded::new(stream, calls, timeouts, Instant::now()))
+            Ok(Guarded::new(stream, calls, timeouts, Instant::now(), http1))
         }))),
         Some(acceptor) => {
             // Each handshake in flight holds a connection's place, so `max_connections` bounds them too.
@@ -462,7 +490,9 @@ pub fn grpc_incoming(
                     let handshake = acceptor.accept(stream);
                     async move {
                         match tokio::time::timeout(timeouts.handshake, handshake).await {
-                            Ok(Ok(stream)) => Some(Guarded::new(stream, calls, timeouts, accepted)),
+                            Ok(Ok(stream)) => {
+                                Some(Guarded::new(stream, calls, timeouts, accepted, http1))
+                            }
                             Ok(Err(error)) => {
                                 tracing::debug!(%error, "TLS handshake failed");
                                 None
@@ -595,11 +625,180 @@ impl FrameWalker {
     }
 }
 
+/// Where the client's side of a connection is: before its first bytes tell HTTP/2 (the preface) from HTTP/1.1
+/// (anything else), then by the protocol's own walker.
+#[derive(Debug)]
+enum Walker {
+    /// HTTP/1.1 is accepted and the bytes so far are a prefix of the HTTP/2 preface (this many).
+    Sniffing {
+        matched: usize,
+        http1: Http1,
+    },
+    Http2(FrameWalker),
+    Http1(RequestHeads),
+}
+
+impl Walker {
+    fn new(http1: Option<Http1>) -> Self {
+        match http1 {
+            Some(http1) => Self::Sniffing { matched: 0, http1 },
+            None => Self::Http2(FrameWalker::new()),
+        }
+    }
+
+    /// Reads `bytes` as the next part of the client's side; returns whether a header block (HTTP/2) or request
+    /// head (HTTP/1.1) ended in them.
+    fn feed(&mut self, bytes: &[u8], now: Instant, calls: &Calls) -> bool {
+        match self {
+            Self::Http2(frames) => frames.feed(bytes, now),
+            Self::Http1(heads) => heads.feed(bytes, now, calls),
+            Self::Sniffing { matched, http1 } => {
+                let same = bytes
+                    .iter()
+                    .zip(&PREFACE[*matched..])
+                    .take_while(|(byte, expected)| byte == expected)
+                    .count();
+                if *matched + same == PREFACE_LEN {
+                    let mut frames = FrameWalker::new();
+                    frames.feed(PREFACE, now);
+                    let ended = frames.feed(&bytes[same..], now);
+                    *self = Self::Http2(frames);
+                    ended
+                } else if same == bytes.len() {
+                    *matched += same;
+                    false
+                } else {
+                    let mut heads = RequestHeads::new(http1.max_head_bytes);
+                    let mut ended = heads.feed(&PREFACE[..*matched], now, calls);
+                    ended |= heads.feed(bytes, now, calls);
+                    *self = Self::Http1(heads);
+                    ended
+                }
+            }
+        }
+    }
+
+    /// Whether the handshake is done: HTTP/2's preface and first SETTINGS, HTTP/1.1's first request head.
+    fn handshake_done(&mut self, calls: &Calls) -> bool {
+        match self {
+            Self::Sniffing { .. } => false,
+            Self::Http2(frames) => frames.handshake_done,
+            Self::Http1(heads) => {
+                heads.settle(calls);
+                heads.handshake_done
+            }
+        }
+    }
+
+    /// Since when a header block or request head has been arriving.
+    fn slow_since(&mut self, calls: &Calls) -> Option<Instant> {
+        match self {
+            Self::Sniffing { .. } => None,
+            Self::Http2(frames) => frames.slow_since(),
+            Self::Http1(heads) => {
+                heads.settle(calls);
+                heads.head.as_ref().map(|head| head.since)
+            }
+        }
+    }
+
+    /// Whether an HTTP/1.1 request head has outgrown its bound.
+    fn head_too_large(&self) -> bool {
+        matches!(self, Self::Http1(heads) if heads.too_large)
+    }
+}
+
+/// Where the client's side of an HTTP/1.1 connection is: since when a request head has been arriving, and how
+/// large it is so far. Bodies are not parsed: a head starts with the first byte read while no call is open on
+/// the connection, and is done once its call opens (hyper has parsed it), so body bytes (read while the call
+/// is open) never count.
+#[derive(Debug)]
+struct RequestHeads {
+    max_head_bytes: usize,
+    head: Option<RequestHead>,
+    handshake_done: bool,
+    too_large: bool,
+}
+
+#[derive(Debug)]
+struct RequestHead {
+    since: Instant,
+    bytes: usize,
+    /// How much of the head's end (`\r\n\r\n`) the last bytes matched; 4 once it ended.
+    end_matched: u8,
+    /// Calls opened on the connection before this head started.
+    calls_before: usize,
+}
+
+impl RequestHeads {
+    fn new(max_head_bytes: usize) -> Self {
+        Self {
+            max_head_bytes,
+            head: None,
+            handshake_done: false,
+            too_large: false,
+        }
+    }
+
+    /// The head is done once a call opened after it started.
+    fn settle(&mut self, calls: &Calls) {
+        if self
+            .head
+            .as_ref()
+            .is_some_and(|head| calls.started.load(Ordering::Acquire) > head.calls_before)
+        {
+            self.head = None;
+            self.handshake_done = true;
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8], now: Instant, calls: &Calls) -> bool {
+        self.settle(calls);
+        if bytes.is_empty() {
+            return false;
+        }
+        let head = match &mut self.head {
+            Some(head) => head,
+            // A call's body, read while it is open.
+            None if calls.open.load(Ordering::Acquire) > 0 => return false,
+            None => self.head.insert(RequestHead {
+                since: now,
+                bytes: 0,
+                end_matched: 0,
+                calls_before: calls.started.load(Ordering::Acquire),
+            }),
+        };
+        if head.end_matched == 4 {
+            return false;
+        }
+        for &byte in bytes {
+            head.bytes += 1;
+            if head.bytes > self.max_head_bytes {
+                self.too_large = true;
+                return false;
+            }
+            head.end_matched = match (head.end_matched, byte) {
+                (2, b'\r') => 3,
+                (_, b'\r') => 1,
+                (1, b'\n') => 2,
+                (3, b'\n') => 4,
+                _ => 0,
+            };
+            if head.end_matched == 4 {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// Which bound closed a connection.
 #[derive(Clone, Copy, Debug)]
 enum Expired {
     Handshake,
     HeaderRead,
+    /// An HTTP/1.1 request head larger than its bound.
+    HeadSize,
     Idle,
     /// Still open at the end of its grace after its age.
     AgeGrace,
@@ -612,6 +811,7 @@ impl Expired {
         match self {
             Self::Handshake => "limits.handshake_timeout_seconds",
             Self::HeaderRead => "limits.header_read_timeout_seconds",
+            Self::HeadSize => "limits.http2_max_header_list_bytes (an HTTP/1.1 request head)",
             Self::Idle => "limits.connection_idle_timeout_seconds",
             Self::AgeGrace => "limits.max_connection_age_grace_seconds",
             Self::Drain => "the end of the drain",
@@ -621,15 +821,16 @@ impl Expired {
 
 pin_project! {
     /// A gRPC connection closed (its reads fail, so the HTTP/2 server drops it) when it has not sent its preface
-    /// and first SETTINGS by the handshake deadline, when a header block takes longer than the header read
-    /// timeout, or when it has had no call open for the idle timeout.
+    /// and first SETTINGS (HTTP/1.1: its first request head) by the handshake deadline, when a header block
+    /// (HTTP/1.1: a request head) takes longer than the header read timeout, when an HTTP/1.1 request head
+    /// outgrows its bound, or when it has had no call open for the idle timeout.
     pub struct Guarded<T> {
         #[pin]
         inner: T,
         calls: Arc<Calls>,
         timeouts: Timeouts,
         handshake_deadline: Instant,
-        walker: FrameWalker,
+        walker: Walker,
         timer: Pin<Box<Sleep>>,
         armed: Option<Instant>,
         expired: Option<Expired>,
@@ -637,14 +838,20 @@ pin_project! {
 }
 
 impl<T> Guarded<T> {
-    fn new(inner: T, calls: Arc<Calls>, timeouts: Timeouts, accepted: Instant) -> Self {
+    fn new(
+        inner: T,
+        calls: Arc<Calls>,
+        timeouts: Timeouts,
+        accepted: Instant,
+        http1: Option<Http1>,
+    ) -> Self {
         let handshake_deadline = accepted + timeouts.handshake;
         Self {
             inner,
             calls,
             timeouts,
             handshake_deadline,
-            walker: FrameWalker::new(),
+            walker: Walker::new(http1),
             timer: Box::pin(tokio::time::sleep_until(handshake_deadline)),
             armed: Some(handshake_deadline),
             expired: None,
@@ -677,8 +884,11 @@ impl<T: AsyncRead> AsyncRead for Guarded<T> {
         let before = buf.filled().len();
         if let Poll::Ready(read) = this.inner.poll_read(cx, buf) {
             let now = Instant::now();
-            if this.walker.feed(&buf.filled()[before..], now) {
+            if this.walker.feed(&buf.filled()[before..], now, this.calls) {
                 this.calls.touch();
+            }
+            if this.walker.head_too_large() {
+                return Poll::Ready(Err(expire(this.expired, Expired::HeadSize)));
             }
             // A peer trickling bytes is never Pending for long: its deadlines are checked on reads too.
             let due = deadline(
@@ -716,15 +926,15 @@ impl<T: AsyncRead> AsyncRead for Guarded<T> {
 
 /// The next deadline of a connection, and the bound it belongs to.
 fn deadline(
-    walker: &FrameWalker,
+    walker: &mut Walker,
     calls: &Calls,
     timeouts: &Timeouts,
     handshake_deadline: Instant,
 ) -> Option<(Instant, Expired)> {
-    if !walker.handshake_done {
+    if !walker.handshake_done(calls) {
         return Some((handshake_deadline, Expired::Handshake));
     }
-    if let Some(since) = walker.slow_since() {
+    if let Some(since) = walker.slow_since(calls) {
         return Some((since + timeouts.header_read, Expired::HeaderRead));
     }
     if calls.open.load(Ordering::Acquire) == 0 {
@@ -965,12 +1175,13 @@ where
             .and_then(|remote| self.connections.calls_of(remote))
             .map(|calls| {
                 calls.open.fetch_add(1, Ordering::AcqRel);
+                calls.started.fetch_add(1, Ordering::AcqRel);
                 OpenCall(calls)
             });
         if let Some(OpenCall(calls)) = &call {
-            request
-                .extensions_mut()
-                .insert(GoingAway(calls.going_away.clone()));
+            let extensions = request.extensions_mut();
+            extensions.insert(GoingAway(calls.going_away.clone()));
+            extensions.insert(ConnectionHandle(Arc::clone(calls)));
         }
         CallFuture {
             inner: self.inner.call(request),
@@ -1083,6 +1294,90 @@ mod tests {
         assert_eq!(walker.slow_since(), None);
     }
 
+    const HTTP1: Http1 = Http1 { max_head_bytes: 64 };
+
+    /// A call opened and closed on `calls`, as the connection's call layer counts it.
+    fn one_call(calls: &Arc<Calls>) -> OpenCall {
+        calls.started.fetch_add(1, Ordering::AcqRel);
+        ConnectionHandle(Arc::clone(calls)).hold()
+    }
+
+    #[test]
+    fn with_http1_accepted_the_first_bytes_tell_http2_from_http1() {
+        let now = Instant::now();
+        let calls = Arc::new(Calls::new());
+        let mut walker = Walker::new(Some(HTTP1));
+        for byte in PREFACE {
+            walker.feed(std::slice::from_ref(byte), now, &calls);
+            assert!(!walker.handshake_done(&calls));
+        }
+        walker.feed(&frame(FRAME_SETTINGS, 0, &[0; 6]), now, &calls);
+        assert!(matches!(walker, Walker::Http2(_)));
+        assert!(walker.handshake_done(&calls));
+
+        // Diverging after a few bytes of the preface ("P", "R"): HTTP/1.1, those bytes part of its head.
+        let mut walker = Walker::new(Some(HTTP1));
+        walker.feed(b"PR", now, &calls);
+        assert!(matches!(walker, Walker::Sniffing { matched: 2, .. }));
+        assert!(!walker.feed(b"OPFIND / HTTP/1.1\r\n", now, &calls));
+        assert!(matches!(walker, Walker::Http1(_)));
+        assert_eq!(walker.slow_since(&calls), Some(now));
+        assert!(walker.feed(b"\r\n", now, &calls), "the head ended");
+        assert!(!walker.handshake_done(&calls), "done once its call opens");
+        let _call = one_call(&calls);
+        assert!(walker.handshake_done(&calls));
+        assert_eq!(walker.slow_since(&calls), None);
+
+        // Without HTTP/1.1, the same bytes are a broken HTTP/2 preface: never a handshake.
+        let mut walker = Walker::new(None);
+        walker.feed(b"POST / HTTP/1.1\r\n\r\n", now, &calls);
+        assert!(!walker.handshake_done(&calls));
+    }
+
+    #[test]
+    fn an_http1_head_starts_with_bytes_read_while_no_call_is_open_and_is_bounded() {
+        let start = Instant::now();
+        let calls = Arc::new(Calls::new());
+        let mut walker = Walker::new(Some(HTTP1));
+        assert!(walker.feed(b"POST /a HTTP/1.1\r\nhost: a\r\n\r\n", start, &calls));
+        let call = one_call(&calls);
+        // The body, read while its call is open, is no head however long.
+        walker.feed(&[b'x'; 1000], start, &calls);
+        assert!(!walker.head_too_large());
+        assert_eq!(walker.slow_since(&calls), None);
+        drop(call);
+        let later = start + Duration::from_secs(5);
+        walker.feed(b"POST /b HTTP/1.1\r\n", later, &calls);
+        assert_eq!(walker.slow_since(&calls), Some(later));
+        walker.feed(&[b'h'; 40], later, &calls);
+        assert!(!walker.head_too_large());
+        walker.feed(&[b'h'; 10], later, &calls);
+        assert!(walker.head_too_large(), "over 64 bytes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_connection_fails_at_the_header_read_deadline_of_its_second_head() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeouts = Timeouts {
+            handshake: Duration::from_secs(2),
+            header_read: Duration::from_secs(3),
+            idle: Duration::from_secs(50),
+        };
+        let (mut client, server) = tokio::io::duplex(1024);
+        let calls = Arc::new(Calls::new());
+        let start = Instant::now();
+        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, start, Some(HTTP1));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(guarded.read(&mut [0; 64]).await.unwrap(), 18);
+        drop(one_call(&calls));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(guarded.read(&mut [0; 64]).await.unwrap(), 8);
+        let error = guarded.read(&mut [0; 64]).await.unwrap_err();
+        assert!(error.to_string().contains("header_read_timeout"), "{error}");
+        assert_eq!(start.elapsed(), Duration::from_secs(10 + 3));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_fails_at_the_handshake_deadline_and_an_idle_one_at_the_idle_one() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1093,7 +1388,7 @@ mod tests {
         };
         let (client, server) = tokio::io::duplex(1024);
         let calls = Arc::new(Calls::new());
-        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, Instant::now());
+        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, Instant::now(), None);
         let start = Instant::now();
         let error = guarded.read(&mut [0; 64]).await.unwrap_err();
         assert_eq!(start.elapsed(), timeouts.handshake);
@@ -1101,7 +1396,7 @@ mod tests {
         drop(client);
 
         let (mut client, server) = tokio::io::duplex(1024);
-        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, Instant::now());
+        let mut guarded = Guarded::new(server, Arc::clone(&calls), timeouts, Instant::now(), None);
         client
             .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await

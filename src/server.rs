@@ -21,7 +21,7 @@ use crate::gateway::guard::{GuardLimits, RequestGuard};
 use crate::gateway::limits::Limits;
 use crate::gateway::schemas::{SchemaError, Schemas};
 use crate::gateway::{Gateway, GatewayError, GatewayState};
-use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Timeouts};
+use crate::listener::{Age, ConnectionCallsLayer, Connections, GrpcIncoming, Http1, Timeouts};
 use crate::middleware::{ClientIdLayer, LoadShedLayer, ShedBound, TraceContextLayer};
 use crate::proto::v1::event_hub_gateway_server::{EventHubGatewayServer, SERVICE_NAME};
 use crate::rest::{RestError, RestListener, RestServer, RestSettings};
@@ -504,6 +504,16 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(tls)
     });
+    // With gRPC-Web, HTTP/1.1 by ALPN too (after h2, which browsers then still get): a client that offers only
+    // http/1.1 would otherwise fail its handshake.
+    let listener_tls = listener_tls.map(|tls| {
+        if !config.grpc_web.enabled {
+            return tls;
+        }
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols.push(b"http/1.1".to_vec());
+        Arc::new(tls)
+    });
     let incoming = crate::listener::grpc_incoming(
         listener,
         &connections,
@@ -513,20 +523,21 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
             header_read: limits.header_read_timeout,
             idle: limits.connection_idle_timeout,
         },
+        config.grpc_web.enabled.then_some(Http1 {
+            max_head_bytes: limits.http2_max_header_list_bytes as usize,
+        }),
     );
 
     let builder = grpc_server(&config.limits);
     let shed = load_shedding(&config.limits);
-    let router = builder
-        // The first layer is outermost: shed calls are still traced and attributed.
-        .layer(ConnectionCallsLayer::new(Arc::clone(&connections)))
+    // The first layer is outermost: shed calls are still traced and attributed.
+    let calls = tower::ServiceBuilder::new()
         .layer(TraceContextLayer::new())
         .layer(ClientIdLayer::new())
         .layer(shed.clone())
-        .add_service(gateway)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .into_inner();
+    let services = (gateway, health_service, reflection_v1, reflection_v1alpha);
+    let connection_calls = ConnectionCallsLayer::new(Arc::clone(&connections));
     let rest = rest_listener.map(|listener| {
         listener.serve(RestSettings {
             gateway: service,
@@ -551,7 +562,40 @@ pub async fn start_prepared(prepared: PreparedGateway) -> Result<RunningGateway,
     // grace is set, and draws no jitter), so each connection gets a server of its own, whose shutdown signal is
     // that connection's: tonic's graceful path sends the GOAWAY, with its HTTP/2 settings, layers and
     // connection info unchanged. Building one is cheap (no socket); a connection lives much longer.
-    let server = tokio::spawn(serve_connections(incoming, router, age, stop.clone()));
+    let server = if config.grpc_web.enabled {
+        tracing::info!(
+            cors_allowed_origins = ?config.grpc_web.cors_allowed_origins,
+            "gRPC-Web on: the gRPC listener accepts HTTP/1.1 too"
+        );
+        let router = builder
+            .accept_http1(true)
+            // Counted as calls (a preflight too), so an HTTP/1.1 connection's idle and head bounds hold.
+            .layer(connection_calls)
+            // Base64 (text mode) sends a third more than it decodes to: twice the bound covers either.
+            .layer(crate::grpc_web::Http1DrainLayer {
+                max_bytes: 2 * config.limits.max_request_bytes,
+            })
+            // Outside gRPC-Web and shedding: a refusal's answer carries the CORS headers the page needs to
+            // read it, and a preflight costs no call slot.
+            .layer(config.grpc_web.cors_layers())
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(crate::grpc_web::WebDecodeErrorsLayer)
+            .layer(calls);
+        tokio::spawn(serve_connections(
+            incoming,
+            add_services(router, services),
+            age,
+            stop.clone(),
+        ))
+    } else {
+        let router = builder.layer(connection_calls).layer(calls);
+        tokio::spawn(serve_connections(
+            incoming,
+            add_services(router, services),
+            age,
+            stop.clone(),
+        ))
+    };
     tracing::info!(%local_addr, hubs = %config.hubs().join(", "), "gateway listening");
     Ok(RunningGateway {
         local_addr,
@@ -612,6 +656,30 @@ async fn reload_schemas_on_sighup(schemas: Arc<Schemas>, stop: CancellationToken
     {
         let _ = (schemas, stop);
     }
+}
+
+/// The gateway's services on `server`: the gateway (behind its request guard), health, reflection.
+fn add_services<L>(
+    mut server: Server<L>,
+    (gateway, health, reflection_v1, reflection_v1alpha): (
+        RequestGuard<EventHubGatewayServer<Gateway>>,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+) -> tonic::transport::server::Router<L>
+where
+    L: Clone,
+{
+    server
+        .add_service(gateway)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
 }
 
 /// Serves every connection of `incoming` through `router` (see [`crate::listener::serve_grpc`]) until `stop`.
@@ -994,6 +1062,7 @@ mod tests {
             &connections,
             Some(TlsAcceptor::from(config)),
             timeouts,
+            None,
         ) else {
             panic!("no TLS");
         };

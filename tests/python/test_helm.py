@@ -62,6 +62,7 @@ EXTRA_KINDS = {
     "headless-round-robin": {"HorizontalPodAutoscaler"},
     "rest-sas": set(),
     "schemas": set(),
+    "grpc-web": set(),
 }
 BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
 CLUSTER_SCOPED = {"ClusterRoleBinding"}
@@ -328,6 +329,8 @@ SCHEMA_VIOLATIONS = {
     "connection-age-zero": ({"config": {"limits": {"max_connection_age_seconds": 0}}}, "/config/limits/max_connection_age_seconds"),
     "connection-age-as-text": ({"config": {"limits": {"max_connection_age_seconds": "5m"}}}, "/config/limits/max_connection_age_seconds"),
     "headless-as-text": ({"service": {"headless": "yes"}}, "/service/headless"),
+    "grpc-web-origin-with-path": ({"config": {"grpc_web": {"cors_allowed_origins": ["https://app.example/"]}}}, "/config/grpc_web/cors_allowed_origins/0"),
+    "grpc-web-unknown-key": ({"config": {"grpc_web": {"cors_allow_credentials": True}}}, "'cors_allow_credentials' not allowed"),
 }
 
 
@@ -1032,3 +1035,10 @@ def test_the_dockerfile_builds_as_ci_does_and_runs_as_the_chart_expects():
     assert dockerfile_entrypoint() == "/usr/local/bin/eventhub-gateway"
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {"target", ".git", ".venv"} <= set(ignored)
+
+
+def test_grpc_web_settings_are_written_into_the_config_as_they_are():
+    """config.grpc_web reaches the gateway's config file unchanged; by default gRPC-Web is off."""
+    assert render_case("defaults").config["grpc_web"] == {
+        "enabled": False, "cors_allowed_origins": [], "cors_max_age_seconds": 600}
+    assert render_case("grpc-web").config["grpc_web"] == CASES["grpc-web"]["config"]["grpc_web"]

@@ -137,6 +137,9 @@ itself never appears here: only the path of the mounted Secret, or nothing (the 
 {{- end }}
 {{- $_ := set $config $section $settings }}
 {{- end }}
+{{- with .Values.config.grpc_web }}
+{{- $_ := set $config "grpc_web" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
