@@ -103,3 +103,22 @@ def test_the_readme_cli_and_grpcurl_examples_run_as_written(gateway, tmp_path):
                 assert json.loads(ran.stdout) == {"status": "SERVING"}, ran.stdout
         assert events_stored(gateway.connection_string, before) == stored, block
         before = partition_positions(gateway.connection_string, "eh1")
+
+
+def test_the_readme_rest_example_runs_as_written(start_gateway):
+    """The curl line against a gateway serving the REST API; the event is stored as sent, with its key and header."""
+    running = start_gateway("--emulator", "--event-hub", "eh1", "--http-listen", "127.0.0.1:0")
+    (curl,) = [block for block in readme_blocks("sh") if block.startswith("curl ")]
+    before = partition_positions(running.connection_string, "eh1")
+    ran = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + curl.replace("127.0.0.1:8080", running.http)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert ran.stdout.startswith("HTTP/1.1 201"), ran.stdout
+    (event,) = [event for events in read_since(running.connection_string, "eh1", before).values() for event in events]
+    assert event.body_as_str() == '{"order": 1}'
+    assert event.partition_key == b"user-42"
+    assert event.properties[b"source"] == b"shell"
