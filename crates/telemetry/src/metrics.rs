@@ -78,7 +78,7 @@ pub const GRANT_EVENTS: &str = "eventhub_gateway_grant_events_total";
 pub const REST_REQUESTS: &str = "eventhub_gateway_rest_requests_total";
 /// Calls shed (answered OVERLOADED at once) at `limits.max_concurrent_calls` or `limits.max_calls_per_client`.
 pub const SHED_CALLS: &str = "eventhub_gateway_shed_calls_total";
-/// gRPC calls in flight.
+/// Calls in flight (gRPC, gRPC-Web and REST requests take the same slots).
 pub const CALLS_IN_FLIGHT: &str = "eventhub_gateway_calls_in_flight";
 /// `SendStream` calls open.
 pub const STREAMS_OPEN: &str = "eventhub_gateway_streams_open";
@@ -332,7 +332,11 @@ fn describe() {
         Unit::Count,
         "Calls answered OVERLOADED at once: limits.max_concurrent_calls (bound=total) or the caller's limits.max_calls_per_client (bound=per_client) were in flight."
     );
-    describe_gauge!(CALLS_IN_FLIGHT, Unit::Count, "gRPC calls in flight.");
+    describe_gauge!(
+        CALLS_IN_FLIGHT,
+        Unit::Count,
+        "Calls in flight: gRPC and gRPC-Web calls and REST send API requests."
+    );
     describe_gauge!(STREAMS_OPEN, Unit::Count, "SendStream calls open.");
     describe_gauge!(
         READY,
