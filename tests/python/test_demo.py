@@ -14,7 +14,7 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def run_demo(listen, metrics_listen):
+def run_demo(listen, metrics_listen, http_listen="127.0.0.1:0"):
     return subprocess.run(
         ["bash", "scripts/demo.sh"],
         cwd=REPO,
@@ -24,6 +24,7 @@ def run_demo(listen, metrics_listen):
             "DEMO_EXIT": "1",
             "DEMO_LISTEN": listen,
             "DEMO_METRICS_LISTEN": metrics_listen,
+            "DEMO_HTTP_LISTEN": http_listen,
         },
         capture_output=True,
         text=True,
@@ -39,8 +40,9 @@ def test_the_demo_tours_the_gateway_and_ends_with_next_steps():
     assert steps[0].startswith("==> Python venv"), steps
     assert any(step.startswith(f"==> Serving the gateway on {listen} ") for step in steps), steps
     assert "SendStream: 1000 of 1000 accepted" in demo.stdout
+    assert "REST: 201 Created" in demo.stdout
     tail = demo.stdout[demo.stdout.index("Try next:"):]
-    for hint in ("send --gateway", "examples/read_back.py", "/metrics", "README.md"):
+    for hint in ("send --gateway", "examples/read_back.py", "/eh1/messages", "/metrics", "README.md"):
         assert hint in tail, tail
 
 
