@@ -132,7 +132,7 @@ before(async () => {
     EVENTHUB_GATEWAY_GRPC_WEB__CORS_ALLOWED_ORIGINS: JSON.stringify([originA]),
   });
   await waitServing(gateway.grpc, SERVICE, 30000);
-  const args = ["--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check"];
+  const args = ["--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check"];
   // As root (CI), Chromium refuses to start with its sandbox.
   if (process.getuid?.() === 0) args.push("--no-sandbox");
   browser = await puppeteer.launch({ executablePath: chromium, headless: true, args, timeout: 30000, protocolTimeout: 30000 });
@@ -144,15 +144,15 @@ after(async () => {
   for (const server of servers) server.close();
 });
 
-/** A fresh tab on `origin`'s page, its console kept: `{page, console}`. */
+/** A fresh tab on `origin`'s page, its console kept: `{page, logs}`. */
 async function openPage(origin) {
   const page = await browser.newPage();
   page.setDefaultTimeout(15000);
-  const console = [];
-  page.on("console", (message) => console.push(message.text()));
+  const logs = [];
+  page.on("console", (message) => logs.push(message.text()));
   await page.goto(`${origin}/`, { waitUntil: "load", timeout: 15000 });
   await within(15000, "the page's contract", page.evaluate(() => window.pageReady));
-  return { page, console };
+  return { page, logs };
 }
 
 /** One call made by the page's Connect client against the gateway: the plain outcome `gatewayCall` answers. */
@@ -223,7 +223,7 @@ test("a refusal's rich error is readable by the page of an allowed origin (grpc-
 });
 
 test("from an origin not allowed, the browser blocks the call at its preflight: the fetch rejects, nothing is published", { skip, timeout: 90000 }, async () => {
-  const { page, console } = await openPage(originB);
+  const { page, logs } = await openPage(originB);
   try {
     const last = (await partitionEnds(gateway.emulator, "eh1"))["2"];
     const receivedBefore = await received();
@@ -244,7 +244,7 @@ test("from an origin not allowed, the browser blocks the call at its preflight: 
     assert.equal(batch.cause?.name, "TypeError", JSON.stringify(batch));
     // The gateway serves a POST whatever its Origin (CORS protects the page's users): that none of these events
     // was even received shows the browser never sent the POST, the refused preflight stopped it.
-    assert.equal(await received(), receivedBefore, `the gateway received an event from origin B; console: ${console.join(" | ")}`);
+    assert.equal(await received(), receivedBefore, `the gateway received an event from origin B; console: ${logs.join(" | ")}`);
     // Nothing stored: the next event of partition 2, sent from origin A, comes right after the last one.
     const { page: allowed } = await openPage(originA);
     try {
