@@ -16,7 +16,7 @@ import path from "node:path";
 import { earliestEventPosition } from "@azure/event-hubs";
 import { build } from "esbuild";
 import puppeteer from "puppeteer-core";
-import { metricSum, partitionEnds, protoDir, readPartition, startGateway, waitServing, within } from "./support.mjs";
+import { metricSum, partitionEnds, protoDir, readPartition, sleep, startGateway, waitServing, within } from "./support.mjs";
 
 const SERVICE = "eventhub.gateway.v1.EventHubGateway";
 const RECEIVED = "eventhub_gateway_events_received_total";
@@ -132,9 +132,9 @@ before(async () => {
     EVENTHUB_GATEWAY_GRPC_WEB__CORS_ALLOWED_ORIGINS: JSON.stringify([originA]),
   });
   await waitServing(gateway.grpc, SERVICE, 30000);
-  const args = ["--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check"];
-  // As root (CI), Chromium refuses to start with its sandbox.
-  if (process.getuid?.() === 0) args.push("--no-sandbox");
+  // No sandbox: Chromium refuses it as root (CI), and a container may lack the user namespaces it needs; the
+  // page is this test's own, on loopback. No proxy: loopback only, whatever the environment says.
+  const args = ["--no-sandbox", "--disable-gpu", "--no-proxy-server", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check"];
   browser = await puppeteer.launch({ executablePath: chromium, headless: true, args, timeout: 30000, protocolTimeout: 30000 });
 });
 
@@ -150,9 +150,16 @@ async function openPage(origin) {
   page.setDefaultTimeout(15000);
   const logs = [];
   page.on("console", (message) => logs.push(message.text()));
+  // The browser's own view of the network (DevTools protocol): preflights and why a request failed.
+  const network = [];
+  const cdp = await page.createCDPSession();
+  for (const name of ["requestWillBeSent", "responseReceived", "loadingFailed"]) {
+    cdp.on(`Network.${name}`, (params) => network.push({ event: name, ...params }));
+  }
+  await cdp.send("Network.enable");
   await page.goto(`${origin}/`, { waitUntil: "load", timeout: 15000 });
   await within(15000, "the page's contract", page.evaluate(() => window.pageReady));
-  return { page, logs };
+  return { page, logs, network };
 }
 
 /** One call made by the page's Connect client against the gateway: the plain outcome `gatewayCall` answers. */
@@ -162,6 +169,16 @@ const call = (page, method, request) =>
     `the page's ${method}`,
     page.evaluate((baseUrl, m, r) => window.gatewayCall(baseUrl, m, r), `http://${gateway.grpc}`, method, request),
   );
+
+/** Waits (5 s at most) for the browser's preflight of `method` to have been answered `status`. */
+async function preflight(network, method, status, logs) {
+  const url = `http://${gateway.grpc}/${SERVICE}/${method}`;
+  const seen = () =>
+    network.some((e) => e.event === "responseReceived" && e.type === "Preflight" && e.response.url === url && e.response.status === status);
+  for (const end = Date.now() + 5000; !seen() && Date.now() < end; ) await sleep(50);
+  const preflights = network.filter((e) => e.type === "Preflight").map((e) => `${e.response?.url} ${e.response?.status}`);
+  assert.ok(seen(), `no preflight of ${method} answered ${status}: ${JSON.stringify(preflights)}; console: ${logs.join(" | ")}`);
+}
 
 const received = () => metricSum(gateway.metrics, RECEIVED, { event_hub: "eh1" });
 
@@ -176,7 +193,7 @@ const readAfter = (partitionId, last, expected) =>
   );
 
 test("from an allowed origin, the browser's gRPC-Web client publishes (SendEvent, SendEvents), read back exact", { skip, timeout: 90000 }, async () => {
-  const { page } = await openPage(originA);
+  const { page, logs, network } = await openPage(originA);
   try {
     const last = (await partitionEnds(gateway.emulator, "eh1"))["1"];
     const one = await call(page, "sendEvent", {
@@ -185,6 +202,8 @@ test("from an allowed origin, the browser's gRPC-Web client publishes (SendEvent
     });
     assert.equal(one.ok, true, JSON.stringify(one));
     assert.equal(one.response.partitionId, "1");
+    // Connect's gRPC-Web request (content-type application/grpc-web+proto) is not a simple one: the browser asked.
+    await preflight(network, "SendEvent", 200, logs);
     const many = await call(page, "sendEvents", {
       eventHub: "eh1",
       events: [
@@ -223,7 +242,7 @@ test("a refusal's rich error is readable by the page of an allowed origin (grpc-
 });
 
 test("from an origin not allowed, the browser blocks the call at its preflight: the fetch rejects, nothing is published", { skip, timeout: 90000 }, async () => {
-  const { page, logs } = await openPage(originB);
+  const { page, logs, network } = await openPage(originB);
   try {
     const last = (await partitionEnds(gateway.emulator, "eh1"))["2"];
     const receivedBefore = await received();
@@ -236,6 +255,8 @@ test("from an origin not allowed, the browser blocks the call at its preflight: 
     assert.equal(blocked.ok, false, JSON.stringify(blocked));
     assert.equal(blocked.cause?.name, "TypeError", JSON.stringify(blocked));
     assert.equal(blocked.reason, null);
+    // The browser asked first (OPTIONS) and the gateway refused: the preflight, not the answer, stopped the call.
+    await preflight(network, "SendEvent", 403, logs);
     const batch = await call(page, "sendEvents", {
       eventHub: "eh1",
       events: [{ body: { case: "text", value: "batch from origin B" }, partitionId: "2" }],
