@@ -51,6 +51,25 @@ else
     echo "WARNING: not root: the nftables blackhole test will SKIP (the relay variant still runs)" >&2
 fi
 
+step "Chromium for the browser gRPC-Web and CORS test (tests/node/browser.test.mjs; root installs it)"
+if [ -z "${EVENTHUB_GATEWAY_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    # Bounded: a mirror that hangs must not hold the run (the test then skips with its WARNING, as below).
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+        || { timeout 300 apt-get update -qq >/dev/null 2>&1 \
+             && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+        || true
+fi
+if [ -z "${EVENTHUB_GATEWAY_CHROMIUM:-}" ] && command -v chromium >/dev/null 2>&1; then
+    EVENTHUB_GATEWAY_CHROMIUM="$(command -v chromium)"
+fi
+if [ -n "${EVENTHUB_GATEWAY_CHROMIUM:-}" ]; then
+    # A browser at hand: one that cannot start fails the test instead of skipping it.
+    export EVENTHUB_GATEWAY_CHROMIUM EVENTHUB_GATEWAY_REQUIRE_BROWSER=1
+else
+    echo "WARNING: no Chromium (not root, or apt-get could not install it): the browser gRPC-Web test will SKIP" >&2
+fi
+
 step "The gateway builds without its emulator (the default feature \`emulator\` off)"
 cargo check --locked -p eventhub-gateway --no-default-features
 
