@@ -1,20 +1,22 @@
 //! Bearer credentials and JWKS documents as the gateway's `auth` module reads them: a JWKS document
 //! (`auth::jwks::check_document`), a token's unverified header and claims (`auth::jwt::inspect`), the whole
-//! `authenticate` path of an `authorization` value against an authenticator with one ES256 key and one API
-//! key, and a client certificate's identity (`auth::certificate::identity`) from the same bytes as DER.
+//! `authenticate` path of an `authorization` value (as a bearer credential and as a `SharedAccessSignature`)
+//! against an authenticator with one ES256 key, one API key and one SAS key, and a client certificate's identity (`auth::certificate::identity`) from the same bytes as DER.
 //!
 //! Checked: nothing panics; a JWKS document keeps at most `MAX_JWKS_KEYS` keys; no input forges an identity
 //! (only the seed's signed header and claims authenticate: the key's private half is gone, and nobody knows
-//! a key hashing to the configured digest); no refusal's message repeats the input.
+//! a key hashing to the configured digest, and the SAS key is drawn at random per run); no refusal's message
+//! repeats the input.
 
 #![no_main]
 
+use std::io::Read as _;
 use std::sync::LazyLock;
 
 use eventhub_gateway::auth::jwks::{MAX_JWKS_KEYS, check_document};
 use eventhub_gateway::auth::{
     ApiKeyConfig, AuthConfig, Authenticator, Credentials, GrantConfig, JwtIssuerConfig,
-    certificate, jwt,
+    SasKeyConfig, certificate, jwt,
 };
 use libfuzzer_sys::fuzz_target;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,15 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let jwks_file =
         std::env::temp_dir().join(format!("eventhub-fuzz-jwks-{}.json", std::process::id()));
     std::fs::write(&jwks_file, JWKS).expect("the JWKS file");
+    // A SAS key no input can know: 32 random bytes, drawn per run.
+    let mut sas_key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut sas_key))
+        .expect("random bytes");
+    let sas_key_file =
+        std::env::temp_dir().join(format!("eventhub-fuzz-sas-{}.key", std::process::id()));
+    let sas_key_hex: String = sas_key.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(&sas_key_file, sas_key_hex).expect("the SAS key file");
     let hubs = vec!["eh1".to_owned()];
     let config = AuthConfig {
         required: true,
@@ -59,6 +70,12 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
             identity: "batch".into(),
             // A digest nobody knows a preimage of: no input may prove this identity.
             sha256: "9f2c4b1e8d7a6f5e4c3b2a1908f7e6d5c4b3a29180f7e6d5c4b3a2918f7e6d5c".into(),
+        }],
+        sas_keys: vec![SasKeyConfig {
+            name: "fuzz".into(),
+            identity: "devices".into(),
+            key_file: Some(sas_key_file),
+            key_env: None,
         }],
         grants: vec![GrantConfig {
             name: "all".into(),
@@ -106,12 +123,17 @@ fuzz_target!(|data: &[u8]| {
             "an input other than the signed seed was authenticated: {caller:?}"
         );
     }
+    if let Ok(caller) = authenticate(&format!("SharedAccessSignature {text}")) {
+        panic!("a SAS token signed without the key was authenticated: {caller:?}");
+    }
     // A canary at the credential's end: a refusal that repeats the credential repeats the canary.
-    if let Err(error) = authenticate(&format!("Bearer {text}{CANARY}")) {
-        let message = error.to_string();
-        assert!(
-            !message.contains(CANARY),
-            "the refusal repeats the credential: {message}"
-        );
+    for scheme in ["Bearer", "SharedAccessSignature"] {
+        if let Err(error) = authenticate(&format!("{scheme} {text}{CANARY}")) {
+            let message = error.to_string();
+            assert!(
+                !message.contains(CANARY),
+                "the refusal repeats the credential: {message}"
+            );
+        }
     }
 });
