@@ -36,6 +36,26 @@ use eventhub_telemetry::metrics::{AgedEnd, connection_aged};
 
 use crate::middleware::{HeldBody, peer_addr};
 
+/// A TCP listener bound early, before anything serves on it, so a taken port fails the start at once.
+pub struct BoundEarly {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// Where it listens (port 0 resolved).
+    pub local_addr: SocketAddr,
+}
+
+impl BoundEarly {
+    /// Binds `addr` (port 0 picks a free port).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            local_addr,
+        })
+    }
+}
+
 /// The first pause after accept fails for want of file descriptors; it doubles up to [`MAX_ACCEPT_BACKOFF`].
 const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// The longest pause between accepts while file descriptors are exhausted.

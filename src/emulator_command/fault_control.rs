@@ -13,10 +13,9 @@ use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use eventhub_emulator::{Faults, FaultsSnapshot};
-use eventhub_gateway::listener::{Connections, serve_http1};
+use eventhub_gateway::listener::{BoundEarly, Connections, serve_http1};
 use hyper_util::rt::TokioTimer;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -156,26 +155,20 @@ impl IntoResponse for ParamError {
 }
 
 /// A bound listener not serving yet: bound before the emulator starts, so a taken port fails the start.
-pub struct FaultControlListener {
-    listener: TcpListener,
-    local_addr: SocketAddr,
-}
+pub struct FaultControlListener(BoundEarly);
 
 impl FaultControlListener {
     /// Binds `addr` (port 0 picks a free port).
     pub async fn bind(addr: SocketAddr) -> Result<Self, FaultControlError> {
-        let bind_error = |source| FaultControlError::Bind { addr, source };
-        let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-        let local_addr = listener.local_addr().map_err(bind_error)?;
-        Ok(Self {
-            listener,
-            local_addr,
-        })
+        BoundEarly::bind(addr)
+            .await
+            .map(Self)
+            .map_err(|source| FaultControlError::Bind { addr, source })
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.0.local_addr
     }
 
     /// Serves the fault endpoints over `faults` until [`FaultControl::shutdown`].
@@ -188,7 +181,7 @@ impl FaultControlListener {
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES);
         let task = serve_http1(
-            self.listener,
+            self.0.listener,
             router,
             connections,
             http,

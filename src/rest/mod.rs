@@ -28,7 +28,7 @@ use tonic::transport::server::Connected;
 use crate::auth::ResourceTail;
 use crate::gateway::limits::Limits;
 use crate::gateway::{Gateway, GatewayError};
-use crate::listener::{Connections, accept_with_backoff};
+use crate::listener::{BoundEarly, Connections, accept_with_backoff};
 use crate::middleware::{ClientId, LoadShedLayer, ShedBound, peer_ip, trace_context};
 use crate::proto::v1;
 use crate::proto::v1::event_hub_gateway_server::EventHubGateway as _;
@@ -75,33 +75,27 @@ pub struct RestSettings {
 }
 
 /// A bound listener not serving yet: bound early so a taken port fails the start before anything runs.
-pub struct RestListener {
-    listener: TcpListener,
-    local_addr: SocketAddr,
-}
+pub struct RestListener(BoundEarly);
 
 impl RestListener {
     /// Binds `addr` (port 0 picks a free port).
     pub async fn bind(addr: SocketAddr) -> Result<Self, RestError> {
-        let bind_error = |source| RestError::Bind { addr, source };
-        let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-        let local_addr = listener.local_addr().map_err(bind_error)?;
-        Ok(Self {
-            listener,
-            local_addr,
-        })
+        BoundEarly::bind(addr)
+            .await
+            .map(Self)
+            .map_err(|source| RestError::Bind { addr, source })
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.0.local_addr
     }
 
     /// Serves the send routes until [`RestServer::shutdown`].
     pub fn serve(self, settings: RestSettings) -> RestServer {
         let stop = CancellationToken::new();
-        let local_addr = self.local_addr;
-        let task = tokio::spawn(accept_loop(self.listener, settings, stop.clone()));
+        let local_addr = self.0.local_addr;
+        let task = tokio::spawn(accept_loop(self.0.listener, settings, stop.clone()));
         tracing::info!(%local_addr, "REST send API listening");
         RestServer {
             local_addr,

@@ -12,7 +12,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +20,7 @@ use std::sync::Arc;
 use hyper_util::rt::TokioTimer;
 
 use crate::gateway::limits::Limits;
-use crate::listener::{Connections, serve_http1};
+use crate::listener::{BoundEarly, Connections, serve_http1};
 use eventhub_telemetry::metrics::{Metrics, Reports};
 
 /// The content type of the Prometheus text exposition format.
@@ -59,26 +58,20 @@ pub struct Exposed {
 }
 
 /// A bound listener not serving yet: bound early so a taken port fails the start before anything runs.
-pub struct MetricsListener {
-    listener: TcpListener,
-    local_addr: SocketAddr,
-}
+pub struct MetricsListener(BoundEarly);
 
 impl MetricsListener {
     /// Binds `addr` (port 0 picks a free port).
     pub async fn bind(addr: SocketAddr) -> Result<Self, HttpError> {
-        let bind_error = |source| HttpError::Bind { addr, source };
-        let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-        let local_addr = listener.local_addr().map_err(bind_error)?;
-        Ok(Self {
-            listener,
-            local_addr,
-        })
+        BoundEarly::bind(addr)
+            .await
+            .map(Self)
+            .map_err(|source| HttpError::Bind { addr, source })
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.0.local_addr
     }
 
     /// Serves the metrics page and the probes of `exposed` until [`MetricsServer::shutdown`].
@@ -89,7 +82,7 @@ impl MetricsListener {
             .route("/readyz", get(readyz))
             .with_state(Shared { metrics, exposed });
         let stop = CancellationToken::new();
-        let local_addr = self.local_addr;
+        let local_addr = self.0.local_addr;
         let connections = Connections::new(
             limits.metrics_max_connections,
             limits.metrics_max_connections,
@@ -98,7 +91,7 @@ impl MetricsListener {
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout);
         let task = serve_http1(
-            self.listener,
+            self.0.listener,
             router,
             connections,
             http,
